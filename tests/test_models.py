@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+import lanczos_ntk as lnk
+from lanczos_ntk import models
+
+ALL = [
+    lambda: models.CTRNN(6, 2, gain=1.5, seed=1),
+    lambda: models.DiscreteRNN(6, 2, seed=2),
+    lambda: models.GRU(5, 2, seed=3),
+    lambda: models.DiagonalSSM(3, 2, seed=4),
+    *[(lambda f=f: models.ContinuousNormalForm(f)) for f in models.CONTINUOUS_FORMS],
+    *[(lambda f=f: models.DiscreteNormalForm(f)) for f in models.DISCRETE_FORMS],
+]
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_forward_iterates_step(make):
+    m = make()
+    u = 0.3 * torch.randn(2, 4, m.input_size, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(0))
+    h = m(u)
+    assert h.shape == (2, 4, m.state_size)
+    x = torch.zeros(2, m.state_size, dtype=torch.float64)
+    for t in range(4):
+        x = m.step(x, u[:, t])
+        torch.testing.assert_close(h[:, t], x)
+
+
+def test_ctrnn_matches_formula():
+    m = models.CTRNN(4, 1, gain=2.0, dt=0.2, seed=0)
+    h = torch.randn(3, 4, dtype=torch.float64)
+    u = torch.randn(3, 1, dtype=torch.float64)
+    expected = h + 0.2 * (-h + torch.tanh(h) @ m.W.T + u @ m.B.T + m.b)
+    torch.testing.assert_close(m.step(h, u), expected)
+
+
+def test_seed_is_reproducible_and_global_rng_untouched():
+    state = torch.random.get_rng_state()
+    a, b = models.CTRNN(5, 1, seed=7), models.CTRNN(5, 1, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.W, b.W)
+    assert not torch.equal(a.W, models.CTRNN(5, 1, seed=8).W)
+
+
+def test_ssm_eigenvalues_match_step():
+    m = models.DiagonalSSM(3, 1, seed=0)
+    lam = m.eigenvalues()
+    z = torch.randn(3, dtype=torch.complex128)
+    h = torch.cat([z.real, z.imag])
+    out = m.rhs(h, torch.zeros(1, dtype=torch.float64))
+    torch.testing.assert_close(torch.complex(out[:3], out[3:]), lam * z)
+
+
+@pytest.mark.parametrize("bad, err", [
+    (torch.zeros(2, 3), ValueError),
+    (torch.zeros(2, 3, 5, dtype=torch.float64), ValueError),
+    (torch.zeros(2, 3, 2, dtype=torch.int64), TypeError),
+    ([[0.0]], TypeError),
+])
+def test_bad_inputs(bad, err):
+    with pytest.raises(err, match="expected"):
+        models.CTRNN(4, 2)(bad)
+
+
+def test_unknown_form():
+    with pytest.raises(ValueError, match="expected one of"):
+        models.DiscreteNormalForm("hopf")
+
+
+def test_result_roundtrip(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class R(lnk.Result):
+        x: torch.Tensor
+        s: lnk.Status
+        d: dict
+
+    # locally defined classes cannot be resolved on load: use a module-level one instead
+    r = R(torch.arange(3.0), lnk.Status.CONVERGED, {"a": 1.5, "b": [1, 2]})
+    assert r.to_dict() == {"x": [0.0, 1.0, 2.0], "s": "converged", "d": {"a": 1.5, "b": [1, 2]}}
