@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ._base import StateSpaceModel
+from ._structured import WeightActivityJacobian
 
 __all__ = ["CTRNN", "DiscreteRNN", "GRU"]
 
@@ -70,6 +71,22 @@ class CTRNN(StateSpaceModel):
     def rhs(self, h, u):
         return -h + torch.tanh(h) @ self.W.T + u @ self.B.T + self.b
 
+    def _structured_jacobian(self, engine):
+        """Closed-form Jacobian products (see :mod:`lanczos_ntk.models._structured`)."""
+        if type(self).rhs is not CTRNN.rhs or type(self).step is not StateSpaceModel.step:
+            return None
+        dt = self.dt
+
+        def activity(h):
+            a = torch.tanh(h)
+            return a, 1 - a * a
+
+        def update(h, z):
+            return h + dt * (z - h), dt
+
+        return WeightActivityJacobian(self, engine.spec, {"W": "W", "U": "B", "b": "b"},
+                                      activity, update, psi_h=1 - dt)
+
 
 class DiscreteRNN(StateSpaceModel):
     r"""Discrete-time RNN ``h_{t+1} = tanh(W h_t + U u_t + b)``.
@@ -95,6 +112,18 @@ class DiscreteRNN(StateSpaceModel):
 
     def rhs(self, h, u):
         return torch.tanh(h @ self.W.T + u @ self.U.T + self.b)
+
+    def _structured_jacobian(self, engine):
+        """Closed-form Jacobian products (see :mod:`lanczos_ntk.models._structured`)."""
+        if type(self).rhs is not DiscreteRNN.rhs or type(self).step is not StateSpaceModel.step:
+            return None
+
+        def update(h, z):
+            hn = torch.tanh(z)
+            return hn, 1 - hn * hn
+
+        return WeightActivityJacobian(self, engine.spec, {"W": "W", "U": "U", "b": "b"},
+                                      lambda h: (h, None), update, psi_h=0.0)
 
 
 class GRU(StateSpaceModel):

@@ -1,0 +1,78 @@
+"""Dense float64 references for checking operators, on small problems only.
+
+These functions form ``J`` (``M × P``), ``K = J Jᵀ`` and ``G = Jᵀ J`` explicitly with
+``torch.func.jacrev``; they exist so that users can verify the matrix-free operators on their
+own models (``assert_operator_close``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ._functional import ModelFunction, ParamSpec, resolve_params
+
+__all__ = ["assert_operator_close", "dense_gram", "dense_jacobian", "dense_ntk", "dense_operator"]
+
+
+def dense_jacobian(model: nn.Module, inputs: torch.Tensor, *, h0=None,
+                   outputs: str | Callable = "states",
+                   params: Sequence[str] | None = None) -> torch.Tensor:
+    """``J = ∂ vec(outputs) / ∂θ`` as a dense ``[M, P]`` tensor (float64), by ``jacrev``.
+
+    Rows are ordered ``(trial, time, unit)``; columns follow ``model.named_parameters()``
+    restricted to ``params`` (the order of :attr:`StateNTK.param_names`).
+    """
+    fn = ModelFunction(model, outputs)
+    p = {k: v.to(torch.float64) for k, v in resolve_params(model, params).items()}
+    spec = ParamSpec(tuple(p), tuple(v.shape for v in p.values()))
+    u = inputs.to(torch.float64)
+    if h0 is not None:
+        h0 = tuple(t.to(torch.float64) for t in h0) if isinstance(h0, tuple) else h0.to(torch.float64)
+    if any(t.dtype != torch.float64 for t in model.parameters()):
+        raise TypeError("dense references are float64: convert the model with .double() first")
+    jac = torch.func.jacrev(lambda q: fn(q, u, h0).reshape(-1))(p)
+    M = jac[spec.names[0]].shape[0]
+    return torch.cat([jac[n].reshape(M, -1) for n in spec.names], dim=1).detach()
+
+
+def dense_ntk(model: nn.Module, inputs: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Dense ``K = J Jᵀ`` ``[M, M]`` (float64); same keyword arguments as :func:`dense_jacobian`."""
+    J = dense_jacobian(model, inputs, **kwargs)
+    return J @ J.T
+
+
+def dense_gram(model: nn.Module, inputs: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Dense ``G = Jᵀ J`` ``[P, P]`` (float64)."""
+    J = dense_jacobian(model, inputs, **kwargs)
+    return J.T @ J
+
+
+def dense_operator(op, block: int = 64) -> torch.Tensor:
+    """Materialise any square operator with ``.shape`` and ``.matmul`` by applying it to ``I``."""
+    n = op.shape[-1]
+    cols = []
+    for s in range(0, n, block):
+        eye = torch.zeros(n, min(block, n - s), dtype=torch.float64)
+        eye[s:s + eye.shape[1]].copy_(torch.eye(eye.shape[1], dtype=torch.float64))
+        cols.append(op.matmul(eye.to(op.dtype)).to(torch.float64))
+    return torch.cat(cols, dim=1)
+
+
+def assert_operator_close(op, dense: torch.Tensor, *, rtol: float = 1e-10, block: int = 64) -> float:
+    """Check ``op`` against a dense reference in relative Frobenius error; return the error.
+
+    Raises ``AssertionError`` with the measured error when it exceeds ``rtol``.
+    """
+    got = dense_operator(op, block=block)
+    if got.shape != dense.shape:
+        raise AssertionError(f"shape mismatch: operator {tuple(got.shape)}, reference "
+                             f"{tuple(dense.shape)}")
+    scale = dense.norm().clamp_min(torch.finfo(torch.float64).tiny)
+    err = float(((got - dense.to(torch.float64)).norm() / scale).detach())
+    if not err <= rtol:
+        raise AssertionError(f"operator differs from the dense reference: relative error "
+                             f"{err:.3e} > {rtol:.1e}")
+    return err

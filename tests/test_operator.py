@@ -1,0 +1,247 @@
+"""The implicit sNTK operator against dense float64 references (jacrev J, K = J Jᵀ, G = Jᵀ J)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lanczos_ntk as lnk
+from lanczos_ntk import models
+from lanczos_ntk.testing import (
+    assert_operator_close,
+    dense_gram,
+    dense_jacobian,
+    dense_ntk,
+)
+
+F64 = torch.float64
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+class UserModel(nn.Module):
+    """A user's own module: forward(u) -> states [B, T, n] (a leaky linear RNN with a tanh)."""
+
+    def __init__(self):
+        super().__init__()
+        g = gen(5)
+        self.A = nn.Parameter(0.4 * torch.randn(3, 3, generator=g, dtype=F64))
+        self.C = nn.Parameter(torch.randn(3, 2, generator=g, dtype=F64))
+        self.register_buffer("leak", torch.tensor(0.8, dtype=F64))
+
+    def forward(self, u):
+        h = torch.zeros(u.shape[0], 3, dtype=u.dtype)
+        out = []
+        for t in range(u.shape[1]):
+            h = self.leak * h + torch.tanh(h @ self.A.T + u[:, t] @ self.C.T)
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+def torch_rnn(cls):
+    torch.manual_seed(0)  # torch's own RNN init draws from the global generator
+    return cls(2, 3, batch_first=True, dtype=F64)
+
+
+MODELS = {
+    "ctrnn": lambda: models.CTRNN(4, 2, gain=1.7, seed=1, readout_size=2),
+    "rnn": lambda: models.DiscreteRNN(4, 2, gain=1.2, seed=2, readout_size=2),
+    "gru": lambda: models.GRU(3, 2, seed=3),
+    "ssm": lambda: models.DiagonalSSM(2, 2, seed=4, readout_size=2),
+    **{f"flow_{f}": (lambda f=f: models.ContinuousNormalForm(f, mu=-0.3, input_size=2))
+       for f in models.CONTINUOUS_FORMS},
+    **{f"map_{f}": (lambda f=f: models.DiscreteNormalForm(f, mu=-0.3, input_size=2))
+       for f in models.DISCRETE_FORMS},
+    "user": UserModel,
+    "torch_rnn": lambda: torch_rnn(nn.RNN),
+    "torch_gru": lambda: torch_rnn(nn.GRU),
+    "torch_lstm": lambda: torch_rnn(nn.LSTM),
+}
+
+
+def inputs(B=3, T=4, d=2, seed=0, scale=0.5):
+    return scale * torch.randn(B, T, d, generator=gen(seed), dtype=F64)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matvec_and_matmul_match_dense(name):
+    model, u = MODELS[name](), inputs()
+    K = lnk.StateNTK(model, u)
+    Kd = dense_ntk(model, u)
+    v = torch.randn(K.shape[0], 3, generator=gen(1), dtype=F64)
+    ref = Kd @ v
+    assert torch.linalg.norm(K @ v[:, 0] - ref[:, 0]) <= 1e-10 * torch.linalg.norm(ref[:, 0])
+    assert torch.linalg.norm(K.matmul(v) - ref) <= 1e-10 * torch.linalg.norm(ref)
+    assert_operator_close(K, Kd, rtol=1e-10)
+    assert_operator_close(K.dual(), dense_gram(model, u), rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["ctrnn", "gru", "ssm", "map_neimark_sacker", "user"])
+def test_dual_has_the_same_nonzero_spectrum(name):
+    model, u = MODELS[name](), inputs(B=2, T=3)
+    K, G = lnk.StateNTK(model, u), lnk.StateNTK(model, u).dual()
+    ek = torch.linalg.eigvalsh(lnk.testing.dense_operator(K))
+    eg = torch.linalg.eigvalsh(lnk.testing.dense_operator(G))
+    r = min(K.shape[0], G.shape[0])
+    top = max(ek.max(), eg.max())
+    torch.testing.assert_close(ek[-r:], eg[-r:], atol=1e-10 * top, rtol=0)
+    extra = ek[:-r] if K.shape[0] > r else eg[:-r]
+    assert extra.abs().max() <= 1e-10 * top  # the surplus side holds only zeros
+
+
+@pytest.mark.parametrize("name", ["ctrnn", "rnn", "gru", "flow_hopf", "user", "torch_lstm"])
+def test_chunked_equals_unchunked(name):
+    model, u = MODELS[name](), inputs(B=5)
+    X = torch.randn(5 * 4 * 3 if "flow" not in name else 5 * 4 * 2, 2, generator=gen(2), dtype=F64)
+    K1 = lnk.StateNTK(model, u)
+    K2 = lnk.StateNTK(model, u, chunk_size=2)
+    assert len(K2.engine.chunks) == 3 and not K2.engine.cache
+    X = X[: K1.shape[0]] if X.shape[0] >= K1.shape[0] else torch.randn(K1.shape[0], 2, dtype=F64)
+    torch.testing.assert_close(K2.matmul(X), K1.matmul(X), rtol=1e-12, atol=1e-12)
+    Y = torch.randn(K1.dual().shape[0], 2, generator=gen(3), dtype=F64)
+    torch.testing.assert_close(K2.dual().matmul(Y), K1.dual().matmul(Y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ctrnn", "rnn", "gru", "ssm", "map_flip", "user"])
+def test_jvp_modes_agree(name):
+    model, u = MODELS[name](), inputs()
+    modes = ["forward", "double_vjp"] + (["structured"] if name in ("ctrnn", "rnn") else [])
+    ops = [lnk.StateNTK(model, u, jvp=m) for m in modes]
+    X = torch.randn(ops[0].dual().shape[0], 3, generator=gen(4), dtype=F64)
+    V = torch.randn(ops[0].shape[0], 3, generator=gen(5), dtype=F64)
+    J = dense_jacobian(model, u)
+    for op in ops:
+        assert torch.linalg.norm(op.jvp(X) - J @ X) <= 1e-10 * torch.linalg.norm(J @ X)
+        assert torch.linalg.norm(op.vjp(V) - J.T @ V) <= 1e-10 * torch.linalg.norm(J.T @ V)
+
+
+def test_auto_mode_choices():
+    u = inputs()
+    assert lnk.StateNTK(MODELS["ctrnn"](), u).engine.jvp_mode == "structured"
+    assert lnk.StateNTK(MODELS["gru"](), u).engine.jvp_mode == "forward"
+    # readout outputs go through autograd even for the structured models
+    assert lnk.StateNTK(MODELS["ctrnn"](), u, outputs="readout").engine.jvp_mode == "forward"
+    with pytest.raises(ValueError, match="structured"):
+        lnk.StateNTK(MODELS["gru"](), u, jvp="structured")
+
+
+@pytest.mark.parametrize("name", ["ctrnn", "rnn", "ssm"])
+def test_readout_and_callable_outputs(name):
+    model, u = MODELS[name](), inputs()
+    K = lnk.StateNTK(model, u, outputs="readout")
+    assert K.shape[0] == 3 * 4 * 2
+    assert_operator_close(K, dense_ntk(model, u, outputs="readout"))
+
+    def energy(h):
+        return (h**2).sum(-1, keepdim=True)
+
+    K2 = lnk.StateNTK(model, u, outputs=energy)
+    assert K2.shape[0] == 3 * 4
+    assert_operator_close(K2, dense_ntk(model, u, outputs=energy))
+
+
+@pytest.mark.parametrize("name, params", [("ctrnn", ["W"]), ("ctrnn", ["b", "B"]),
+                                           ("gru", ["U"]), ("map_pitchfork", ["mu"]),
+                                           ("torch_gru", ["weight_hh_l0"])])
+def test_parameter_subsets(name, params):
+    model, u = MODELS[name](), inputs()
+    K = lnk.StateNTK(model, u, params=params)
+    assert K.param_names == tuple(params)
+    J = dense_jacobian(model, u, params=params)
+    assert K.dual().shape[0] == J.shape[1]
+    assert_operator_close(K, J @ J.T)
+    # the subset's kernel is the corresponding columns of the full Jacobian
+    full = dense_jacobian(model, u)
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    offsets = dict(zip(names, np.cumsum([0] + sizes[:-1])))
+    cols = torch.cat([torch.arange(offsets[n], offsets[n] + dict(zip(names, sizes))[n])
+                      for n in params])
+    torch.testing.assert_close(J, full[:, cols])
+
+
+def test_initial_state_and_frozen_parameters():
+    model, u = MODELS["ctrnn"](), inputs()
+    h0 = torch.randn(3, 4, generator=gen(6), dtype=F64)
+    assert_operator_close(lnk.StateNTK(model, u, h0=h0), dense_ntk(model, u, h0=h0))
+    model.W.requires_grad_(False)
+    K = lnk.StateNTK(model, u)
+    assert "W" not in K.param_names
+    assert_operator_close(K, dense_ntk(model, u))
+
+
+def test_float32_model_and_inputs_on_cpu():
+    model = models.CTRNN(4, 2, seed=0, dtype=torch.float32)
+    u = inputs().float()
+    K = lnk.StateNTK(model, u)
+    assert K.dtype == torch.float32
+    ref = dense_ntk(models.CTRNN(4, 2, seed=0), inputs())
+    got = lnk.testing.dense_operator(K)
+    assert (got - ref).norm() <= 1e-5 * ref.norm()
+
+
+def test_counts_scipy_and_linear_operator_api():
+    from scipy.sparse.linalg import eigsh
+
+    model, u = MODELS["ctrnn"](), inputs()
+    K = lnk.StateNTK(model, u)
+    Kd = dense_ntk(model, u)
+    K.matmul(torch.ones(K.shape[0], 4, dtype=F64))
+    K.mv(torch.ones(K.shape[0], dtype=F64))
+    assert K.num_matvecs == 5
+    assert K.dual().num_matvecs == 0
+    vals = eigsh(K.to_scipy(), k=3, which="LA", return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(vals), torch.linalg.eigvalsh(Kd)[-3:].numpy(), rtol=1e-9)
+    assert K.is_symmetric and K.dual().dual().shape == K.shape
+    torch.testing.assert_close(K.to_dense(), Kd, rtol=1e-10, atol=1e-12)
+
+
+def test_float_inputs_are_cast_and_on_demand():
+    model = MODELS["ctrnn"]()
+    K = lnk.StateNTK(model, inputs().float())
+    assert_operator_close(K, dense_ntk(model, inputs().float().double()))
+
+
+@pytest.mark.parametrize("bad, match, err", [
+    (torch.zeros(3, 4), "rank 3", ValueError),
+    (torch.zeros(3, 4, 5, dtype=F64), "features", ValueError),
+    (torch.zeros(3, 4, 2, dtype=torch.int32), "floating", TypeError),
+    ("data", "torch.Tensor", TypeError),
+])
+def test_bad_inputs(bad, match, err):
+    with pytest.raises(err, match=match):
+        lnk.StateNTK(MODELS["ctrnn"](), bad)
+
+
+def test_bad_models_and_options():
+    u = inputs()
+    frozen = MODELS["ctrnn"]().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        lnk.StateNTK(frozen, u)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        lnk.StateNTK(MODELS["ctrnn"](), u, params=["W", "nope"])
+    with pytest.raises(ValueError, match="readout"):
+        lnk.StateNTK(MODELS["gru"](), u, outputs="readout")
+    with pytest.raises(ValueError, match="batch_first"):
+        lnk.StateNTK(nn.RNN(2, 3, dtype=F64), u)
+    with pytest.raises(ValueError, match="outputs of shape"):
+        lnk.StateNTK(MODELS["ctrnn"](), u, outputs=lambda h: h.sum(-1))
+    with pytest.raises(ValueError, match="chunk_size"):
+        lnk.StateNTK(MODELS["ctrnn"](), u, chunk_size=0)
+    with pytest.raises(ValueError, match="jvp"):
+        lnk.StateNTK(MODELS["ctrnn"](), u, jvp="magic")
+    with pytest.raises(TypeError, match="Module"):
+        lnk.StateNTK(lambda u: u, u)
+    K = lnk.StateNTK(MODELS["ctrnn"](), u)
+    with pytest.raises(ValueError, match=r"expected a vector \[48\]"):
+        K.mv(torch.ones(5, dtype=F64))
+
+
+def test_non_finite_states_name_trial_and_step():
+    model = models.ContinuousNormalForm("saddle_node", mu=1.0, input_size=2, dt=0.5)
+    u = torch.zeros(3, 30, 2, dtype=F64)
+    u[1] = -40.0  # trial 1 is driven to -infinity
+    with pytest.raises(ValueError, match=r"trial 1, time step \d+"):
+        lnk.StateNTK(model, u)
