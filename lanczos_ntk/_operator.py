@@ -19,8 +19,8 @@ class _JacobianProductOperator(LinearOperator):
 
     _side = "primal"
 
-    def __init__(self, anchor: torch.Tensor, *, _engine: JacobianEngine):
-        super().__init__(anchor, _engine=_engine)
+    def __init__(self, anchor: torch.Tensor, *, _engine: JacobianEngine, **kwargs):
+        super().__init__(anchor, _engine=_engine, **kwargs)
         self.engine = _engine
 
     # -- LinearOperator protocol ------------------------------------------------------------

@@ -1,0 +1,312 @@
+r"""Bifurcation-channel decomposition of the state-space NTK.
+
+Near a bifurcation of a fixed point ``x*`` with critical eigenvalue ``λ_c``, right and left
+eigenvectors ``v``, ``w`` (``wᴴ v = 1``), a constant parameter perturbation ``δθ`` moves the
+states along ``v`` by the linear response of the critical mode, driven by ``gᴴ δθ`` with the
+**critical parameter direction** ``g = (∂f/∂θ)ᵀ w`` (one real vector for a real ``λ_c``, the
+real pair ``Re g, Im g`` for a complex one). With ``Π`` the orthogonal projector onto
+``span(g)`` in parameter space, the kernel splits exactly (no cross terms)::
+
+    K = J Π Jᵀ + J (I − Π) Jᵀ = K_bif + K_res.
+
+**Prediction from the normal form.** Linearising about ``x*`` with inputs held constant and
+``h_0 = x*``, the critical coordinate ``c_t = wᴴ δh_t`` obeys ``c_{t+1} = m c_t + s gᴴ δθ``,
+with ``m = 1 + dt λ_c``, ``s = dt`` for an Euler-integrated flow and ``m = λ_c``, ``s = 1`` for a
+map. Hence ``c_t = s (1 − m^t)/(1 − m) · gᴴ δθ`` and, for one direction ``q = g/‖g‖``,
+
+    λ(K_bif) ≈ B ‖v‖² ‖g‖² Σ_{t=1..T} |s (1 − m^t)/(1 − m)|²,
+
+which for long trials tends to ``B T ‖v‖² ‖g‖² / |λ_c|²`` (flows). Along a branch the
+critical eigenvalue vanishes like ``|μ − μ_c|^{1/2}`` at a fold and like ``|μ − μ_c|`` at a
+branch point or Hopf point (Kuznetsov ch. 3), so the channel grows like ``|μ − μ_c|^{-1}``
+(fold) and ``|μ − μ_c|^{-2}`` (branch point, Hopf, and their map analogues except the flip,
+whose alternating response does not accumulate: ``|1 − m| → 2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ._operator import StateNTK, _JacobianProductOperator
+from ._results import Result
+
+__all__ = [
+    "ChannelNTK",
+    "ChannelReport",
+    "CriticalDirection",
+    "channel_report",
+    "critical_direction",
+    "fit_power_law",
+    "predicted_channel_eigenvalue",
+    "split_kernel",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticalDirection(Result):
+    """Critical mode of a fixed point and its parameter direction.
+
+    Attributes
+    ----------
+    g : Tensor ``[P, r]``
+        ``(∂f/∂θ)ᵀ w`` (``r = 1``) or its real and imaginary parts (``r = 2``), rows in the
+        order of ``param_names``.
+    eigenvalue : complex
+        The critical eigenvalue ``λ_c`` of ``∂f/∂x`` (flow) or multiplier (map).
+    v, w : Tensor ``[n]`` (complex)
+        Right and left eigenvectors, ``‖v‖ = 1``, ``wᴴ v = 1``.
+    """
+
+    g: torch.Tensor
+    eigenvalue: complex
+    v: torch.Tensor
+    w: torch.Tensor
+    x: torch.Tensor
+    kind: str
+    param_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelReport(Result):
+    """Size of the bifurcation channel in the sNTK (see :func:`channel_report`)."""
+
+    rank: int
+    lambda_max: float
+    lambda_bif: float
+    lambda_res: float
+    amplification: float
+    trace: float
+    trace_bif: float
+    trace_share: float
+    alignment: float
+    predicted_lambda_bif: float | None
+    num_matvecs: int
+
+
+def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
+                       params=None, eigenvalue: complex | None = None) -> CriticalDirection:
+    """The critical mode at a fixed point ``x`` of ``model.rhs(·, u)`` and ``g = (∂f/∂θ)ᵀ w``.
+
+    ``eigenvalue=None`` picks the nearest critical mode: the largest real part for a flow, the
+    largest modulus for a map; otherwise the eigenvalue closest to the one given. Complex
+    eigenvalues give the real pair ``[Re g, Im g]``. The parameter order is that of
+    :class:`~lanczos_ntk.StateNTK` for the same ``params``.
+    """
+    from ._functional import ParamSpec, resolve_params
+
+    kind = getattr(model, "kind", None)
+    if kind not in ("flow", "map") or not callable(getattr(model, "rhs", None)):
+        raise TypeError(f"expected a model with kind 'flow' or 'map' and rhs(h, u), "
+                        f"got {type(model).__name__}")
+    p = resolve_params(model, params)
+    spec = ParamSpec(tuple(p), tuple(t.shape for t in p.values()))
+    x = torch.as_tensor(x, dtype=next(iter(p.values())).dtype).reshape(-1)
+    if x.shape[0] != model.state_size:
+        raise ValueError(f"expected a fixed point of size {model.state_size}, got {tuple(x.shape)}")
+    if u is None:
+        u = torch.zeros(model.input_size, dtype=x.dtype)
+    u = torch.as_tensor(u, dtype=x.dtype).reshape(-1)
+
+    def f(q, xx):
+        return _rhs_with(model, q, xx, u)
+
+    A = torch.func.jacrev(lambda xx: f(p, xx))(x)
+    lam, V = torch.linalg.eig(A)
+    if eigenvalue is None:
+        score = lam.real if kind == "flow" else lam.abs()
+        i = int(torch.argmax(score + 1e-12 * lam.imag.clamp_min(0)))
+    else:
+        i = int(torch.argmin((lam - complex(eigenvalue)).abs()))
+    lam_c = complex(lam[i])
+    v = V[:, i] / torch.linalg.vector_norm(V[:, i])
+    big = v[torch.argmax(v.abs())]
+    v = v * (big.conj() / big.abs())  # largest component real and positive (real modes: v real)
+    lamL, WL = torch.linalg.eig(A.T.conj())
+    j = int(torch.argmin((lamL - lam_c.conjugate()).abs()))
+    w = WL[:, j]
+    w = w / (w.conj() @ v).conj()  # wᴴ v = 1
+    _, pull = torch.func.vjp(lambda q: f(q, x), p)
+    cols = [w.real] if abs(lam_c.imag) <= 1e-12 * max(1.0, abs(lam_c)) else [w.real, w.imag]
+    g = torch.stack([spec.flatten(pull(c.to(x.dtype))[0]) for c in cols], dim=1)
+    return CriticalDirection(g=g, eigenvalue=lam_c, v=v, w=w, x=x.detach().clone(), kind=kind,
+                             param_names=spec.names)
+
+
+def _rhs_with(model, q, x, u):
+    return torch.func.functional_call(_RhsView(model), {"m." + k: t for k, t in q.items()}, (x, u))
+
+
+class _RhsView(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x, u):
+        return self.m.rhs(x, u)
+
+
+class ChannelNTK(_JacobianProductOperator):
+    """``K_bif = J Π Jᵀ`` (``part="bif"``) or ``K_res = J (I − Π) Jᵀ`` (``part="res"``).
+
+    ``Π = Q Qᵀ`` with ``Q`` an orthonormal basis of the critical parameter direction(s).
+    Built with :func:`split_kernel`; shares the engine (and its cache) of the full kernel.
+    """
+
+    def __init__(self, anchor, *, _engine, basis: torch.Tensor, part: str = "bif"):
+        if part not in ("bif", "res"):
+            raise ValueError(f"expected part 'bif' or 'res', got {part!r}")
+        super().__init__(anchor, _engine=_engine, basis=basis, part=part)
+        self.basis, self.part = basis, part
+
+    @property
+    def _count(self) -> int:
+        return self.engine.num_ntk_vectors
+
+    def _project(self, Y: torch.Tensor) -> torch.Tensor:
+        proj = self.basis @ (self.basis.T @ Y)
+        return proj if self.part == "bif" else Y - proj
+
+    def _apply(self, X):
+        self.engine.num_ntk_vectors += X.shape[1]
+        return self.engine.jvp(self._project(self.engine.vjp(X)))
+
+
+def split_kernel(K: StateNTK, g: torch.Tensor) -> tuple[ChannelNTK, ChannelNTK]:
+    """``(K_bif, K_res)`` with ``K_bif + K_res = K`` exactly, for directions ``g [P]`` or ``[P, r]``."""
+    if not isinstance(K, StateNTK):
+        raise TypeError(f"expected a lanczos_ntk.StateNTK, got {type(K).__name__}")
+    g = torch.as_tensor(g)
+    G = g[:, None] if g.dim() == 1 else g
+    P = K.engine.P
+    if G.dim() != 2 or G.shape[0] != P:
+        raise ValueError(f"expected parameter directions of shape [{P}] or [{P}, r], "
+                         f"got {tuple(g.shape)}")
+    G = G.to(dtype=K.engine.dtype, device=K.engine.device)
+    Q, R = torch.linalg.qr(G)
+    keep = R.diagonal().abs() > 1e-12 * R.diagonal().abs().max().clamp_min(1e-300)
+    if not bool(keep.any()):
+        raise ValueError("the critical parameter direction is zero: the parameters do not move "
+                         "the critical mode (e.g. a symmetric branch point with zero input)")
+    Q = Q[:, keep]
+    anchor = torch.empty(0, dtype=K.engine.dtype, device=K.engine.device)
+    return (ChannelNTK(anchor, _engine=K.engine, basis=Q, part="bif"),
+            ChannelNTK(anchor, _engine=K.engine, basis=Q, part="res"))
+
+
+def predicted_channel_eigenvalue(direction: CriticalDirection, *, trials: int, steps: int,
+                                 dt: float = 1.0) -> float:
+    """Linear-response prediction of ``λ_max(K_bif)`` (module docstring), states at ``x*``.
+
+    Uses the top eigenvalue of the ``r × r`` Gram of the predicted columns
+    ``J q_j ≈ v ⊗ c_t (wᴴ … )``; exact to first order when trials start at the fixed point
+    under constant inputs and the non-critical modes are strongly damped.
+    """
+    lam = direction.eigenvalue
+    m, s = (1 + dt * lam, dt) if direction.kind == "flow" else (lam, 1.0)
+    t = torch.arange(1, steps + 1, dtype=torch.float64)
+    mt = torch.tensor(m, dtype=torch.complex128) ** t
+    gain = s * (1 - mt) / (1 - m) if abs(1 - m) > 1e-300 else s * t.to(torch.complex128)
+    g = direction.g.to(torch.float64)
+    Q, _ = torch.linalg.qr(g)
+    # critical coordinate per unit parameter step along q_j: wᴴ f_θ q_j = (gᵀ q_j) (real w) or
+    # the complex pairing for a complex mode
+    if g.shape[1] == 1:
+        drive = (g[:, 0] @ Q).to(torch.complex128)                      # [1]
+        v = direction.v.to(torch.complex128)
+        cols = gain[:, None, None] * v[None, :, None] * drive[None, None, :]
+        cols = cols.real
+    else:
+        drive = (g[:, 0] @ Q) - 1j * (g[:, 1] @ Q)                       # wᴴ f_θ Q
+        v = direction.v.to(torch.complex128)
+        cols = 2 * (gain[:, None, None] * v[None, :, None] * drive[None, None, :]).real
+    Jq = cols.reshape(-1, Q.shape[1])
+    gram = trials * (Jq.T @ Jq)
+    return float(torch.linalg.eigvalsh(gram).max())
+
+
+def channel_report(K: StateNTK, g: torch.Tensor, *, tol: float = 1e-8, generator=None,
+                   prediction: float | None = None, trace_method: str = "exact") -> ChannelReport:
+    """Amplification ``λ_max(K_bif)/λ_max(K_res)``, trace share and alignment of the channel.
+
+    ``λ_max(K_bif)`` and ``tr K_bif = ‖J Q‖²_F`` are exact from ``r`` JVPs; ``λ_max(K)`` and
+    ``λ_max(K_res)`` come from :func:`lanczos_ntk.eigsh` on the smaller side; ``tr K`` is exact
+    (``P`` products on the dual) unless ``trace_method`` names an estimator of
+    :func:`lanczos_ntk.trace`. The alignment is ``‖Q_Jᵀ u₁‖`` with ``u₁`` the top eigenvector
+    of ``K`` and ``Q_J`` an orthonormal basis of ``J g``: 1 when ``u₁ ∈ span(J g)``.
+    """
+    from .spectral import eigsh, trace
+
+    K_bif, K_res = split_kernel(K, g)
+    engine = K.engine
+    start = engine.num_jvp_vectors + engine.num_vjp_vectors
+    JQ = engine.jvp(K_bif.basis)                                        # [M, r]
+    small = JQ.T @ JQ
+    lam_bif = float(torch.linalg.eigvalsh(small).max())
+    tr_bif = float(small.trace())
+    top = eigsh(K, k=1, tol=tol, return_eigenvectors=True, generator=generator)
+    lam_max = float(top.eigenvalues[0])
+    vec = top.eigenvectors[:, 0].to(engine.dtype)
+    u1 = vec if vec.shape[0] == engine.M else engine.jvp(vec[:, None])[:, 0]
+    u1 = u1 / torch.linalg.vector_norm(u1).clamp_min(1e-300)
+    QJ, _ = torch.linalg.qr(JQ)
+    alignment = float(torch.linalg.vector_norm(QJ.T @ u1).clamp(max=1.0))
+    res = eigsh(_Dual(K_res), k=1, tol=tol, generator=generator) if engine.P < engine.M else \
+        eigsh(K_res, k=1, tol=tol, generator=generator)
+    lam_res = float(res.eigenvalues[0])
+    if trace_method == "exact":
+        tr = _exact_trace(engine)
+    else:
+        tr = float(trace(K, method=trace_method, generator=generator).estimate)
+    used = engine.num_jvp_vectors + engine.num_vjp_vectors - start
+    return ChannelReport(rank=int(K_bif.basis.shape[1]), lambda_max=lam_max, lambda_bif=lam_bif,
+                         lambda_res=lam_res,
+                         amplification=lam_bif / lam_res if lam_res > 0 else math.inf,
+                         trace=tr, trace_bif=tr_bif, trace_share=tr_bif / tr if tr > 0 else 0.0,
+                         alignment=alignment, predicted_lambda_bif=prediction,
+                         num_matvecs=int(used))
+
+
+class _Dual:
+    """``(I − Π) G (I − Π)``: the dual of ``K_res`` (same nonzero spectrum), as a matmul."""
+
+    def __init__(self, K_res: ChannelNTK):
+        self.K_res = K_res
+        P = K_res.engine.P
+        self.shape = torch.Size([P, P])
+        self.dtype = K_res.engine.dtype
+
+    def matmul(self, X):
+        e, Q = self.K_res.engine, self.K_res.basis
+        Y = X - Q @ (Q.T @ X)
+        Y = e.vjp(e.jvp(Y))
+        return Y - Q @ (Q.T @ Y)
+
+
+def _exact_trace(engine, block: int = 256) -> float:
+    """``tr K = tr G = ‖J‖²_F`` from ``P`` JVPs in blocks (cheap when ``P`` is small)."""
+    total = 0.0
+    P = engine.P
+    for s in range(0, P, block):
+        E = torch.zeros(P, min(block, P - s), dtype=engine.dtype, device=engine.device)
+        E[s:s + E.shape[1]] = torch.eye(E.shape[1], dtype=engine.dtype, device=engine.device)
+        total += float((engine.jvp(E) ** 2).sum())
+    return total
+
+
+def fit_power_law(distance, value) -> tuple[float, float]:
+    """Least-squares exponent ``a`` of ``value ≈ C · distance^a`` and its standard error."""
+    d = torch.as_tensor(distance, dtype=torch.float64).reshape(-1)
+    y = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+    if d.shape != y.shape or d.numel() < 3:
+        raise ValueError(f"expected at least three matching points, got {d.numel()} and {y.numel()}")
+    if bool((d <= 0).any()) or bool((y <= 0).any()):
+        raise ValueError("expected positive distances and values for a log-log fit")
+    X = torch.stack([torch.log(d), torch.ones_like(d)], dim=1)
+    coef, *_ = torch.linalg.lstsq(X, torch.log(y)[:, None])
+    resid = torch.log(y) - (X @ coef)[:, 0]
+    dof = max(1, d.numel() - 2)
+    cov = (resid @ resid / dof) * torch.linalg.inv(X.T @ X)
+    return float(coef[0, 0]), float(cov[0, 0].sqrt())

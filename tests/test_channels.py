@@ -1,0 +1,123 @@
+"""Channel decomposition: exact split against dense kernels, closed-form critical data,
+linear-response prediction and the normal-form scaling exponents."""
+
+import math
+
+import pytest
+import torch
+
+import lanczos_ntk as lnk
+from lanczos_ntk import channels, models
+from lanczos_ntk.testing import dense_jacobian, dense_operator
+
+F64 = torch.float64
+
+
+def test_split_is_exact_against_dense():
+    model = models.CTRNN(4, 2, gain=1.3, seed=0)
+    u = 0.3 * torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    K = lnk.StateNTK(model, u)
+    J = dense_jacobian(model, u)
+    g = torch.randn(K.engine.P, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    K_bif, K_res = channels.split_kernel(K, g)
+    Q, _ = torch.linalg.qr(g)
+    Pi = Q @ Q.T
+    Kb, Kr = dense_operator(K_bif), dense_operator(K_res)
+    ref_b = J @ Pi @ J.T
+    ref_r = J @ (torch.eye(J.shape[1], dtype=F64) - Pi) @ J.T
+    assert (Kb - ref_b).norm() <= 1e-10 * ref_b.norm()
+    assert (Kr - ref_r).norm() <= 1e-10 * ref_r.norm()
+    assert (Kb + Kr - J @ J.T).norm() <= 1e-10 * (J @ J.T).norm()
+
+
+def test_split_rejects_bad_directions():
+    K = lnk.StateNTK(models.CTRNN(3, 1, seed=0), torch.zeros(2, 3, 1, dtype=F64))
+    with pytest.raises(ValueError, match=r"shape \["):
+        channels.split_kernel(K, torch.ones(5, dtype=F64))
+    with pytest.raises(ValueError, match="zero"):
+        channels.split_kernel(K, torch.zeros(K.engine.P, dtype=F64))
+
+
+def test_critical_direction_saddle_node_closed_form():
+    mu = 0.09
+    m = models.ContinuousNormalForm("saddle_node", mu=mu, input_size=1)
+    x = torch.tensor([math.sqrt(mu)], dtype=F64)       # stable node of mu - x^2
+    d = channels.critical_direction(m, x)
+    assert abs(d.eigenvalue - (-2 * math.sqrt(mu))) < 1e-12
+    # g = (df/dmu, df/dB)^T w = (1, u = 0)
+    torch.testing.assert_close(d.g[:, 0], torch.tensor([1.0, 0.0], dtype=F64))
+    assert d.param_names == ("mu", "B")
+
+
+def test_critical_direction_hopf_pair():
+    m = models.ContinuousNormalForm("hopf", mu=-0.2, omega=1.5, input_size=2)
+    d = channels.critical_direction(m, torch.zeros(2, dtype=F64), torch.tensor([0.1, -0.2]))
+    assert abs(d.eigenvalue.real + 0.2) < 1e-12 and abs(abs(d.eigenvalue.imag) - 1.5) < 1e-12
+    assert d.g.shape == (1 + 4, 2)
+    A = torch.tensor([[-0.2, -1.5], [1.5, -0.2]], dtype=torch.complex128)
+    torch.testing.assert_close(A @ d.v, d.eigenvalue * d.v)
+    torch.testing.assert_close(d.w.conj() @ A, d.eigenvalue * d.w.conj())
+    assert abs(complex(d.w.conj() @ d.v) - 1) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["flow", "map"])
+def test_prediction_exact_for_scalar_fold_started_at_the_fixed_point(kind):
+    mu, T, B = 0.04, 200, 3
+    if kind == "flow":
+        m = models.ContinuousNormalForm("saddle_node", mu=mu, dt=0.05)
+    else:
+        m = models.DiscreteNormalForm("saddle_node", mu=mu)
+    x = torch.tensor([math.sqrt(mu)], dtype=F64)
+    d = channels.critical_direction(m, x)
+    u = torch.zeros(B, T, 1, dtype=F64)
+    K = lnk.StateNTK(m, u, h0=x.expand(B, 1).clone())
+    K_bif, _ = channels.split_kernel(K, d.g)
+    lam_bif = float(torch.linalg.eigvalsh(dense_operator(K_bif))[-1])
+    pred = channels.predicted_channel_eigenvalue(d, trials=B, steps=T, dt=getattr(m, "dt", 1.0))
+    assert abs(lam_bif - pred) <= 1e-9 * pred
+
+
+def _channel_size(model, x, T, B=1):
+    d = channels.critical_direction(model, x)
+    u = torch.zeros(B, T, model.input_size, dtype=F64)
+    K = lnk.StateNTK(model, u, h0=x.expand(B, -1).clone())
+    K_bif, _ = channels.split_kernel(K, d.g)
+    JQ = K.engine.jvp(K_bif.basis)
+    return float(torch.linalg.eigvalsh(JQ.T @ JQ).max()), d
+
+
+def test_fold_exponent_is_minus_one():
+    mus = [0.01, 0.02, 0.04, 0.08]
+    sizes = []
+    for mu in mus:
+        m = models.ContinuousNormalForm("saddle_node", mu=mu, dt=0.25)
+        sizes.append(_channel_size(m, torch.tensor([math.sqrt(mu)], dtype=F64), T=2000)[0])
+    a, se = channels.fit_power_law(mus, sizes)
+    assert abs(a + 1) < 0.05, (a, se)
+
+
+def test_branch_point_exponent_is_minus_two_for_a_ctrnn():
+    base = models.CTRNN(6, 1, gain=1.0, dt=0.2, seed=3)
+    W0 = base.W.detach().clone()
+    lead = float(torch.linalg.eigvals(W0).real.max())
+    g_star = 1.0 / lead                                 # -I + g W0 loses stability
+    dists, sizes = [0.02, 0.04, 0.08, 0.16], []
+    for dist in dists:
+        m = models.CTRNN(6, 1, gain=1.0, dt=0.2, seed=3)
+        with torch.no_grad():
+            m.W.copy_(W0 * (g_star * (1 - dist)))
+        size, d = _channel_size(m, torch.zeros(6, dtype=F64), T=3000)
+        assert abs(d.eigenvalue.real + lead * g_star * dist) < 1e-9  # λ_c = -dist
+        sizes.append(size)
+    a, se = channels.fit_power_law(dists, sizes)
+    assert abs(a + 2) < 0.1, (a, se)
+
+
+def test_fit_power_law_recovers_exponent_and_rejects_bad_data():
+    x = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=F64)
+    a, se = channels.fit_power_law(x, 3 * x**-1.5)
+    assert abs(a + 1.5) < 1e-10 and se < 1e-8
+    with pytest.raises(ValueError):
+        channels.fit_power_law([1.0, 2.0], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        channels.fit_power_law([1.0, -2.0, 3.0], [1.0, 2.0, 3.0])
