@@ -121,3 +121,35 @@ def test_fit_power_law_recovers_exponent_and_rejects_bad_data():
         channels.fit_power_law([1.0, 2.0], [1.0, 2.0])
     with pytest.raises(ValueError):
         channels.fit_power_law([1.0, -2.0, 3.0], [1.0, 2.0, 3.0])
+
+
+def test_channel_report_against_dense(tmp_path):
+    m = models.CTRNN(5, 1, gain=1.0, dt=0.2, seed=3)
+    W0 = m.W.detach().clone()
+    with torch.no_grad():
+        m.W.copy_(W0 * 0.9 / float(torch.linalg.eigvals(W0).real.max()))
+    d = channels.critical_direction(m, torch.zeros(5, dtype=F64))
+    u = torch.zeros(2, 60, 1, dtype=F64)
+    h0 = 0.1 * torch.randn(2, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    K = lnk.StateNTK(m, u, h0=h0)
+    r = channels.channel_report(K, d.g, tol=1e-10, generator=torch.Generator().manual_seed(1))
+    J = dense_jacobian(m, u, h0=h0)
+    q = d.g[:, 0] / d.g[:, 0].norm()
+    Pi = torch.outer(q, q)
+    Kfull, Kb = J @ J.T, J @ Pi @ J.T
+    Kr = Kfull - Kb
+    ev, vec = torch.linalg.eigh(Kfull)
+    lam_b = float(torch.linalg.eigvalsh(Kb)[-1])
+    lam_r = float(torch.linalg.eigvalsh(Kr)[-1])
+    assert abs(r.lambda_max - float(ev[-1])) <= 1e-8 * float(ev[-1])
+    assert abs(r.lambda_bif - lam_b) <= 1e-10 * lam_b
+    assert abs(r.lambda_res - lam_r) <= 1e-8 * lam_r
+    assert abs(r.amplification - lam_b / lam_r) <= 1e-7 * lam_b / lam_r
+    assert abs(r.trace - float(ev.sum())) <= 1e-10 * float(ev.sum())
+    assert abs(r.trace_share - float(Kb.trace() / Kfull.trace())) <= 1e-10
+    Jg = J @ q
+    cos = float((vec[:, -1] @ Jg).abs() / Jg.norm())
+    assert abs(r.alignment - cos) <= 1e-6
+    assert r.amplification > 5 and r.alignment > 0.99  # close to the branch point: collapsed
+    path = r.save(tmp_path / "report")
+    assert channels.ChannelReport.load(path) == r
