@@ -68,11 +68,7 @@ def test_prediction_exact_for_scalar_fold_started_at_the_fixed_point(kind):
     else:
         m = models.DiscreteNormalForm("saddle_node", mu=mu)
     x = torch.tensor([math.sqrt(mu)], dtype=F64)
-    d = channels.critical_direction(m, x)
-    u = torch.zeros(B, T, 1, dtype=F64)
-    K = lnk.StateNTK(m, u, h0=x.expand(B, 1).clone())
-    K_bif, _ = channels.split_kernel(K, d.g)
-    lam_bif = float(torch.linalg.eigvalsh(dense_operator(K_bif))[-1])
+    lam_bif, d = _channel_size(m, x, T=T, B=B)
     pred = channels.predicted_channel_eigenvalue(d, trials=B, steps=T, dt=getattr(m, "dt", 1.0))
     assert abs(lam_bif - pred) <= 1e-9 * pred
 
