@@ -1,9 +1,31 @@
 """lanczos_ntk: matrix-free spectral estimation of the state-space neural tangent kernel."""
 
-from . import models, testing
+from . import channels, dynamics, models, optim, plotting, testing  # plotting: matplotlib lazily
 from ._operator import DualNTK, StateNTK
 from ._results import Result, Status, load_result
+from .spectral import (
+    ConditionNumber,
+    EffectiveRank,
+    EigshResult,
+    NoConvergence,
+    SLQResult,
+    SpectralDensity,
+    TraceResult,
+    condition_number,
+    effective_rank,
+    eigsh,
+    slq,
+    spectral_density,
+    tr_f,
+    trace,
+    trace_from_slq,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["DualNTK", "Result", "StateNTK", "Status", "load_result", "models", "testing"]
+__all__ = ["DualNTK", "Result", "StateNTK", "Status", "channels", "dynamics", "load_result", "models",
+           "optim", "testing"]
+__all__ += ["ConditionNumber", "EffectiveRank", "EigshResult", "NoConvergence", "SLQResult",
+            "SpectralDensity", "TraceResult", "condition_number", "effective_rank", "eigsh", "slq",
+            "spectral_density", "tr_f", "trace", "trace_from_slq"]
+__all__ += ["plotting"]

@@ -1,0 +1,25 @@
+"""Krylov and randomised linear algebra on matvec closures (imports torch only).
+
+Every routine takes a symmetric operator as a closure ``X [n, k] -> A X`` plus its dimension,
+and the dtype / device the closure wants its blocks in; recurrences run in float64.
+"""
+
+from ._common import Matmul, NumericalWarning
+from ._lanczos import LanczosDecomposition, lanczos
+from ._restart import ExtremeEigenpairs, thick_restart_lanczos
+from ._slq import QuadratureNodes, lanczos_quadrature
+from ._trace import TraceEstimate, hutchinson, hutchpp
+
+__all__ = [
+    "ExtremeEigenpairs",
+    "LanczosDecomposition",
+    "Matmul",
+    "NumericalWarning",
+    "QuadratureNodes",
+    "TraceEstimate",
+    "hutchinson",
+    "hutchpp",
+    "lanczos",
+    "lanczos_quadrature",
+    "thick_restart_lanczos",
+]

@@ -1,0 +1,333 @@
+"""Tests of lanczos_ntk.linalg against dense truths (float64, matrices with prescribed spectra)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from lanczos_ntk.linalg import (
+    NumericalWarning,
+    hutchinson,
+    hutchpp,
+    lanczos,
+    lanczos_quadrature,
+    thick_restart_lanczos,
+)
+
+F64 = torch.float64
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small dense kernels: OpenMP threads only spin on a busy two-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def with_spectrum(lam, seed=0):
+    """``Q diag(lam) Qᵀ`` with a random orthogonal ``Q``."""
+    lam = torch.as_tensor(lam, dtype=F64)
+    n = lam.numel()
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=gen(seed)))
+    A = Q @ torch.diag(lam) @ Q.T
+    return 0.5 * (A + A.T)
+
+
+def spectra(n=120):
+    g = gen(1)
+    X = torch.randn(n, 2 * n, dtype=F64, generator=g)
+    wishart = torch.linalg.eigh(X @ X.T / n).eigenvalues
+    clustered = torch.cat([1 + 1e-3 * torch.rand(n // 2, dtype=F64, generator=g),
+                           5 + 1e-3 * torch.arange(n - n // 2, dtype=F64)])
+    outlier = torch.rand(n, dtype=F64, generator=g)
+    outlier[0] = 1e6
+    rankdef = torch.linspace(1, 10, n, dtype=F64)
+    rankdef[: n // 3] = 0
+    return {
+        "diagonal": torch.linspace(-3, 7, n, dtype=F64),
+        "wishart": wishart,
+        "clustered": clustered,
+        "outlier": outlier,
+        "rank_deficient": rankdef,
+    }
+
+
+def mm(A):
+    return lambda X: A @ X
+
+
+def relerr(a, b):
+    return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
+
+
+# -- Lanczos ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("b", [1, 3])
+def test_krylov_relation_and_orthogonality(b):
+    A = with_spectrum(spectra()["wishart"])
+    n = A.shape[0]
+    dec = lanczos(mm(A), torch.randn(n, b, dtype=F64, generator=gen()), 12)
+    Q, T = dec.basis, dec.T
+    m = Q.shape[1]
+    assert m == 12 * b
+    E = torch.zeros(m, b, dtype=F64)
+    E[-b:] = torch.eye(b, dtype=F64)
+    scale = float(torch.linalg.matrix_norm(A, 2))
+    assert float((A @ Q - Q @ T - dec.residual @ E.T).norm()) < 1e-12 * scale
+    assert float((Q.T @ Q - torch.eye(m, dtype=F64)).abs().max()) < 1e-13
+    torch.testing.assert_close(T, T.T)
+    if b == 1:
+        torch.testing.assert_close(T, torch.diag(dec.alpha) + torch.diag(dec.beta, 1)
+                                   + torch.diag(dec.beta, -1))
+        assert math.isclose(dec.beta_last, float(dec.residual.norm()), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_ritz_residual_bounds_are_the_true_residuals(b):
+    A = with_spectrum(spectra()["clustered"])
+    dec = lanczos(mm(A), torch.randn(120, b, dtype=F64, generator=gen()), 15)
+    theta, Y, res = dec.ritz()
+    true = torch.linalg.vector_norm(A @ Y - Y * theta, dim=0)
+    torch.testing.assert_close(res, true, rtol=1e-6, atol=1e-12)
+    if b == 1:
+        S = torch.linalg.eigh(dec.T).eigenvectors
+        torch.testing.assert_close(res, dec.beta_last * S[-1].abs(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["diagonal", "wishart", "clustered", "outlier"])
+def test_full_depth_is_exact(name):
+    lam = spectra(60)[name]
+    A = with_spectrum(lam)
+    dec = lanczos(mm(A), torch.ones(60, dtype=F64), 60)
+    theta = torch.linalg.eigvalsh(dec.T)
+    exact = torch.sort(lam).values
+    assert float((theta - exact).abs().max()) < 1e-9 * float(exact.abs().max())
+
+
+def test_breakdown_finds_repeated_and_zero_eigenvalues():
+    lam = torch.tensor([0.0] * 10 + [2.0] * 5 + [3.0, 4.0, 5.0], dtype=F64)
+    A = with_spectrum(lam)
+    dec = lanczos(mm(A), torch.randn(18, dtype=F64, generator=gen()), 18)
+    assert len(dec.breakdowns) >= 10
+    assert torch.isfinite(dec.T).all() and torch.isfinite(dec.basis).all()
+    torch.testing.assert_close(torch.linalg.eigvalsh(dec.T), lam, atol=1e-10, rtol=0)
+
+
+def test_all_zero_operator_has_no_nans():
+    dec = lanczos(lambda X: torch.zeros_like(X), torch.randn(30, dtype=F64, generator=gen()), 30,
+                  generator=gen(2))
+    assert torch.equal(dec.T, torch.zeros(30, 30, dtype=F64))
+    assert float((dec.basis.T @ dec.basis - torch.eye(30, dtype=F64)).abs().max()) < 1e-12
+
+
+def test_recurrence_runs_in_float64_for_a_float32_operator():
+    A = with_spectrum(torch.linspace(1, 2, 40, dtype=F64))
+    A32 = A.float()
+    seen = []
+
+    def matmul(X):
+        seen.append(X.dtype)
+        return A32 @ X
+
+    dec = lanczos(matmul, torch.ones(40, dtype=torch.float32), 10)
+    assert set(seen) == {torch.float32}
+    assert dec.basis.dtype == F64 and dec.T.dtype == F64
+
+
+# -- thick restart ----------------------------------------------------------------------------
+CASES = [(name, "LA") for name in ("diagonal", "wishart", "clustered", "outlier", "rank_deficient")]
+CASES += [(name, "SA") for name in ("diagonal", "wishart", "clustered", "rank_deficient")]
+
+
+@pytest.mark.parametrize(("name", "which"), CASES)
+def test_thick_restart_matches_eigh(name, which):
+    lam = spectra()[name]
+    if which == "SA" and name in ("diagonal", "clustered"):
+        lam = lam - lam.min() + 0.5  # SA is for PSD operators
+    A = with_spectrum(lam)
+    n, k = A.shape[0], 5
+    out = thick_restart_lanczos(mm(A), n, k, which=which, tol=1e-10, generator=gen(),
+                                ncv=30, return_eigenvectors=True, dense_max=0)
+    assert out.status == "converged" and bool(out.converged.all())
+    exact = torch.sort(lam, descending=True).values
+    if which == "LA":
+        ref = exact[:k]
+    else:
+        ref = torch.sort(lam[lam > 0]).values[:k].flip(0)
+    assert relerr(out.eigenvalues, ref) <= 1e-8
+    Y = out.eigenvectors
+    assert float((Y.T @ Y - torch.eye(k, dtype=F64)).abs().max()) < 1e-8
+    true_res = torch.linalg.vector_norm(A @ Y - Y * out.eigenvalues, dim=0)
+    assert bool((true_res <= out.residuals + 1e-10 * float(exact.abs().max())).all())
+    if which == "SA":  # a one-probe quadrature estimate: sd ≈ sqrt(2 d (n - d) / n)
+        d = int((lam == 0).sum())
+        assert abs(out.null_dim - d) <= 4 * math.sqrt(2 * d * (n - d) / n) + 0.5
+
+
+def test_largest_magnitude_on_an_indefinite_spectrum():
+    lam = torch.linspace(-9, 5, 120, dtype=F64)
+    out = thick_restart_lanczos(mm(with_spectrum(lam)), 120, 3, which="LM", tol=1e-10,
+                                generator=gen())
+    assert out.status == "converged"
+    ref = lam[torch.argsort(lam.abs(), descending=True)[:3]]
+    assert relerr(out.eigenvalues, torch.sort(ref, descending=True).values) < 1e-8
+
+
+def test_repeated_eigenvalues_with_a_block():
+    lam = torch.cat([torch.full((3,), 5.0, dtype=F64), torch.linspace(0, 4, 117, dtype=F64)])
+    A = with_spectrum(lam)
+    out = thick_restart_lanczos(mm(A), 120, 4, tol=1e-10, block_size=4, generator=gen())
+    assert out.status == "converged"
+    assert relerr(out.eigenvalues, torch.tensor([5.0, 5.0, 5.0, 4.0], dtype=F64)) < 1e-8
+    assert out.num_matmuls * 4 == out.num_matvecs
+
+
+@pytest.mark.parametrize("b", [1, 2, 4])
+def test_block_sizes_agree(b):
+    lam = spectra()["wishart"]
+    A = with_spectrum(lam)
+    out = thick_restart_lanczos(mm(A), 120, 6, tol=1e-10, block_size=b, generator=gen())
+    assert out.status == "converged"
+    assert relerr(out.eigenvalues, torch.sort(lam, descending=True).values[:6]) < 1e-8
+
+
+def test_warm_start_saves_products():
+    lam = spectra()["wishart"]
+    A = with_spectrum(lam)
+    cold = thick_restart_lanczos(mm(A), 120, 5, tol=1e-8, generator=gen(),
+                                 return_eigenvectors=True)
+    warm = thick_restart_lanczos(mm(A + 1e-6 * torch.eye(120, dtype=F64)), 120, 5, tol=1e-8,
+                                 generator=gen(), v0=cold.eigenvectors)
+    assert warm.status == "converged"
+    assert warm.num_matvecs < cold.num_matvecs
+
+
+def test_all_zero_operator():
+    zero = lambda X: torch.zeros_like(X)  # noqa: E731
+    la = thick_restart_lanczos(zero, 100, 4, generator=gen())
+    assert la.status == "converged" and torch.equal(la.eigenvalues, torch.zeros(4, dtype=F64))
+    for dense_max in (0, None):
+        sa = thick_restart_lanczos(zero, 100, 4, which="SA", generator=gen(), dense_max=dense_max)
+        assert sa.status == "converged" and sa.eigenvalues.numel() == 0 and sa.null_dim == 100
+
+
+def test_max_restarts_is_a_status():
+    A = with_spectrum(spectra()["clustered"])
+    out = thick_restart_lanczos(mm(A), 120, 5, tol=1e-14, max_restarts=1, generator=gen())
+    assert out.status == "max_iterations" and out.num_restarts == 1
+    assert torch.isfinite(out.eigenvalues).all()
+
+
+def test_nonfinite_operator_warns_and_fails():
+    def bad(X):
+        return torch.full_like(X, float("nan"))
+
+    with pytest.warns(NumericalWarning, match="non-finite"):
+        out = thick_restart_lanczos(bad, 100, 2, generator=gen())
+    assert out.status == "failed"
+
+
+def test_small_problems_are_solved_densely():
+    lam = torch.linspace(1, 2, 20, dtype=F64)
+    out = thick_restart_lanczos(mm(with_spectrum(lam)), 20, 3, tol=1e-12)
+    assert out.num_matvecs == 20 and relerr(out.eigenvalues, lam.flip(0)[:3]) < 1e-12
+    lam = torch.logspace(-9, 0, 200, dtype=F64)  # hopeless for Lanczos at the small end
+    lam[:50] = 0
+    out = thick_restart_lanczos(mm(with_spectrum(lam)), 200, 3, which="SA", tol=1e-12)
+    assert out.num_matvecs == 200 and out.null_dim == 50
+    assert relerr(out.eigenvalues, lam[50:53].flip(0)) < 1e-6
+
+
+def test_bad_arguments():
+    A = torch.eye(50, dtype=F64)
+    with pytest.raises(ValueError, match="which"):
+        thick_restart_lanczos(mm(A), 50, 2, which="XX")
+    with pytest.raises(ValueError, match="k"):
+        thick_restart_lanczos(mm(A), 50, 0)
+    with pytest.raises(ValueError, match="ncv"):
+        thick_restart_lanczos(mm(A), 50, 10, ncv=11)
+
+
+# -- quadrature and traces --------------------------------------------------------------------
+def wasserstein1(x, wx, y, wy):
+    """W1 distance between two discrete measures on the line (weights normalised)."""
+    pts = torch.cat([x, y])
+    order = torch.argsort(pts)
+    w = torch.cat([wx / wx.sum(), -wy / wy.sum()])[order]
+    cdf = torch.cumsum(w, 0)[:-1]
+    return float((cdf.abs() * torch.diff(pts[order])).sum())
+
+
+def test_quadrature_is_exact_for_polynomials_on_a_diagonal():
+    lam = torch.linspace(0.5, 3, 40, dtype=F64)
+    A = torch.diag(lam)
+    q = lanczos_quadrature(mm(A), 40, 3, 6, generator=gen())
+    assert torch.allclose(q.weights.sum(1), torch.ones(3, dtype=F64))
+    for p in range(12):  # exact up to degree 2m - 1 (Rademacher probes on a diagonal matrix)
+        est = 40 * (q.weights * q.nodes**p).sum(1)
+        torch.testing.assert_close(est, torch.full((3,), float((lam**p).sum()), dtype=F64),
+                                   rtol=1e-9, atol=0)
+
+
+def test_slq_measure_converges_in_wasserstein():
+    lam = spectra(150)["wishart"]
+    A = with_spectrum(lam)
+    span = float(lam.max() - lam.min())
+    dists = []
+    for probes, steps in [(2, 4), (32, 30)]:
+        q = lanczos_quadrature(mm(A), 150, probes, steps, generator=gen(3))
+        d = wasserstein1(q.nodes.flatten(), q.weights.flatten(), lam, torch.ones_like(lam))
+        dists.append(d / span)
+    assert dists[1] < 0.02
+    assert dists[1] < 0.5 * dists[0]
+
+
+def test_quadrature_without_reorthogonalisation_still_estimates():
+    lam = spectra(150)["wishart"]
+    A = with_spectrum(lam)
+    q = lanczos_quadrature(mm(A), 150, 16, 40, generator=gen(3), reorthogonalize=False)
+    d = wasserstein1(q.nodes.flatten(), q.weights.flatten(), lam, torch.ones_like(lam))
+    assert d / float(lam.max() - lam.min()) < 0.03
+    est = 150 * (q.weights * q.nodes**2).sum(1)
+    assert abs(float(est.mean()) - float((lam**2).sum())) < 4 * float(est.std()) / math.sqrt(16)
+
+
+def test_quadrature_breakdown_has_no_nans():
+    lam = torch.tensor([0.0] * 20 + [1.0, 2.0], dtype=F64)
+    q = lanczos_quadrature(mm(with_spectrum(lam)), 22, 4, 10, generator=gen(), probe="gaussian")
+    assert q.breakdowns > 0 and torch.isfinite(q.nodes).all() and torch.isfinite(q.weights).all()
+    est = 22 * (q.weights * q.nodes).sum(1)
+    v = torch.randn(22, 4, dtype=F64, generator=gen())  # same draws as the probes
+    exact = (v * (with_spectrum(lam) @ v)).sum(0)
+    torch.testing.assert_close(est, exact, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("fn", [hutchinson, hutchpp])
+def test_trace_estimators_within_standard_error(fn):
+    lam = spectra(100)["wishart"]
+    A = with_spectrum(lam)
+    exact = float(lam.sum())
+    z = [abs(t.estimate - exact) / t.standard_error
+         for t in (fn(mm(A), 100, 30, generator=gen(s)) for s in range(10))]
+    assert sum(x < 3 for x in z) >= 8 and max(z) < 6
+
+
+def test_hutchpp_is_exact_on_low_rank():
+    lam = torch.zeros(80, dtype=F64)
+    lam[:5] = torch.tensor([9.0, 7.0, 5.0, 3.0, 1.0], dtype=F64)
+    t = hutchpp(mm(with_spectrum(lam)), 80, 30, generator=gen())
+    assert math.isclose(t.estimate, 25.0, rel_tol=1e-10) and t.standard_error < 1e-10
+
+
+def test_no_warnings_on_regular_problems():
+    A = with_spectrum(spectra()["wishart"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        thick_restart_lanczos(mm(A), 120, 3, generator=gen())
+        lanczos_quadrature(mm(A), 120, 4, 20, generator=gen())
