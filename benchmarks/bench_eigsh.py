@@ -1,7 +1,7 @@
 """Benchmark: top-10 eigenvalues of the sNTK, lanczos_ntk.eigsh against scipy's ARPACK.
 
-Model ``CTRNN(64, 4, gain=1.5, seed=0)`` in float64, inputs ``[64, 50, 4]`` (``M = 204800``
-states, ``P = 4416`` parameters). Each solver runs in its own subprocess so that the peak
+Model ``CTRNN(64, 2, gain=1.5, seed=0)`` in float64, inputs ``[64, 50, 2]`` (``M = 204800``
+states, ``P = 4288`` parameters). Each solver runs in its own subprocess so that the peak
 resident memory (``ru_maxrss``) is its own; both work on the dual side ``G = Jᵀ J`` (the side
 ``lanczos_ntk.eigsh`` picks automatically, ``P < M``), scipy through ``G.to_scipy()``.
 
@@ -27,8 +27,8 @@ def _setup(threads: int):
     import lanczos_ntk as lnk
 
     torch.set_num_threads(threads)
-    model = lnk.models.CTRNN(64, 4, gain=1.5, seed=0).double()
-    u = torch.randn(64, 50, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model = lnk.models.CTRNN(64, 2, gain=1.5, seed=0).double()
+    u = torch.randn(64, 50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     return torch, lnk, model, u
 
 
@@ -93,7 +93,7 @@ def main() -> None:
         return
     step = run_child("train_step", args.threads)
     ref = run_child("scipy", args.threads)
-    print(f"CTRNN(64, 4, gain=1.5) float64, inputs [64, 50, 4]: M = {step['M']}, "
+    print(f"CTRNN(64, 2, gain=1.5) float64, inputs [64, 50, 2]: M = {step['M']}, "
           f"P = {step['P']}, torch threads = {args.threads}")
     print(f"one training step (forward + MSE on all states + backward): "
           f"{step['seconds'] * 1e3:.1f} ms")

@@ -12,7 +12,7 @@ form            vector field                                              at ``m
 saddle_node     ``μ - x²``                                                fold
 transcritical   ``μ x - x²``                                              branch point
 pitchfork       ``μ x - x³`` (supercritical)                              branch point
-hopf            ``ẋ = μx - ωy - r²x, ẏ = ωx + μy - r²y`` (l₁ = -1 < 0)    Hopf, frequency ω
+hopf            ``ẋ = μx - ωy - r²x, ẏ = ωx + μy - r²y`` (l₁ < 0)         Hopf, frequency ω
 =============== ========================================================= ================
 
 Maps:
