@@ -13,6 +13,14 @@ plain SGD outside the top-``k`` subspace and steps shrunk exactly along the ampl
 directions. ``λ_0`` is the damping scale; by default the bulk level ``λ_{k+1}`` (the largest
 eigenvalue *not* in the preconditioner), so directions at the bulk level keep about half
 their step and a channel ``A`` times the bulk is slowed by about ``1/A``.
+
+**Refreshes.** The first refresh is a thick-restart Lanczos solve. Later ones (``refresh=
+"track"``, the default) take one subspace-iteration step from the previous basis: one block
+product ``Y = G V`` with ``V`` orthonormal (``rank + oversample`` columns), Rayleigh–Ritz on
+``Vᵀ Y``, and ``V ← orth(Y S)`` for the next time. The parameters move little between
+refreshes, so the dominant subspace is tracked at the cost of ``rank + oversample`` products;
+when a tracked Ritz pair's residual ``‖G u − θ u‖`` exceeds ``track_tol · θ₁`` the refresh
+falls back to a warm-started Lanczos solve. ``refresh="lanczos"`` always solves.
 """
 
 from __future__ import annotations
@@ -46,6 +54,12 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         Relative tolerance of the Lanczos eigensolver (a preconditioner needs little).
     generator : torch.Generator, optional
         Randomness of the Lanczos start block.
+    refresh : {"track", "lanczos"}
+        How eigenpairs are refreshed after the first solve (module docstring).
+    oversample : int
+        Extra tracked directions beyond ``rank + 1`` (``refresh="track"``).
+    track_tol : float
+        Relative Ritz residual above which a tracked refresh falls back to Lanczos.
 
     Notes
     -----
@@ -57,7 +71,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, inputs: torch.Tensor, *, lr: float, rank: int = 4,
                  damping: float | None = None, refresh_every: int = 10, outputs="states",
                  params=None, h0=None, chunk_size=None, tol: float = 1e-3,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, refresh: str = "track",
+                 oversample: int = 2, track_tol: float = 0.1):
         from ._functional import resolve_params
 
         if lr <= 0:
@@ -66,6 +81,11 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"expected rank >= 1, got {rank}")
         if int(refresh_every) < 1:
             raise ValueError(f"expected refresh_every >= 1, got {refresh_every}")
+        if refresh not in ("track", "lanczos"):
+            raise ValueError(f"expected refresh 'track' or 'lanczos', got {refresh!r}")
+        if int(oversample) < 0 or not track_tol > 0:
+            raise ValueError(f"expected oversample >= 0 and track_tol > 0, got {oversample}, "
+                             f"{track_tol}")
         if damping is not None and damping <= 0:
             raise ValueError(f"expected a positive damping, got {damping}")
         names = list(resolve_params(model, params))
@@ -75,6 +95,9 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         self.rank, self.damping = int(rank), damping
         self.refresh_every, self.tol = int(refresh_every), float(tol)
         self.generator = generator
+        self.refresh_mode, self.oversample, self.track_tol = refresh, int(oversample), track_tol
+        self._V: torch.Tensor | None = None
+        self.num_solves = 0
         self._kw = {"outputs": outputs, "params": names, "h0": h0, "chunk_size": chunk_size}
         self.inputs = inputs
         self.U: torch.Tensor | None = None
@@ -90,26 +113,57 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         self._kw["h0"] = h0
 
     def refresh(self) -> None:
-        """Recompute the top eigenpairs of ``G`` (warm-started from the previous ones)."""
+        """Recompute the top eigenpairs of ``G``: tracked, or a warm-started Lanczos solve."""
         from . import StateNTK
-        from .spectral import eigsh
 
         G = StateNTK(self.model, self.inputs, **self._kw).dual()
-        k = min(self.rank + 1, G.shape[0])
-        res = eigsh(G, k=k, which="LA", tol=self.tol, return_eigenvectors=True,
-                    v0=self.U, generator=self.generator)
-        vals = res.eigenvalues.to(torch.float64)
-        vecs = res.eigenvectors
+        if self.refresh_mode == "lanczos" or self._V is None or not self._track(G):
+            self._solve(G)
+        self.num_refreshes += 1
+
+    def _set(self, vals: torch.Tensor, vecs: torch.Tensor, dtype) -> None:
         kk = min(self.rank, vals.numel())
-        self.U = vecs[:, :kk].to(G.dtype)
-        self.eigenvalues = vals[:kk]
+        self.U = vecs[:, :kk].to(dtype)
+        self.eigenvalues = vals[:kk].to(torch.float64)
         if self.damping is not None:
             self.lambda0 = float(self.damping)
         else:
             bulk = float(vals[kk]) if vals.numel() > kk else float(vals[-1])
             self.lambda0 = max(bulk, 1e-12 * float(vals[0]), 1e-300)
-        self.num_refreshes += 1
+
+    def _solve(self, G) -> None:
+        from .spectral import eigsh
+
+        k = min(self.rank + 1, G.shape[0])
+        res = eigsh(G, k=k, which="LA", tol=self.tol, return_eigenvectors=True,
+                    v0=self.U, generator=self.generator)
+        self._set(res.eigenvalues.to(torch.float64), res.eigenvectors, G.dtype)
         self.num_matvecs += int(res.num_matvecs)
+        self.num_solves += 1
+        width = min(self.rank + 1 + self.oversample, G.shape[0])
+        V = res.eigenvectors.to(G.dtype)
+        if V.shape[1] < width:
+            extra = torch.randn(V.shape[0], width - V.shape[1], dtype=G.dtype,
+                                generator=self.generator)
+            V = torch.cat([V, extra.to(V.device)], dim=1)
+        self._V = torch.linalg.qr(V).Q
+
+    def _track(self, G) -> bool:
+        """One subspace-iteration step from the tracked basis; ``False`` if it is not accurate."""
+        V = self._V
+        Y = G.matmul(V)
+        self.num_matvecs += V.shape[1]
+        H = V.T @ Y
+        theta, S = torch.linalg.eigh(0.5 * (H + H.T))
+        theta, S = theta.flip(0), S.flip(1)
+        k = min(self.rank, theta.numel())
+        resid = torch.linalg.vector_norm(Y @ S[:, :k] - (V @ S[:, :k]) * theta[:k], dim=0)
+        if not bool((resid <= self.track_tol * theta[0].abs()).all()):
+            self.U = V @ S[:, :k]  # best available warm start for the solve
+            return False
+        self._set(theta.to(torch.float64), V @ S, G.dtype)
+        self._V = torch.linalg.qr(Y @ S).Q
+        return True
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
         """``λ₀ (U Λ Uᵀ + λ₀ I)^{-1} grad`` for a flat gradient ``[P]``."""

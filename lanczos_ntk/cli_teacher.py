@@ -1,0 +1,256 @@
+"""``lanczos-ntk teacher``: the student–teacher collapse experiment and the optimizer comparison.
+
+Drives :mod:`lanczos_ntk.teacher`, saves its result objects in a run folder (atomically, through
+:class:`lanczos_ntk._runs.RunFolder`), draws the figures (PNG + PDF) and prints a summary. The
+command is ``teacher_command``; the CLI group registers it with ``main.add_command``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import click
+
+__all__ = ["plot_collapse", "plot_landscape", "plot_optimizers", "teacher_command"]
+
+
+# --------------------------------------------------------------------------------- figures
+def _crossing_line(ax, result, **kw):
+    if result.crossing.step is not None:
+        ax.axvline(result.crossing.step, color="0.4", ls="--", lw=1, **kw)
+
+
+def plot_collapse(result, axes=None):
+    """Loss, leading eigenvalue, effective ranks and top eigenvalues of ``G`` against the step.
+
+    ``result`` is a :class:`~lanczos_ntk.teacher.StudentTeacherResult`; returns the 4 axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(4, 1, figsize=(6.4, 8.4), sharex=True)
+    steps = result.steps.numpy()
+    a0, a1, a2, a3 = axes
+    a0.semilogy(range(len(result.loss)), result.loss.numpy(), color="k")
+    a0.set_ylabel("loss")
+    a1.plot(steps, result.leading.numpy(), "o-", ms=3, color="C3",
+            label=r"Re $\lambda_c$ (trivial point)")
+    a1.axhline(0, color="0.7", lw=0.8)
+    a1b = a1.twinx()
+    a1b.step(steps, result.num_stable.numpy(), where="post", color="C0", alpha=0.6)
+    a1b.set_ylabel("# stable fixed points", color="C0")
+    a1b.set_ylim(0, max(3, int(result.num_stable.max()) + 1))
+    a1.set_ylabel(r"Re $\lambda_c$", color="C3")
+    a2.plot(steps, result.participation.numpy(), "o-", ms=3, label="participation ratio")
+    a2.plot(steps, result.entropy.numpy(), "s-", ms=3, label="entropy rank")
+    a2.axvline(result.collapse["min_step"], color="C0", ls=":", lw=1)
+    a2.set_ylabel("effective rank of G")
+    a2.legend(fontsize=8)
+    ev = result.eigenvalues.numpy()
+    for j in range(ev.shape[1]):
+        a3.semilogy(steps, ev[:, j], color="0.6" if j else "k", lw=1.5 if j == 0 else 0.8)
+    a3.semilogy(steps, result.channel_eigenvalue.numpy(), "--", color="C1",
+                label=r"$\hat g^\top G \hat g$ (channel)")
+    a3.set_ylabel("top eigenvalues of G")
+    a3.set_xlabel("training step")
+    a3.legend(fontsize=8)
+    c = result.crossing
+    cos = float(result.channel_cos[c.index]) if c.index is not None else float("nan")
+    for ax in axes:
+        _crossing_line(ax, result)
+    title = f"{result.optimizer.upper()}, lr={result.lr:g}"
+    if c.step is not None:
+        title += (f": crossing at step {c.step:.1f}, PR min at {result.collapse['min_step']}, "
+                  f"|cos(u1, g)|={cos:.3f}")
+    a0.set_title(title, fontsize=9)
+    return axes
+
+
+def plot_landscape(land, axes=None):
+    """``ĝᵀ G ĝ`` along the unfolding line: against ``s`` and, log-log, against ``|s - s_c|``."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 4))
+    s, lb, pred = land.s.numpy(), land.lambda_bif.numpy(), land.predicted.numpy()
+    order = np.argsort(s)
+    a0, a1 = axes
+    a0.semilogy(s[order], lb[order], "o-", label=r"$\lambda_{bif}=\hat g^\top G \hat g$")
+    a0.semilogy(s[order], land.lambda_max.numpy()[order], "x", color="k", ms=4,
+                label=r"$\lambda_{max}(G)$")
+    a0.semilogy(s[order], pred[order], "--", color="C1", label="normal form, finite T")
+    a0.axvline(land.s_c, color="0.4", ls="--", lw=1)
+    a0.set_xlabel(r"offset $s$ along $\hat d = \partial\lambda_c/\partial\theta$")
+    a0.set_ylabel("eigenvalue")
+    a0.legend(fontsize=8)
+    stable = land.mu.numpy() < 0
+    d = np.abs(s - land.s_c)
+    m = land.fit_mask.numpy()
+    a1.loglog(d[stable], lb[stable], "o", mfc="none", color="C0", label="stable side")
+    a1.loglog(d[m], lb[m], "o", color="C0", label="fit window")
+    a1.loglog(d[stable], pred[stable], "--", color="C1", label="finite-T prediction")
+    if np.isfinite(land.exponent):
+        x = np.geomspace(d[m].min(), d[m].max(), 20)
+        c = np.exp(np.mean(np.log(lb[m]) - land.exponent * np.log(d[m])))
+        a1.loglog(x, c * x**land.exponent, "k-", lw=0.8,
+                  label=f"fit: exponent {land.exponent:.2f} ± {land.exponent_se:.2f}")
+        a1.loglog(x, c * x**-2.0 * (x[0] ** (land.exponent + 2)), ":", color="0.5",
+                  label="slope -2")
+    a1.set_xlabel(r"$|s - s_c|$")
+    a1.set_ylabel(r"$\lambda_{bif}$")
+    a1.legend(fontsize=8)
+    a1.set_title(f"trials of {land.trial_steps} steps", fontsize=9)
+    return axes
+
+
+def plot_optimizers(comp, axes=None):
+    """Loss and leading eigenvalue of SGD and LRNG at the same learning rate."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True)
+    a0, a1 = axes
+    for name, color in (("sgd", "C3"), ("lrng", "C0")):
+        r = getattr(comp, name)
+        a0.semilogy(range(len(r.loss)), r.loss.numpy(), color=color,
+                    label=f"{name.upper()}: final {r.final_loss:.2e}, {r.spikes} spikes, "
+                          f"{comp.seconds_per_step[name] * 1e3:.1f} ms/step")
+        a1.plot(r.steps.numpy(), r.leading.numpy(), color=color, label=name.upper())
+    a0.set_ylabel("loss")
+    a0.set_title(f"lr = {comp.lr:g}; LRNG overhead {comp.overhead:.2f}x per step", fontsize=9)
+    a0.legend(fontsize=8)
+    a1.axhline(0, color="0.7", lw=0.8)
+    a1.set_ylabel(r"Re $\lambda_c$ (trivial point)")
+    a1.set_xlabel("training step")
+    a1.legend(fontsize=8)
+    return axes
+
+
+# --------------------------------------------------------------------------------- command
+def _config(config_file, overrides, seed, steps, lr, optimizer):
+    from ._runs import ConfigError, load_config, merge_config, parse_overrides
+    from .teacher import TeacherConfig
+
+    defaults = dataclasses.asdict(TeacherConfig())
+    layers = []
+    if config_file:
+        layers.append(load_config(config_file))
+    if overrides:
+        layers.append(parse_overrides(overrides))
+    explicit = {}
+    if seed is not None:
+        explicit["seed"] = seed
+    if optimizer in ("sgd", "lrng"):
+        explicit["optimizer"] = optimizer
+        if steps is not None:
+            explicit["num_steps"] = steps
+        if lr is not None:
+            explicit["lr"] = lr
+    else:
+        if steps is not None:
+            explicit["compare_steps"] = steps
+        if lr is not None:
+            explicit["compare_lr"] = lr
+    cfg = merge_config(defaults, *layers, explicit)
+    try:
+        return TeacherConfig(**cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@click.command("teacher")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/teacher", show_default=True,
+              help="Run folder (results/, figures/, summary.json); re-running resumes.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML file with TeacherConfig keys (see experiments/teacher.toml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a configuration key, e.g. --set trials=8 (repeatable).")
+@click.option("--seed", type=int, help="Seed of the problem, eigensolver and fixed-point seeds.")
+@click.option("--steps", type=int, help="Training steps: of the single run (sgd|lrng) or of the "
+                                        "comparison (both).")
+@click.option("--lr", type=float, help="Learning rate: of the single run (sgd|lrng) or of the "
+                                       "comparison (both).")
+@click.option("--optimizer", type=click.Choice(["sgd", "lrng", "both"]), default="both",
+              show_default=True,
+              help="sgd|lrng: one collapse run and its landscape; both: also SGD vs LRNG.")
+@click.option("--fresh", is_flag=True, help="Discard what the run folder holds and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no summary on the terminal.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="Torch CPU threads (the problem is small: more threads mostly add overhead).")
+def teacher_command(out, config_file, overrides, seed, steps, lr, optimizer, fresh, quiet,
+                    threads):
+    """Student learns a teacher's pitchfork: sNTK collapse, channel landscape, SGD vs LRNG."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from tqdm import tqdm
+
+    from . import teacher as T
+    from ._runs import ConfigError, RunFolder
+
+    if threads < 1:
+        raise click.BadParameter(f"expected --threads >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    try:
+        cfg = _config(config_file, overrides, seed, steps, lr, optimizer)
+        record = {**dataclasses.asdict(cfg), "command_optimizer": optimizer}
+        run = RunFolder(out, record, fresh=fresh, command="teacher")
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    n_land = cfg.landscape_points + max(3, cfg.landscape_points // 3)
+    total = cfg.num_steps + n_land + (2 * cfg.compare_steps if optimizer == "both" else 0)
+    bar = tqdm(total=total, disable=quiet, file=sys.stderr, desc="teacher", unit="step")
+    offset = [0]
+
+    def progress(done, _total):
+        bar.n = offset[0] + done
+        bar.refresh()
+
+    with run:
+        if run.has("collapse"):
+            collapse = run.load("collapse")
+        else:
+            run.log(f"collapse run: {cfg.optimizer} lr={cfg.lr} steps={cfg.num_steps}")
+            collapse = T.run_student_teacher(cfg, progress=progress)
+            run.save("collapse", collapse)
+        offset[0] = cfg.num_steps
+        if run.has("landscape"):
+            land = run.load("landscape")
+        else:
+            run.log("landscape along the unfolding direction")
+            land = T.channel_landscape(cfg, collapse.theta_ref, progress=progress)
+            run.save("landscape", land)
+        offset[0] += n_land
+        comp = None
+        if optimizer == "both":
+            if run.has("comparison"):
+                comp = run.load("comparison")
+            else:
+                run.log(f"comparison: SGD vs LRNG at lr={cfg.compare_lr}, {cfg.compare_steps} steps")
+                comp = T.compare_optimizers(cfg, progress=progress)
+                run.save("comparison", comp)
+        bar.n = total
+        bar.refresh()
+        bar.close()
+        summary = T.summarize(collapse, land, comp)
+        run.write_json("summary.json", summary)
+        figures = [("collapse", plot_collapse, collapse), ("landscape", plot_landscape, land)]
+        if comp is not None:
+            figures.append(("optimizers", plot_optimizers, comp))
+        for name, fn, res in figures:
+            axes = fn(res)
+            fig = (axes[0] if hasattr(axes, "__len__") else axes).figure
+            fig.tight_layout()
+            run.save_figure(fig, name)
+            plt.close(fig)
+        run.log("done")
+    if not quiet:
+        click.echo(f"results in {Path(out)}")
+        click.echo(json.dumps(summary, indent=1))

@@ -1,0 +1,890 @@
+r"""Student–teacher experiment: a student learns a pitchfork, and its sNTK collapses on the way.
+
+**Setup.** A teacher CTRNN ``dh/dt = -h + W tanh(h) + B u + b`` with
+``W_T = 2 W₀ / ℓ`` (``W₀ = σ N(0,1)/√n + m mᵀ``, ``‖m‖ = 1``, ``ℓ`` the leading real eigenvalue of
+``W₀``) has an unstable origin and two stable states ``±x*``: the trivial fixed point went
+through a pitchfork at gain factor 1. The student starts at ``W_S = 0.6 W₀ / ℓ`` (origin
+stable, leading Jacobian eigenvalue ``λ_c = -1 + 0.6 = -0.4``), ``B = m``, ``b = 0``. Trials are
+pulses ``u_t = a`` for ``t < 5`` with ``a ∈ linspace(-1, 1, B)``, then zero; the targets are the
+teacher's states, the loss the mean squared error over all ``M = B T n`` states. To fit them the
+student must *learn the bifurcation*: ``λ_c`` has to cross zero.
+
+**What is recorded.** At every ``record_every``-th step: the loss, the top eigenvalues of the
+parameter Gram ``G = Jᵀ J`` (the dual of the sNTK), its participation ratio
+``(Σλ)²/Σλ²`` and entropy rank ``exp(-Σ p log p)``, the student's fixed points at zero input
+with their leading eigenvalues, the bifurcation channel ``g = (∂f/∂θ)ᵀ w`` at the trivial
+fixed point (:func:`lanczos_ntk.channels.critical_direction`), the channel eigenvalue
+``ĝᵀ G ĝ`` and the alignment ``|cos(u₁, ĝ)|`` of the top eigenvector ``u₁`` of ``G``. The
+crossing is read from the dynamics alone (:func:`detect_crossing`), independently of the
+kernel, and compared with the collapse of the effective rank (:func:`collapse_steps`).
+
+**The landscape along the unfolding direction.** Near a pitchfork the critical coordinate
+obeys the normal form ``ċ = μ c - κ c³ + β``: ``μ = λ_c`` is moved by the eigenvalue
+sensitivity ``d = ∂λ_c/∂θ = (∂A/∂θ)ᵀ(w vᵀ)`` (for the CTRNN at the origin, the ``W``-block
+``w vᵀ``) and the imperfection ``β = wᵀ δb`` by the channel ``g`` (at the origin, the
+``b``-block ``w``). On the line ``θ(s) = θ_ref + s d̂`` the trivial point stays put and
+``λ_c(s) ≈ λ_c(0) + s ‖d‖`` is linear, and the linear response of the critical coordinate to a
+constant ``β`` saturates at ``β/|λ_c|``, so on the stable side
+
+.. math::  ĝᵀ G ĝ ≈ B ‖v‖² ‖g‖² Σ_{t≤T} |dt (1 - m^t)/(1 - m)|²  →  B T ‖g‖² / λ_c²,
+           \qquad m = 1 + dt\,λ_c,
+
+a power law ``|s - s_c|^{-2}`` once ``|λ_c| T dt ≫ 1`` (:func:`channel_landscape`; the finite-T
+sum is :func:`lanczos_ntk.channels.predicted_channel_eigenvalue`). On the unstable side the
+response grows like ``e^{λ_c t}`` until the nonlinearity saturates it.
+
+**Optimizers.** Once the channel is amplified, SGD with ``η`` is unstable along it when
+``η (2/M) λ_max(G) > 2``; :func:`compare_optimizers` trains SGD and
+:class:`lanczos_ntk.optim.LowRankNaturalGradient` at the same ``η`` and counts loss spikes.
+
+Everything here is deterministic given ``config.seed`` (or an explicit ``torch.Generator``);
+nothing prints; ``progress`` callbacks receive ``(done, total)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from ._results import Result, Status
+
+__all__ = [
+    "ChannelLandscape",
+    "Crossing",
+    "OptimizerComparison",
+    "Problem",
+    "StudentTeacherResult",
+    "TeacherConfig",
+    "TeacherExperiment",
+    "build_problem",
+    "channel_landscape",
+    "collapse_steps",
+    "compare_optimizers",
+    "count_spikes",
+    "detect_crossing",
+    "run_experiment",
+    "run_student_teacher",
+]
+
+Progress = Callable[[int, int], None] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig(Result):
+    """Every setting of the experiment (defaults: the lead's prototype, about a minute on CPU).
+
+    Problem: ``state_size`` ``n``, ``trials`` ``B``, ``trial_steps`` ``T``, Euler step ``dt``,
+    ``pulse_steps`` input steps, ``noise`` ``σ`` of ``W₀``, gain factors ``teacher_gain`` and
+    ``student_gain`` (the pitchfork of the trivial point is at factor 1).
+    Training: ``optimizer`` ``"sgd"`` or ``"lrng"``, ``lr``, ``num_steps``, ``record_every``;
+    LRNG ``rank``, ``refresh_every``, ``damping`` (``0``: the bulk level ``λ_{k+1}``).
+    Spectra: ``top_k`` eigenvalues of ``G``; ``spectrum`` ``"dense"`` (all of ``G`` from ``P``
+    products on the dual, exact ranks), ``"lanczos"`` (warm-started :func:`lanczos_ntk.eigsh`
+    and SLQ ranks) or ``"auto"`` (dense when ``P <= 256``); ``tol`` of the eigensolver.
+    Comparison: ``compare_lr``, ``compare_steps``, ``compare_record_every``; a spike is a jump
+    of the loss above ``spike_factor`` times its running minimum.
+    Landscape: ``landscape_points`` per side, ``landscape_steps`` (trial length of the probe;
+    longer than ``T`` to reach the asymptotic ``1/λ_c²`` regime), stable-side ``|λ_c|`` from
+    ``landscape_mu_min`` to ``landscape_mu_max``; the power law is fitted where
+    ``|λ_c| T dt >= landscape_fit_min``.
+    """
+
+    state_size: int = 8
+    trials: int = 16
+    trial_steps: int = 40
+    dt: float = 0.2
+    pulse_steps: int = 5
+    noise: float = 0.3
+    teacher_gain: float = 2.0
+    student_gain: float = 0.6
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    num_steps: int = 40
+    record_every: int = 1
+    rank: int = 4
+    refresh_every: int = 10
+    damping: float = 0.0
+    top_k: int = 6
+    spectrum: str = "auto"
+    tol: float = 1e-8
+    compare_lr: float = 0.5
+    compare_steps: int = 400
+    compare_record_every: int = 5
+    spike_factor: float = 10.0
+    landscape_points: int = 12
+    landscape_steps: int = 1000
+    landscape_mu_min: float = 0.01
+    landscape_mu_max: float = 0.6
+    landscape_fit_min: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "lrng"):
+            raise ValueError(f"expected optimizer 'sgd' or 'lrng', got {self.optimizer!r}")
+        if self.spectrum not in ("auto", "dense", "lanczos"):
+            raise ValueError(f"expected spectrum 'auto', 'dense' or 'lanczos', got {self.spectrum!r}")
+        for name in ("state_size", "trials", "trial_steps", "num_steps", "record_every", "top_k",
+                     "rank", "refresh_every", "compare_steps", "compare_record_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
+        if not 0 <= self.pulse_steps <= self.trial_steps:
+            raise ValueError(f"expected 0 <= pulse_steps <= trial_steps, got {self.pulse_steps}")
+        if self.lr <= 0 or self.compare_lr <= 0 or self.dt <= 0:
+            raise ValueError("expected positive lr, compare_lr and dt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Crossing(Result):
+    """First learned bifurcation, read from the dynamics only (see :func:`detect_crossing`).
+
+    ``step``: interpolated training step where the leading eigenvalue of the tracked fixed point
+    reaches the threshold (``None`` if it never does); ``index``: the first record at or past it;
+    ``stable_change_step``: first recorded step whose number of stable fixed points differs from
+    the first record's; ``recrossings``: later returns below the threshold (training undoing
+    the bifurcation, e.g. after a loss spike).
+    """
+
+    step: float | None
+    index: int | None
+    stable_change_step: int | None
+    recrossings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentTeacherResult(Result):
+    """One training run with its spectra and dynamics (``R`` records, ``S = num_steps``).
+
+    Attributes
+    ----------
+    loss : Tensor ``[S + 1]``
+        Loss before each update, and after the last one.
+    steps : Tensor ``[R]`` (long)
+        Recorded steps (``0, record_every, …, S``).
+    eigenvalues : Tensor ``[R, k]``
+        Top eigenvalues of ``G``, descending.
+    participation, entropy : Tensor ``[R]``
+        Effective ranks of ``G`` (exact with the dense spectrum, SLQ estimates otherwise).
+    leading : Tensor ``[R]``
+        ``Re λ`` of the leading Jacobian eigenvalue at the trivial fixed point (tracked by
+        continuity from the origin).
+    fixed_point_leading : tuple of Tensor ``[F_r]``
+        ``Re λ`` of the leading eigenvalue of every fixed point found at record ``r``.
+    num_fixed_points, num_stable : Tensor ``[R]`` (long)
+    channel_cos : Tensor ``[R]``
+        ``|cos(u₁, ĝ)|``, the top eigenvector of ``G`` against the bifurcation channel.
+    sensitivity_cos : Tensor ``[R]``
+        ``|cos(u₁, d̂)|`` against the eigenvalue-sensitivity (unfolding) direction.
+    channel_eigenvalue : Tensor ``[R]``
+        ``ĝᵀ G ĝ = λ_max(K_bif)``.
+    crossing : Crossing
+    collapse : dict
+        ``min_step`` (participation-ratio minimum), ``steepest_step`` (largest drop per step,
+        midpoint of the interval), ``half_step`` (first at half the drop), see
+        :func:`collapse_steps`.
+    theta_ref : Tensor ``[P]``
+        Student parameters at the last record before the crossing (or the last record).
+    top_vector_at_crossing : Tensor ``[P]``
+        ``u₁`` at the first record past the crossing (or the last record).
+    spikes : int
+        Loss spikes after the crossing (:func:`count_spikes`).
+    max_loss_after_crossing, final_loss : float
+    max_loss_after_fit : float
+        Largest loss after the loss first fell below 1% of its initial value (NaN if never).
+    seconds_train, seconds_record : float
+        Wall-clock time in the training steps and in the recording.
+    """
+
+    config: TeacherConfig
+    optimizer: str
+    lr: float
+    loss: torch.Tensor
+    steps: torch.Tensor
+    eigenvalues: torch.Tensor
+    participation: torch.Tensor
+    entropy: torch.Tensor
+    leading: torch.Tensor
+    fixed_point_leading: tuple
+    num_fixed_points: torch.Tensor
+    num_stable: torch.Tensor
+    channel_cos: torch.Tensor
+    sensitivity_cos: torch.Tensor
+    channel_eigenvalue: torch.Tensor
+    crossing: Crossing
+    collapse: dict
+    theta_ref: torch.Tensor
+    top_vector_at_crossing: torch.Tensor
+    param_names: tuple
+    spikes: int
+    max_loss_after_crossing: float
+    max_loss_after_fit: float
+    final_loss: float
+    spectrum_method: str
+    num_matvecs: int
+    seconds_train: float
+    seconds_record: float
+    seed: int
+    status: Status
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelLandscape(Result):
+    """The channel eigenvalue along ``θ(s) = θ_ref + s d̂`` (see :func:`channel_landscape`).
+
+    ``s`` ``[N]`` offsets, ``mu`` ``[N]`` the leading eigenvalue of the trivial point at each,
+    ``s_c`` the interpolated crossing; ``lambda_bif`` ``[N]`` ``= ĝ(s)ᵀ G ĝ(s)`` (exact),
+    ``lambda_max`` ``[N]`` of ``G``, ``predicted`` ``[N]`` the finite-``T`` linear-response
+    prediction (stable side; NaN elsewhere); ``exponent ± exponent_se`` the log-log slope of
+    ``lambda_bif`` against ``|s - s_c|`` over the stable points with
+    ``|μ| T dt >= config.landscape_fit_min``,
+    ``predicted_exponent`` the same fit of ``predicted`` (the finite-``T`` reference; ``-2`` is
+    the ``T → ∞`` normal form), ``ratio`` the median of ``lambda_bif / predicted`` there.
+    """
+
+    s: torch.Tensor
+    mu: torch.Tensor
+    s_c: float
+    slope: float
+    lambda_bif: torch.Tensor
+    lambda_max: torch.Tensor
+    predicted: torch.Tensor
+    fit_mask: torch.Tensor
+    exponent: float
+    exponent_se: float
+    predicted_exponent: float
+    ratio: float
+    trial_steps: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerComparison(Result):
+    """SGD against the low-rank natural gradient at the same learning rate.
+
+    ``seconds_per_step`` and ``overhead`` (LRNG / SGD) time the training steps only (forward,
+    backward, update, LRNG refreshes included), not the recording.
+    """
+
+    sgd: StudentTeacherResult
+    lrng: StudentTeacherResult
+    lr: float
+    seconds_per_step: dict
+    overhead: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherExperiment(Result):
+    """Everything :func:`run_experiment` computes: the collapse run, the landscape, the comparison."""
+
+    config: TeacherConfig
+    collapse: StudentTeacherResult
+    landscape: ChannelLandscape
+    comparison: OptimizerComparison
+    summary: dict
+
+
+# ----------------------------------------------------------------------------------- setup
+@dataclasses.dataclass
+class Problem:
+    """Teacher, student, inputs ``[B, T, 1]``, targets ``[B, T, n]`` and the mode direction ``m``."""
+
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    m: torch.Tensor
+    W0: torch.Tensor
+
+
+def _generator(config: TeacherConfig, generator: torch.Generator | None) -> torch.Generator:
+    if generator is not None:
+        return generator
+    g = torch.Generator()
+    g.manual_seed(int(config.seed))
+    return g
+
+
+def pulse_inputs(trials: int, steps: int, pulse_steps: int, dtype=torch.float64) -> torch.Tensor:
+    """``[trials, steps, 1]``: amplitude ``linspace(-1, 1, trials)`` on the first ``pulse_steps``."""
+    u = torch.zeros(trials, steps, 1, dtype=dtype)
+    u[:, :pulse_steps, 0] = torch.linspace(-1.0, 1.0, trials, dtype=dtype)[:, None]
+    return u
+
+
+def build_problem(config: TeacherConfig, generator: torch.Generator | None = None) -> Problem:
+    """Draw ``m`` and ``W₀`` from ``generator`` (default: seeded with ``config.seed``)."""
+    from .models import CTRNN
+
+    gen = _generator(config, generator)
+    n = int(config.state_size)
+    m = torch.randn(n, generator=gen, dtype=torch.float64)
+    m = m / torch.linalg.vector_norm(m)
+    W0 = config.noise * torch.randn(n, n, generator=gen, dtype=torch.float64) / math.sqrt(n)
+    W0 = W0 + torch.outer(m, m)
+    eig = torch.linalg.eigvals(W0)
+    real = eig[eig.imag.abs() < 1e-12].real
+    if real.numel() == 0 or float(real.max()) <= 0:
+        raise ValueError("W0 has no positive real eigenvalue; lower config.noise or change the seed")
+    lead = float(real.max())
+
+    def make(factor):
+        model = CTRNN(n, 1, dt=config.dt, gain=factor)
+        with torch.no_grad():
+            model.W.copy_(W0 * factor / lead)
+            model.B.copy_(m[:, None])
+            model.b.zero_()
+        return model
+
+    teacher, student = make(config.teacher_gain), make(config.student_gain)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    inputs = pulse_inputs(config.trials, config.trial_steps, config.pulse_steps)
+    with torch.no_grad():
+        targets = teacher(inputs)
+    return Problem(teacher, student, inputs, targets, m, W0)
+
+
+# ----------------------------------------------------------------------------- detectors
+def detect_crossing(steps, leading, num_stable=None, *, threshold: float = 0.0) -> Crossing:
+    """First upward crossing of ``threshold`` (``0`` for a flow) by the leading eigenvalue.
+
+    The crossing step is linearly interpolated between the two records around it. A series that
+    starts at or above the threshold has no crossing. ``num_stable`` (optional) gives the first
+    step where the number of stable fixed points changes.
+
+    >>> c = detect_crossing([0, 1, 2, 3], [-0.3, -0.1, 0.1, 0.3])
+    >>> round(c.step, 6), c.index
+    (1.5, 2)
+    """
+    s = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)
+    y = torch.as_tensor(leading, dtype=torch.float64).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"expected steps and leading of the same length, got {s.numel()} and {y.numel()}")
+    step = index = None
+    below = y < threshold
+    for i in range(1, y.numel()):
+        if bool(below[i - 1]) and not bool(below[i]):
+            y0, y1 = float(y[i - 1]), float(y[i])
+            frac = (threshold - y0) / (y1 - y0) if y1 != y0 else 1.0
+            step = float(s[i - 1] + frac * (s[i] - s[i - 1]))
+            index = i
+            break
+    recross = 0
+    if index is not None:
+        b = below[index:].to(torch.int64)
+        recross = int(((b[1:] - b[:-1]) == 1).sum())
+    change = None
+    if num_stable is not None:
+        ns = torch.as_tensor(num_stable).reshape(-1)
+        diff = torch.nonzero(ns != ns[0]).reshape(-1)
+        change = int(s[int(diff[0])]) if diff.numel() else None
+    return Crossing(step=step, index=index, stable_change_step=change, recrossings=recross)
+
+
+def collapse_steps(steps, rank) -> dict:
+    """Where the effective rank collapses: its minimum, its steepest drop, its half-drop point.
+
+    ``steepest_step`` is the midpoint of the interval with the most negative
+    ``Δrank / Δstep`` before the minimum; ``half_step`` the interpolated first step where the
+    rank reaches ``(rank[0] + min)/2``.
+
+    >>> collapse_steps([0, 1, 2, 3, 4], [5.0, 4.5, 3.0, 2.0, 2.5])["min_step"]
+    3
+    """
+    s = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)
+    r = torch.as_tensor(rank, dtype=torch.float64).reshape(-1)
+    i_min = int(torch.argmin(r))
+    out = {"min_step": int(s[i_min]), "min_value": float(r[i_min]), "initial": float(r[0]),
+           "steepest_step": float(s[0]), "half_step": float(s[0])}
+    if i_min == 0:
+        return out
+    slope = (r[1:i_min + 1] - r[:i_min]) / (s[1:i_min + 1] - s[:i_min])
+    j = int(torch.argmin(slope))
+    out["steepest_step"] = float(0.5 * (s[j] + s[j + 1]))
+    half = 0.5 * (float(r[0]) + float(r[i_min]))
+    for i in range(1, i_min + 1):
+        if float(r[i]) <= half:
+            y0, y1 = float(r[i - 1]), float(r[i])
+            frac = (half - y0) / (y1 - y0) if y1 != y0 else 1.0
+            out["half_step"] = float(s[i - 1] + frac * (s[i] - s[i - 1]))
+            break
+    return out
+
+
+def count_spikes(loss, *, factor: float = 10.0, start: int = 0) -> int:
+    """Rising edges of ``loss[t] > factor · min(loss[start:t])`` for ``t > start``.
+
+    >>> count_spikes([1.0, 0.1, 0.01, 1.0, 0.5, 0.01, 0.001, 1.0])
+    2
+    """
+    y = torch.as_tensor(loss, dtype=torch.float64).reshape(-1)[int(start):]
+    if y.numel() < 2:
+        return 0
+    run = torch.cummin(y, dim=0).values
+    high = torch.zeros_like(y, dtype=torch.bool)
+    high[1:] = y[1:] > factor * run[:-1]
+    edges = high[1:] & ~high[:-1]
+    return int(edges.sum())
+
+
+# ------------------------------------------------------------------------------- spectra
+def _flat_params(model, names):
+    named = dict(model.named_parameters())
+    return torch.cat([named[n].detach().reshape(-1) for n in names])
+
+
+def _load_flat(model, names, theta):
+    named = dict(model.named_parameters())
+    offset = 0
+    with torch.no_grad():
+        for n in names:
+            p = named[n]
+            p.copy_(theta[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def _method(config: TeacherConfig, P: int) -> str:
+    if config.spectrum == "auto":
+        return "dense" if P <= 256 else "lanczos"
+    return config.spectrum
+
+
+class _Spectrum:
+    """Top eigenpairs and effective ranks of ``G`` at the current parameters (warm-started)."""
+
+    def __init__(self, config: TeacherConfig, P: int, generator: torch.Generator):
+        self.k = min(int(config.top_k), P)
+        self.method = _method(config, P)
+        self.tol = float(config.tol)
+        self.generator = generator
+        self.v0 = None
+        self.num_matvecs = 0
+        self.probes, self.lanczos_steps = 16, 40
+
+    def __call__(self, G) -> tuple[torch.Tensor, torch.Tensor, float, float, Callable]:
+        from .spectral import effective_rank, eigsh, slq
+
+        P = G.shape[0]
+        if self.method == "dense":
+            eye = torch.eye(P, dtype=G.dtype)
+            Gd = G.matmul(eye).to(torch.float64)
+            Gd = 0.5 * (Gd + Gd.T)
+            lam, V = torch.linalg.eigh(Gd)
+            lam, V = lam.flip(0), V.flip(1)
+            self.num_matvecs += P
+            pos = lam.clamp_min(0.0)
+            pr = float(pos.sum() ** 2 / (pos**2).sum())
+            p = pos / pos.sum()
+            p = p[p > 0]
+            ent = float(torch.exp(-(p * p.log()).sum()))
+            return lam[:self.k], V[:, :self.k], pr, ent, lambda X: Gd @ X
+        res = eigsh(G, k=self.k, which="LA", tol=self.tol, return_eigenvectors=True, v0=self.v0,
+                    generator=self.generator)
+        self.v0 = res.eigenvectors
+        quad = slq(G, num_probes=self.probes, num_steps=min(self.lanczos_steps, P),
+                   generator=self.generator)  # one SLQ run, both ranks from it
+        ranks = [effective_rank(quad, kind=kind) for kind in ("participation", "entropy")]
+        self.num_matvecs += int(res.num_matvecs) + int(quad.num_matvecs)
+        return (res.eigenvalues, res.eigenvectors, float(ranks[0].value), float(ranks[1].value),
+                lambda X: G.matmul(X.to(G.dtype)).to(torch.float64))
+
+
+def _critical(student, x, names):
+    """``(ĝ basis [P, r], d̂ [P], λ_c, direction)`` at the fixed point ``x`` (zero input)."""
+    from .channels import critical_direction
+
+    cd = critical_direction(student, x, params=names)
+    g = cd.g.to(torch.float64)
+    Q, _ = torch.linalg.qr(g)
+    v = cd.v.real.to(torch.float64) if g.shape[1] == 1 else cd.v
+    w = cd.w.real.to(torch.float64) if g.shape[1] == 1 else cd.w
+    d = _sensitivity(student, x, names, v, w)
+    return Q, d, cd
+
+
+def _sensitivity(student, x, names, v, w) -> torch.Tensor:
+    """``∂ Re λ_c / ∂θ = Re wᴴ (∂A/∂θ) v`` at fixed ``x`` (``A = ∂f/∂x``, ``wᴴ v = 1``)."""
+    from torch.func import functional_call, grad, jvp
+
+    named = dict(student.named_parameters())
+    params = {n: named[n].detach() for n in names}
+    u = torch.zeros(student.input_size, dtype=x.dtype)
+
+    class _Rhs(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, h, uu):
+            return self.m.rhs(h, uu)
+
+    view = _Rhs(student)
+
+    def lam(q):
+        def f(h):
+            return functional_call(view, {"m." + k: t for k, t in q.items()}, (h, u))
+
+        if torch.is_complex(v):
+            av = (jvp(f, (x,), (v.real.to(x.dtype),))[1]
+                  + 1j * jvp(f, (x,), (v.imag.to(x.dtype),))[1])
+            return (w.conj() @ av).real
+        return w.to(x.dtype) @ jvp(f, (x,), (v.to(x.dtype),))[1]
+
+    gr = grad(lam)(params)
+    return torch.cat([gr[n].reshape(-1) for n in names]).to(torch.float64)
+
+
+def _trivial_point(student, prev: torch.Tensor, seeds: torch.Tensor, generator):
+    """Fixed points at zero input, and the index of the one nearest ``prev`` (the trivial branch)."""
+    from .dynamics import find_fixed_points
+
+    u = torch.zeros(student.input_size, dtype=torch.float64)
+    fp = find_fixed_points(student, seeds, u=u, generator=generator, opt_steps=40,
+                           newton_steps=8)
+    if len(fp) == 0:
+        return fp, None
+    i = int(torch.argmin(torch.linalg.vector_norm(fp.points - prev, dim=1)))
+    return fp, i
+
+
+# ----------------------------------------------------------------------------- training
+def _make_optimizer(config, student, inputs, optimizer, lr, generator):
+    if optimizer == "sgd":
+        return torch.optim.SGD(student.parameters(), lr=lr)
+    from .optim import LowRankNaturalGradient
+
+    return LowRankNaturalGradient(student, inputs, lr=lr, rank=config.rank,
+                                  refresh_every=config.refresh_every,
+                                  damping=config.damping if config.damping > 0 else None,
+                                  generator=generator)
+
+
+def run_student_teacher(config: TeacherConfig | None = None, *,
+                        generator: torch.Generator | None = None,
+                        progress: Progress = None) -> StudentTeacherResult:
+    """Train the student on the teacher's states and record spectra and dynamics.
+
+    Parameters
+    ----------
+    config : TeacherConfig
+        ``optimizer``, ``lr``, ``num_steps`` and ``record_every`` select the run.
+    generator : torch.Generator, optional
+        Draws the problem, the eigensolver starts and the fixed-point seeds (default: seeded
+        with ``config.seed``).
+    progress : callable ``(done, total)``, optional
+        Called after every training step.
+
+    Returns
+    -------
+    StudentTeacherResult
+
+    Notes
+    -----
+    Cost per record with the dense spectrum: ``P`` products with ``G`` (one block) and an
+    ``eigh`` of ``P × P``; with Lanczos: one warm-started :func:`~lanczos_ntk.eigsh` plus SLQ.
+    Fixed points are searched from the origin, the previous fixed points, the midpoints of
+    pairs of them (where the saddle between two stable states lies) and the final states of
+    the student's trials (Sussillo & Barak 2013).
+    """
+    from ._operator import StateNTK
+
+    config = config or TeacherConfig()
+    gen = _generator(config, generator)
+    prob = build_problem(config, gen)
+    student, u, target = prob.student, prob.inputs, prob.targets
+    names = tuple(n for n, p in student.named_parameters() if p.requires_grad)
+    P = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    opt = _make_optimizer(config, student, u, config.optimizer, config.lr, gen)
+    spectrum = _Spectrum(config, P, gen)
+    n = config.state_size
+    S, every = int(config.num_steps), int(config.record_every)
+
+    losses: list[float] = []
+    rec: dict[str, list] = {k: [] for k in ("steps", "eig", "pr", "ent", "lead", "fpl", "nfp",
+                                            "nst", "ccos", "dcos", "cval", "theta", "u1")}
+    trivial = torch.zeros(n, dtype=torch.float64)
+    known = torch.zeros(0, n, dtype=torch.float64)
+    t_train = t_rec = 0.0
+
+    def record(step, states):
+        nonlocal trivial, known
+        G = StateNTK(student, u).dual()
+        lam, V, pr, ent, apply = spectrum(G)
+        pairs = torch.combinations(torch.arange(known.shape[0]), 2)
+        mids = 0.5 * (known[pairs[:, 0]] + known[pairs[:, 1]]) if len(pairs) else known[:0]
+        seeds = torch.cat([trivial[None], torch.zeros(1, n, dtype=torch.float64), known, mids,
+                           states[:, -1].detach()])  # midpoints: saddles between two nodes
+        fp, i = _trivial_point(student, trivial, seeds, gen)
+        rec["steps"].append(step)
+        rec["eig"].append(lam.to(torch.float64))
+        rec["pr"].append(pr)
+        rec["ent"].append(ent)
+        rec["nfp"].append(len(fp))
+        rec["nst"].append(int(fp.stable.sum()) if len(fp) else 0)
+        rec["fpl"].append(fp.eigenvalues[:, 0].real.clone() if len(fp) else torch.zeros(0))
+        rec["theta"].append(_flat_params(student, names))
+        u1 = V[:, 0].to(torch.float64)
+        rec["u1"].append(u1)
+        if i is None:
+            for k in ("lead", "ccos", "dcos", "cval"):
+                rec[k].append(float("nan"))
+            return
+        trivial, known = fp.points[i].detach(), fp.points.detach()
+        rec["lead"].append(float(fp.eigenvalues[i, 0].real))
+        try:
+            Q, d, _ = _critical(student, trivial, names)
+        except ValueError:
+            for k in ("ccos", "dcos", "cval"):
+                rec[k].append(float("nan"))
+            return
+        rec["ccos"].append(float(torch.linalg.vector_norm(Q.T @ u1)))
+        rec["dcos"].append(float((d @ u1).abs() / torch.linalg.vector_norm(d).clamp_min(1e-300)))
+        rec["cval"].append(float(torch.linalg.eigvalsh(Q.T @ apply(Q)).max()))
+
+    for step in range(S + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        states = student(u)
+        loss = ((states - target) ** 2).mean()
+        losses.append(float(loss.detach()))
+        t1 = time.perf_counter()
+        if step % every == 0 or step == S:
+            record(step, states)
+        t2 = time.perf_counter()
+        t_rec += t2 - t1
+        if step == S:
+            break
+        loss.backward()
+        opt.step()
+        t_train += (t1 - t0) + (time.perf_counter() - t2)
+        if progress is not None:
+            progress(step + 1, S)
+
+    steps = torch.tensor(rec["steps"], dtype=torch.long)
+    lead = torch.tensor(rec["lead"], dtype=torch.float64)
+    nst = torch.tensor(rec["nst"], dtype=torch.long)
+    crossing = detect_crossing(steps, torch.nan_to_num(lead, nan=-math.inf), nst)
+    pr = torch.tensor(rec["pr"], dtype=torch.float64)
+    collapse = collapse_steps(steps, pr)
+    ref = (crossing.index - 1) if crossing.index is not None else len(steps) - 1
+    top = crossing.index if crossing.index is not None else len(steps) - 1
+    loss_t = torch.tensor(losses, dtype=torch.float64)
+    start = int(math.ceil(crossing.step)) if crossing.step is not None else S
+    after = loss_t[start:]
+    fitted = torch.nonzero(loss_t < 1e-2 * loss_t[0]).reshape(-1)
+    after_fit = loss_t[int(fitted[0]):] if fitted.numel() else loss_t[:0]
+    status = Status.CONVERGED if crossing.step is not None else Status.PARTIAL
+    message = (f"crossing at step {crossing.step:.2f}" if crossing.step is not None
+               else "the student did not cross the bifurcation; train longer or raise lr")
+    k = spectrum.k
+    eigs = torch.stack([torch.nn.functional.pad(e, (0, k - e.numel()), value=float("nan"))
+                        for e in rec["eig"]])
+    num_matvecs = spectrum.num_matvecs + int(getattr(opt, "num_matvecs", 0))
+    return StudentTeacherResult(
+        config=config, optimizer=config.optimizer, lr=float(config.lr), loss=loss_t, steps=steps,
+        eigenvalues=eigs, participation=pr, entropy=torch.tensor(rec["ent"], dtype=torch.float64),
+        leading=lead, fixed_point_leading=tuple(rec["fpl"]),
+        num_fixed_points=torch.tensor(rec["nfp"], dtype=torch.long), num_stable=nst,
+        channel_cos=torch.tensor(rec["ccos"], dtype=torch.float64),
+        sensitivity_cos=torch.tensor(rec["dcos"], dtype=torch.float64),
+        channel_eigenvalue=torch.tensor(rec["cval"], dtype=torch.float64), crossing=crossing,
+        collapse=collapse, theta_ref=rec["theta"][max(ref, 0)], top_vector_at_crossing=rec["u1"][top],
+        param_names=names, spikes=count_spikes(loss_t, factor=config.spike_factor, start=start),
+        max_loss_after_crossing=float(after.max()) if after.numel() else float("nan"),
+        max_loss_after_fit=float(after_fit.max()) if after_fit.numel() else float("nan"),
+        final_loss=float(loss_t[-1]), spectrum_method=spectrum.method, num_matvecs=num_matvecs,
+        seconds_train=t_train, seconds_record=t_rec, seed=int(config.seed), status=status,
+        message=message)
+
+
+# ----------------------------------------------------------------------------- landscape
+def channel_landscape(config: TeacherConfig, theta: torch.Tensor, *,
+                      offsets: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None,
+                      progress: Progress = None) -> ChannelLandscape:
+    r"""``ĝᵀ G ĝ`` along the unfolding line ``θ(s) = θ_ref + s d̂`` through the pitchfork.
+
+    ``d̂ = ∂λ_c/∂θ / ‖·‖`` at ``θ_ref`` (the trivial point's eigenvalue sensitivity), so
+    ``λ_c(s) ≈ λ_c(θ_ref) + s ‖∂λ_c/∂θ‖``. By default the offsets put ``λ_c`` at
+    ``-geomspace(mu_max, mu_min)`` (stable side) and a few positive values (unstable side).
+    The probe trials are ``config.landscape_steps`` long (same pulses, then zero input).
+    Cost per point: ``r`` JVPs for ``λ_bif`` plus the spectrum of ``G``.
+    """
+    from ._operator import StateNTK
+    from .channels import fit_power_law, predicted_channel_eigenvalue
+
+    gen = _generator(config, generator)
+    prob = build_problem(config, gen)
+    student = prob.student
+    names = tuple(n for n, p in student.named_parameters() if p.requires_grad)
+    theta = torch.as_tensor(theta, dtype=torch.float64)
+    _load_flat(student, names, theta)
+    n = config.state_size
+    x0 = torch.zeros(n, dtype=torch.float64)
+    fp, i = _trivial_point(student, x0, x0[None], gen)
+    if i is None:
+        raise RuntimeError("no trivial fixed point found at theta_ref")
+    x = fp.points[i]
+    _, d, cd0 = _critical(student, x, names)
+    slope = float(torch.linalg.vector_norm(d))
+    dhat = d / slope
+    mu0 = float(cd0.eigenvalue.real)
+    if offsets is None:
+        npts = int(config.landscape_points)
+        mus = torch.cat([-torch.logspace(math.log10(config.landscape_mu_max),
+                                         math.log10(config.landscape_mu_min), npts,
+                                         dtype=torch.float64),
+                         torch.linspace(config.landscape_mu_min, 0.3, max(3, npts // 3),
+                                        dtype=torch.float64)])
+        offsets = (mus - mu0) / slope
+    offsets = torch.as_tensor(offsets, dtype=torch.float64).reshape(-1)
+    u = pulse_inputs(config.trials, config.landscape_steps, config.pulse_steps)
+    spec = _Spectrum(config, theta.numel(), gen)
+    spec.k = 1
+    mu, lam_bif, lam_max, pred = [], [], [], []
+    for j, s in enumerate(offsets.tolist()):
+        _load_flat(student, names, theta + s * dhat)
+        fp, i = _trivial_point(student, x, x[None], gen)
+        xs = fp.points[i] if i is not None else x
+        Q, _, cd = _critical(student, xs, names)
+        mu.append(float(cd.eigenvalue.real))
+        K = StateNTK(student, u)
+        JQ = K.engine.jvp(Q.to(K.engine.dtype)).to(torch.float64)
+        lam_bif.append(float(torch.linalg.eigvalsh(JQ.T @ JQ).max()))
+        lam, *_ = spec(K.dual())
+        lam_max.append(float(lam[0]))
+        pred.append(predicted_channel_eigenvalue(cd, trials=config.trials,
+                                                 steps=config.landscape_steps, dt=config.dt)
+                    if mu[-1] < 0 else float("nan"))
+        if progress is not None:
+            progress(j + 1, offsets.numel())
+    mu_t = torch.tensor(mu, dtype=torch.float64)
+    order = torch.argsort(offsets)
+    s_sorted, mu_sorted = offsets[order], mu_t[order]
+    s_c = float("nan")
+    for a in range(1, len(order)):
+        if float(mu_sorted[a - 1]) < 0 <= float(mu_sorted[a]):
+            y0, y1 = float(mu_sorted[a - 1]), float(mu_sorted[a])
+            s_c = float(s_sorted[a - 1] + (0 - y0) / (y1 - y0) * (s_sorted[a] - s_sorted[a - 1]))
+            break
+    if math.isnan(s_c):
+        s_c = -mu0 / slope
+    lb = torch.tensor(lam_bif, dtype=torch.float64)
+    pr_t = torch.tensor(pred, dtype=torch.float64)
+    mask = (mu_t < 0) & (mu_t.abs() * config.landscape_steps * config.dt >= config.landscape_fit_min)
+    dist = (offsets - s_c).abs()
+    exp = exp_se = pexp = ratio = float("nan")
+    if int(mask.sum()) >= 3:
+        exp, exp_se = fit_power_law(dist[mask], lb[mask])
+        pexp, _ = fit_power_law(dist[mask], pr_t[mask])
+        ratio = float((lb[mask] / pr_t[mask]).median())
+    return ChannelLandscape(s=offsets, mu=mu_t, s_c=s_c, slope=slope, lambda_bif=lb,
+                            lambda_max=torch.tensor(lam_max, dtype=torch.float64),
+                            predicted=pr_t, fit_mask=mask,
+                            exponent=exp, exponent_se=exp_se, predicted_exponent=pexp,
+                            ratio=ratio, trial_steps=int(config.landscape_steps),
+                            seed=int(config.seed))
+
+
+# ---------------------------------------------------------------------------- comparison
+def compare_optimizers(config: TeacherConfig | None = None, *,
+                       generator_seed: int | None = None,
+                       progress: Progress = None) -> OptimizerComparison:
+    """Train SGD and LRNG from the same student at ``config.compare_lr`` for ``compare_steps``.
+
+    Each run draws the problem from a fresh generator seeded with ``generator_seed`` (default
+    ``config.seed``), so both start from identical parameters. ``progress`` counts the steps of
+    both runs together.
+    """
+    config = config or TeacherConfig()
+    seed = int(config.seed if generator_seed is None else generator_seed)
+    total = 2 * int(config.compare_steps)
+    runs = {}
+    for j, name in enumerate(("sgd", "lrng")):
+        cfg = dataclasses.replace(config, optimizer=name, lr=config.compare_lr,
+                                  num_steps=config.compare_steps,
+                                  record_every=config.compare_record_every)
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        offset = j * int(config.compare_steps)
+        cb = None if progress is None else (lambda d, _t, o=offset: progress(o + d, total))
+        runs[name] = run_student_teacher(cfg, generator=gen, progress=cb)
+    per = {k: r.seconds_train / max(1, r.config.num_steps) for k, r in runs.items()}
+    return OptimizerComparison(sgd=runs["sgd"], lrng=runs["lrng"], lr=float(config.compare_lr),
+                               seconds_per_step=per, overhead=per["lrng"] / per["sgd"])
+
+
+def run_experiment(config: TeacherConfig | None = None, *, progress: Progress = None,
+                   which: tuple[str, ...] = ("collapse", "landscape", "comparison")
+                   ) -> TeacherExperiment:
+    """The collapse run (``config.optimizer`` at ``config.lr``), the landscape through its
+    crossing, and the optimizer comparison, with a summary of the numbers.
+
+    ``progress(done, total)`` counts training steps and landscape points together.
+    """
+    config = config or TeacherConfig()
+    n_land = int(config.landscape_points) + max(3, int(config.landscape_points) // 3)
+    total = int(config.num_steps) + n_land + 2 * int(config.compare_steps)
+    done = [0]
+
+    def sub(offset):
+        if progress is None:
+            return None
+        return lambda d, _t: progress(offset + d, total)
+
+    gen = torch.Generator()
+    gen.manual_seed(int(config.seed))
+    collapse = run_student_teacher(config, generator=gen, progress=sub(0))
+    done[0] = int(config.num_steps)
+    gen = torch.Generator()
+    gen.manual_seed(int(config.seed))
+    landscape = channel_landscape(config, collapse.theta_ref, generator=gen,
+                                  progress=sub(done[0]))
+    done[0] += n_land
+    comparison = compare_optimizers(config, progress=sub(done[0]))
+    return TeacherExperiment(config=config, collapse=collapse, landscape=landscape,
+                             comparison=comparison, summary=summarize(collapse, landscape,
+                                                                      comparison))
+
+
+def summarize(collapse: StudentTeacherResult, landscape: ChannelLandscape | None = None,
+              comparison: OptimizerComparison | None = None) -> dict:
+    """The headline numbers as a flat dictionary of floats and ints."""
+    c = collapse.crossing
+    out = {
+        "crossing_step": c.step,
+        "stable_change_step": c.stable_change_step,
+        "pr_initial": collapse.collapse["initial"],
+        "pr_min": collapse.collapse["min_value"],
+        "pr_min_step": collapse.collapse["min_step"],
+        "pr_steepest_step": collapse.collapse["steepest_step"],
+        "pr_half_step": collapse.collapse["half_step"],
+        "entropy_initial": float(collapse.entropy[0]),
+        "entropy_min": float(collapse.entropy.min()),
+        "channel_cos_at_crossing": (float(collapse.channel_cos[c.index])
+                                    if c.index is not None else None),
+        "sensitivity_cos_at_crossing": (float(collapse.sensitivity_cos[c.index])
+                                        if c.index is not None else None),
+        "collapse_final_loss": collapse.final_loss,
+    }
+    if landscape is not None:
+        out.update({"landscape_exponent": landscape.exponent,
+                    "landscape_exponent_se": landscape.exponent_se,
+                    "landscape_predicted_exponent": landscape.predicted_exponent,
+                    "landscape_ratio_to_prediction": landscape.ratio})
+    if comparison is not None:
+        for name in ("sgd", "lrng"):
+            r = getattr(comparison, name)
+            out.update({f"{name}_final_loss": r.final_loss,
+                        f"{name}_max_loss_after_crossing": r.max_loss_after_crossing,
+                        f"{name}_max_loss_after_fit": r.max_loss_after_fit,
+                        f"{name}_spikes": r.spikes,
+                        f"{name}_crossing_step": r.crossing.step,
+                        f"{name}_recrossings": r.crossing.recrossings,
+                        f"{name}_seconds_per_step": comparison.seconds_per_step[name]})
+        out["lrng_overhead"] = comparison.overhead
+    return out

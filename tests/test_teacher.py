@@ -1,0 +1,159 @@
+"""Student–teacher experiment: detectors on hand-made series, spectra against dense references,
+and a short end-to-end run that checks the qualitative findings on the default seed."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from lanczos_ntk import teacher as T
+from lanczos_ntk.testing import dense_gram
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one thread avoids oversubscription on shared CPUs (10x faster here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = T.TeacherConfig(state_size=4, trials=4, trial_steps=10, num_steps=1, top_k=4,
+                       landscape_points=4, landscape_steps=30)
+
+
+def test_detect_crossing_hand_made():
+    steps = [0, 2, 4, 6, 8, 10]
+    lead = [-0.3, -0.1, 0.1, 0.3, -0.2, 0.2]
+    stable = [1, 1, 2, 2, 1, 2]
+    c = T.detect_crossing(steps, lead, stable)
+    assert c.step == pytest.approx(3.0)
+    assert c.index == 2
+    assert c.stable_change_step == 4
+    assert c.recrossings == 1
+
+
+def test_detect_crossing_none_and_threshold():
+    assert T.detect_crossing([0, 1, 2], [-1.0, -0.5, -0.1]).step is None
+    assert T.detect_crossing([0, 1, 2], [0.5, 0.6, 0.7]).step is None  # starts unstable
+    c = T.detect_crossing([0, 1], [0.5, 1.5], threshold=1.0)  # a map's |μ| = 1
+    assert c.step == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="same length"):
+        T.detect_crossing([0, 1], [0.0])
+
+
+def test_collapse_steps_and_spikes():
+    out = T.collapse_steps([0, 1, 2, 3, 4], [5.0, 4.5, 3.0, 2.0, 2.5])
+    assert out["min_step"] == 3 and out["steepest_step"] == 1.5
+    assert out["half_step"] == pytest.approx(1 + 1.0 / 1.5)
+    assert T.count_spikes([1.0, 0.1, 0.01, 1.0, 0.5, 0.01, 0.001, 1.0]) == 2
+    assert T.count_spikes([1.0, 0.5, 0.2, 0.1]) == 0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="optimizer"):
+        T.TeacherConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="record_every"):
+        T.TeacherConfig(record_every=0)
+
+
+def test_problem_is_a_pitchfork_pair():
+    prob = T.build_problem(T.TeacherConfig())
+    n = prob.student.state_size
+    eye = torch.eye(n, dtype=torch.float64)
+    lead_s = torch.linalg.eigvals(-eye + prob.student.W.detach()).real.max()
+    lead_t = torch.linalg.eigvals(-eye + prob.teacher.W.detach()).real.max()
+    assert float(lead_s) == pytest.approx(-0.4, abs=1e-9)
+    assert float(lead_t) == pytest.approx(1.0, abs=1e-9)
+    again = T.build_problem(T.TeacherConfig())
+    assert torch.equal(prob.W0, again.W0)  # same seed, same numbers
+
+
+@pytest.mark.parametrize("spectrum", ["dense", "lanczos"])
+def test_recorded_eigenvalues_match_dense_gram(spectrum):
+    cfg = dataclasses.replace(TINY, spectrum=spectrum, tol=1e-10)
+    res = T.run_student_teacher(cfg)
+    prob = T.build_problem(cfg)  # the student at step 0
+    G = dense_gram(prob.student, prob.inputs)
+    lam = torch.linalg.eigvalsh(G).flip(0)
+    torch.testing.assert_close(res.eigenvalues[0], lam[:cfg.top_k], rtol=1e-7, atol=1e-9)
+    pos = lam.clamp_min(0)
+    pr = float(pos.sum() ** 2 / (pos**2).sum())
+    if spectrum == "dense":
+        assert float(res.participation[0]) == pytest.approx(pr, rel=1e-10)
+    else:  # SLQ estimate
+        assert float(res.participation[0]) == pytest.approx(pr, rel=0.3)
+    assert res.loss.shape == (cfg.num_steps + 1,)
+    assert res.steps.tolist() == [0, 1]
+
+
+def test_result_round_trip(tmp_path):
+    res = T.run_student_teacher(TINY)
+    res.save(tmp_path / "r")
+    back = T.StudentTeacherResult.load(tmp_path / "r")
+    assert back.config == res.config
+    torch.testing.assert_close(back.eigenvalues, res.eigenvalues)
+    assert back.crossing == res.crossing
+
+
+def test_end_to_end_default_seed():
+    """Collapse within a few steps of the learned pitchfork; the channel is the top direction;
+    LRNG beats spiking SGD at lr = 0.5."""
+    cfg = T.TeacherConfig(num_steps=16, compare_steps=60, compare_record_every=60)
+    res = T.run_student_teacher(cfg)
+    c = res.crossing
+    assert c.step is not None and 5 < c.step < 12
+    assert c.stable_change_step is not None and abs(c.stable_change_step - c.step) <= 2
+    assert res.participation[0] > 4.5 and res.collapse["min_value"] < 2.5
+    assert abs(res.collapse["min_step"] - c.step) <= 5
+    assert abs(res.collapse["half_step"] - c.step) <= 5
+    assert float(res.channel_cos[c.index]) > 0.99
+    comp = T.compare_optimizers(cfg)
+    assert comp.sgd.spikes >= 1 and comp.lrng.spikes == 0
+    assert comp.lrng.final_loss < 1e-2 * comp.sgd.final_loss
+    assert math.isfinite(comp.overhead)
+
+
+def test_landscape_follows_inverse_square():
+    cfg = T.TeacherConfig(landscape_points=6, landscape_steps=400, landscape_mu_min=0.05,
+                          landscape_mu_max=0.5, landscape_fit_min=8.0)
+    prob = T.build_problem(cfg)
+    theta = torch.cat([p.detach().reshape(-1) for p in prob.student.parameters()])
+    # move the student close to the crossing along W (gain factor 0.9 instead of 0.6)
+    n = cfg.state_size
+    theta[: n * n] *= 0.9 / 0.6
+    land = T.channel_landscape(cfg, theta)
+    assert land.slope == pytest.approx(1.0, rel=0.3)  # λ_c(s) ≈ λ_c(0) + s: linear, unit slope
+    assert -2.3 < land.exponent < -1.6
+    assert land.lambda_bif[land.mu > 0].max() > land.lambda_bif[land.mu < 0].max() / 10
+
+
+def test_cli_writes_results_and_figures(tmp_path):
+    from click.testing import CliRunner
+
+    from lanczos_ntk.cli_teacher import teacher_command
+
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--quiet", "--steps", "3", "--lr", "0.5",
+            "--set", "num_steps=3", "--set", "trials=4", "--set", "trial_steps=10",
+            "--set", "landscape_points=3", "--set", "landscape_steps=20",
+            "--set", "compare_record_every=3"]
+    res = CliRunner().invoke(teacher_command, args)
+    assert res.exit_code == 0, res.output
+    for name in ("collapse", "landscape", "comparison"):
+        assert (out / "results" / f"{name}.json").exists()
+        assert (out / "results" / f"{name}.npz").exists()
+    for name in ("collapse", "landscape", "optimizers"):
+        assert (out / "figures" / f"{name}.png").exists()
+        assert (out / "figures" / f"{name}.pdf").exists()
+    comp = T.OptimizerComparison.load(out / "results" / "comparison")
+    assert comp.lr == 0.5 and comp.sgd.loss.shape == (4,)
+    again = CliRunner().invoke(teacher_command, args)  # resumes from the saved results
+    assert again.exit_code == 0, again.output
+    bad = CliRunner().invoke(teacher_command, ["--out", str(tmp_path / "x"), "--quiet",
+                                               "--set", "optimizer=adam"])
+    assert bad.exit_code != 0 and "optimizer" in bad.output
