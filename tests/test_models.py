@@ -80,3 +80,15 @@ def test_result_roundtrip(tmp_path):
     # locally defined classes cannot be resolved on load: use a module-level one instead
     r = R(torch.arange(3.0), lnk.Status.CONVERGED, {"a": 1.5, "b": [1, 2]})
     assert r.to_dict() == {"x": [0.0, 1.0, 2.0], "s": "converged", "d": {"a": 1.5, "b": [1, 2]}}
+
+
+def test_atomic_write_leaves_ordinary_permissions(tmp_path):
+    import os
+
+    from lanczos_ntk._results import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (os.stat(tmp_path / "a.txt").st_mode & 0o777) == (0o666 & ~umask)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary left behind
