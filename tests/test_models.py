@@ -69,17 +69,24 @@ def test_unknown_form():
 
 
 def test_result_roundtrip(tmp_path):
-    import dataclasses
+    """Tensors (real and complex), complex scalars, tuples and nested values survive save/load."""
+    from lanczos_ntk.channels import CriticalDirection
 
-    @dataclasses.dataclass(frozen=True)
-    class R(lnk.Result):
-        x: torch.Tensor
-        s: lnk.Status
-        d: dict
-
-    # locally defined classes cannot be resolved on load: use a module-level one instead
-    r = R(torch.arange(3.0), lnk.Status.CONVERGED, {"a": 1.5, "b": [1, 2]})
-    assert r.to_dict() == {"x": [0.0, 1.0, 2.0], "s": "converged", "d": {"a": 1.5, "b": [1, 2]}}
+    r = CriticalDirection(g=torch.randn(5, 2, dtype=torch.float64), eigenvalue=complex(-0.1, 2.0),
+                          v=torch.randn(3, dtype=torch.complex128),
+                          w=torch.randn(3, dtype=torch.complex128), x=torch.zeros(3),
+                          kind="flow", param_names=("W", "b"))
+    path = r.save(tmp_path / "sub" / "crit")
+    back = lnk.load_result(path)
+    assert isinstance(back, CriticalDirection) and back.param_names == ("W", "b")
+    assert back.eigenvalue == r.eigenvalue and back.x.dtype == torch.float32
+    for name in ("g", "v", "w", "x"):
+        assert torch.equal(getattr(back, name), getattr(r, name))
+    assert r.to_dict()["kind"] == "flow" and lnk.Status("converged") is lnk.Status.CONVERGED
+    with pytest.raises(TypeError, match="holds a CriticalDirection"):
+        lnk.channels.ChannelReport.load(path)
+    with pytest.raises(FileNotFoundError):
+        lnk.load_result(tmp_path / "missing")
 
 
 def test_atomic_write_leaves_ordinary_permissions(tmp_path):
