@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BIFURCATION_STYLE", "plot_bifurcation_diagram", "plot_eigenvalues",
+__all__ = ["BIFURCATION_STYLE", "fmt_param", "plot_bifurcation_diagram", "plot_eigenvalues",
            "plot_spectral_density", "plot_sweep"]
 
 #: Marker, colour and label of each bifurcation kind (shared by all figures).
@@ -49,6 +49,11 @@ def _np(x: Any) -> np.ndarray:
             return x.numpy()
         return x.double().numpy()
     return np.asarray(x)
+
+
+def fmt_param(p: float) -> str:
+    """A parameter value for a label: 3 significant digits, round-off below 1e-12 shown as 0."""
+    return "0" if abs(p) < 1e-12 else f"{p:.3g}"
 
 
 def _get(obj: Any, *names: str, default: Any = None) -> Any:
@@ -206,6 +211,9 @@ def plot_sweep(sweep: Any, ax=None, quantity: str = "eigenvalues", *, bifurcatio
         ax.plot(x, y, marker="o", ms=3, color="tab:blue", label=ylabel)
     if log if log is not None else default_log:
         ax.set_yscale("log")
+    labels = _get(sweep, "labels")
+    if _get(sweep, "param") == "checkpoints" and labels is not None and len(labels) == len(x):
+        ax.set_xticks(x, [str(v) for v in labels], rotation=30, ha="right", fontsize=7)
     bifs = bifurcations if bifurcations is not None else (_get(sweep, "bifurcations") or [])
     _mark_bifurcations(ax, bifs)
     ax.set_xlabel(param or str(_get(sweep, "param", default="parameter")))
@@ -306,8 +314,8 @@ def plot_bifurcation_diagram(branch: Any, ax=None, *, coordinate: int | str | No
             seen.add(kind)
             key = (round(bp, 3), round(float(by[0]), 3))
             names = annotated.setdefault(key, [mcolor])
-            if f"{name} p={bp:.3g}" not in names:
-                names.append(f"{name} p={bp:.3g}")
+            if f"{name} p={fmt_param(bp)}" not in names:
+                names.append(f"{name} p={fmt_param(bp)}")
     if label_points:
         for (bp, by), (mcolor, *texts) in annotated.items():
             ax.annotate("\n".join(texts), (bp, by), textcoords="offset points", xytext=(6, 8),

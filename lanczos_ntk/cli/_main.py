@@ -1,0 +1,412 @@
+"""The ``lanczos-ntk`` command group, its shared options, and the spectrum, density and bifurcate
+commands (the sweep and the demo are in :mod:`._sweep`)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import warnings
+from pathlib import Path
+
+import click
+import torch
+
+from .. import dynamics
+from .._runs import (
+    ConfigError,
+    RunFolder,
+    build_model,
+    config_digest,
+    load_config,
+    make_inputs,
+    merge_config,
+    parse_overrides,
+)
+from ._config import defaults_for
+
+__all__ = ["main"]
+
+
+class CliError(click.ClickException):
+    """A configuration or input problem: one line on stderr, exit code 2, nothing written."""
+
+    exit_code = 2
+
+
+def friendly(fn):
+    """Apply ``--threads``; turn :class:`ConfigError` into :class:`CliError` (exit 2, one line)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = kwargs.pop("threads", None)
+        if threads is None and fn.__name__ == "demo":
+            threads = 1
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
+def common_options(fn):
+    """Options shared by every command."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="TOML configuration file (see experiments/)."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a configuration key, e.g. --set model.gain=1.5 (repeatable)."),
+        click.option("--seed", type=int, help="Seed of inputs, probes and fixed-point seeds."),
+        click.option("--device", help="Torch device of the model (cpu, cuda, cuda:1, ...)."),
+        click.option("--dtype", type=click.Choice(["float64", "float32"]),
+                     help="Precision of the model and its products (float64 by default)."),
+        click.option("--model", "model_spec", metavar="SPEC",
+                     help="Built-in model (ctrnn, rnn, gru, ssm, normal_form) or a factory "
+                          "package.module:factory or path/to/file.py:factory."),
+        click.option("--out", type=click.Path(file_okay=False),
+                     help="Run folder (default runs/<command>-<config hash>); re-running with the "
+                          "same folder resumes."),
+        click.option("--fresh", is_flag=True, help="Discard what the run folder holds and start over."),
+        click.option("--quiet", is_flag=True, help="No progress bars and no summary on the terminal."),
+        click.option("--threads", type=click.IntRange(min=0), default=None,
+                     help="CPU threads of torch (0: torch's default; the demo uses 1, which is "
+                          "fastest for small problems on a shared machine)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def inputs_option(fn):
+    return click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False),
+                        help="Inputs [trials, steps, d_in]: a .pt tensor (loaded with "
+                             "weights_only=True) or an .npz with one array or a key 'inputs'.")(fn)
+
+
+def resolve_config(command: str, config_file, overrides, **explicit) -> dict:
+    """Defaults < TOML file < --set < explicit options; unknown keys are errors."""
+    layers = []
+    if config_file:
+        layers.append(load_config(config_file))
+    layers.append(parse_overrides(overrides))
+    top = {}
+    for key in ("seed", "device", "dtype"):
+        if explicit.get(key) is not None:
+            top[key] = explicit[key]
+    if explicit.get("model_spec"):
+        top["model"] = {"name": explicit["model_spec"]}
+    if explicit.get("inputs_file"):
+        top["inputs"] = {"file": explicit["inputs_file"]}
+    if explicit.get("checkpoints"):
+        top["sweep"] = {"checkpoints": list(explicit["checkpoints"]), "param": "checkpoints"}
+    layers.append(top)
+    return merge_config(defaults_for(command), *layers)
+
+
+def torch_settings(cfg: dict) -> tuple[torch.dtype, str]:
+    dtype = {"float64": torch.float64, "float32": torch.float32}.get(cfg["dtype"])
+    if dtype is None:
+        raise ConfigError(f"dtype must be float64 or float32, got {cfg['dtype']!r}")
+    try:
+        device = torch.device(cfg["device"])
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {cfg['device']!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg['device']!r} requested but CUDA is not available")
+    return dtype, str(device)
+
+
+def model_and_inputs(cfg: dict) -> tuple[torch.nn.Module, torch.Tensor | None]:
+    """Build the model and its inputs from the config and check they fit (before any writing)."""
+    dtype, device = torch_settings(cfg)
+    model = build_model(cfg["model"], dtype=dtype, device=device)
+    if "inputs" not in cfg:
+        return model, None
+    d_in = getattr(model, "input_size", None)
+    if d_in is None and not cfg["inputs"]["file"]:
+        raise ConfigError("the model has no attribute input_size: give the inputs with --inputs FILE")
+    inputs = make_inputs(cfg["inputs"], None if d_in is None else int(d_in), dtype=dtype,
+                         seed=cfg["seed"])
+    try:
+        with torch.no_grad():
+            out = model(inputs[:1].to(device))
+    except Exception as exc:
+        raise ConfigError(f"the model rejects inputs of shape {list(inputs.shape)}: "
+                          f"{type(exc).__name__}: {exc}") from None
+    out = out[0] if isinstance(out, tuple) else out
+    if not isinstance(out, torch.Tensor) or out.dim() != 3:
+        raise ConfigError("the model must map inputs [trials, steps, d_in] to states "
+                          f"[trials, steps, n]; got {type(out).__name__} "
+                          f"{list(out.shape) if isinstance(out, torch.Tensor) else ''}")
+    return model, inputs
+
+
+@contextlib.contextmanager
+def run_folder(command: str, cfg: dict, out, fresh: bool, quiet: bool = False):
+    """Open the run folder; warnings raised inside go to its log (and a count to stderr)."""
+    path = Path(out) if out else Path("runs") / f"{command}-{config_digest(cfg)}"
+    folder = RunFolder(path, cfg, fresh=fresh, command=command)
+    with folder, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", DeprecationWarning)  # library internals, not the run's
+        try:
+            yield folder
+        finally:
+            counts: dict = {}
+            for w in caught:
+                key = f"{w.category.__name__}: {w.message}"
+                counts[key] = counts.get(key, 0) + 1
+            for key, n in counts.items():
+                folder.log(f"warning ({n}x) {key}")
+            if counts and not quiet:
+                click.echo(f"{sum(counts.values())} warning(s) during the run; see "
+                           f"{folder.path / 'run.log'}", err=True)
+
+
+def progress(quiet: bool, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=quiet, file=sys.stderr, leave=False, dynamic_ncols=True, **kw)
+
+
+def report(quiet: bool, lines) -> None:
+    if not quiet:
+        for line in lines:
+            click.echo(line)
+
+
+def save_figures(folder: RunFolder, figs: dict) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, fig in figs.items():
+        paths += folder.save_figure(fig, name)
+        plt.close(fig)
+    return paths
+
+
+def make_operator(model, inputs, cfg):
+    from .. import StateNTK
+
+    outputs = cfg["spectrum"]["outputs"]
+    if outputs not in ("states", "readout"):
+        raise ConfigError(f"spectrum.outputs must be 'states' or 'readout', got {outputs!r}")
+    try:
+        return StateNTK(model, inputs, outputs=outputs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot build the sNTK of this model and inputs: {exc}") from None
+
+
+def check_spectrum_cfg(cfg: dict) -> None:
+    s = cfg["spectrum"]
+    for key in ("k", "probes", "lanczos_steps"):
+        if s[key] < 1:
+            raise ConfigError(f"spectrum.{key} must be >= 1, got {s[key]}")
+    if s["bottom"] < 0 or not s["tol"] > 0:
+        raise ConfigError("spectrum.bottom must be >= 0 and spectrum.tol > 0")
+    if cfg["density"]["scale"] not in ("linear", "log"):
+        raise ConfigError(f"density.scale must be 'linear' or 'log', got {cfg['density']['scale']!r}")
+    if cfg["density"]["points"] < 2 or cfg["density"]["sigma"] < 0:
+        raise ConfigError("density.points must be >= 2 and density.sigma >= 0 (0: automatic)")
+
+
+# ----------------------------------------------------------------------------- the group
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lanczos_ntk")
+def main():
+    """Spectra of the state-space NTK of recurrent models, and how they collapse at bifurcations.
+
+    Every command reads an optional TOML file (--config, examples in experiments/), applies
+    --set KEY=VALUE overrides, writes a run folder (config, results as JSON + NPZ, figures as
+    PNG + PDF, run.log) and resumes an interrupted run in the same folder.
+    """
+
+
+@main.command()
+@common_options
+@inputs_option
+@friendly
+def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet, inputs_file):
+    """Top/bottom eigenvalues, trace, effective ranks and condition number of the sNTK."""
+    from ._compute import SpectralSummary, density_of, spectral_summary
+    from ._figures import spectrum_figure
+
+    cfg = resolve_config("spectrum", config_file, overrides, seed=seed, device=device, dtype=dtype,
+                         model_spec=model_spec, inputs_file=inputs_file)
+    check_spectrum_cfg(cfg)
+    model, inputs = model_and_inputs(cfg)
+    K = make_operator(model, inputs, cfg)
+    with run_folder("spectrum", cfg, out, fresh, quiet) as folder:
+        if folder.has("spectrum"):
+            summary = folder.load("spectrum")
+            folder.log("spectrum: loaded from the previous run")
+        else:
+            with progress(quiet, total=3, desc="spectrum: top, bottom, SLQ") as bar:
+                summary = spectral_summary(K, cfg["spectrum"], torch.Generator().manual_seed(cfg["seed"]),
+                                           progress=lambda stage: bar.update())
+            folder.save("spectrum", summary)
+            folder.log(f"spectrum: computed in {summary.seconds:.2f} s")
+        if not isinstance(summary, SpectralSummary):
+            raise ConfigError(f"{folder.result_path('spectrum')} does not hold a spectrum; use --fresh")
+        density = density_of(summary, cfg["density"])
+        folder.save("density", density)
+        metrics = summary.metrics()
+        folder.write_json("summary.json", metrics)
+        figs = save_figures(folder, {"spectrum": spectrum_figure(summary, density)})
+        folder.log("figures written")
+    top = ", ".join(f"{v:.4g}" for v in metrics["top_eigenvalues"])
+    report(quiet, [f"M = {metrics['dimension_M']} (computed on the {metrics['side']} side)",
+                   f"top eigenvalues: {top}",
+                   f"trace {metrics['trace']:.4g} ± {metrics['trace_se']:.2g}",
+                   f"effective rank: participation {metrics['participation_rank']:.4g}, "
+                   f"entropy {metrics['entropy_rank']:.4g}",
+                   f"condition number (nonzero part): {metrics['condition_number']:.4g}",
+                   f"results: {folder.path}", f"figure: {figs[0]}"])
+    if quiet:
+        click.echo(str(folder.path))
+
+
+@main.command()
+@common_options
+@inputs_option
+@friendly
+def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet, inputs_file):
+    """Spectral density of the sNTK by stochastic Lanczos quadrature (linear and log scale)."""
+    from .. import slq, spectral_density
+    from ._figures import density_figure
+
+    cfg = resolve_config("density", config_file, overrides, seed=seed, device=device, dtype=dtype,
+                         model_spec=model_spec, inputs_file=inputs_file)
+    check_spectrum_cfg(cfg)
+    model, inputs = model_and_inputs(cfg)
+    K = make_operator(model, inputs, cfg)
+    s_cfg, d_cfg = cfg["spectrum"], cfg["density"]
+    with run_folder("density", cfg, out, fresh, quiet) as folder:
+        if folder.has("slq"):
+            r = folder.load("slq")
+            folder.log("slq: loaded from the previous run")
+        else:
+            with progress(quiet, total=1, desc="SLQ") as bar:
+                r = slq(K, s_cfg["probes"], s_cfg["lanczos_steps"],
+                        generator=torch.Generator().manual_seed(cfg["seed"]))
+                bar.update()
+            folder.save("slq", r)
+            folder.log(f"slq: {r.num_matvecs} products")
+        sigma = d_cfg["sigma"] or None  # in the units of density.scale; the other is automatic
+        lin = spectral_density(r, sigma=sigma if d_cfg["scale"] == "linear" else None,
+                               num_points=d_cfg["points"], scale="linear")
+        log = spectral_density(r, sigma=sigma if d_cfg["scale"] == "log" else None,
+                               num_points=d_cfg["points"], scale="log")
+        folder.save("density_linear", lin)
+        folder.save("density_log", log)
+        folder.write_json("summary.json", {"zero_mass": lin.zero_mass, "zero_mass_se": lin.zero_mass_se,
+                                           "dimension_M": r.primal_dimension, "side": r.side,
+                                           "matvecs": r.num_matvecs})
+        figs = save_figures(folder, {"density": density_figure(lin, log)})
+    report(quiet, [f"M = {r.primal_dimension}, zero mass {lin.zero_mass:.4g} ± {lin.zero_mass_se:.2g}",
+                   f"results: {folder.path}", f"figure: {figs[0]}"])
+    if quiet:
+        click.echo(str(folder.path))
+
+
+# --------------------------------------------------------------------------- bifurcate
+def _on_branch(x: torch.Tensor, p: float, branches, tol: float = 1e-4) -> bool:
+    for br in branches:
+        if len(br) == 0:
+            continue
+        d = (br.points - x).abs().amax(dim=1) + (br.p - p).abs()
+        if float(d.min()) < tol * (1 + float(x.abs().max())):
+            return True
+    return False
+
+
+def _unique_bifurcations(branches, width: float) -> list:
+    """The branches' bifurcations, each once (branches traced from both ends may share some)."""
+    out = []
+    for br in branches:
+        for k in br.bifurcations:
+            if not any(o.kind == k.kind and abs(o.p - k.p) <= 1e-4 * width
+                       and float((o.x - k.x).abs().max()) <= 1e-3 * (1 + float(k.x.abs().max()))
+                       for o in out):
+                out.append(k)
+    return out
+
+
+@main.command()
+@common_options
+@friendly
+def bifurcate(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet):
+    """Continuation diagram of a model's fixed points in one parameter, bifurcations located.
+
+    Fixed points are searched at both ends of [start, stop] and each is continued into the
+    window (pseudo-arclength), up to max_branches branches. Normal forms: --set model.form=hopf
+    --set model.kind=flow; a CTRNN: --model ctrnn --set bifurcate.param=gain.
+    """
+    from ._figures import bifurcate_figure
+
+    cfg = resolve_config("bifurcate", config_file, overrides, seed=seed, device=device, dtype=dtype,
+                         model_spec=model_spec)
+    b = cfg["bifurcate"]
+    if not b["start"] < b["stop"]:
+        raise ConfigError(f"bifurcate.start must be < bifurcate.stop, got {b['start']} and {b['stop']}")
+    if b["max_branches"] < 1 or b["seeds"] < 1 or b["max_steps"] < 1:
+        raise ConfigError("bifurcate.max_branches, seeds and max_steps must be >= 1")
+    model, _ = model_and_inputs(cfg)
+    if not hasattr(model, "rhs"):
+        raise ConfigError(f"{type(model).__name__} has no rhs(h, u): bifurcation analysis needs a "
+                          "model of lanczos_ntk.models or one with kind, rhs, state_size, input_size")
+    u = torch.full((model.input_size,), float(b["input"]), dtype=torch.float64)
+    try:
+        system = dynamics.system_from_model(model, b["param"], u)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bifurcate.param: {exc}") from None
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    branches = []
+    with run_folder("bifurcate", cfg, out, fresh, quiet) as folder:
+        starts = [(b["start"], 1), (b["stop"], -1)]
+        with progress(quiet, total=b["max_branches"], desc="branches") as bar:
+            for side, (p, direction) in enumerate(starts):
+                fp = dynamics.find_fixed_points(system, p=p, num_seeds=b["seeds"], generator=gen)
+                folder.log(f"p={p:.6g}: {len(fp)} fixed point(s)")
+                for i in range(len(fp)):
+                    if len(branches) >= b["max_branches"]:
+                        break
+                    x = fp.points[i]
+                    if _on_branch(x, p, branches):
+                        continue
+                    name = f"branch-{side}-{i:02d}"
+                    if folder.has(name):
+                        br = folder.load(name)
+                        folder.log(f"{name}: loaded from the previous run")
+                    else:
+                        br = dynamics.continuation(system, x, p, (b["start"], b["stop"]),
+                                                   max_steps=b["max_steps"], direction=direction)
+                        folder.save(name, br)
+                        folder.log(f"{name}: {len(br)} points, {br.status.value}, bifurcations "
+                                   f"{[(k.kind, round(k.p, 6)) for k in br.bifurcations]}")
+                    if len(br):
+                        branches.append(br)
+                    bar.update()
+        if not branches:
+            raise click.ClickException("no fixed point found at either end of the window; widen "
+                                       "[start, stop] or raise bifurcate.seeds")
+        unique = _unique_bifurcations(branches, b["stop"] - b["start"])
+        bifs = [{"kind": k.kind, "p": k.p, "x": k.x.tolist(),
+                 "eigenvalue": [k.eigenvalue.real, k.eigenvalue.imag],
+                 "coefficients": k.coefficients} for k in unique]
+        folder.write_json("summary.json", {"branches": len(branches), "bifurcations": bifs})
+        figs = save_figures(folder, {"bifurcation": bifurcate_figure(branches, unique, system.kind,
+                                                                     f"parameter {b['param']}")})
+    lines = [f"{len(branches)} branch(es); bifurcations:"]
+    lines += [f"  {d['kind']} at {b['param']} = {0.0 if abs(d['p']) < 1e-12 else d['p']:.6g}"
+              for d in bifs] or ["  none"]
+    report(quiet, lines + [f"results: {folder.path}", f"figure: {figs[0]}"])
+    if quiet:
+        click.echo(str(folder.path))
+

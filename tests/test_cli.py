@@ -1,0 +1,285 @@
+"""The lanczos-ntk command line on tiny settings (click's CliRunner, Agg backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import lanczos_ntk as lnk
+from lanczos_ntk._runs import ConfigError, dump_toml, load_config, merge_config, parse_overrides
+from lanczos_ntk.cli import main
+from lanczos_ntk.cli._config import defaults_for
+
+MODEL_TINY = ["--set", "model.state_size=4", "--set", "inputs.trials=2", "--set", "inputs.steps=6"]
+SPEC_TINY = ["--threads", "1", "--set", "spectrum.k=2", "--set", "spectrum.bottom=1",
+             "--set", "spectrum.probes=2", "--set", "spectrum.lanczos_steps=5",
+             "--set", "density.points=50"]
+TINY = MODEL_TINY + SPEC_TINY
+TINY_SWEEP = TINY + ["--set", "dynamics.seeds=4", "--set", "dynamics.max_steps=30",
+                     "--set", "sweep.num=3", "--set", "sweep.start=0.5", "--set", "sweep.stop=1.5",
+                     "--set", "sweep.densities=2"]
+
+
+def run(args, expect=0):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+def figures(folder):
+    return sorted(p.name for p in (folder / "figures").iterdir())
+
+
+# ------------------------------------------------------------------------------ commands
+def test_help_lists_every_command():
+    out = run(["--help"]).output
+    for name in ("demo", "spectrum", "density", "sweep", "bifurcate"):
+        assert name in out
+        assert "Usage" in run([name, "--help"]).output
+
+
+def test_spectrum_writes_config_results_figures_and_log(tmp_path):
+    out = tmp_path / "spec"
+    res = run(["spectrum", *TINY, "--seed", "3", "--out", str(out)])
+    assert "top eigenvalues" in res.output and str(out) in res.output
+    assert {"config.toml", "config.json", "run.log", "summary.json"} <= {p.name for p in out.iterdir()}
+    assert figures(out) == ["spectrum.pdf", "spectrum.png"]
+    summary = lnk.load_result(out / "results" / "spectrum")
+    assert summary.top.eigenvalues.shape == (2,) and summary.top.eigenvalues[0] > 0
+    assert isinstance(lnk.load_result(out / "results" / "density"), lnk.SpectralDensity)
+    metrics = json.loads((out / "summary.json").read_text())
+    assert metrics["dimension_M"] == 2 * 6 * 4 and metrics["condition_number"] >= 1
+    assert load_config(out / "config.toml")["seed"] == 3
+    # the same command again resumes: nothing recomputed
+    run(["spectrum", *TINY, "--seed", "3", "--out", str(out)])
+    assert "loaded from the previous run" in (out / "run.log").read_text()
+
+
+def test_density_linear_and_log(tmp_path):
+    out = tmp_path / "dens"
+    run(["density", *TINY, "--quiet", "--out", str(out)])
+    lin = lnk.load_result(out / "results" / "density_linear")
+    log = lnk.load_result(out / "results" / "density_log")
+    assert lin.scale == "linear" and log.scale == "log"
+    assert figures(out) == ["density.pdf", "density.png"]
+
+
+def test_bifurcate_pitchfork_normal_form(tmp_path):
+    out = tmp_path / "bif"
+    res = run(["bifurcate", "--set", "bifurcate.seeds=8", "--set", "bifurcate.max_steps=200",
+               "--out", str(out)])
+    assert "branch_point" in res.output
+    summary = json.loads((out / "summary.json").read_text())
+    kinds = {b["kind"] for b in summary["bifurcations"]}
+    assert "branch_point" in kinds
+    p = [b["p"] for b in summary["bifurcations"] if b["kind"] == "branch_point"]
+    assert min(abs(v) for v in p) < 1e-6
+    assert figures(out) == ["bifurcation.pdf", "bifurcation.png"]
+
+
+def test_sweep_gain_marks_the_bifurcation(tmp_path):
+    out = tmp_path / "sw"
+    res = run(["sweep", *TINY_SWEEP, "--set", "sweep.relative_to_critical=true",
+               "--set", "dynamics.input=zero", "--out", str(out)])
+    sweep = lnk.load_result(out / "results" / "sweep")
+    assert sweep.values.shape == (3,) and sweep.eigenvalues.shape == (3, 2)
+    assert abs(sweep.values[1] / sweep.critical_value - 1.0) < 1e-12
+    kinds = {b["kind"] for b in sweep.bifurcations}
+    assert kinds & {"branch_point", "hopf"}, sweep.bifurcations
+    assert "bifurcation:" in res.output
+    assert "overview.png" in figures(out) and "bifurcation.pdf" in figures(out)
+    points = [lnk.load_result(out / "results" / f"point-{i:03d}") for i in range(3)]
+    assert [p.value for p in points] == sweep.values.tolist()
+
+
+def test_demo_on_tiny_settings(tmp_path):
+    out = tmp_path / "demo"
+    threads = torch.get_num_threads()
+    res = run(["demo", *TINY_SWEEP, "--set", "sweep.start=0.8", "--set", "sweep.stop=1.2",
+               "--out", str(out)])
+    assert torch.get_num_threads() == threads  # the demo's single thread is not left behind
+    assert "λ_max grows" in res.output and "overview.png" in res.output
+    assert {"overview.png", "overview.pdf", "densities.png", "bifurcation.png"} <= set(figures(out))
+    sweep = lnk.load_result(out / "results" / "sweep")
+    assert sweep.param == "gain" and sweep.values.shape == (3,)
+
+
+def test_sweep_resumes_only_missing_points(tmp_path):
+    out = tmp_path / "sw"
+    args = ["sweep", *TINY_SWEEP, "--set", "dynamics.continuation=false", "--quiet", "--out", str(out)]
+    run(args)
+    res = out / "results"
+    before = {i: os.stat(res / f"point-{i:03d}.json").st_mtime_ns for i in range(3)}
+    for ext in ("json", "npz"):
+        (res / f"point-001.{ext}").unlink()
+    time.sleep(0.01)
+    run(args)
+    after = {i: os.stat(res / f"point-{i:03d}.json").st_mtime_ns for i in range(3)}
+    assert after[0] == before[0] and after[2] == before[2]
+    assert (res / "point-001.json").exists()
+    log = (out / "run.log").read_text()
+    assert len(re.findall(r"point-001 .*computed", log)) == 2
+    assert len(re.findall(r"point-000 .*loaded from the previous run", log)) == 1
+    assert not list(res.glob("*.tmp")) and not list(res.glob(".*"))
+
+
+def test_sweep_interrupted_by_ctrl_c_resumes(tmp_path, monkeypatch):
+    import lanczos_ntk.cli._sweep as sweep_module
+
+    real = sweep_module.spectral_summary
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "sw"
+    args = ["sweep", *TINY_SWEEP, "--set", "dynamics.continuation=false", "--quiet", "--out", str(out)]
+    monkeypatch.setattr(sweep_module, "spectral_summary", interrupted)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0  # aborted
+    saved = sorted(p.name for p in (out / "results").iterdir())
+    assert saved == ["point-000.json", "point-000.npz", "point-001.json", "point-001.npz"]
+    monkeypatch.setattr(sweep_module, "spectral_summary", real)
+    run(args)
+    log = (out / "run.log").read_text()
+    assert "point-000 (gain=0.5): loaded" in log and "point-001 (gain=1): loaded" in log
+    assert len(re.findall(r"point-002 .*computed", log)) == 1
+
+
+def test_changed_config_is_refused_unless_fresh(tmp_path):
+    out = tmp_path / "spec"
+    run(["spectrum", *TINY, "--quiet", "--out", str(out)])
+    res = run(["spectrum", *TINY, "--seed", "7", "--quiet", "--out", str(out)], expect=2)
+    assert "--fresh" in res.output and "seed" in res.output
+    run(["spectrum", *TINY, "--seed", "7", "--quiet", "--fresh", "--out", str(out)])
+    assert json.loads((out / "config.json").read_text())["seed"] == 7
+    assert "loaded from the previous run" not in (out / "run.log").read_text()
+
+
+def test_sweep_over_checkpoints(tmp_path):
+    model = lnk.models.CTRNN(4, 1, seed=0)
+    paths = []
+    for i, scale in enumerate((0.5, 1.0)):
+        state = {k: v * scale if k == "W" else v for k, v in model.state_dict().items()}
+        paths.append(tmp_path / f"ck{i}.pt")
+        torch.save(state, paths[-1])
+    out = tmp_path / "ck"
+    run(["sweep", *TINY_SWEEP, "--checkpoints", str(paths[0]), "--checkpoints", str(paths[1]),
+         "--quiet", "--out", str(out)])
+    sweep = lnk.load_result(out / "results" / "sweep")
+    assert sweep.param == "checkpoints" and sweep.labels == ["ck0.pt", "ck1.pt"]
+    assert sweep.branch is None
+
+
+def test_user_factory_and_inputs_file(tmp_path):
+    (tmp_path / "mymodel.py").write_text(
+        "import lanczos_ntk as lnk\n"
+        "def build(n=3):\n    return lnk.models.DiscreteRNN(n, 2, seed=1)\n")
+    u = np.random.default_rng(0).normal(size=(2, 5, 2))
+    np.savez(tmp_path / "u.npz", inputs=u)
+    out = tmp_path / "user"
+    run(["spectrum", "--model", f"{tmp_path / 'mymodel.py'}:build", "--set", "model.kwargs.n=3",
+         "--inputs", str(tmp_path / "u.npz"), *SPEC_TINY, "--quiet", "--out", str(out)])
+    assert json.loads((out / "summary.json").read_text())["dimension_M"] == 2 * 5 * 3
+    torch.save(torch.as_tensor(u), tmp_path / "u.pt")
+    run(["density", "--model", f"{tmp_path / 'mymodel.py'}:build", "--inputs", str(tmp_path / "u.pt"),
+         *SPEC_TINY, "--quiet", "--out", str(tmp_path / "user2")])
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("case", ["unknown_key", "missing_inputs", "wrong_shape", "bad_model",
+                                  "bad_type", "bad_set", "missing_checkpoint", "unknown_param"])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
+    out = tmp_path / "run"
+    args = ["spectrum", *TINY]
+    if case == "unknown_key":
+        (tmp_path / "c.toml").write_text("[model]\nstate_sise = 4\n")
+        args += ["--config", str(tmp_path / "c.toml")]
+        needle = "state_sise"
+    elif case == "missing_inputs":
+        args += ["--inputs", str(tmp_path / "nope.pt")]
+        needle = "nope.pt"
+    elif case == "wrong_shape":
+        torch.save(torch.zeros(2, 5, 3, dtype=torch.float64), tmp_path / "u.pt")
+        args += ["--inputs", str(tmp_path / "u.pt")]
+        needle = "shape"
+    elif case == "bad_model":
+        args += ["--model", "no_such_package_xyz.mod:factory"]
+        needle = "no_such_package_xyz"
+    elif case == "bad_type":
+        args += ["--set", "spectrum.k=many"]
+        needle = "spectrum.k"
+    elif case == "bad_set":
+        args += ["--set", "nonsense"]
+        needle = "KEY=VALUE"
+    elif case == "missing_checkpoint":
+        args = ["sweep", *TINY_SWEEP, "--checkpoints", str(tmp_path / "gone.pt")]
+        needle = "gone.pt"
+    else:
+        args = ["sweep", *TINY_SWEEP, "--param", "lambda"]
+        needle = "lambda"
+    res = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and needle in lines[0], res.output
+    assert not out.exists()
+
+
+def test_warnings_go_to_the_log(tmp_path, monkeypatch):
+    import warnings
+
+    import lanczos_ntk.cli._sweep as sweep_module
+
+    real = sweep_module.spectral_summary
+
+    def noisy(*args, **kwargs):
+        warnings.warn("loss of orthogonality (test)", UserWarning, stacklevel=1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "spectral_summary", noisy)
+    out = tmp_path / "sw"
+    res = run(["sweep", *TINY_SWEEP, "--set", "dynamics.continuation=false", "--out", str(out)])
+    assert "warning(s) during the run" in res.output
+    assert "warning (3x) UserWarning: loss of orthogonality (test)" in (out / "run.log").read_text()
+
+
+def test_non_run_folder_is_not_overwritten(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    res = CliRunner().invoke(main, ["spectrum", *TINY, "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "not a run folder" in res.output
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+# ------------------------------------------------------------------------------- config
+def test_config_round_trip_and_overrides(tmp_path):
+    cfg = defaults_for("sweep")
+    cfg = merge_config(cfg, parse_overrides(["model.gain=1.5", "sweep.values=[1, 2.5]",
+                                             "model.name=pkg.mod:f", "model.kwargs.width=3"]))
+    assert cfg["model"]["gain"] == 1.5 and cfg["sweep"]["values"] == [1, 2.5]
+    assert cfg["model"]["kwargs"] == {"width": 3}
+    (tmp_path / "c.toml").write_text(dump_toml(cfg))
+    assert load_config(tmp_path / "c.toml") == cfg
+    assert merge_config(defaults_for("sweep"), load_config(tmp_path / "c.toml")) == cfg
+    with pytest.raises(ConfigError, match="unknown configuration key 'model.bogus'"):
+        merge_config(cfg, {"model": {"bogus": 1}})
+
+
+def test_example_experiments_are_valid():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "experiments"
+    mine = ("demo", "spectrum", "density", "sweep", "bifurcate")
+    files = sorted(f for f in folder.glob("*.toml") if f.stem in mine)
+    assert {f.stem for f in files} == set(mine)
+    for f in files:
+        merge_config(defaults_for(f.stem), load_config(f))

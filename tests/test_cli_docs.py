@@ -1,0 +1,26 @@
+"""The documentation's code runs: the quick start's snippets, in order, in one namespace."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_quickstart_snippets_run(tmp_path, monkeypatch):
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    monkeypatch.chdir(tmp_path)
+    text = (DOCS / "quickstart.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 4
+    namespace: dict = {"print": lambda *a, **k: None}
+    for block in blocks:
+        exec(compile(block, "quickstart.md", "exec"), namespace)
+    assert namespace["top"].eigenvalues.shape == (5,)
+    assert {b.kind for b in namespace["branch"].bifurcations}
+    plt.close("all")
