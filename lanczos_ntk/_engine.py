@@ -164,22 +164,14 @@ class JacobianEngine:
         if self.jvp_mode == "structured":
             return self._structured(i).vjp(V)
         g = self._graph(i)
-        names = list(g["p"])
-        with torch.enable_grad():
-            try:
-                grads = torch.autograd.grad(g["out"], [g["p"][n] for n in names], V,
-                                            retain_graph=True, is_grads_batched=True,
-                                            allow_unused=True)
-            except RuntimeError:
-                cols = [torch.autograd.grad(g["out"], [g["p"][n] for n in names], v,
-                                            retain_graph=True, allow_unused=True) for v in V]
-                grads = [torch.stack([c[j] if c[j] is not None else torch.zeros_like(g["p"][n])
-                                      for c in cols]) if cols[0][j] is not None else None
-                         for j, n in enumerate(names)]
+        p = g["p"]
+        with torch.enable_grad():  # all k cotangents share one (vmapped) reverse pass
+            grads = torch.autograd.grad(g["out"], list(p.values()), V, retain_graph=True,
+                                        is_grads_batched=True, allow_unused=True)
         k = V.shape[0]
-        full = {n: (gr if gr is not None else torch.zeros(k, *g["p"][n].shape, dtype=self.dtype,
-                                                          device=self.device))
-                for n, gr in zip(names, grads)}
+        full = {n: (gr.reshape(k, *p[n].shape) if gr is not None else
+                    torch.zeros(k, *p[n].shape, dtype=self.dtype, device=self.device))
+                for n, gr in zip(p, grads)}
         return self.spec.flatten(full, batch_dims=1)
 
     def jvp_chunk(self, i: int, X: torch.Tensor) -> torch.Tensor:

@@ -245,3 +245,47 @@ def test_non_finite_states_name_trial_and_step():
     u[1] = -40.0  # trial 1 is driven to -infinity
     with pytest.raises(ValueError, match=r"trial 1, time step \d+"):
         lnk.StateNTK(model, u)
+
+
+class _OpaqueTanh(torch.autograd.Function):
+    """tanh as a custom kernel with a backward only (no forward-mode rule)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class OpaqueRNN(nn.Module):
+    """h_{t+1} = tanh(W h_t + U u_t) with tanh as an opaque kernel (or torch.tanh as reference)."""
+
+    def __init__(self, opaque=True):
+        super().__init__()
+        g = gen(9)
+        self.W = nn.Parameter(0.5 * torch.randn(3, 3, generator=g, dtype=F64))
+        self.U = nn.Parameter(torch.randn(3, 2, generator=g, dtype=F64))
+        self.act = _OpaqueTanh.apply if opaque else torch.tanh
+
+    def forward(self, u):
+        h = torch.zeros(u.shape[0], 3, dtype=u.dtype)
+        out = []
+        for t in range(u.shape[1]):
+            h = self.act(h @ self.W.T + u[:, t] @ self.U.T)
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+def test_kernels_without_forward_mode_fall_back_to_double_vjp():
+    u = inputs()
+    K = lnk.StateNTK(OpaqueRNN(opaque=True), u)
+    assert K.engine.jvp_mode == "double_vjp"  # forward mode is missing: VJP of a VJP
+    ref = dense_ntk(OpaqueRNN(opaque=False), u)  # same function through torch.tanh
+    V = torch.randn(K.shape[0], 3, generator=gen(7), dtype=F64)
+    assert torch.linalg.norm(K.matmul(V) - ref @ V) <= 1e-10 * torch.linalg.norm(ref @ V)
+    assert_operator_close(K.dual(), dense_gram(OpaqueRNN(opaque=False), u))
