@@ -20,7 +20,11 @@ which for long trials tends to ``B T ‖v‖² ‖g‖² / |λ_c|²`` (flows). A
 critical eigenvalue vanishes like ``|μ − μ_c|^{1/2}`` at a fold and like ``|μ − μ_c|`` at a
 branch point or Hopf point (Kuznetsov ch. 3), so the channel grows like ``|μ − μ_c|^{-1}``
 (fold) and ``|μ − μ_c|^{-2}`` (branch point, Hopf, and their map analogues except the flip,
-whose alternating response does not accumulate: ``|1 − m| → 2``).
+whose alternating response does not accumulate: ``|1 − m| → 2``), each times ``‖g‖²``
+along the branch. At Hopf, Neimark–Sacker and flip points the static response stays bounded;
+there the kernel collapses through the *transient* channel along ``d = ∂λ_c/∂θ``, which
+grows like ``δ⁻³`` (``δ = 1 − |m|``) for trials that start off the fixed point. The
+documentation page "Channel scaling" derives both laws.
 """
 
 from __future__ import annotations
@@ -58,9 +62,13 @@ class CriticalDirection(Result):
         The critical eigenvalue ``λ_c`` of ``∂f/∂x`` (flow) or multiplier (map).
     v, w : Tensor ``[n]`` (complex)
         Right and left eigenvectors, ``‖v‖ = 1``, ``wᴴ v = 1``.
+    d : Tensor ``[P, r]``
+        Eigenvalue sensitivity ``∂λ_c/∂θ = wᴴ (∂A/∂θ) v`` at fixed ``x`` (real part, and the
+        imaginary part for a complex mode): the direction that moves the critical eigenvalue.
     """
 
     g: torch.Tensor
+    d: torch.Tensor
     eigenvalue: complex
     v: torch.Tensor
     w: torch.Tensor
@@ -131,7 +139,17 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
     _, pull = torch.func.vjp(lambda q: f(q, x), p)
     cols = [w.real] if abs(lam_c.imag) <= 1e-12 * max(1.0, abs(lam_c)) else [w.real, w.imag]
     g = torch.stack([spec.flatten(pull(c.to(x.dtype))[0]) for c in cols], dim=1)
-    return CriticalDirection(g=g, eigenvalue=lam_c, v=v, w=w, x=x.detach().clone(), kind=kind,
+
+    def pairing(q):  # wᴴ A(θ) v, real and imaginary parts, with A v by forward mode
+        Av_re = torch.func.jvp(lambda xx: f(q, xx), (x,), (v.real.to(x.dtype),))[1]
+        Av_im = torch.func.jvp(lambda xx: f(q, xx), (x,), (v.imag.to(x.dtype),))[1]
+        wr, wi = w.real.to(x.dtype), w.imag.to(x.dtype)
+        return torch.stack([wr @ Av_re + wi @ Av_im, wr @ Av_im - wi @ Av_re])
+
+    sens = torch.func.jacrev(pairing)(p)
+    d = torch.stack([spec.flatten({n: t[j] for n, t in sens.items()}) for j in range(len(cols))],
+                    dim=1)
+    return CriticalDirection(g=g, d=d, eigenvalue=lam_c, v=v, w=w, x=x.detach().clone(), kind=kind,
                              param_names=spec.names)
 
 

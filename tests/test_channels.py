@@ -82,16 +82,6 @@ def _channel_size(model, x, T, B=1):
     return float(torch.linalg.eigvalsh(JQ.T @ JQ).max()), d
 
 
-def test_fold_exponent_is_minus_one():
-    mus = [0.01, 0.02, 0.04, 0.08]
-    sizes = []
-    for mu in mus:
-        m = models.ContinuousNormalForm("saddle_node", mu=mu, dt=0.25)
-        sizes.append(_channel_size(m, torch.tensor([math.sqrt(mu)], dtype=F64), T=2000)[0])
-    a, se = channels.fit_power_law(mus, sizes)
-    assert abs(a + 1) < 0.05, (a, se)
-
-
 def test_branch_point_exponent_is_minus_two_for_a_ctrnn():
     base = models.CTRNN(6, 1, gain=1.0, dt=0.2, seed=3)
     W0 = base.W.detach().clone()
@@ -149,3 +139,72 @@ def test_channel_report_against_dense(tmp_path):
     assert r.amplification > 5 and r.alignment > 0.99  # close to the branch point: collapsed
     path = r.save(tmp_path / "report")
     assert channels.ChannelReport.load(path) == r
+
+
+def _sqrt(mu):
+    return torch.tensor([math.sqrt(mu)], dtype=F64)
+
+
+def _zero(n):
+    return lambda mu: torch.zeros(n, dtype=F64)
+
+
+def _kick(*x):
+    return lambda mu, xstar: torch.tensor(x, dtype=F64)
+
+
+def _at_fixed_point(mu, xstar):
+    return xstar
+
+
+# (model(mu), fixed point(mu), initial state, mus, channel, predicted exponent in δ = 1 - |m|)
+# static channel g (trials start at x*): λ ∝ ‖g‖² / δ², with ‖g‖² ∝ δ^0 (fold), δ (pitchfork,
+# upper branch), δ² (transcritical, upper branch); transient channel d = ∂λ_c/∂θ (trials start
+# off x* along the critical mode): λ ∝ Σ t² |m|^{2t} ∝ δ^-3 for every type.
+SCALING = {
+    "fold flow": (lambda mu: models.ContinuousNormalForm("saddle_node", mu=mu, dt=0.25), _sqrt,
+                  _at_fixed_point, [0.04, 0.08, 0.16, 0.32], "g", -2.0),
+    "fold map": (lambda mu: models.DiscreteNormalForm("saddle_node", mu=mu), _sqrt,
+                 _at_fixed_point, [0.0025, 0.005, 0.01, 0.02], "g", -2.0),
+    "pitchfork flow": (lambda mu: models.ContinuousNormalForm("pitchfork", mu=mu, dt=0.25), _sqrt,
+                       _at_fixed_point, [0.1, 0.2, 0.4, 0.8], "g", -1.0),
+    "pitchfork map": (lambda mu: models.DiscreteNormalForm("pitchfork", mu=mu), _sqrt,
+                      _at_fixed_point, [0.025, 0.05, 0.1, 0.2], "g", -1.0),
+    "transcritical flow": (lambda mu: models.ContinuousNormalForm("transcritical", mu=mu, dt=0.25),
+                           lambda mu: torch.tensor([mu], dtype=F64), _at_fixed_point,
+                           [0.2, 0.4, 0.8, 1.6], "g", 0.0),
+    "hopf flow": (lambda mu: models.ContinuousNormalForm("hopf", mu=mu, dt=0.1), _zero(2),
+                  _kick(0.02, 0.0), [-0.45, -0.65, -0.95, -1.4], "d", -3.0),
+    "neimark-sacker map": (lambda mu: models.DiscreteNormalForm("neimark_sacker", mu=mu), _zero(2),
+                           _kick(0.02, 0.0), [-0.04, -0.06, -0.09, -0.14], "d", -3.0),
+    "flip map": (lambda mu: models.DiscreteNormalForm("flip", mu=mu), _zero(1), _kick(0.02),
+                 [-0.04, -0.06, -0.09, -0.14], "d", -3.0),
+    "pitchfork flow, trivial branch": (
+        lambda mu: models.ContinuousNormalForm("pitchfork", mu=mu, dt=0.25), _zero(1), _kick(0.02),
+        [-0.16, -0.24, -0.36, -0.54], "d", -3.0),
+}
+
+
+def fit_case(case):
+    """Fitted exponent (and its standard error) of the top sNTK eigenvalue against δ."""
+    make, x_of, h0_of, mus, channel, _ = SCALING[case]
+    dists, sizes = [], []
+    for mu in mus:
+        m = make(mu)
+        x = x_of(mu)
+        d = channels.critical_direction(m, x)
+        mult = abs(1 + m.dt * d.eigenvalue) if m.kind == "flow" else abs(d.eigenvalue)
+        dists.append(1 - mult)
+        u = torch.zeros(1, 800, m.input_size, dtype=F64)
+        K = lnk.StateNTK(m, u, h0=h0_of(mu, x)[None].clone())
+        ev, vec = torch.linalg.eigh(dense_operator(K.dual()))
+        sizes.append(float(ev[-1]))
+        Q, _ = torch.linalg.qr(d.g if channel == "g" else d.d)
+        assert float((Q.T @ vec[:, -1]).norm()) > 1 - 1e-8  # the top direction is the channel
+    return channels.fit_power_law(dists, sizes)
+
+
+@pytest.mark.parametrize("case", list(SCALING))
+def test_channel_scaling_exponents_on_normal_forms(case):
+    a, se = fit_case(case)
+    assert abs(a - SCALING[case][-1]) < 0.15, (a, se)
