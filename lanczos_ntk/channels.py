@@ -16,14 +16,13 @@ map. Hence ``c_t = s (1 − m^t)/(1 − m) · gᴴ δθ`` and, for one direction
 
     λ(K_bif) ≈ B ‖v‖² ‖g‖² Σ_{t=1..T} |s (1 − m^t)/(1 − m)|²,
 
-which for long trials tends to ``B T ‖v‖² ‖g‖² / |λ_c|²`` (flows). Along a branch the
-critical eigenvalue vanishes like ``|μ − μ_c|^{1/2}`` at a fold and like ``|μ − μ_c|`` at a
-branch point or Hopf point (Kuznetsov ch. 3), so the channel grows like ``|μ − μ_c|^{-1}``
-(fold) and ``|μ − μ_c|^{-2}`` (branch point, Hopf, and their map analogues except the flip,
-whose alternating response does not accumulate: ``|1 − m| → 2``), each times ``‖g‖²``
-along the branch. At Hopf, Neimark–Sacker and flip points the static response stays bounded;
-there the kernel collapses through the *transient* channel along ``d = ∂λ_c/∂θ``, which
-grows like ``δ⁻³`` (``δ = 1 − |m|``) for trials that start off the fixed point. The
+which for long trials tends to ``B T s² ‖v‖² ‖g‖² / |1 − m|²``. It diverges only when
+``m → 1``: at a fold (``1 − m ∝ |μ − μ_c|^{1/2}``, channel ``∝ |μ − μ_c|^{-1}``) and at a
+branch point (``1 − m ∝ |μ − μ_c|``, channel ``∝ |μ − μ_c|^{-2}``), each times how ``‖g‖²``
+behaves along the branch (Kuznetsov ch. 3). At Hopf, Neimark–Sacker and flip points
+``|1 − m|`` stays finite and the static channel bounded; there the kernel collapses through
+the *transient* channel along ``d = ∂λ_c/∂θ``, which grows like ``δ⁻³`` (``δ = 1 − |m|``)
+for trials that start off the fixed point. The
 documentation page "Channel scaling" derives both laws.
 """
 
