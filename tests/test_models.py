@@ -72,7 +72,8 @@ def test_result_roundtrip(tmp_path):
     """Tensors (real and complex), complex scalars, tuples and nested values survive save/load."""
     from lanczos_ntk.channels import CriticalDirection
 
-    r = CriticalDirection(g=torch.randn(5, 2, dtype=torch.float64), eigenvalue=complex(-0.1, 2.0),
+    r = CriticalDirection(g=torch.randn(5, 2, dtype=torch.float64), d=torch.randn(5, 2, dtype=torch.float64),
+                          eigenvalue=complex(-0.1, 2.0),
                           v=torch.randn(3, dtype=torch.complex128),
                           w=torch.randn(3, dtype=torch.complex128), x=torch.zeros(3),
                           kind="flow", param_names=("W", "b"))
