@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--block", type=int, default=10)
     ap.add_argument("--jvp", default="auto")
+    ap.add_argument("--chunk-size", type=int, default=None, help="trials per chunk")
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     ap.add_argument("--peak-of", choices=["train", "K", "G"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -56,7 +57,7 @@ def main():
 
     t_train = median_time(train_step, args.repeats)
     t0 = time.perf_counter()
-    K = lnk.StateNTK(model, u, jvp=args.jvp)
+    K = lnk.StateNTK(model, u, jvp=args.jvp, chunk_size=args.chunk_size)
     G = K.dual()
     v = torch.randn(K.shape[0], generator=g, dtype=dtype)
     x = torch.randn(G.shape[0], generator=g, dtype=dtype)
@@ -71,7 +72,7 @@ def main():
         f"G block of {args.block}, per vector": median_time(lambda: G.mv(X), args.repeats) / args.block,
     }
     print(f"CTRNN n={args.n} T={args.T} B={args.B} {args.dtype}: M={K.shape[0]:,} P={G.shape[0]:,} "
-          f"jvp={K.engine.jvp_mode} threads={torch.get_num_threads()}")
+          f"jvp={K.engine.jvp_mode} chunks={len(K.engine.chunks)} threads={torch.get_num_threads()}")
     print(f"training step: {t_train * 1e3:.2f} ms (unit)")
     print(f"operator set-up incl. first matvec: {t_setup / t_train:.2f} training steps")
     for name, t in rows.items():
@@ -82,7 +83,8 @@ def main():
     for what in ("train", "K", "G"):
         out = subprocess.run([sys.executable, __file__, "--peak-of", what, "--dtype", args.dtype,
                               "--n", str(args.n), "--T", str(args.T), "--B", str(args.B),
-                              "--inputs", str(args.inputs), "--jvp", args.jvp],
+                              "--inputs", str(args.inputs), "--jvp", args.jvp]
+                             + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else []),
                              capture_output=True, text=True, check=True)
         peaks[what] = float(out.stdout.split()[-1])
     print(f"peak memory above the model and data (peak-RSS growth, separate processes): "
@@ -103,7 +105,7 @@ def peak_of(args):
         h = model(u)
         torch.nn.functional.mse_loss(h, torch.zeros_like(h)).backward()
     else:
-        K = lnk.StateNTK(model, u, jvp=args.jvp)
+        K = lnk.StateNTK(model, u, jvp=args.jvp, chunk_size=args.chunk_size)
         op = K if args.peak_of == "K" else K.dual()
         op.mv(torch.randn(op.shape[0], generator=g, dtype=dtype))
     print((_hwm() - base) / 1024)

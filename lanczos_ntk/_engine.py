@@ -59,8 +59,12 @@ class JacobianEngine:
         self.chunk_size = int(chunk_size)
         self.chunks = [slice(s, min(s + self.chunk_size, self.batch))
                        for s in range(0, self.batch, self.chunk_size)]
-        self.cache = (len(self.chunks) == 1) if cache is None else bool(cache)
         self.jvp_mode = self._choose_jvp(jvp)
+        # a structured linearisation is three M-sized arrays: keep every chunk's; an autograd
+        # graph is a whole forward's activations: keep it only when there is a single chunk
+        if cache is None:
+            cache = len(self.chunks) == 1 or self.jvp_mode == "structured"
+        self.cache = bool(cache)
         self._lin: dict[int, object] = {}
         self.num_vjp_vectors = 0
         self.num_jvp_vectors = 0

@@ -135,7 +135,9 @@ class StateNTK(_JacobianProductOperator):
         (CTRNN, DiscreteRNN). ``"auto"`` takes the structured path where it exists, then
         forward mode where it works.
     cache : bool, optional
-        Keep each chunk's linearisation between products (default: when there is one chunk).
+        Keep each chunk's linearisation between products. Default: always for the structured
+        path (three ``M``-sized arrays in all), otherwise only when there is one chunk (an
+        autograd graph holds a whole forward's activations).
 
     Examples
     --------
