@@ -331,3 +331,32 @@ def test_no_warnings_on_regular_problems():
         warnings.simplefilter("error")
         thick_restart_lanczos(mm(A), 120, 3, generator=gen())
         lanczos_quadrature(mm(A), 120, 4, 20, generator=gen())
+
+
+def test_matvec_that_returns_its_input_leaves_the_basis_intact():
+    from lanczos_ntk.linalg import lanczos
+
+    v0 = torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    dec = lanczos(lambda X: X, v0, 5)  # the identity, returning the very tensor it was given
+    Q = dec.basis
+    assert torch.allclose(Q.T @ Q, torch.eye(Q.shape[1], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(dec.alpha[:1], torch.ones(1, dtype=torch.float64))
+
+
+def test_non_finite_operators_raise():
+    import pytest
+
+    import lanczos_ntk as lnk
+    from lanczos_ntk.linalg import lanczos
+
+    A = torch.eye(20, dtype=torch.float64)
+
+    def bad(X):
+        Y = A @ X
+        Y[0] = float("nan")
+        return Y
+
+    with pytest.raises(ValueError, match="non-finite"):
+        lanczos(bad, torch.ones(20, dtype=torch.float64), 4)
+    with pytest.raises(ValueError, match="non-finite"):
+        lnk.slq((bad, 20), num_probes=2, num_steps=4, generator=torch.Generator().manual_seed(0))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -29,7 +28,8 @@ def as_work(mv: Matmul, dtype: torch.dtype, device: torch.device | str) -> Matmu
     """Wrap ``mv`` so it takes and returns float64 on ``device``, calling it in ``dtype``."""
 
     def work(X: torch.Tensor) -> torch.Tensor:
-        Y = mv(X.to(dtype=dtype, device=device))
+        # a copy: the caller's basis must survive a matvec that returns or edits its input
+        Y = mv(X.to(dtype=dtype, device=device, copy=True))
         if not isinstance(Y, torch.Tensor):
             raise TypeError(f"the matvec returned {type(Y).__name__}, expected a torch.Tensor")
         if Y.shape != X.shape:
@@ -62,8 +62,3 @@ def default_generator(generator: torch.Generator | None) -> torch.Generator:
 def breakdown_tol(n: int, eps: float, anorm: float) -> float:
     """Threshold below which a new Lanczos direction is rounding noise: ``10 sqrt(n) eps ||A||``."""
     return 10.0 * math.sqrt(max(n, 1)) * eps * anorm
-
-
-def warn_nonfinite(where: str) -> None:
-    warnings.warn(f"{where}: the operator returned non-finite values; stopping early",
-                  NumericalWarning, stacklevel=3)

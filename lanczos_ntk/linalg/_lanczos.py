@@ -97,14 +97,15 @@ class KrylovState:
         """A unit random vector orthogonal to ``Q[:, :cols]`` and ``extra`` (or None: no room)."""
         if cols + extra.shape[1] >= self.n:
             return None
-        x = random_block(self.n, 1, self.generator, self.device)[:, 0]
         basis = torch.cat([self.Q[:, :cols], extra], dim=1)
-        for _ in range(2):
-            x -= basis @ (basis.T @ x)
-        nrm = torch.linalg.vector_norm(x)
-        if not torch.isfinite(nrm) or nrm <= 1e-8:
-            return None
-        return x / nrm
+        for _ in range(3):  # a draw can (rarely) lie in the span already: draw again
+            x = random_block(self.n, 1, self.generator, self.device)[:, 0]
+            for _ in range(2):
+                x -= basis @ (basis.T @ x)
+            nrm = torch.linalg.vector_norm(x)
+            if torch.isfinite(nrm) and nrm > 1e-8:
+                return x / nrm
+        return None
 
     def orthonormal_block(self, W: torch.Tensor, cols: int, tol: float
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,6 +241,9 @@ def lanczos(matmul: Matmul, v0: torch.Tensor, num_steps: int, *,
     state.start(V0)
     for _ in range(steps):
         state.step()
+        if state.nonfinite:
+            raise ValueError(f"the operator returned non-finite values after {state.num_matvecs} "
+                             "products; check the model's states for overflow (NaN or inf)")
     m = state.c
     T = state.T[:m, :m].clone()
     B = state.T[m : m + b, m - b : m]

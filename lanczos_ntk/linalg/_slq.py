@@ -90,7 +90,9 @@ def lanczos_quadrature(
         if basis is not None:
             basis[j] = V
         W = work(V)
-        W = torch.where(torch.isfinite(W), W, torch.zeros_like(W))
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError(f"the operator returned non-finite values at Lanczos step {j}; "
+                             "check the model's states for overflow (NaN or inf)")
         if j > 0:
             W -= V_prev * beta[:, j - 1]
         a = (V * W).sum(dim=0)
