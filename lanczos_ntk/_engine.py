@@ -34,15 +34,17 @@ class JacobianEngine:
                  outputs: str | Callable = "states", params: Sequence[str] | None = None,
                  chunk_size: int | None = None, jvp: str = "auto", cache: bool | None = None):
         self.fn = ModelFunction(model, outputs)
-        self.params = resolve_params(model, params)
+        # a snapshot: the operator stays the kernel at these parameters even if the model
+        # is trained on afterwards (everything not differentiated is a constant of it)
+        self.params = {n: t.clone() for n, t in resolve_params(model, params).items()}
+        self.constants = {n: t.detach().clone() for n, t in
+                          [*model.named_parameters(), *model.named_buffers()]
+                          if n not in self.params}
         self.spec = ParamSpec(tuple(self.params), tuple(p.shape for p in self.params.values()))
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
-        if isinstance(model, StateSpaceModel):
-            check_inputs(inputs, model.input_size)
-        else:
-            check_inputs(inputs, inputs.shape[-1] if isinstance(inputs, torch.Tensor)
-                         and inputs.dim() == 3 else -1)
+        check_inputs(inputs, getattr(model, "input_size", None)
+                     if isinstance(model, (StateSpaceModel, nn.RNN, nn.GRU, nn.LSTM)) else None)
         self.inputs = inputs
         self.h0 = h0
         self.batch, self.steps = int(inputs.shape[0]), int(inputs.shape[1])
@@ -80,6 +82,10 @@ class JacobianEngine:
     def P(self) -> int:
         return self.spec.numel
 
+    def call(self, params: dict[str, torch.Tensor], u, h0) -> torch.Tensor:
+        """Outputs at ``params`` (differentiated) and the snapshot of everything else."""
+        return self.fn({**self.constants, **params}, u, h0)
+
     # -- inputs --------------------------------------------------------------------------------
     def _check_h0(self, h0) -> None:
         tensors = h0 if isinstance(h0, tuple) else (h0,)
@@ -106,7 +112,7 @@ class JacobianEngine:
             for s in range(0, self.batch, step):
                 sl = slice(s, min(s + step, self.batch))
                 u, h0 = self.chunk_inputs(sl)
-                out = self.fn(self.params, u, h0)
+                out = self.call(self.params, u, h0)
                 if not isinstance(out, torch.Tensor) or out.dim() != 3 \
                         or out.shape[:2] != u.shape[:2]:
                     raise ValueError(f"expected {type(model).__name__} outputs of shape "
@@ -124,9 +130,12 @@ class JacobianEngine:
 
     def _choose_jvp(self, jvp: str) -> str:
         structured = getattr(self.fn.model, "_structured_jacobian", None)
-        if jvp == "structured" and structured is None:
+        if jvp == "structured" and (structured is None or structured(self) is None):
             raise ValueError(f"jvp='structured' needs a model with a structured Jacobian "
-                             f"(CTRNN, DiscreteRNN); got {type(self.fn.model).__name__}")
+                             f"(CTRNN, DiscreteRNN, not subclassed); got {type(self.fn.model).__name__}")
+        if jvp == "structured" and self.fn.outputs != "states":
+            raise ValueError("jvp='structured' covers outputs='states' only; use jvp='auto' "
+                             "for readouts and callables")
         if jvp != "auto":
             return jvp
         if structured is not None and self.fn.outputs == "states" and structured(self) is not None:
@@ -135,7 +144,7 @@ class JacobianEngine:
         u = u[:, : min(2, self.steps)]
         try:
             tangents = {k: torch.zeros_like(v) for k, v in self.params.items()}
-            torch.func.jvp(lambda p: self.fn(p, u, h0), (self.params,), (tangents,))
+            torch.func.jvp(lambda p: self.call(p, u, h0), (self.params,), (tangents,))
         except (RuntimeError, NotImplementedError):
             return "double_vjp"
         return "forward"
@@ -148,7 +157,7 @@ class JacobianEngine:
         u, h0 = self.chunk_inputs(self.chunks[i])
         p = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
         with torch.enable_grad():
-            out = self.fn(p, u, h0)
+            out = self.call(p, u, h0)
         graph = {"p": p, "out": out, "u": u, "h0": h0}
         if self.cache:
             self._lin[i] = graph
@@ -158,7 +167,8 @@ class JacobianEngine:
         if i in self._lin:
             return self._lin[i]
         u, h0 = self.chunk_inputs(self.chunks[i])
-        lin = self.fn.model._structured_jacobian(self).linearize(self.params, u, h0)
+        lin = self.fn.model._structured_jacobian(self).linearize({**self.constants, **self.params},
+                                                                  u, h0)
         if self.cache:
             self._lin[i] = lin
         return lin
@@ -187,7 +197,7 @@ class JacobianEngine:
             u, h0 = self.chunk_inputs(self.chunks[i])
 
             def one(t):
-                return torch.func.jvp(lambda p: self.fn(p, u, h0), (self.params,), (t,))[1]
+                return torch.func.jvp(lambda p: self.call(p, u, h0), (self.params,), (t,))[1]
 
             if X.shape[0] == 1:
                 return one({n: t[0] for n, t in tangents.items()}).unsqueeze(0)

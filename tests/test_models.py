@@ -100,3 +100,17 @@ def test_atomic_write_leaves_ordinary_permissions(tmp_path):
     os.umask(umask)
     assert (os.stat(tmp_path / "a.txt").st_mode & 0o777) == (0o666 & ~umask)
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary left behind
+
+
+def test_readout_is_seeded_and_does_not_change_the_other_weights():
+    torch.manual_seed(1)
+    a = models.CTRNN(4, 1, seed=0, readout_size=2)
+    torch.manual_seed(2)
+    state = torch.random.get_rng_state()
+    b = models.CTRNN(4, 1, seed=0, readout_size=2)
+    assert torch.equal(torch.random.get_rng_state(), state)  # global generator untouched
+    assert torch.equal(a.readout.weight, b.readout.weight)
+    assert torch.equal(a.W, models.CTRNN(4, 1, seed=0).W)
+    assert a.readout.weight.dtype == torch.float64
+    bound = 1 / 2.0
+    assert float(a.readout.weight.detach().abs().max()) <= bound

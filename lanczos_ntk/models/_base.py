@@ -8,18 +8,21 @@ from torch import nn
 __all__ = ["StateSpaceModel", "check_inputs"]
 
 
-def check_inputs(u: torch.Tensor, input_size: int, name: str = "inputs") -> None:
-    """Raise a clear error unless ``u`` is a floating tensor ``[B, T, input_size]``."""
+def check_inputs(u: torch.Tensor, input_size: int | None, name: str = "inputs") -> None:
+    """Raise a clear error unless ``u`` is a floating tensor ``[B, T, input_size]``.
+
+    ``input_size=None`` accepts any number of features.
+    """
+    d = "d_in" if input_size is None else input_size
     if not isinstance(u, torch.Tensor):
-        raise TypeError(f"expected {name} as a torch.Tensor [B, T, {input_size}], "
-                        f"got {type(u).__name__}")
+        raise TypeError(f"expected {name} as a torch.Tensor [B, T, {d}], got {type(u).__name__}")
     if not torch.is_floating_point(u):
         raise TypeError(f"expected floating-point {name}, got dtype {u.dtype}; "
                         "convert with .double() or .float()")
     if u.dim() != 3:
-        raise ValueError(f"expected {name} of shape [B, T, {input_size}] (rank 3), "
+        raise ValueError(f"expected {name} of shape [B, T, {d}] (rank 3), "
                          f"got shape {tuple(u.shape)}")
-    if u.shape[-1] != input_size:
+    if input_size is not None and u.shape[-1] != input_size:
         raise ValueError(f"expected {name} with {input_size} features in the last dimension, "
                          f"got shape {tuple(u.shape)}")
     if u.shape[0] == 0 or u.shape[1] == 0:
@@ -47,7 +50,7 @@ class StateSpaceModel(nn.Module):
     kind: str = "map"
     dt: float = 1.0
 
-    def __init__(self, state_size: int, input_size: int, readout_size: int | None = None):
+    def __init__(self, state_size: int, input_size: int):
         super().__init__()
         if int(state_size) < 1 or int(input_size) < 0:
             raise ValueError(f"expected state_size >= 1 and input_size >= 0, "
@@ -55,8 +58,19 @@ class StateSpaceModel(nn.Module):
         self.state_size = int(state_size)
         self.input_size = int(input_size)
         self.readout: nn.Linear | None = None
-        if readout_size is not None:
-            self.readout = nn.Linear(self.state_size, int(readout_size), dtype=torch.float64)
+
+    def _make_readout(self, readout_size: int | None, generator: torch.Generator,
+                      dtype: torch.dtype) -> None:
+        """Linear readout with PyTorch's default init ``U(±1/sqrt(n))``, drawn from ``generator``
+        (called last by each model, so its other weights do not depend on the readout)."""
+        if readout_size is None:
+            return
+        self.readout = nn.utils.skip_init(nn.Linear, self.state_size, int(readout_size), dtype=dtype)
+        bound = 1.0 / self.state_size**0.5
+        with torch.no_grad():
+            for t in (self.readout.weight, self.readout.bias):
+                r = torch.rand(t.shape, generator=generator, dtype=torch.float64)
+                t.copy_((2 * r - 1) * bound)
 
     def rhs(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Vector field (flow) or next state (map) at states ``h [..., n]``, inputs ``u [..., d_in]``."""

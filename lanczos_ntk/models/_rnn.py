@@ -21,6 +21,12 @@ def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Gen
     return g
 
 
+def _plain(model, cls) -> bool:
+    """Whether ``model`` runs ``cls``'s own dynamics (a subclass may change any of them)."""
+    return all(getattr(type(model), name) is getattr(cls, name)
+               for name in ("rhs", "step", "forward", "initial_state"))
+
+
 def _gaussian(shape, scale, g, dtype) -> nn.Parameter:
     return nn.Parameter(scale * torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype))
 
@@ -57,23 +63,22 @@ class CTRNN(StateSpaceModel):
                  readout_size: int | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, input_scale: float = 1.0,
                  dtype: torch.dtype = torch.float64):
-        super().__init__(state_size, input_size, readout_size)
         g = _generator(seed, generator)
+        super().__init__(state_size, input_size)
         n, d = self.state_size, self.input_size
         self.dt = float(dt)
         self.gain = float(gain)
         self.W = _gaussian((n, n), gain / math.sqrt(n), g, dtype)
         self.B = _gaussian((n, d), input_scale / math.sqrt(max(d, 1)), g, dtype)
         self.b = nn.Parameter(torch.zeros(n, dtype=dtype))
-        if self.readout is not None:
-            self.readout.to(dtype)
+        self._make_readout(readout_size, g, dtype)
 
     def rhs(self, h, u):
         return -h + torch.tanh(h) @ self.W.T + u @ self.B.T + self.b
 
     def _structured_jacobian(self, engine):
         """Closed-form Jacobian products (see :mod:`lanczos_ntk.models._structured`)."""
-        if type(self).rhs is not CTRNN.rhs or type(self).step is not StateSpaceModel.step:
+        if not _plain(self, CTRNN):
             return None
         dt = self.dt
 
@@ -100,22 +105,21 @@ class DiscreteRNN(StateSpaceModel):
                  readout_size: int | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, input_scale: float = 1.0,
                  dtype: torch.dtype = torch.float64):
-        super().__init__(state_size, input_size, readout_size)
         g = _generator(seed, generator)
+        super().__init__(state_size, input_size)
         n, d = self.state_size, self.input_size
         self.gain = float(gain)
         self.W = _gaussian((n, n), gain / math.sqrt(n), g, dtype)
         self.U = _gaussian((n, d), input_scale / math.sqrt(max(d, 1)), g, dtype)
         self.b = nn.Parameter(torch.zeros(n, dtype=dtype))
-        if self.readout is not None:
-            self.readout.to(dtype)
+        self._make_readout(readout_size, g, dtype)
 
     def rhs(self, h, u):
         return torch.tanh(h @ self.W.T + u @ self.U.T + self.b)
 
     def _structured_jacobian(self, engine):
         """Closed-form Jacobian products (see :mod:`lanczos_ntk.models._structured`)."""
-        if type(self).rhs is not DiscreteRNN.rhs or type(self).step is not StateSpaceModel.step:
+        if not _plain(self, DiscreteRNN):
             return None
 
         def update(h, z):
@@ -141,15 +145,14 @@ class GRU(StateSpaceModel):
     def __init__(self, state_size: int, input_size: int, *, gain: float = 1.0,
                  readout_size: int | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64):
-        super().__init__(state_size, input_size, readout_size)
         g = _generator(seed, generator)
+        super().__init__(state_size, input_size)
         n, d = self.state_size, self.input_size
         self.gain = float(gain)
         self.W = _gaussian((3 * n, n), gain / math.sqrt(n), g, dtype)
         self.U = _gaussian((3 * n, d), 1.0 / math.sqrt(max(d, 1)), g, dtype)
         self.b = nn.Parameter(torch.zeros(3 * n, dtype=dtype))
-        if self.readout is not None:
-            self.readout.to(dtype)
+        self._make_readout(readout_size, g, dtype)
 
     def rhs(self, h, u):
         n = self.state_size

@@ -30,8 +30,8 @@ class DiagonalSSM(StateSpaceModel):
                  dtype: torch.dtype = torch.float64):
         if not 0.0 < r_min <= r_max < 1.0:
             raise ValueError(f"expected 0 < r_min <= r_max < 1, got {r_min}, {r_max}")
-        super().__init__(2 * int(modes), input_size, readout_size)
         g = _generator(seed, generator)
+        super().__init__(2 * int(modes), input_size)
         m, d = int(modes), self.input_size
         self.modes = m
         radius = r_min + (r_max - r_min) * torch.rand(m, generator=g, dtype=torch.float64)
@@ -41,8 +41,7 @@ class DiagonalSSM(StateSpaceModel):
         scale = 1.0 / math.sqrt(2 * max(d, 1))
         self.B_re = nn.Parameter((scale * torch.randn(m, d, generator=g, dtype=torch.float64)).to(dtype))
         self.B_im = nn.Parameter((scale * torch.randn(m, d, generator=g, dtype=torch.float64)).to(dtype))
-        if self.readout is not None:
-            self.readout.to(dtype)
+        self._make_readout(readout_size, g, dtype)
 
     def eigenvalues(self) -> torch.Tensor:
         """The diagonal transition ``λ`` (complex, shape ``[m]``)."""

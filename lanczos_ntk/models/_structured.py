@@ -24,9 +24,7 @@ class _Linearization:
         self.owner, self.spec = owner, owner.spec
         roles = owner.roles
         m = owner.model
-        W = params.get(roles["W"], getattr(m, roles["W"]).detach())
-        U = params.get(roles["U"], getattr(m, roles["U"]).detach())
-        b = params.get(roles["b"], getattr(m, roles["b"]).detach())
+        W, U, b = params[roles["W"]], params[roles["U"]], params[roles["b"]]
         self.W = W
         self.u = u
         B, T, _ = u.shape
@@ -121,4 +119,5 @@ class WeightActivityJacobian:
         self.activity, self.update, self.psi_h = activity, update, float(psi_h)
 
     def linearize(self, params, u, h0):
+        """Cache the trajectory at ``params`` (all of the model's parameters, by name)."""
         return _Linearization(self, params, u, h0)
