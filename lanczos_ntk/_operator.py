@@ -55,6 +55,24 @@ class _JacobianProductOperator(LinearOperator):
     def is_symmetric(self) -> bool:
         return True
 
+    def type(self, dtype: torch.dtype):
+        """Change of dtype is the model's: this operator computes in the model's dtype."""
+        if dtype != self.engine.dtype:
+            raise TypeError(f"this operator computes in the model's dtype {self.engine.dtype}; "
+                            f"convert the model (e.g. model.to({dtype})) and build a new one")
+        return self
+
+    def to(self, *args, **kwargs):
+        """Only no-op conversions are allowed (see :meth:`type`)."""
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.dtype) and a != self.engine.dtype:
+                return self.type(a)
+            if isinstance(a, (torch.device, str)) and torch.device(a) != torch.device(
+                    self.engine.device):
+                raise TypeError(f"this operator lives on the model's device {self.engine.device}; "
+                                "move the model and build a new operator")
+        return self
+
     # -- conveniences -----------------------------------------------------------------------
     @property
     def num_matvecs(self) -> int:

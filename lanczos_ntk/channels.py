@@ -61,6 +61,8 @@ class CriticalDirection(Result):
         The critical eigenvalue ``λ_c`` of ``∂f/∂x`` (flow) or multiplier (map).
     v, w : Tensor ``[n]`` (complex)
         Right and left eigenvectors, ``‖v‖ = 1``, ``wᴴ v = 1``.
+    dt : float
+        The model's Euler step (flows; 1 for maps), used by :func:`predicted_channel_eigenvalue`.
     d : Tensor ``[P, r]``
         Eigenvalue sensitivity ``∂λ_c/∂θ = wᴴ (∂A/∂θ) v`` at fixed ``x`` (real part, and the
         imaginary part for a complex mode): the direction that moves the critical eigenvalue.
@@ -74,6 +76,7 @@ class CriticalDirection(Result):
     x: torch.Tensor
     kind: str
     param_names: tuple[str, ...]
+    dt: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +152,7 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
     d = torch.stack([spec.flatten({n: t[j] for n, t in sens.items()}) for j in range(len(cols))],
                     dim=1)
     return CriticalDirection(g=g, d=d, eigenvalue=lam_c, v=v, w=w, x=x.detach().clone(), kind=kind,
-                             param_names=spec.names)
+                             param_names=spec.names, dt=float(getattr(model, "dt", 1.0)))
 
 
 def _rhs_with(model, q, x, u):
@@ -202,19 +205,18 @@ def split_kernel(K: StateNTK, g: torch.Tensor) -> tuple[ChannelNTK, ChannelNTK]:
         raise ValueError(f"expected parameter directions of shape [{P}] or [{P}, r], "
                          f"got {tuple(g.shape)}")
     G = G.to(dtype=K.engine.dtype, device=K.engine.device)
-    Q, R = torch.linalg.qr(G)
-    keep = R.diagonal().abs() > 1e-12 * R.diagonal().abs().max().clamp_min(1e-300)
-    if not bool(keep.any()):
+    U, S, _ = torch.linalg.svd(G, full_matrices=False)
+    if not bool(S.max() > 0):
         raise ValueError("the critical parameter direction is zero: the parameters do not move "
                          "the critical mode (e.g. a symmetric branch point with zero input)")
-    Q = Q[:, keep]
+    Q = U[:, S > 1e-12 * S.max()]  # an orthonormal basis of span(g), whatever its columns
     anchor = torch.empty(0, dtype=K.engine.dtype, device=K.engine.device)
     return (ChannelNTK(anchor, _engine=K.engine, basis=Q, part="bif"),
             ChannelNTK(anchor, _engine=K.engine, basis=Q, part="res"))
 
 
 def predicted_channel_eigenvalue(direction: CriticalDirection, *, trials: int, steps: int,
-                                 dt: float = 1.0) -> float:
+                                 dt: float | None = None) -> float:
     """Linear-response prediction of ``λ_max(K_bif)`` (module docstring), states at ``x*``.
 
     Uses the top eigenvalue of the ``r × r`` Gram of the predicted columns
@@ -222,6 +224,7 @@ def predicted_channel_eigenvalue(direction: CriticalDirection, *, trials: int, s
     under constant inputs and the non-critical modes are strongly damped.
     """
     lam = direction.eigenvalue
+    dt = direction.dt if dt is None else float(dt)
     m, s = (1 + dt * lam, dt) if direction.kind == "flow" else (lam, 1.0)
     t = torch.arange(1, steps + 1, dtype=torch.float64)
     mt = torch.tensor(m, dtype=torch.complex128) ** t
@@ -250,8 +253,8 @@ def channel_report(K: StateNTK, g: torch.Tensor, *, tol: float = 1e-8, generator
 
     ``λ_max(K_bif)`` and ``tr K_bif = ‖J Q‖²_F`` are exact from ``r`` JVPs; ``λ_max(K)`` and
     ``λ_max(K_res)`` come from :func:`lanczos_ntk.eigsh` on the smaller side; ``tr K`` is exact
-    (``P`` products on the dual) unless ``trace_method`` names an estimator of
-    :func:`lanczos_ntk.trace`. The alignment is ``‖Q_Jᵀ u₁‖`` with ``u₁`` the top eigenvector
+    (``P`` JVPs) unless ``trace_method`` names an estimator of :func:`lanczos_ntk.trace`
+    (``"hutch++"`` is cheaper for large ``P``). The alignment is ``‖Q_Jᵀ u₁‖`` with ``u₁`` the top eigenvector
     of ``K`` and ``Q_J`` an orthonormal basis of ``J g``: 1 when ``u₁ ∈ span(J g)``.
     """
     from .spectral import eigsh, trace
@@ -263,10 +266,12 @@ def channel_report(K: StateNTK, g: torch.Tensor, *, tol: float = 1e-8, generator
     small = JQ.T @ JQ
     lam_bif = float(torch.linalg.eigvalsh(small).max())
     tr_bif = float(small.trace())
-    top = eigsh(K, k=1, tol=tol, return_eigenvectors=True, generator=generator)
+    dual = engine.P < engine.M
+    top = eigsh(K.dual() if dual else K, k=1, tol=tol, return_eigenvectors=True,
+                generator=generator)
     lam_max = float(top.eigenvalues[0])
-    vec = top.eigenvectors[:, 0].to(engine.dtype)
-    u1 = vec if vec.shape[0] == engine.M else engine.jvp(vec[:, None])[:, 0]
+    vec = top.eigenvectors[:, :1].to(engine.dtype)
+    u1 = (engine.jvp(vec) if dual else vec)[:, 0]  # K's eigenvector is J x / ‖J x‖
     u1 = u1 / torch.linalg.vector_norm(u1).clamp_min(1e-300)
     QJ, _ = torch.linalg.qr(JQ)
     alignment = float(torch.linalg.vector_norm(QJ.T @ u1).clamp(max=1.0))

@@ -94,7 +94,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         self.model, self.names = model, names
         self.rank, self.damping = int(rank), damping
         self.refresh_every, self.tol = int(refresh_every), float(tol)
-        self.generator = generator
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.refresh_mode, self.oversample, self.track_tol = refresh, int(oversample), track_tol
         self._V: torch.Tensor | None = None
         self.num_solves = 0

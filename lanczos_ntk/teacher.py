@@ -500,42 +500,7 @@ def _critical(student, x, names):
     cd = critical_direction(student, x, params=names)
     g = cd.g.to(torch.float64)
     Q, _ = torch.linalg.qr(g)
-    v = cd.v.real.to(torch.float64) if g.shape[1] == 1 else cd.v
-    w = cd.w.real.to(torch.float64) if g.shape[1] == 1 else cd.w
-    d = _sensitivity(student, x, names, v, w)
-    return Q, d, cd
-
-
-def _sensitivity(student, x, names, v, w) -> torch.Tensor:
-    """``∂ Re λ_c / ∂θ = Re wᴴ (∂A/∂θ) v`` at fixed ``x`` (``A = ∂f/∂x``, ``wᴴ v = 1``)."""
-    from torch.func import functional_call, grad, jvp
-
-    named = dict(student.named_parameters())
-    params = {n: named[n].detach() for n in names}
-    u = torch.zeros(student.input_size, dtype=x.dtype)
-
-    class _Rhs(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, h, uu):
-            return self.m.rhs(h, uu)
-
-    view = _Rhs(student)
-
-    def lam(q):
-        def f(h):
-            return functional_call(view, {"m." + k: t for k, t in q.items()}, (h, u))
-
-        if torch.is_complex(v):
-            av = (jvp(f, (x,), (v.real.to(x.dtype),))[1]
-                  + 1j * jvp(f, (x,), (v.imag.to(x.dtype),))[1])
-            return (w.conj() @ av).real
-        return w.to(x.dtype) @ jvp(f, (x,), (v.to(x.dtype),))[1]
-
-    gr = grad(lam)(params)
-    return torch.cat([gr[n].reshape(-1) for n in names]).to(torch.float64)
+    return Q, cd.d[:, 0].to(torch.float64), cd  # d: ∂ Re λ_c / ∂θ at fixed x
 
 
 def _trivial_point(student, prev: torch.Tensor, seeds: torch.Tensor, generator):

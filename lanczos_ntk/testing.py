@@ -23,7 +23,7 @@ def dense_jacobian(model: nn.Module, inputs: torch.Tensor, *, h0=None,
     """``J = ∂ vec(outputs) / ∂θ`` as a dense ``[M, P]`` tensor (float64), by ``jacrev``.
 
     Rows are ordered ``(trial, time, unit)``; columns follow ``model.named_parameters()``
-    restricted to ``params`` (the order of :attr:`StateNTK.param_names`).
+    when ``params`` is None, else the order of ``params`` (as :attr:`StateNTK.param_names`).
     """
     fn = ModelFunction(model, outputs)
     p = {k: v.to(torch.float64) for k, v in resolve_params(model, params).items()}

@@ -208,3 +208,12 @@ def fit_case(case):
 def test_channel_scaling_exponents_on_normal_forms(case):
     a, se = fit_case(case)
     assert abs(a - SCALING[case][-1]) < 0.15, (a, se)
+
+
+def test_split_spans_the_directions_whatever_their_order():
+    K = lnk.StateNTK(models.CTRNN(3, 1, seed=0), 0.3 * torch.ones(2, 3, 1, dtype=F64))
+    b = torch.randn(K.engine.P, generator=torch.Generator().manual_seed(4), dtype=F64)
+    K_bif, _ = channels.split_kernel(K, torch.stack([torch.zeros_like(b), b], dim=1))
+    Q = K_bif.basis
+    assert Q.shape[1] == 1
+    assert float((b - Q @ (Q.T @ b)).norm()) <= 1e-12 * float(b.norm())

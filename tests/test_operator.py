@@ -320,3 +320,12 @@ def test_operator_is_a_snapshot_of_the_parameters(name):
             p.mul_(1.5)  # an optimiser step after the operator was built
     assert_operator_close(K, before)
     assert_operator_close(K.dual(), dense_gram(MODELS[name](), u))
+
+
+def test_conversions_are_the_models_business():
+    K = lnk.StateNTK(MODELS["ctrnn"](), inputs())
+    assert K.to(torch.float64) is K and K.double() is K
+    with pytest.raises(TypeError, match="model's dtype"):
+        K.float()
+    with pytest.raises(TypeError, match="model's dtype"):
+        K.to(torch.float32)

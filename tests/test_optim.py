@@ -130,3 +130,13 @@ def test_tracked_refresh_is_accurate_and_falls_back():
         _loss_grad(model, u, target)
         strict.step()
     assert strict.num_solves == strict.num_refreshes == 3
+
+
+def test_default_randomness_leaves_the_global_generator_alone():
+    model, u, target = _problem(4)
+    state = torch.random.get_rng_state()
+    opt = LowRankNaturalGradient(model, u, lr=0.1, rank=2, refresh_every=1)
+    for _ in range(2):
+        _loss_grad(model, u, target)
+        opt.step()
+    assert torch.equal(torch.random.get_rng_state(), state)

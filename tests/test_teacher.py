@@ -135,7 +135,7 @@ def test_landscape_follows_inverse_square():
 def test_cli_writes_results_and_figures(tmp_path):
     from click.testing import CliRunner
 
-    from lanczos_ntk.cli_teacher import teacher_command
+    from lanczos_ntk.cli._teacher import teacher_command
 
     out = tmp_path / "run"
     args = ["--out", str(out), "--quiet", "--steps", "3", "--lr", "0.5",

@@ -1,19 +1,16 @@
-"""The ``lanczos-ntk`` command line: ``demo``, ``spectrum``, ``density``, ``sweep``, ``bifurcate``.
+"""The ``lanczos-ntk`` command line: ``demo``, ``spectrum``, ``density``, ``sweep``, ``bifurcate``,
+``teacher``.
 
 Only this package prints, shows progress bars (on stderr) and writes files; it drives the
 library's functions, saves their result objects in a run folder and draws the figures with
-:mod:`lanczos_ntk.plotting` on the Agg backend. Experiment commands living elsewhere (such as
-``teacher`` in :mod:`lanczos_ntk.cli_teacher`) are registered here with ``main.add_command``.
+:mod:`lanczos_ntk.plotting` on the Agg backend. The ``teacher`` experiment's command lives in
+``_teacher.py`` and is registered here.
 """
 
 from . import _sweep  # noqa: F401  (registers the sweep and demo commands)
 from ._main import CliError, main
+from ._teacher import teacher_command
 
-try:
-    from ..cli_teacher import teacher_command
-except ImportError:  # pragma: no cover - the experiment module is optional
-    pass
-else:
-    main.add_command(teacher_command, "teacher")
+main.add_command(teacher_command, "teacher")
 
 __all__ = ["CliError", "main"]

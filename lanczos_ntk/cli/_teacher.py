@@ -131,8 +131,8 @@ def plot_optimizers(comp, axes=None):
 
 # --------------------------------------------------------------------------------- command
 def _config(config_file, overrides, seed, steps, lr, optimizer):
-    from ._runs import ConfigError, load_config, merge_config, parse_overrides
-    from .teacher import TeacherConfig
+    from .._runs import ConfigError, load_config, merge_config, parse_overrides
+    from ..teacher import TeacherConfig
 
     defaults = dataclasses.asdict(TeacherConfig())
     layers = []
@@ -192,8 +192,8 @@ def teacher_command(out, config_file, overrides, seed, steps, lr, optimizer, fre
     import torch
     from tqdm import tqdm
 
-    from . import teacher as T
-    from ._runs import ConfigError, RunFolder
+    from .. import teacher as T
+    from .._runs import ConfigError, RunFolder
 
     if threads < 1:
         raise click.BadParameter(f"expected --threads >= 1, got {threads}")
