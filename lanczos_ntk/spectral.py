@@ -79,7 +79,8 @@ class EigshResult(Result):
     null_dim : int or None
         ``which="SA"`` only: estimated dimension of the (numerical) null space of the operator
         passed, i.e. the structural ``|M - P|`` zeros of the side not worked on plus an estimate
-        for the side worked on (see :func:`lanczos_ntk.linalg.thick_restart_lanczos`).
+        for the side worked on (see :func:`lanczos_ntk.linalg.thick_restart_lanczos`); ``None``
+        when it was not estimated (a warm start ``v0`` was given).
     """
 
     eigenvalues: torch.Tensor

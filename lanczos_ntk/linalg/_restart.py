@@ -196,7 +196,7 @@ def thick_restart_lanczos(
     state.start(_start_block(v0, n, b, generator, device))
     first: tuple[torch.Tensor, torch.Tensor] | None = None
     lam_max = 0.0
-    null_dim = 0 if which == "SA" else None
+    null_dim = None  # estimated below from the first (random) start block only
     restarts = 0
     status = "max_iterations"
     while True:
