@@ -32,7 +32,12 @@ class JacobianEngine:
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor, *, h0=None,
                  outputs: str | Callable = "states", params: Sequence[str] | None = None,
-                 chunk_size: int | None = None, jvp: str = "auto", cache: bool | None = None):
+                 chunk_size: int | None = None, jvp: str = "auto", cache: bool | None = None,
+                 process_group=None):
+        self.group = process_group
+        if process_group is not None and not torch.distributed.is_initialized():
+            raise ValueError("process_group was given but torch.distributed is not initialised; "
+                             "call torch.distributed.init_process_group first")
         self.fn = ModelFunction(model, outputs)
         # a snapshot: the operator stays the kernel at these parameters even if the model
         # is trained on afterwards (everything not differentiated is a constant of it)
@@ -237,7 +242,7 @@ class JacobianEngine:
         for i in range(len(self.chunks)):
             out += self.vjp_chunk(i, self._split(V, i))
         self.num_vjp_vectors += V.shape[1]
-        return out.T
+        return self._reduce(out).T
 
     def jvp(self, X: torch.Tensor) -> torch.Tensor:
         """``J X`` for ``X [P, k]``; returns ``[M, k]`` (one pass over the chunks)."""
@@ -258,4 +263,10 @@ class JacobianEngine:
             out += self.vjp_chunk(i, self.jvp_chunk(i, Xt))
         self.num_jvp_vectors += X.shape[1]
         self.num_vjp_vectors += X.shape[1]
-        return out.T
+        return self._reduce(out).T
+
+    def _reduce(self, out: torch.Tensor) -> torch.Tensor:
+        """Sum a ``P``-sized result over the ranks of the process group (data parallelism)."""
+        if self.group is not None:
+            torch.distributed.all_reduce(out, group=self.group)
+        return out

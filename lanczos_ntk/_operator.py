@@ -114,6 +114,11 @@ class _JacobianProductOperator(LinearOperator):
         return ScipyOperator(shape=(n, n), matvec=mm, matmat=mm, rmatvec=mm, dtype=np.float64)
 
     @property
+    def distributed(self) -> bool:
+        """Whether products are summed over a process group (see :class:`StateNTK`)."""
+        return self.engine.group is not None
+
+    @property
     def param_names(self) -> tuple[str, ...]:
         """Names of the parameters, in the order of the flat parameter vector."""
         return self.engine.spec.names
@@ -152,6 +157,11 @@ class StateNTK(_JacobianProductOperator):
         forward mode, e.g. fused RNN kernels), or the model's closed-form linear recurrence
         (CTRNN, DiscreteRNN). ``"auto"`` takes the structured path where it exists, then
         forward mode where it works.
+    process_group : torch.distributed.ProcessGroup, optional
+        Data parallelism (DESIGN §4): each rank passes its own trials; the ``P``-sized
+        ``Jᵀ v`` is all-reduced, so ``K.dual()`` is the global ``G`` on every rank while ``K``
+        acts on the rank's slice of the state vector (all ranks call together). Spectral
+        functions therefore run on the dual side. ``gloo`` on CPU, ``nccl`` on GPUs.
     cache : bool, optional
         Keep each chunk's linearisation between products. Default: always for the structured
         path (three ``M``-sized arrays in all), otherwise only when there is one chunk (an
@@ -171,12 +181,13 @@ class StateNTK(_JacobianProductOperator):
     def __init__(self, model: nn.Module | torch.Tensor, inputs: torch.Tensor | None = None, *,
                  h0=None, outputs: str | Callable = "states", params: Sequence[str] | None = None,
                  chunk_size: int | None = None, jvp: str = "auto", cache: bool | None = None,
-                 _engine: JacobianEngine | None = None):
+                 process_group=None, _engine: JacobianEngine | None = None):
         if _engine is None:
             if inputs is None:
                 raise TypeError("StateNTK(model, inputs): inputs [B, T, d_in] are required")
             _engine = JacobianEngine(model, inputs, h0=h0, outputs=outputs, params=params,
-                                     chunk_size=chunk_size, jvp=jvp, cache=cache)
+                                     chunk_size=chunk_size, jvp=jvp, cache=cache,
+                                     process_group=process_group)
         anchor = torch.empty(0, dtype=_engine.dtype, device=_engine.device)
         super().__init__(anchor, _engine=_engine)
 

@@ -356,6 +356,12 @@ def as_operator(op: Any, side: str = "auto") -> Operator:
     if side == "dual" and not has_dual:
         raise ValueError(f"side='dual' needs an operator with a .dual() method; "
                          f"{type(op).__name__} has none")
+    if getattr(op, "distributed", False) and getattr(op, "_side", "") == "primal":
+        if side == "primal":
+            raise ValueError("this StateNTK is split over the ranks of a process group: its "
+                             "spectrum is computed on K.dual() (the same G on every rank); "
+                             "pass K.dual() to get parameter-space eigenvectors")
+        side = "dual"
     if has_dual and side != "primal":
         dual = op.dual()
         dmm, dn, ddtype, ddevice, _ = _coerce_one(dual)

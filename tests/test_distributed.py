@@ -1,0 +1,58 @@
+"""Data-parallel products over a gloo process group (two CPU processes) against one process."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lanczos_ntk as lnk
+from lanczos_ntk import models
+
+F64 = torch.float64
+B, T = 6, 5
+
+
+def _problem():
+    model = models.GRU(3, 2, seed=0)
+    u = torch.randn(B, T, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    X = torch.randn(sum(p.numel() for p in model.parameters()), 3,
+                    generator=torch.Generator().manual_seed(2), dtype=F64)
+    return model, u, X
+
+
+def _worker(rank, world, folder):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
+                            world_size=world)
+    try:
+        model, u, X = _problem()
+        mine = u[rank * B // world:(rank + 1) * B // world]
+        K = lnk.StateNTK(model, mine, process_group=dist.group.WORLD)
+        GX = K.dual().matmul(X)
+        top = lnk.eigsh(K, k=3, tol=1e-10, generator=torch.Generator().manual_seed(0))
+        with pytest.raises(ValueError, match="process group"):
+            lnk.eigsh(K, k=1, return_eigenvectors=True)
+        torch.save({"GX": GX, "top": top.eigenvalues, "side": top.side},
+                   os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_global_gram_and_spectrum(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    model, u, X = _problem()
+    G = lnk.testing.dense_gram(model, u)
+    top = torch.linalg.eigvalsh(G).flip(0)[:3]
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.linalg.norm(out["GX"] - G @ X) <= 1e-10 * torch.linalg.norm(G @ X)
+        torch.testing.assert_close(out["top"], top, rtol=1e-9, atol=0)
+        assert out["side"] == "dual"
+
+
+def test_process_group_needs_an_initialised_backend():
+    model, u, _ = _problem()
+    with pytest.raises(ValueError, match="init_process_group"):
+        lnk.StateNTK(model, u, process_group=object())
