@@ -21,15 +21,6 @@ from lanczos_ntk.dynamics import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the machine's cores are shared: small dense problems run faster and steadier on one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _zeros(n):
     return torch.zeros(n, dtype=F64)
 

@@ -12,14 +12,6 @@ from lanczos_ntk.dynamics import System, continuation
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _t(*v):
     return torch.tensor(v, dtype=F64)
 

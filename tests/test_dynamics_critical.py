@@ -19,14 +19,6 @@ from lanczos_ntk.dynamics import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _nearest(eigs, lam):
     return complex(eigs[int(torch.argmin((eigs - lam).abs()))])
 

@@ -10,15 +10,6 @@ from lanczos_ntk.optim import LowRankNaturalGradient
 from lanczos_ntk.testing import dense_gram
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one thread avoids oversubscription on shared CPUs (10x faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _problem(seed=0):
     model = CTRNN(4, 2, gain=1.3, dt=0.2, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)

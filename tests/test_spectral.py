@@ -14,14 +14,6 @@ F64 = torch.float64
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small dense kernels: OpenMP threads only spin on a busy two-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

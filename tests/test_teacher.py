@@ -12,16 +12,6 @@ import torch
 from lanczos_ntk import teacher as T
 from lanczos_ntk.testing import dense_gram
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one thread avoids oversubscription on shared CPUs (10x faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TINY = T.TeacherConfig(state_size=4, trials=4, trial_steps=10, num_steps=1, top_k=4,
                        landscape_points=4, landscape_steps=30)
 
