@@ -156,16 +156,9 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
 
 
 def _rhs_with(model, q, x, u):
-    return torch.func.functional_call(_RhsView(model), {"m." + k: t for k, t in q.items()}, (x, u))
+    from .models._base import RhsView
 
-
-class _RhsView(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, x, u):
-        return self.m.rhs(x, u)
+    return torch.func.functional_call(RhsView(model), {"m." + k: t for k, t in q.items()}, (x, u))
 
 
 class ChannelNTK(_JacobianProductOperator):

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacfwd, jacrev, jvp
 
+from ..models._base import RhsView
+
 __all__ = ["System", "as_system", "system_from_model"]
 
 _KINDS = ("flow", "map")
@@ -141,17 +143,6 @@ def _jacobian(fn: Callable, x: torch.Tensor) -> torch.Tensor:
         return jacrev(fn)(x)
 
 
-class _Rhs(nn.Module):
-    """Wraps a model so that ``functional_call`` reaches ``rhs`` instead of ``forward``."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.m = model
-
-    def forward(self, h, u):
-        return self.m.rhs(h, u)
-
-
 def system_from_model(model: nn.Module, param: str | Callable | None = None,
                       u: torch.Tensor | None = None, *, p0: float | None = None) -> System:
     r"""Hold a model at a constant input and expose one scalar continuation parameter.
@@ -201,7 +192,7 @@ def system_from_model(model: nn.Module, param: str | Callable | None = None,
         if u_base.shape != (d_in,):
             raise ValueError(f"expected a constant input of shape [{d_in}], "
                              f"got {tuple(torch.as_tensor(u).shape)}")
-    wrapper = _Rhs(model)
+    wrapper = RhsView(model)
 
     def call(x, uu, params):
         return functional_call(wrapper, {"m." + k: v for k, v in params.items()}, (x, uu))

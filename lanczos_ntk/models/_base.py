@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["StateSpaceModel", "check_inputs"]
+__all__ = ["RhsView", "StateSpaceModel", "check_inputs"]
 
 
 def check_inputs(u: torch.Tensor, input_size: int | None, name: str = "inputs") -> None:
@@ -106,3 +106,15 @@ class StateSpaceModel(nn.Module):
             raise ValueError(f"{type(self).__name__} was built without a readout "
                              "(pass readout_size=...)")
         return self.readout(states)
+
+
+class RhsView(nn.Module):
+    """A model seen through its one-step ``rhs``, so ``functional_call`` reaches ``rhs(h, u)``
+    instead of ``forward`` (parameter names gain the prefix ``m.``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, h, u):
+        return self.m.rhs(h, u)
