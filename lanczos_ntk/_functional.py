@@ -14,8 +14,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .models._base import StateSpaceModel
-
 __all__ = ["ModelFunction", "ParamSpec", "resolve_params"]
 
 _TORCH_RNNS = (nn.RNN, nn.GRU, nn.LSTM)
@@ -103,13 +101,8 @@ class ModelFunction:
         self.outputs = outputs
 
     def states(self, u: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
-        m = self.model
-        if isinstance(m, _TORCH_RNNS):
-            out = m(u) if h0 is None else m(u, h0)
-            return out[0]
-        if isinstance(m, StateSpaceModel) or h0 is not None:
-            return m(u, h0) if h0 is not None else m(u)
-        return m(u)
+        out = self.model(u) if h0 is None else self.model(u, h0)
+        return out[0] if isinstance(self.model, _TORCH_RNNS) else out  # torch RNNs: (states, h_n)
 
     def read(self, states: torch.Tensor) -> torch.Tensor:
         if self.outputs == "states":

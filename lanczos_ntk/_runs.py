@@ -269,6 +269,16 @@ class RunFolder:
     def load(self, name: str) -> Result:
         return load_result(self.result_path(name))
 
+    def cached(self, name: str, compute, message: str) -> Result:
+        """The saved result ``name`` if an earlier run finished it, else ``compute()`` (logged
+        with ``message``), saved atomically before it is returned: the unit of resuming."""
+        if self.has(name):
+            return self.load(name)
+        self.log(message)
+        result = compute()
+        self.save(name, result)
+        return result
+
     def write_json(self, name: str, data: Any) -> Path:
         """Write plain data as JSON atomically (non-finite numbers become ``null``)."""
         path = self.path / name

@@ -14,7 +14,8 @@ from torch import nn
 
 from ._functional import ModelFunction, ParamSpec, resolve_params
 
-__all__ = ["assert_operator_close", "dense_gram", "dense_jacobian", "dense_ntk", "dense_operator"]
+__all__ = ["assert_operator_close", "dense_gram", "dense_jacobian", "dense_ntk", "dense_operator",
+           "matrix_with_spectrum"]
 
 
 def dense_jacobian(model: nn.Module, inputs: torch.Tensor, *, h0=None,
@@ -76,3 +77,14 @@ def assert_operator_close(op, dense: torch.Tensor, *, rtol: float = 1e-10, block
         raise AssertionError(f"operator differs from the dense reference: relative error "
                              f"{err:.3e} > {rtol:.1e}")
     return err
+
+
+def matrix_with_spectrum(eigenvalues, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Symmetric ``Q diag(λ) Qᵀ`` (float64) with a random orthogonal ``Q`` from ``generator``:
+    a test matrix whose spectrum is known exactly, for checking eigensolvers and estimators."""
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    n = lam.numel()
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    A = Q @ torch.diag(lam) @ Q.T
+    return 0.5 * (A + A.T)

@@ -14,6 +14,7 @@ from lanczos_ntk.linalg import (
     lanczos_quadrature,
     thick_restart_lanczos,
 )
+from lanczos_ntk.testing import matrix_with_spectrum
 
 F64 = torch.float64
 
@@ -24,12 +25,8 @@ def gen(seed=0):
 
 
 def with_spectrum(lam, seed=0):
-    """``Q diag(lam) Qᵀ`` with a random orthogonal ``Q``."""
-    lam = torch.as_tensor(lam, dtype=F64)
-    n = lam.numel()
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=gen(seed)))
-    A = Q @ torch.diag(lam) @ Q.T
-    return 0.5 * (A + A.T)
+    """``Q diag(lam) Qᵀ`` with a random orthogonal ``Q`` (see lanczos_ntk.testing)."""
+    return matrix_with_spectrum(lam, gen(seed))
 
 
 def spectra(n=120):
@@ -352,3 +349,10 @@ def test_non_finite_operators_raise():
         lanczos(bad, torch.ones(20, dtype=torch.float64), 4)
     with pytest.raises(ValueError, match="non-finite"):
         lnk.slq((bad, 20), num_probes=2, num_steps=4, generator=torch.Generator().manual_seed(0))
+
+
+def test_matrix_with_spectrum_has_that_spectrum():
+    lam = torch.tensor([3.0, -1.0, 0.0, 0.0, 7.5], dtype=F64)
+    A = matrix_with_spectrum(lam, gen(3))
+    assert torch.equal(A, A.T)
+    torch.testing.assert_close(torch.linalg.eigvalsh(A), lam.sort().values, atol=1e-13, rtol=0)

@@ -9,6 +9,7 @@ import torch
 import lanczos_ntk as lnk
 from lanczos_ntk import spectral
 from lanczos_ntk._results import Status, load_result
+from lanczos_ntk.testing import matrix_with_spectrum
 
 F64 = torch.float64
 
@@ -19,11 +20,8 @@ def gen(seed=0):
 
 
 def with_spectrum(lam, seed=0):
-    lam = torch.as_tensor(lam, dtype=F64)
-    n = lam.numel()
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=gen(seed)))
-    A = Q @ torch.diag(lam) @ Q.T
-    return 0.5 * (A + A.T)
+    """``Q diag(lam) Qᵀ`` with a random orthogonal ``Q`` (see lanczos_ntk.testing)."""
+    return matrix_with_spectrum(lam, gen(seed))
 
 
 def psd(n=100, rank=None, seed=0):

@@ -175,10 +175,13 @@ def progress(quiet: bool, **kw):
     return tqdm(disable=quiet, file=sys.stderr, leave=False, dynamic_ncols=True, **kw)
 
 
-def report(quiet: bool, lines) -> None:
-    if not quiet:
-        for line in lines:
-            click.echo(line)
+def report(quiet: bool, lines, folder: RunFolder) -> None:
+    """The command's summary on stdout; with ``--quiet`` only the run folder's path."""
+    if quiet:
+        click.echo(str(folder.path))
+        return
+    for line in lines:
+        click.echo(line)
 
 
 def save_figures(folder: RunFolder, figs: dict) -> list[Path]:
@@ -267,9 +270,7 @@ def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh
                    f"effective rank: participation {metrics['participation_rank']:.4g}, "
                    f"entropy {metrics['entropy_rank']:.4g}",
                    f"condition number (nonzero part): {metrics['condition_number']:.4g}",
-                   f"results: {folder.path}", f"figure: {figs[0]}"])
-    if quiet:
-        click.echo(str(folder.path))
+                   f"results: {folder.path}", f"figure: {figs[0]}"], folder)
 
 
 @main.command()
@@ -310,9 +311,7 @@ def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh,
                                            "matvecs": r.num_matvecs})
         figs = save_figures(folder, {"density": density_figure(lin, log)})
     report(quiet, [f"M = {r.primal_dimension}, zero mass {lin.zero_mass:.4g} ± {lin.zero_mass_se:.2g}",
-                   f"results: {folder.path}", f"figure: {figs[0]}"])
-    if quiet:
-        click.echo(str(folder.path))
+                   f"results: {folder.path}", f"figure: {figs[0]}"], folder)
 
 
 # --------------------------------------------------------------------------- bifurcate
@@ -406,7 +405,5 @@ def bifurcate(config_file, overrides, seed, device, dtype, model_spec, out, fres
     lines = [f"{len(branches)} branch(es); bifurcations:"]
     lines += [f"  {d['kind']} at {b['param']} = {0.0 if abs(d['p']) < 1e-12 else d['p']:.6g}"
               for d in bifs] or ["  none"]
-    report(quiet, lines + [f"results: {folder.path}", f"figure: {figs[0]}"])
-    if quiet:
-        click.echo(str(folder.path))
+    report(quiet, lines + [f"results: {folder.path}", f"figure: {figs[0]}"], folder)
 

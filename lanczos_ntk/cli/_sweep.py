@@ -220,9 +220,7 @@ def sweep(config_file, overrides, seed, device, dtype, model_spec, out, fresh, q
     cfg = resolve_config("sweep", config_file, tuple(extra), seed=seed, device=device, dtype=dtype,
                          model_spec=model_spec, inputs_file=inputs_file, checkpoints=checkpoints)
     folder, result, points, figs, computed, wall = run_sweep("sweep", cfg, out, fresh, quiet)
-    report(quiet, _lines(folder, result, points, figs, computed, wall))
-    if quiet:
-        click.echo(str(folder.path))
+    report(quiet, _lines(folder, result, points, figs, computed, wall), folder)
 
 
 @main.command()
@@ -248,6 +246,4 @@ def demo(config_file, overrides, seed, device, dtype, model_spec, out, fresh, qu
     lines.insert(0, f"λ_max grows ×{float(lam.max() / lam[0]):.3g} and the participation rank "
                     f"falls ×{float(result.participation[0] / result.participation.min()):.3g} "
                     f"across the sweep (λ_max largest at {result.param} = {result.values[j]:.4g})")
-    report(quiet, lines)
-    if quiet:
-        click.echo(str(folder.path))
+    report(quiet, lines, folder)

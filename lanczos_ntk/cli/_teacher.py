@@ -214,28 +214,18 @@ def teacher_command(out, config_file, overrides, seed, steps, lr, optimizer, fre
         bar.refresh()
 
     with run:
-        if run.has("collapse"):
-            collapse = run.load("collapse")
-        else:
-            run.log(f"collapse run: {cfg.optimizer} lr={cfg.lr} steps={cfg.num_steps}")
-            collapse = T.run_student_teacher(cfg, progress=progress)
-            run.save("collapse", collapse)
+        collapse = run.cached("collapse", lambda: T.run_student_teacher(cfg, progress=progress),
+                              f"collapse run: {cfg.optimizer} lr={cfg.lr} steps={cfg.num_steps}")
         offset[0] = cfg.num_steps
-        if run.has("landscape"):
-            land = run.load("landscape")
-        else:
-            run.log("landscape along the unfolding direction")
-            land = T.channel_landscape(cfg, collapse.theta_ref, progress=progress)
-            run.save("landscape", land)
+        land = run.cached("landscape",
+                          lambda: T.channel_landscape(cfg, collapse.theta_ref, progress=progress),
+                          "landscape along the unfolding direction")
         offset[0] += n_land
         comp = None
         if optimizer == "both":
-            if run.has("comparison"):
-                comp = run.load("comparison")
-            else:
-                run.log(f"comparison: SGD vs LRNG at lr={cfg.compare_lr}, {cfg.compare_steps} steps")
-                comp = T.compare_optimizers(cfg, progress=progress)
-                run.save("comparison", comp)
+            comp = run.cached("comparison", lambda: T.compare_optimizers(cfg, progress=progress),
+                              f"comparison: SGD vs LRNG at lr={cfg.compare_lr}, "
+                              f"{cfg.compare_steps} steps")
         bar.n = total
         bar.refresh()
         bar.close()
