@@ -1,6 +1,7 @@
 """lanczos_ntk: matrix-free spectral estimation of the state-space neural tangent kernel."""
 
 from . import channels, dynamics, models, optim, plotting, testing  # plotting: matplotlib lazily
+from ._budget import ProductPlan
 from ._operator import DualNTK, StateNTK
 from ._results import Result, Status, load_result
 from .spectral import (
@@ -23,8 +24,8 @@ from .spectral import (
 
 __version__ = "0.1.0"
 
-__all__ = ["DualNTK", "Result", "StateNTK", "Status", "channels", "dynamics", "load_result", "models",
-           "optim", "testing"]
+__all__ = ["DualNTK", "ProductPlan", "Result", "StateNTK", "Status", "channels", "dynamics",
+           "load_result", "models", "optim", "testing"]
 __all__ += ["ConditionNumber", "EffectiveRank", "EigshResult", "NoConvergence", "SLQResult",
             "SpectralDensity", "TraceResult", "condition_number", "effective_rank", "eigsh", "slq",
             "spectral_density", "tr_f", "trace", "trace_from_slq"]

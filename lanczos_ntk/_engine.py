@@ -13,15 +13,21 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ._budget import DEFAULT_BUDGET_FRACTION, ProductPlan, available_memory, saved_bytes
+from ._cell_path import CellLinearization
+from ._cells import find_cell
+from ._closed_form import closed_form
 from ._functional import ModelFunction, ParamSpec, resolve_params
 from .models._base import StateSpaceModel, check_inputs
 
-__all__ = ["JacobianEngine", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = ["JacobianEngine", "PROBE_ELEMENTS"]
 
-#: Default chunk: as many trials as keep one chunk's outputs under this many elements.
-DEFAULT_CHUNK_ELEMENTS = 1 << 20
+#: The no-grad probe of the outputs runs in pieces of about this many output elements.
+PROBE_ELEMENTS = 1 << 20
 
-_JVP_MODES = ("auto", "forward", "double_vjp", "structured")
+_JVP_MODES = ("auto", "structured", "cell", "forward", "double_vjp")
+_PATHS = {"structured": "closed_form", "cell": "cell", "forward": "autograd",
+          "double_vjp": "autograd"}
 
 
 class JacobianEngine:
@@ -33,7 +39,7 @@ class JacobianEngine:
     def __init__(self, model: nn.Module, inputs: torch.Tensor, *, h0=None,
                  outputs: str | Callable = "states", params: Sequence[str] | None = None,
                  chunk_size: int | None = None, jvp: str = "auto", cache: bool | None = None,
-                 process_group=None):
+                 memory_budget: int | None = None, process_group=None):
         self.group = process_group
         if process_group is not None and not torch.distributed.is_initialized():
             raise ValueError("process_group was given but torch.distributed is not initialised; "
@@ -48,6 +54,10 @@ class JacobianEngine:
         self.spec = ParamSpec(tuple(self.params), tuple(p.shape for p in self.params.values()))
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
+        if self.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"expected a float32 or float64 model, got parameters of dtype "
+                            f"{self.dtype}; half precision cannot resolve the spectrum "
+                            "(convert with model.float() or model.double())")
         check_inputs(inputs, getattr(model, "input_size", None)
                      if isinstance(model, (StateSpaceModel, nn.RNN, nn.GRU, nn.LSTM)) else None)
         self.inputs = inputs
@@ -58,20 +68,25 @@ class JacobianEngine:
             self._check_h0(h0)
         if jvp not in _JVP_MODES:
             raise ValueError(f"expected jvp to be one of {_JVP_MODES}, got {jvp!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
+                chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"expected chunk_size to be a whole number >= 1 (trials per chunk), "
+                             f"got {chunk_size!r}")
+        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(
+                memory_budget, (int, float)) or not memory_budget > 0):
+            raise ValueError(f"expected memory_budget in bytes (a positive number), "
+                             f"got {memory_budget!r}")
         self.width = self._probe_outputs(model)
-        if chunk_size is None:
-            chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, self.steps * self.width))
-        if int(chunk_size) < 1:
-            raise ValueError(f"expected chunk_size >= 1 (trials per chunk), got {chunk_size}")
-        self.chunk_size = int(chunk_size)
+        self._closed = None
+        self._cell = None
+        self.jvp_mode = self._choose_jvp(jvp)
+        budget = int(memory_budget) if memory_budget is not None else \
+            int(DEFAULT_BUDGET_FRACTION * available_memory(self.device))
+        self.plan = self._make_plan(budget, chunk_size, cache)
+        self.chunk_size = self.plan.chunk_size
+        self.cache = self.plan.cached
         self.chunks = [slice(s, min(s + self.chunk_size, self.batch))
                        for s in range(0, self.batch, self.chunk_size)]
-        self.jvp_mode = self._choose_jvp(jvp)
-        # a structured linearisation is three M-sized arrays: keep every chunk's; an autograd
-        # graph is a whole forward's activations: keep it only when there is a single chunk
-        if cache is None:
-            cache = len(self.chunks) == 1 or self.jvp_mode == "structured"
-        self.cache = bool(cache)
         self._lin: dict[int, object] = {}
         self.num_vjp_vectors = 0
         self.num_jvp_vectors = 0
@@ -112,7 +127,7 @@ class JacobianEngine:
 
     def _probe_outputs(self, model) -> int:
         width = None
-        step = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, self.steps * 64))
+        step = max(1, PROBE_ELEMENTS // max(1, self.steps * 64))
         with torch.no_grad():
             for s in range(0, self.batch, step):
                 sl = slice(s, min(s + step, self.batch))
@@ -130,21 +145,37 @@ class JacobianEngine:
                     raise ValueError(f"non-finite states: first at trial {int(first[0]) + s}, "
                                      f"time step {int(first[1])}; the dynamics diverge for these "
                                      "inputs (lower the gain, the step dt or the input scale)")
+                if width is None:
+                    self._reference = out[:1].clone()  # trial 0, to validate a cell against
                 width = out.shape[-1]
         return int(width)
 
     def _choose_jvp(self, jvp: str) -> str:
-        structured = getattr(self.fn.model, "_structured_jacobian", None)
-        if jvp == "structured" and (structured is None or structured(self) is None):
-            raise ValueError(f"jvp='structured' needs a model with a structured Jacobian "
-                             f"(CTRNN, DiscreteRNN, not subclassed); got {type(self.fn.model).__name__}")
-        if jvp == "structured" and self.fn.outputs != "states":
+        model = self.fn.model
+        states = self.fn.outputs == "states"
+        if jvp in ("auto", "structured") and states:
+            self._closed = closed_form(model, self.spec)
+        if jvp == "structured" and not states:
             raise ValueError("jvp='structured' covers outputs='states' only; use jvp='auto' "
                              "for readouts and callables")
+        if jvp == "structured" and self._closed is None:
+            raise ValueError(f"jvp='structured' needs a model with a structured Jacobian "
+                             f"(CTRNN, DiscreteRNN with their own dynamics); got {type(model).__name__}")
+        if self._closed is not None:
+            return "structured"
+        if jvp in ("auto", "cell") and states:
+            u, h0 = self.chunk_inputs(slice(0, 1))
+            self._cell = find_cell(model, self.width, self.params, self.constants, u, h0,
+                                   self._reference)
+        if jvp == "cell" and self._cell is None:
+            raise ValueError(f"jvp='cell' needs outputs='states' and a one-step cell that "
+                             f"reproduces the model's forward (a built-in model, a batch-first "
+                             f"torch RNN/GRU/LSTM, or a module with step(h, u)); "
+                             f"{type(model).__name__} has none")
+        if self._cell is not None:
+            return "cell"
         if jvp != "auto":
             return jvp
-        if structured is not None and self.fn.outputs == "states" and structured(self) is not None:
-            return "structured"
         u, h0 = self.chunk_inputs(slice(0, 1))
         u = u[:, : min(2, self.steps)]
         try:
@@ -154,38 +185,92 @@ class JacobianEngine:
             return "double_vjp"
         return "forward"
 
-    # -- per chunk -----------------------------------------------------------------------------
-    def _graph(self, i: int):
-        """Forward graph of chunk ``i`` for reverse-mode products (cached if enabled)."""
-        if i in self._lin:
-            return self._lin[i]
-        u, h0 = self.chunk_inputs(self.chunks[i])
-        p = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
-        with torch.enable_grad():
-            out = self.call(p, u, h0)
-        graph = {"p": p, "out": out, "u": u, "h0": h0}
-        if self.cache:
-            self._lin[i] = graph
-        return graph
+    # -- memory plan ---------------------------------------------------------------------------
+    def _trial_bytes(self) -> tuple[int, int]:
+        """Estimated bytes per trial: (cached linearisation, transient work per vector)."""
+        isz = torch.empty(0, dtype=self.dtype).element_size()
+        T, c = self.steps, self.width
+        d = int(self.inputs.shape[-1])
+        if self.jvp_mode == "structured":
+            return (3 * T * c + T * d) * isz, 5 * T * c * isz
 
-    def _structured(self, i: int):
+        def graph_bytes(b):
+            u, h0 = self.chunk_inputs(slice(0, b))
+            if self.jvp_mode == "cell":
+                lin = CellLinearization(self._cell, self.spec, {**self.constants, **self.params},
+                                        u, h0)
+                return saved_bytes(lambda: self._direct_probe(lin)) + lin.prev.numel() * isz
+            p = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
+
+            def run():
+                with torch.enable_grad():
+                    self.call(p, u, h0)
+            return saved_bytes(run)
+
+        one = graph_bytes(1)
+        per = graph_bytes(2) - one if self.batch >= 2 else one
+        per = max(per, T * c * isz)
+        if self.jvp_mode == "cell":
+            S = self._cell.state_size
+            return per + T * d * isz, per + 3 * T * S * isz
+        factor = 2 if self.jvp_mode == "double_vjp" else 1  # the dual graph of a VJP of a VJP
+        return factor * per + T * d * isz, per + 2 * T * c * isz
+
+    def _direct_probe(self, lin):
+        with torch.enable_grad():
+            th = {k: v.clone().requires_grad_(True) for k, v in lin.theta.items()}
+            lin._direct(th)
+
+    def _make_plan(self, budget: int, chunk_size: int | None, cache: bool | None) -> ProductPlan:
+        c, w = self._trial_bytes()
+        B = self.batch
+        if budget < c + w:
+            raise ValueError(f"memory_budget of {budget / 2**20:.2f} MiB is too small for one trial "
+                             f"of this model (about {(c + w) / 2**20:.2f} MiB: "
+                             f"{c / 2**20:.2f} MiB linearisation + {w / 2**20:.2f} MiB work); "
+                             "raise memory_budget or use shorter trials")
+        if cache is None:
+            cache = B * c + w * (chunk_size or 1) <= budget
+        if chunk_size is None:
+            room = budget - B * c if cache else budget
+            chunk_size = max(1, min(B, int(room // (w if cache else c + w))))
+        chunk_size = min(int(chunk_size), B)
+        chunks = -(-B // chunk_size)
+        held = B * c if cache else chunk_size * c
+        columns = max(1, int((budget - held) // max(1, chunk_size * w)))
+        cell = self._cell.name if self._cell is not None else ""
+        return ProductPlan(path=_PATHS[self.jvp_mode], jvp=self.jvp_mode, cell=cell, trials=B,
+                           chunk_size=chunk_size, num_chunks=chunks, cached=bool(cache),
+                           cache_bytes=int(B * c) if cache else 0, work_bytes_per_vector=int(
+                               chunk_size * w), block_columns=columns, budget_bytes=budget)
+
+    # -- per chunk -----------------------------------------------------------------------------
+    def _linearization(self, i: int):
+        """Chunk ``i``'s linearisation: a closed-form or cell trajectory, or an autograd graph."""
         if i in self._lin:
             return self._lin[i]
         u, h0 = self.chunk_inputs(self.chunks[i])
-        lin = self.fn.model._structured_jacobian(self).linearize({**self.constants, **self.params},
-                                                                  u, h0)
+        if self.jvp_mode == "structured":
+            lin = self._closed.linearize({**self.constants, **self.params}, u, h0)
+        elif self.jvp_mode == "cell":
+            lin = CellLinearization(self._cell, self.spec, {**self.constants, **self.params}, u, h0)
+        else:
+            p = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
+            with torch.enable_grad():
+                out = self.call(p, u, h0)
+            lin = {"p": p, "out": out, "u": u, "h0": h0}
         if self.cache:
             self._lin[i] = lin
         return lin
 
     def vjp_chunk(self, i: int, V: torch.Tensor) -> torch.Tensor:
         """``J_iᵀ V`` for ``V [k, b, T, c]``; returns ``[k, P]``."""
-        if self.jvp_mode == "structured":
-            return self._structured(i).vjp(V)
-        g = self._graph(i)
-        p = g["p"]
+        lin = self._linearization(i)
+        if self.jvp_mode in ("structured", "cell"):
+            return lin.vjp(V)
+        p = lin["p"]
         with torch.enable_grad():  # all k cotangents share one (vmapped) reverse pass
-            grads = torch.autograd.grad(g["out"], list(p.values()), V, retain_graph=True,
+            grads = torch.autograd.grad(lin["out"], list(p.values()), V, retain_graph=True,
                                         is_grads_batched=True, allow_unused=True)
         k = V.shape[0]
         full = {n: (gr.reshape(k, *p[n].shape) if gr is not None else
@@ -195,8 +280,8 @@ class JacobianEngine:
 
     def jvp_chunk(self, i: int, X: torch.Tensor) -> torch.Tensor:
         """``J_i X`` for ``X [k, P]``; returns ``[k, b, T, c]``."""
-        if self.jvp_mode == "structured":
-            return self._structured(i).jvp(X)
+        if self.jvp_mode in ("structured", "cell"):
+            return self._linearization(i).jvp(X)
         tangents = self.spec.unflatten(X)
         if self.jvp_mode == "forward":
             u, h0 = self.chunk_inputs(self.chunks[i])
@@ -207,7 +292,8 @@ class JacobianEngine:
             if X.shape[0] == 1:
                 return one({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
             return torch.func.vmap(one)(tangents)
-        g = self._graph(i)
+        # VJP of a VJP: Jᵀ v0 is linear in v0, so its VJP along x is J x; all k share one pass
+        g = self._linearization(i)
         with torch.enable_grad():
             if "dual" not in g:
                 v0 = torch.zeros_like(g["out"], requires_grad=True)
@@ -217,17 +303,14 @@ class JacobianEngine:
                 keep = [j for j, gr in enumerate(grads) if gr is not None and gr.requires_grad]
                 g["dual"] = (v0, [grads[j] for j in keep], [names[j] for j in keep])
             v0, grads, names = g["dual"]
-            cols = []
-            for j in range(X.shape[0]):
-                if not grads:
-                    cols.append(torch.zeros_like(g["out"]))
-                    continue
-                (col,) = torch.autograd.grad(grads, v0, [tangents[n][j] for n in names],
-                                             retain_graph=True, allow_unused=True)
-                cols.append(torch.zeros_like(g["out"]) if col is None else col)
+            if not grads:
+                cols = torch.zeros(X.shape[0], *g["out"].shape, dtype=self.dtype, device=self.device)
+            else:
+                (cols,) = torch.autograd.grad(grads, v0, [tangents[n] for n in names],
+                                              retain_graph=True, is_grads_batched=True)
         if not self.cache:
             g.pop("dual", None)
-        return torch.stack(cols)
+        return cols
 
     # -- whole operator ------------------------------------------------------------------------
     def _split(self, V: torch.Tensor, i: int) -> torch.Tensor:
@@ -236,20 +319,31 @@ class JacobianEngine:
         block = V[sl.start * n_per: sl.stop * n_per]
         return block.T.reshape(V.shape[1], sl.stop - sl.start, self.steps, self.width)
 
+    def _columns(self, k: int):
+        """Column groups of a block of ``k`` vectors that fit the budget in one pass."""
+        step = self.plan.block_columns
+        return [slice(s, min(s + step, k)) for s in range(0, k, step)]
+
     def vjp(self, V: torch.Tensor) -> torch.Tensor:
         """``Jᵀ V`` for ``V [M, k]``; returns ``[P, k]`` (one pass over the chunks)."""
         out = torch.zeros(V.shape[1], self.P, dtype=self.dtype, device=self.device)
-        for i in range(len(self.chunks)):
-            out += self.vjp_chunk(i, self._split(V, i))
+        for cols in self._columns(V.shape[1]):
+            for i in range(len(self.chunks)):
+                out[cols] += self.vjp_chunk(i, self._split(V[:, cols], i))
         self.num_vjp_vectors += V.shape[1]
         return self._reduce(out).T
 
     def jvp(self, X: torch.Tensor) -> torch.Tensor:
         """``J X`` for ``X [P, k]``; returns ``[M, k]`` (one pass over the chunks)."""
         Xt = X.T.contiguous()
-        parts = [self.jvp_chunk(i, Xt).reshape(X.shape[1], -1) for i in range(len(self.chunks))]
+        out = torch.empty(self.M, X.shape[1], dtype=self.dtype, device=self.device)
+        n_per = self.steps * self.width
+        for cols in self._columns(X.shape[1]):
+            for i, sl in enumerate(self.chunks):
+                part = self.jvp_chunk(i, Xt[cols])
+                out[sl.start * n_per: sl.stop * n_per, cols] = part.reshape(part.shape[0], -1).T
         self.num_jvp_vectors += X.shape[1]
-        return torch.cat(parts, dim=1).T
+        return out
 
     def ntk(self, V: torch.Tensor) -> torch.Tensor:
         """``J Jᵀ V``: a reverse pass, then a forward pass over the chunks."""
@@ -259,8 +353,9 @@ class JacobianEngine:
         """``Jᵀ J X``: one pass over the chunks (each chunk's ``J_iᵀ J_i X`` accumulates)."""
         Xt = X.T.contiguous()
         out = torch.zeros_like(Xt)
-        for i in range(len(self.chunks)):
-            out += self.vjp_chunk(i, self.jvp_chunk(i, Xt))
+        for cols in self._columns(X.shape[1]):
+            for i in range(len(self.chunks)):
+                out[cols] += self.vjp_chunk(i, self.jvp_chunk(i, Xt[cols]))
         self.num_jvp_vectors += X.shape[1]
         self.num_vjp_vectors += X.shape[1]
         return self._reduce(out).T

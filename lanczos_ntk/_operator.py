@@ -119,6 +119,11 @@ class _JacobianProductOperator(LinearOperator):
         return self.engine.group is not None
 
     @property
+    def plan(self):
+        """The :class:`~lanczos_ntk.ProductPlan`: path, chunks, cached bytes, block size, budget."""
+        return self.engine.plan
+
+    @property
     def param_names(self) -> tuple[str, ...]:
         """Names of the parameters, in the order of the flat parameter vector."""
         return self.engine.spec.names
@@ -126,7 +131,8 @@ class _JacobianProductOperator(LinearOperator):
     def __repr__(self) -> str:
         e = self.engine
         return (f"{type(self).__name__}(shape={tuple(self.shape)}, M={e.M}, P={e.P}, "
-                f"chunks={len(e.chunks)}, jvp={e.jvp_mode!r}, dtype={e.dtype})")
+                f"chunks={len(e.chunks)}, path={e.plan.path!r}, jvp={e.jvp_mode!r}, "
+                f"dtype={e.dtype})")
 
 
 class StateNTK(_JacobianProductOperator):
@@ -150,22 +156,30 @@ class StateNTK(_JacobianProductOperator):
     params : list of str, optional
         Parameter names to differentiate; ``None`` means all with ``requires_grad``.
     chunk_size : int, optional
-        Trials per chunk. Default: as many as keep a chunk under 2²⁰ outputs. Peak memory is
-        one chunk's forward/backward plus a few ``M``- and ``P``-vectors.
-    jvp : {"auto", "forward", "double_vjp", "structured"}
-        How ``J x`` is computed: forward-mode AD, the VJP of a VJP (for modules without
-        forward mode, e.g. fused RNN kernels), or the model's closed-form linear recurrence
-        (CTRNN, DiscreteRNN). ``"auto"`` takes the structured path where it exists, then
-        forward mode where it works.
+        Trials per chunk. Default: as many as the memory budget allows (one chunk when the
+        whole dataset fits). Only one chunk's work is in memory at a time.
+    jvp : {"auto", "structured", "cell", "forward", "double_vjp"}
+        How ``J x`` is computed. ``"structured"``: the closed-form linear recurrences of the
+        CTRNN and DiscreteRNN (DESIGN §1). ``"cell"``: the model's one-step cell linearised
+        along the cached trajectory (built-in models, batch-first ``torch.nn.RNN`` / ``GRU`` /
+        ``LSTM`` through their cell equations, and modules with a ``step(h, u)`` method whose
+        ``forward`` iterates it). ``"forward"``: forward-mode AD through the whole forward;
+        ``"double_vjp"``: the VJP of a VJP on the cached autograd graph (for kernels without
+        forward mode). ``"auto"`` takes the first that applies, in that order; the cell and
+        closed-form paths cover ``outputs="states"``.
+    memory_budget : int, optional
+        Bytes the operator may hold: cached linearisations plus one chunk's transient work.
+        Default: half the memory available on the model's device (``MemAvailable`` on the CPU,
+        ``torch.cuda.mem_get_info`` on a GPU). Chunks are as large as it allows, and every
+        chunk's linearisation is cached when they all fit, so no product re-runs the forward.
+        A budget too small for one trial raises ``ValueError``. The outcome is :attr:`plan`.
     process_group : torch.distributed.ProcessGroup, optional
         Data parallelism (DESIGN §4): each rank passes its own trials; the ``P``-sized
         ``Jᵀ v`` is all-reduced, so ``K.dual()`` is the global ``G`` on every rank while ``K``
         acts on the rank's slice of the state vector (all ranks call together). Spectral
         functions therefore run on the dual side. ``gloo`` on CPU, ``nccl`` on GPUs.
     cache : bool, optional
-        Keep each chunk's linearisation between products. Default: always for the structured
-        path (three ``M``-sized arrays in all), otherwise only when there is one chunk (an
-        autograd graph holds a whole forward's activations).
+        Keep every chunk's linearisation between products. Default: when they fit the budget.
 
     Examples
     --------
@@ -181,13 +195,14 @@ class StateNTK(_JacobianProductOperator):
     def __init__(self, model: nn.Module | torch.Tensor, inputs: torch.Tensor | None = None, *,
                  h0=None, outputs: str | Callable = "states", params: Sequence[str] | None = None,
                  chunk_size: int | None = None, jvp: str = "auto", cache: bool | None = None,
-                 process_group=None, _engine: JacobianEngine | None = None):
+                 memory_budget: int | None = None, process_group=None,
+                 _engine: JacobianEngine | None = None):
         if _engine is None:
             if inputs is None:
                 raise TypeError("StateNTK(model, inputs): inputs [B, T, d_in] are required")
             _engine = JacobianEngine(model, inputs, h0=h0, outputs=outputs, params=params,
                                      chunk_size=chunk_size, jvp=jvp, cache=cache,
-                                     process_group=process_group)
+                                     memory_budget=memory_budget, process_group=process_group)
         anchor = torch.empty(0, dtype=_engine.dtype, device=_engine.device)
         super().__init__(anchor, _engine=_engine)
 

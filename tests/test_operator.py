@@ -95,19 +95,22 @@ def test_dual_has_the_same_nonzero_spectrum(name):
 def test_chunked_equals_unchunked(name):
     model, u = MODELS[name](), inputs(B=5)
     K1 = lnk.StateNTK(model, u)
-    K2 = lnk.StateNTK(model, u, chunk_size=2)
-    assert len(K2.engine.chunks) == 3
-    assert K2.engine.cache == (K2.engine.jvp_mode == "structured")  # graphs are not kept
     X = torch.randn(K1.shape[0], 2, generator=gen(8), dtype=F64)
-    torch.testing.assert_close(K2.matmul(X), K1.matmul(X), rtol=1e-12, atol=1e-12)
     Y = torch.randn(K1.dual().shape[0], 2, generator=gen(3), dtype=F64)
-    torch.testing.assert_close(K2.dual().matmul(Y), K1.dual().matmul(Y), rtol=1e-12, atol=1e-12)
+    for cache in (None, False):  # by default every chunk's linearisation fits and is kept
+        K2 = lnk.StateNTK(model, u, chunk_size=2, cache=cache)
+        assert len(K2.engine.chunks) == 3
+        assert K2.engine.cache == (cache is None) and K2.plan.num_chunks == 3
+        torch.testing.assert_close(K2.matmul(X), K1.matmul(X), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(K2.dual().matmul(Y), K1.dual().matmul(Y), rtol=1e-12, atol=1e-12)
+        assert len(K2.engine._lin) == (3 if cache is None else 0)
 
 
 @pytest.mark.parametrize("name", ["ctrnn", "rnn", "gru", "ssm", "map_flip", "user"])
 def test_jvp_modes_agree(name):
     model, u = MODELS[name](), inputs()
-    modes = ["forward", "double_vjp"] + (["structured"] if name in ("ctrnn", "rnn") else [])
+    modes = ["forward", "double_vjp"] + (["structured"] if name in ("ctrnn", "rnn") else []) \
+        + (["cell"] if name != "user" else [])
     ops = [lnk.StateNTK(model, u, jvp=m) for m in modes]
     X = torch.randn(ops[0].dual().shape[0], 3, generator=gen(4), dtype=F64)
     V = torch.randn(ops[0].shape[0], 3, generator=gen(5), dtype=F64)
@@ -120,7 +123,9 @@ def test_jvp_modes_agree(name):
 def test_auto_mode_choices():
     u = inputs()
     assert lnk.StateNTK(MODELS["ctrnn"](), u).engine.jvp_mode == "structured"
-    assert lnk.StateNTK(MODELS["gru"](), u).engine.jvp_mode == "forward"
+    for name in ("gru", "ssm", "map_flip", "torch_rnn", "torch_gru", "torch_lstm"):
+        assert lnk.StateNTK(MODELS[name](), u).engine.jvp_mode == "cell", name
+    assert lnk.StateNTK(MODELS["user"](), u).engine.jvp_mode == "forward"  # no step method
     # readout outputs go through autograd even for the structured models
     assert lnk.StateNTK(MODELS["ctrnn"](), u, outputs="readout").engine.jvp_mode == "forward"
     with pytest.raises(ValueError, match="structured"):

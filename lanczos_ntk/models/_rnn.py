@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ._base import StateSpaceModel
-from ._structured import WeightActivityJacobian
 
 __all__ = ["CTRNN", "DiscreteRNN", "GRU"]
 
@@ -19,12 +18,6 @@ def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Gen
     g = torch.Generator()
     g.manual_seed(0 if seed is None else int(seed))
     return g
-
-
-def _plain(model, cls) -> bool:
-    """Whether ``model`` runs ``cls``'s own dynamics (a subclass may change any of them)."""
-    return all(getattr(type(model), name) is getattr(cls, name)
-               for name in ("rhs", "step", "forward", "initial_state"))
 
 
 def _gaussian(shape, scale, g, dtype) -> nn.Parameter:
@@ -76,21 +69,6 @@ class CTRNN(StateSpaceModel):
     def rhs(self, h, u):
         return -h + torch.tanh(h) @ self.W.T + u @ self.B.T + self.b
 
-    def _structured_jacobian(self, engine):
-        """Closed-form Jacobian products (see :mod:`lanczos_ntk.models._structured`)."""
-        if not _plain(self, CTRNN):
-            return None
-        dt = self.dt
-
-        def activity(h):
-            a = torch.tanh(h)
-            return a, 1 - a * a
-
-        def update(h, z):
-            return h + dt * (z - h), dt
-
-        return WeightActivityJacobian(self, engine.spec, {"W": "W", "U": "B", "b": "b"},
-                                      activity, update, psi_h=1 - dt)
 
 
 class DiscreteRNN(StateSpaceModel):
@@ -117,17 +95,6 @@ class DiscreteRNN(StateSpaceModel):
     def rhs(self, h, u):
         return torch.tanh(h @ self.W.T + u @ self.U.T + self.b)
 
-    def _structured_jacobian(self, engine):
-        """Closed-form Jacobian products (see :mod:`lanczos_ntk.models._structured`)."""
-        if not _plain(self, DiscreteRNN):
-            return None
-
-        def update(h, z):
-            hn = torch.tanh(z)
-            return hn, 1 - hn * hn
-
-        return WeightActivityJacobian(self, engine.spec, {"W": "W", "U": "U", "b": "b"},
-                                      lambda h: (h, None), update, psi_h=0.0)
 
 
 class GRU(StateSpaceModel):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["WeightActivityJacobian"]
+__all__ = ["WeightActivityJacobian", "closed_form"]
 
 
 class _Linearization:
@@ -121,3 +121,35 @@ class WeightActivityJacobian:
     def linearize(self, params, u, h0):
         """Cache the trajectory at ``params`` (all of the model's parameters, by name)."""
         return _Linearization(self, params, u, h0)
+
+
+def _runs_own_dynamics(model, cls) -> bool:
+    """Whether ``model`` runs ``cls``'s own dynamics (a subclass may change any of them)."""
+    return all(getattr(type(model), name) is getattr(cls, name)
+               for name in ("rhs", "step", "forward", "initial_state"))
+
+
+def closed_form(model, spec) -> WeightActivityJacobian | None:
+    """The closed-form products of an unmodified CTRNN or DiscreteRNN, else ``None``."""
+    from .models import CTRNN, DiscreteRNN
+
+    if isinstance(model, CTRNN) and _runs_own_dynamics(model, CTRNN):
+        dt = model.dt
+
+        def activity(h):
+            a = torch.tanh(h)
+            return a, 1 - a * a
+
+        def update(h, z):
+            return h + dt * (z - h), dt
+
+        return WeightActivityJacobian(model, spec, {"W": "W", "U": "B", "b": "b"},
+                                      activity, update, psi_h=1 - dt)
+    if isinstance(model, DiscreteRNN) and _runs_own_dynamics(model, DiscreteRNN):
+        def update(h, z):
+            hn = torch.tanh(z)
+            return hn, 1 - hn * hn
+
+        return WeightActivityJacobian(model, spec, {"W": "W", "U": "U", "b": "b"},
+                                      lambda h: (h, None), update, psi_h=0.0)
+    return None

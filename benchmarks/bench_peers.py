@@ -1,0 +1,288 @@
+"""Benchmark: lanczos_ntk against the peer pipelines (scipy + torch.func), side by side.
+
+Every row builds one network, then times in this one process, on the same weights and data:
+
+- **peer, per product**: scipy ``eigsh`` on ``G = Jᵀ J`` with ``torch.func.jvp`` / ``vjp`` run
+  from scratch for every product;
+- **peer, linearised**: the same, with the forward done once (``torch.func.linearize`` for
+  ``J x`` and a retained autograd graph for ``Jᵀ v``);
+- **lanczos_ntk**: ``StateNTK`` (operator construction included) and ``lanczos_ntk.eigsh``.
+
+Rows: the built-in ``CTRNN`` (closed-form path), the same Euler CTRNN written as a plain
+forward-only ``nn.Module`` (autograd path), the same with a ``step`` method (cell path),
+batch-first ``nn.GRU`` and ``nn.LSTM`` (cell path). Workload as in the issue: top-10
+eigenvalues at ``tol=1e-6``, float32, gain 1.5.
+
+Printed per row: top-10 time and speed-up over the best peer, the largest relative difference
+to the peer's eigenvalues, ``K`` matvec and ``G`` matvec in training steps (forward + backward
+of a squared loss on the states), the per-vector cost of a block of 10 against single products,
+SLQ (10 probes × 40 steps) against ``linear_operator``'s ``lanczos_tridiag`` on the same
+operator, and the peak resident memory of the row above the process baseline (sampled).
+
+Run: ``python benchmarks/bench_peers.py [--size medium|large] [--rows ctrnn user_step ...]
+[--scaling]``. ``--scaling`` adds a table of time per product for B = 64, 256, 1024.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import threading
+import time
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import nn
+from torch.func import functional_call, jvp, linearize, vjp
+
+import lanczos_ntk as lnk
+
+SIZES = {"medium": (64, 50, 64), "large": (128, 100, 256)}  # n, T, B
+D_IN, DT, GAIN, K_EIG, TOL = 2, 0.1, 1.5, 10, 1e-6
+
+
+class ForwardOnly(nn.Module):
+    """The Euler CTRNN as a user would write it: forward(u) loops over time, nothing else."""
+
+    def __init__(self, W, B, b):
+        super().__init__()
+        self.W, self.B, self.b = (nn.Parameter(t.detach().clone()) for t in (W, B, b))
+
+    def forward(self, u):
+        h = torch.zeros(u.shape[0], self.W.shape[0], dtype=u.dtype, device=u.device)
+        out = []
+        for t in range(u.shape[1]):
+            h = h + DT * (-h + torch.tanh(h) @ self.W.T + u[:, t] @ self.B.T + self.b)
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+class WithStep(ForwardOnly):
+    """The same network with a documented one-step method."""
+
+    def step(self, h, u):
+        return h + DT * (-h + torch.tanh(h) @ self.W.T + u @ self.B.T + self.b)
+
+    def forward(self, u):
+        h = torch.zeros(u.shape[0], self.W.shape[0], dtype=u.dtype, device=u.device)
+        out = []
+        for t in range(u.shape[1]):
+            h = self.step(h, u[:, t])
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+def build(row, n, T, B, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(B, T, D_IN, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    ct = lnk.models.CTRNN(n, D_IN, gain=GAIN, dt=DT, seed=0, dtype=dtype).to(device)
+    if row == "ctrnn":
+        return ct, u
+    if row == "user_forward":
+        return ForwardOnly(ct.W, ct.B, ct.b), u
+    if row == "user_step":
+        return WithStep(ct.W, ct.B, ct.b), u
+    torch.manual_seed(0)  # torch's RNN init uses the global generator
+    cls = {"gru": nn.GRU, "lstm": nn.LSTM}[row]
+    return cls(D_IN, n, batch_first=True, dtype=dtype, device=device), u
+
+
+def states_fn(model):
+    rnn = isinstance(model, (nn.RNN, nn.GRU, nn.LSTM))
+
+    def f(params, u):
+        out = functional_call(model, params, (u,))
+        return out[0] if rnn else out
+    return f
+
+
+class PeakRSS:
+    """Peak resident memory of the process while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = False
+        self._t = threading.Thread(target=self._watch, daemon=True)
+        self._t.start()
+        return self
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def _watch(self):
+        while not self._stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def mib(self):
+        return (self.peak - self.base) / 2**20
+
+
+def timed(fn, repeat=1):
+    best = math.inf
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def scipy_top(matvec, P, dtype):
+    def mv(x):
+        x = torch.as_tensor(np.asarray(x).reshape(P, -1), dtype=dtype)
+        return matvec(x).double().numpy().reshape(np.asarray(x).shape[0], -1).squeeze(-1)
+
+    op = LinearOperator((P, P), matvec=mv, dtype=np.float64)
+    v0 = np.random.default_rng(0).standard_normal(P)
+    return np.sort(eigsh(op, k=K_EIG, which="LA", tol=TOL, v0=v0, return_eigenvectors=False))
+
+
+def peer_per_product(f, params, u):
+    names = list(params)
+    sizes = [params[k].numel() for k in names]
+
+    def unflat(x):
+        return {k: c.reshape(params[k].shape) for k, c in zip(names, torch.split(x[:, 0], sizes))}
+
+    def matvec(x):
+        _, Jx = jvp(lambda p: f(p, u), (params,), (unflat(x),))
+        _, back = vjp(lambda p: f(p, u), params)
+        (g,) = back(Jx)
+        return torch.cat([g[k].reshape(-1) for k in names])[:, None]
+    return scipy_top(matvec, sum(sizes), u.dtype)
+
+
+def peer_linearised(f, params, u):
+    names = list(params)
+    sizes = [params[k].numel() for k in names]
+    _, jvp_fn = linearize(lambda p: f(p, u), params)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    out = f(leaves, u)
+
+    def matvec(x):
+        t = {k: c.reshape(params[k].shape) for k, c in zip(names, torch.split(x[:, 0], sizes))}
+        Jx = jvp_fn(t)
+        g = torch.autograd.grad(out, [leaves[k] for k in names], Jx, retain_graph=True)
+        return torch.cat([a.reshape(-1) for a in g])[:, None]
+    return scipy_top(matvec, sum(sizes), u.dtype)
+
+
+def train_step_seconds(model, u, f):
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+
+    def step():
+        loss = (f(params, u) ** 2).mean()
+        torch.autograd.grad(loss, list(params.values()))
+    step()
+    return timed(step, repeat=3)[0]
+
+
+def lo_slq_seconds(op, num_probes, num_steps, dtype):
+    from linear_operator.utils.lanczos import lanczos_tridiag
+
+    n = op.shape[0]
+    probes = torch.randint(0, 2, (n, num_probes), generator=torch.Generator().manual_seed(0))
+    probes = (2 * probes - 1).to(dtype)
+
+    def run():
+        _, T = lanczos_tridiag(op.matmul, num_steps, dtype=dtype, device=probes.device,
+                               init_vecs=probes, num_init_vecs=num_probes)
+        return torch.linalg.eigh(T)
+    return timed(run)[0]
+
+
+def row_figures(row, n, T, B, dtype, skip_peers=False, skip_slq=False):
+    model, u = build(row, n, T, B, dtype, "cpu")
+    f = states_fn(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    fig = {"row": row}
+    with PeakRSS() as mem:
+        t_ours, res = timed(lambda: lnk.eigsh(lnk.StateNTK(model, u), k=K_EIG, tol=TOL,
+                                              generator=torch.Generator().manual_seed(0)))
+    fig["ours_s"], fig["ours_mib"] = t_ours, mem.mib
+    ours = np.sort(res.eigenvalues.double().numpy())
+    if not skip_peers:
+        t1, ref = timed(lambda: peer_per_product(f, params, u))
+        with PeakRSS() as mem:
+            t2, ref2 = timed(lambda: peer_linearised(f, params, u))
+        fig["peer_mib"] = mem.mib
+        fig["peer_s"] = min(t1, t2)
+        fig["peer_which"] = "per-product" if t1 <= t2 else "linearised"
+        fig["agree"] = float(np.max(np.abs(ours - ref) / np.abs(ref)))
+    K = lnk.StateNTK(model, u)
+    fig["plan"] = str(K.plan)
+    G = K.dual()
+    gtor = torch.Generator().manual_seed(1)
+    v = torch.randn(K.shape[0], 1, generator=gtor, dtype=dtype)
+    V = torch.randn(K.shape[0], 10, generator=gtor, dtype=dtype)
+    x = torch.randn(G.shape[0], 1, generator=gtor, dtype=dtype)
+    K.matmul(v)  # build the linearisation (once per operator)
+    step = train_step_seconds(model, u, f)
+    t_k = timed(lambda: K.matmul(v), repeat=3)[0]
+    t_g = timed(lambda: G.matmul(x), repeat=3)[0]
+    t_block = timed(lambda: K.matmul(V), repeat=2)[0]
+    fig.update(train_step_s=step, k_over_step=t_k / step, g_over_step=t_g / step,
+               block_per_vector=t_block / 10 / t_k)
+    if not skip_slq:
+        side = G if G.shape[0] < K.shape[0] else K
+        t_slq = timed(lambda: lnk.slq(side, num_probes=10, num_steps=40,
+                                      generator=torch.Generator().manual_seed(0)))[0]
+        fig["slq_speedup"] = lo_slq_seconds(side, 10, 40, dtype) / t_slq
+    return fig
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=list(SIZES), default="medium")
+    ap.add_argument("--rows", nargs="+", default=["ctrnn", "user_forward", "user_step", "gru", "lstm"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--skip-slq", action="store_true")
+    ap.add_argument("--scaling", action="store_true", help="time per product for B = 64, 256, 1024")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    n, T, B = SIZES[args.size]
+    print(f"size {args.size}: n={n} T={T} B={B} M={B * T * n:,} {args.dtype} "
+          f"threads={args.threads} torch {torch.__version__}")
+    head = (f"{'row':13s} {'top-10 s':>9s} {'peer s':>8s} {'speed-up':>8s} {'agree':>8s} "
+            f"{'K/step':>7s} {'G/step':>7s} {'blk/vec':>7s} {'SLQ x':>6s} {'MiB':>7s} {'peer MiB':>8s}")
+    print(head)
+    plans = []
+    for row in args.rows:
+        fg = row_figures(row, n, T, B, dtype, args.skip_peers, args.skip_slq)
+        plans.append(f"  {row}: {fg['plan']}")
+        peer = fg.get("peer_s", float("nan"))
+        print(f"{row:13s} {fg['ours_s']:9.3f} {peer:8.3f} {peer / fg['ours_s']:7.2f}x "
+              f"{fg.get('agree', float('nan')):8.1e} {fg['k_over_step']:7.2f} {fg['g_over_step']:7.2f} "
+              f"{fg['block_per_vector']:7.2f} {fg.get('slq_speedup', float('nan')):5.2f}x "
+              f"{fg['ours_mib']:7.0f} {fg.get('peer_mib', float('nan')):8.0f}", flush=True)
+    print("plans:")
+    print("\n".join(plans))
+    if args.scaling:
+        print("scaling (K matvec, one vector):")
+        for row in args.rows:
+            for b in (64, 256, 1024):
+                model, u = build(row, n, T, b, dtype, "cpu")
+                with PeakRSS() as mem:
+                    K = lnk.StateNTK(model, u)
+                    v = torch.ones(K.shape[0], 1, dtype=dtype)
+                    K.matmul(v)
+                    t = timed(lambda K=K, v=v: K.matmul(v), repeat=2)[0]
+                print(f"  {row:13s} B={b:5d} M={K.shape[0]:>10,} {t * 1e3:9.1f} ms "
+                      f"{t * 1e3 / b:7.3f} ms/trial  peak {mem.mib:7.0f} MiB "
+                      f"(budget {K.plan.budget_bytes / 2**20:,.0f} MiB, {K.plan.num_chunks} chunk(s))",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""One-step cells of recurrent models, as pure functions of the parameters.
+
+The cell-linearised product path (:mod:`lanczos_ntk._cell_path`) needs a model as
+``s_{t+1} = F(θ, s_t, u_t)`` with a flat state ``s [N, S]`` and the outputs as a fixed slice of
+the state. This module finds that form for
+
+- the built-in models (their ``step``),
+- batch-first ``torch.nn.RNN`` / ``GRU`` / ``LSTM`` (their cell equations written out, weights
+  read from the module by name, so fused kernels are not needed),
+- user modules with a documented ``step(h, u) -> h_next`` method whose ``forward(u)`` iterates it
+  from ``initial_state(B)`` (or zeros) and returns the stacked states.
+
+A cell is accepted only after its iteration reproduces the model's own forward on one trial.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["Cell", "find_cell"]
+
+_TORCH_RNNS = (nn.RNN, nn.GRU, nn.LSTM)
+
+
+class Cell:
+    """``F(params, s [N, S], u [N, d]) -> s' [N, S]``; the outputs are ``s[..., out]``.
+
+    Attributes
+    ----------
+    state_size : int
+        ``S``, the flat state size (for an LSTM: hidden and cell states of every layer).
+    out : slice
+        The part of the state that is the model's output at each step.
+    initial : callable ``(h0 or None, b, dtype, device) -> s0 [b, S]``
+    """
+
+    def __init__(self, fn: Callable, state_size: int, out: slice, initial: Callable, name: str):
+        self.fn, self.state_size, self.out, self.initial, self.name = fn, state_size, out, initial, name
+
+    def __call__(self, params, s, u):
+        return self.fn(params, s, u)
+
+    def states(self, params, u, h0) -> torch.Tensor:
+        """Iterate the cell: all states ``[b, T, S]`` after each step (no autograd)."""
+        b, T, _ = u.shape
+        s = self.initial(h0, b, u.dtype, u.device)
+        out = []
+        for t in range(T):
+            s = self.fn(params, s, u[:, t])
+            out.append(s)
+        return torch.stack(out, 1)
+
+
+class _StepView(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, h, u):
+        return self.m.step(h, u)
+
+
+def _step_cell(model, width: int) -> Cell:
+    view = _StepView(model)
+
+    def fn(params, s, u):
+        return functional_call(view, {"m." + k: v for k, v in params.items()}, (s, u))
+
+    def initial(h0, b, dtype, device):
+        if h0 is not None:
+            return h0
+        init = getattr(model, "initial_state", None)
+        if callable(init):
+            return init(b, dtype=dtype, device=device)
+        return torch.zeros(b, width, dtype=dtype, device=device)
+
+    return Cell(fn, width, slice(0, width), initial, "step")
+
+
+def _torch_rnn_cell(model) -> Cell | None:
+    if model.bidirectional or getattr(model, "proj_size", 0) or (model.training and model.dropout):
+        return None
+    L, H = model.num_layers, model.hidden_size
+    lstm = isinstance(model, nn.LSTM)
+    if isinstance(model, nn.RNN):
+        act = torch.tanh if model.nonlinearity == "tanh" else torch.relu
+    bias = model.bias
+
+    def fn(params, s, u):
+        hs = s.split(H, dim=-1)
+        x, new_h, new_c = u, [], []
+        for layer in range(L):
+            w_ih, w_hh = params[f"weight_ih_l{layer}"], params[f"weight_hh_l{layer}"]
+            gi = x @ w_ih.T
+            h = hs[layer]
+            gh = h @ w_hh.T
+            if bias:
+                gi = gi + params[f"bias_ih_l{layer}"]
+                gh = gh + params[f"bias_hh_l{layer}"]
+            if lstm:
+                c = hs[L + layer]
+                i, f, g, o = (gi + gh).chunk(4, dim=-1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                new_c.append(c)
+            elif isinstance(model, nn.GRU):
+                ir, iz, in_ = gi.chunk(3, dim=-1)
+                hr, hz, hn = gh.chunk(3, dim=-1)
+                r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+                h = (1 - z) * torch.tanh(in_ + r * hn) + z * h
+            else:
+                h = act(gi + gh)
+            new_h.append(h)
+            x = h
+        return torch.cat(new_h + new_c, dim=-1)
+
+    S = (2 if lstm else 1) * L * H
+
+    def initial(h0, b, dtype, device):
+        if h0 is None:
+            return torch.zeros(b, S, dtype=dtype, device=device)
+        parts = h0 if isinstance(h0, tuple) else (h0,)
+        return torch.cat([p.permute(1, 0, 2).reshape(b, L * H) for p in parts], dim=-1)
+
+    return Cell(fn, S, slice((L - 1) * H, L * H), initial, f"torch.nn.{type(model).__name__} cell")
+
+
+def find_cell(model: nn.Module, width: int, params: dict, constants: dict,
+              u: torch.Tensor, h0, reference: torch.Tensor) -> Cell | None:
+    """The model's one-step cell, if it has one that reproduces ``reference`` (its forward on
+    the inputs ``u`` of one trial), else ``None``."""
+    if isinstance(model, _TORCH_RNNS):
+        cell = _torch_rnn_cell(model)
+    elif callable(getattr(model, "step", None)):
+        cell = _step_cell(model, width)
+    else:
+        return None
+    if cell is None:
+        return None
+    full = {**constants, **params}
+    try:
+        with torch.no_grad():
+            got = cell.states(full, u, h0)[..., cell.out]
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return None
+    if got.shape != reference.shape:
+        return None
+    scale = float(reference.abs().max()) + 1.0
+    tol = 1e3 * torch.finfo(reference.dtype).eps * scale
+    return cell if float((got - reference).abs().max()) <= tol else None

@@ -1,0 +1,163 @@
+"""Product paths (closed form, cell, autograd) and the memory budget, against dense references."""
+
+import pytest
+import torch
+from torch import nn
+
+import lanczos_ntk as lnk
+from lanczos_ntk import models
+from lanczos_ntk.testing import assert_operator_close, dense_gram, dense_jacobian
+
+F64 = torch.float64
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def inputs(B=3, T=4, d=2, seed=0):
+    return 0.5 * torch.randn(B, T, d, generator=gen(seed), dtype=F64)
+
+
+class StepModule(nn.Module):
+    """A user's module with a documented one-step method: forward iterates step from zeros."""
+
+    def __init__(self, n=3, d=2, seed=5):
+        super().__init__()
+        g = gen(seed)
+        self.A = nn.Parameter(0.6 * torch.randn(n, n, generator=g, dtype=F64))
+        self.C = nn.Parameter(torch.randn(n, d, generator=g, dtype=F64))
+        self.c = nn.Parameter(0.1 * torch.randn(n, generator=g, dtype=F64))
+        self.register_buffer("leak", torch.tensor(0.7, dtype=F64))
+        self.n = n
+
+    def step(self, h, u):
+        return self.leak * h + torch.sigmoid(h @ self.A.T + u @ self.C.T + self.c) * torch.tanh(h + 1)
+
+    def forward(self, u):
+        h = torch.zeros(u.shape[0], self.n, dtype=u.dtype)
+        out = []
+        for t in range(u.shape[1]):
+            h = self.step(h, u[:, t])
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+class MismatchedStep(StepModule):
+    """step is not what forward iterates: the cell must be refused."""
+
+    def forward(self, u):
+        return 1.5 * super().forward(u)
+
+
+def check_products(K, J):
+    X = torch.randn(J.shape[1], 4, generator=gen(2), dtype=F64)
+    V = torch.randn(J.shape[0], 4, generator=gen(3), dtype=F64)
+    for k in (1, 4):  # single vectors and blocks
+        ref = J @ X[:, :k]
+        assert torch.linalg.norm(K.jvp(X[:, :k]) - ref) <= 1e-11 * torch.linalg.norm(ref)
+        ref = J.T @ V[:, :k]
+        assert torch.linalg.norm(K.vjp(V[:, :k]) - ref) <= 1e-11 * torch.linalg.norm(ref)
+    assert_operator_close(K, J @ J.T, rtol=1e-10)
+    assert_operator_close(K.dual(), J.T @ J, rtol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size, cache", [(None, None), (2, None), (1, False)])
+def test_user_module_with_a_step_method_takes_the_cell_path(chunk_size, cache):
+    model, u = StepModule(), inputs(B=5)
+    K = lnk.StateNTK(model, u, chunk_size=chunk_size, cache=cache)
+    assert K.plan.path == "cell" and K.plan.cell == "step"
+    check_products(K, dense_jacobian(model, u))
+
+
+def test_a_step_that_does_not_reproduce_forward_is_not_used():
+    model, u = MismatchedStep(), inputs()
+    K = lnk.StateNTK(model, u)
+    assert K.plan.path == "autograd"
+    check_products(K, dense_jacobian(model, u))
+    with pytest.raises(ValueError, match="one-step cell"):
+        lnk.StateNTK(model, u, jvp="cell")
+
+
+@pytest.mark.parametrize("cls", [nn.RNN, nn.GRU, nn.LSTM])
+def test_torch_rnns_with_two_layers_and_initial_states(cls):
+    torch.manual_seed(0)  # torch's own init draws from the global generator
+    model = cls(2, 3, num_layers=2, batch_first=True, dtype=F64)
+    u = inputs(B=4, T=5)
+    h = torch.randn(2, 4, 3, generator=gen(4), dtype=F64)
+    h0 = (h, torch.randn(2, 4, 3, generator=gen(5), dtype=F64)) if cls is nn.LSTM else h
+    K = lnk.StateNTK(model, u, h0=h0, chunk_size=3)
+    assert K.plan.path == "cell" and "torch.nn" in K.plan.cell
+    check_products(K, dense_jacobian(model, u, h0=h0))
+
+
+def test_relu_rnn_and_no_bias():
+    torch.manual_seed(1)
+    model = nn.RNN(2, 4, nonlinearity="relu", bias=False, batch_first=True, dtype=F64)
+    u = inputs()
+    K = lnk.StateNTK(model, u)
+    assert K.plan.path == "cell"
+    check_products(K, dense_jacobian(model, u))
+
+
+@pytest.mark.parametrize("name, model", [
+    ("ctrnn", lambda: models.CTRNN(4, 2, gain=1.7, seed=1)),
+    ("gru", lambda: models.GRU(3, 2, seed=3)),
+    ("user", StepModule),
+])
+def test_tiny_budget_chunks_and_splits_blocks(name, model):
+    model, u = model(), inputs(B=6)
+    big = lnk.StateNTK(model, u)
+    assert big.plan.num_chunks == 1 and big.plan.cached
+    c1, w1 = big.plan.cache_bytes // 6, big.plan.work_bytes_per_vector // 6  # per trial (and vector)
+    one = c1 + w1
+    K = lnk.StateNTK(model, u, memory_budget=int(2.5 * one))
+    assert K.plan.num_chunks > 1 and K.plan.block_columns < 4
+    assert K.plan.budget_bytes == int(2.5 * one)
+    held = K.plan.cache_bytes if K.plan.cached else K.plan.chunk_size * c1
+    assert held + K.plan.work_bytes_per_vector <= K.plan.budget_bytes
+    assert "chunk" in str(K.plan) and "MiB" in str(K.plan)
+    check_products(K, dense_jacobian(model, u))
+    with pytest.raises(ValueError, match="too small for one trial"):
+        lnk.StateNTK(model, u, memory_budget=one // 2)
+
+
+def test_opaque_blocks_share_one_pass():
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(0.5 * torch.randn(3, 3, generator=gen(1), dtype=F64))
+
+        def forward(self, u):
+            h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
+            for t in range(u.shape[1]):
+                h = torch.tanh(h @ self.W.T + u[:, t, :1])
+                out.append(h)
+            return torch.stack(out, 1)
+
+    model, u = Opaque(), inputs()
+    K = lnk.StateNTK(model, u, jvp="double_vjp")
+    assert K.plan.path == "autograd" and K.plan.cached
+    check_products(K, dense_jacobian(model, u))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"chunk_size": 2.5}, "whole number"), ({"chunk_size": True}, "whole number"),
+    ({"memory_budget": -1}, "memory_budget"), ({"memory_budget": "1GB"}, "memory_budget"),
+])
+def test_bad_plan_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lnk.StateNTK(models.CTRNN(3, 2, seed=0), inputs(), **kwargs)
+
+
+def test_half_precision_models_are_refused():
+    with pytest.raises(TypeError, match="half precision"):
+        lnk.StateNTK(models.CTRNN(3, 2, seed=0, dtype=torch.float16), inputs().half())
+
+
+def test_cell_path_gram_matches_dense_for_normal_forms():
+    for form in models.DISCRETE_FORMS:
+        model, u = models.DiscreteNormalForm(form, mu=-0.2, input_size=2), inputs()
+        K = lnk.StateNTK(model, u)
+        assert K.plan.path == "cell"
+        assert_operator_close(K.dual(), dense_gram(model, u), rtol=1e-10)
