@@ -153,8 +153,12 @@ def peer_per_product(f, params, u):
         return {k: c.reshape(params[k].shape) for k, c in zip(names, torch.split(x[:, 0], sizes))}
 
     def matvec(x):
-        _, Jx = jvp(lambda p: f(p, u), (params,), (unflat(x),))
-        _, back = vjp(lambda p: f(p, u), params)
+        out, back = vjp(lambda p: f(p, u), params)
+        try:
+            _, Jx = jvp(lambda p: f(p, u), (params,), (unflat(x),))
+        except NotImplementedError:  # no forward mode (fused kernels): J x as a VJP of the VJP
+            _, back2 = vjp(lambda w: back(w)[0], torch.zeros_like(out))
+            (Jx,) = back2(unflat(x))
         (g,) = back(Jx)
         return torch.cat([g[k].reshape(-1) for k in names])[:, None]
     return scipy_top(matvec, sum(sizes), u.dtype)
@@ -163,9 +167,16 @@ def peer_per_product(f, params, u):
 def peer_linearised(f, params, u):
     names = list(params)
     sizes = [params[k].numel() for k in names]
-    _, jvp_fn = linearize(lambda p: f(p, u), params)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     out = f(leaves, u)
+    try:
+        _, jvp_fn = linearize(lambda p: f(p, u), params)
+    except NotImplementedError:  # no forward mode: a VJP of the retained graph's VJP
+        w = torch.zeros_like(out, requires_grad=True)
+        gw = torch.autograd.grad(out, [leaves[k] for k in names], w, create_graph=True)
+
+        def jvp_fn(t):
+            return torch.autograd.grad(gw, w, [t[k] for k in names], retain_graph=True)[0]
 
     def matvec(x):
         t = {k: c.reshape(params[k].shape) for k, c in zip(names, torch.split(x[:, 0], sizes))}
@@ -194,6 +205,7 @@ def lo_slq_seconds(op, num_probes, num_steps, dtype):
 
     def run():
         _, T = lanczos_tridiag(op.matmul, num_steps, dtype=dtype, device=probes.device,
+                               matrix_shape=torch.Size([n, n]),
                                init_vecs=probes, num_init_vecs=num_probes)
         return torch.linalg.eigh(T)
     return timed(run)[0]

@@ -31,7 +31,7 @@ class CellLinearization:
     u : inputs ``[b, T, d]``; h0 : the model's initial state or None
     """
 
-    def __init__(self, cell, spec, params, u, h0):
+    def __init__(self, cell, spec, params, u, h0, materialize: bool = False):
         self.cell, self.spec = cell, spec
         self.params = params
         b, T, d = u.shape
@@ -52,6 +52,29 @@ class CellLinearization:
         self._direct = direct
         with torch.enable_grad():
             _, self._direct_vjp = vjp(direct, theta)
+        self.A = None  # [T, b, S, S]: time-major, so each step's matrices are contiguous
+        if materialize:
+            S = self.shape[2]
+            self.A = self._state_jacobians(self.prev.transpose(0, 1).reshape(T * b, S),
+                                           u.transpose(0, 1).reshape(T * b, d)).reshape(T, b, S, S)
+
+    def _state_jacobians(self, flat_s, flat_u, group: int = 16) -> torch.Tensor:
+        """Every step's ``A_t = ∂F/∂s`` ``[b·T, S, S]``: ``S`` basis tangents pushed through the
+        cell for all rows at once (in groups of ``group``), so that a product's recurrence is
+        ``T`` batched small matrix products with no autodiff in the loop."""
+        S = flat_s.shape[1]
+        params = self.params
+
+        def f(s):
+            return self.cell(params, s, flat_u)
+
+        A = flat_s.new_empty(flat_s.shape[0], S, S)
+        eye = torch.eye(S, dtype=flat_s.dtype, device=flat_s.device)
+        for j in range(0, S, group):
+            E = eye[j:j + group].unsqueeze(1).expand(-1, flat_s.shape[0], S)
+            cols = vmap(lambda e: jvp(f, (flat_s,), (e,))[1])(E)        # [g, N, S]
+            A[:, :, j:j + group] = cols.permute(1, 2, 0)
+        return A
 
     # -- state Jacobian at step t ----------------------------------------------------------
     def _step(self, t):
@@ -76,6 +99,14 @@ class CellLinearization:
         theta = self.theta
         C = vmap(lambda t: jvp(self._direct, (theta,), (t,))[1])(tang).reshape(-1, b, T, S)
         out = self.cell.out
+        if self.A is not None:  # rows [b, k, S]: one batched row-times-matrix product per step
+            C = C.permute(1, 2, 0, 3)                                   # [b, T, k, S]
+            d = C[:, 0]
+            ys = [d[..., out]]
+            for t in range(1, T):
+                d = torch.baddbmm(C[:, t], d, self.A[t].transpose(1, 2))
+                ys.append(d[..., out])
+            return torch.stack(ys, 1).permute(2, 0, 1, 3)
         d = C[:, :, 0]
         ys = [d[..., out]]
         for t in range(1, T):
@@ -88,6 +119,18 @@ class CellLinearization:
         k = V.shape[0]
         b, T, S = self.shape
         out = self.cell.out
+        if self.A is not None:  # rows [b, k, S]: one batched row-times-matrix product per step
+            Vt = V.permute(1, 2, 0, 3)                                  # [b, T, k, c]
+            lams = V.new_zeros(b, T, k, S)
+            lam = V.new_zeros(b, k, S)
+            for t in range(T - 1, -1, -1):
+                lam = lam.clone()
+                lam[..., out] += Vt[:, t]
+                lams[:, t] = lam
+                if t > 0:
+                    lam = torch.bmm(lam, self.A[t])
+            (grads,) = vmap(self._direct_vjp)(lams.permute(2, 0, 1, 3).reshape(k, b * T, S))
+            return self.spec.flatten(grads, batch_dims=1)
         lams = V.new_zeros(k, b, T, S)
         lam = V.new_zeros(k, b, S)
         for t in range(T - 1, -1, -1):

@@ -224,6 +224,13 @@ class JacobianEngine:
     def _make_plan(self, budget: int, chunk_size: int | None, cache: bool | None) -> ProductPlan:
         c, w = self._trial_bytes()
         B = self.batch
+        stored = False
+        if self.jvp_mode == "cell" and cache is not False:
+            # the cell path stores every step's state Jacobian when all of them fit the budget
+            isz = torch.empty(0, dtype=self.dtype).element_size()
+            jac = self.steps * self._cell.state_size ** 2 * isz
+            if B * (c + jac) + w * (chunk_size or 1) <= budget:
+                stored, c = True, c + jac
         if budget < c + w:
             raise ValueError(f"memory_budget of {budget / 2**20:.2f} MiB is too small for one trial "
                              f"of this model (about {(c + w) / 2**20:.2f} MiB: "
@@ -242,7 +249,8 @@ class JacobianEngine:
         return ProductPlan(path=_PATHS[self.jvp_mode], jvp=self.jvp_mode, cell=cell, trials=B,
                            chunk_size=chunk_size, num_chunks=chunks, cached=bool(cache),
                            cache_bytes=int(B * c) if cache else 0, work_bytes_per_vector=int(
-                               chunk_size * w), block_columns=columns, budget_bytes=budget)
+                               chunk_size * w), block_columns=columns, budget_bytes=budget,
+                           stored_jacobians=stored)
 
     # -- per chunk -----------------------------------------------------------------------------
     def _linearization(self, i: int):
@@ -253,7 +261,8 @@ class JacobianEngine:
         if self.jvp_mode == "structured":
             lin = self._closed.linearize({**self.constants, **self.params}, u, h0)
         elif self.jvp_mode == "cell":
-            lin = CellLinearization(self._cell, self.spec, {**self.constants, **self.params}, u, h0)
+            lin = CellLinearization(self._cell, self.spec, {**self.constants, **self.params}, u, h0,
+                                    materialize=self.plan.stored_jacobians)
         else:
             p = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
             with torch.enable_grad():
