@@ -203,12 +203,18 @@ def lo_slq_seconds(op, num_probes, num_steps, dtype):
     probes = torch.randint(0, 2, (n, num_probes), generator=torch.Generator().manual_seed(0))
     probes = (2 * probes - 1).to(dtype)
 
+    calls = [0]
+
+    def counted(X):
+        calls[0] += X.shape[-1]
+        return op.matmul(X)
+
     def run():
-        _, T = lanczos_tridiag(op.matmul, num_steps, dtype=dtype, device=probes.device,
+        _, T = lanczos_tridiag(counted, num_steps, dtype=dtype, device=probes.device,
                                matrix_shape=torch.Size([n, n]),
                                init_vecs=probes, num_init_vecs=num_probes)
         return torch.linalg.eigh(T)
-    return timed(run)[0]
+    return timed(run)[0], calls[0]
 
 
 def row_figures(row, n, T, B, dtype, skip_peers=False, skip_slq=False):
@@ -247,7 +253,8 @@ def row_figures(row, n, T, B, dtype, skip_peers=False, skip_slq=False):
         side = G if G.shape[0] < K.shape[0] else K
         t_slq = timed(lambda: lnk.slq(side, num_probes=10, num_steps=40,
                                       generator=torch.Generator().manual_seed(0)))[0]
-        fig["slq_speedup"] = lo_slq_seconds(side, 10, 40, dtype) / t_slq
+        t_lo, n_lo = lo_slq_seconds(side, 10, 40, dtype)
+        fig["slq_speedup"], fig["slq_lo_products"] = t_lo / t_slq, n_lo
     return fig
 
 
@@ -269,15 +276,19 @@ def main():
     head = (f"{'row':13s} {'top-10 s':>9s} {'peer s':>8s} {'speed-up':>8s} {'agree':>8s} "
             f"{'K/step':>7s} {'G/step':>7s} {'blk/vec':>7s} {'SLQ x':>6s} {'MiB':>7s} {'peer MiB':>8s}")
     print(head)
-    plans = []
+    plans, slq_counts = [], {}
     for row in args.rows:
         fg = row_figures(row, n, T, B, dtype, args.skip_peers, args.skip_slq)
+        slq_counts[row] = fg.get("slq_lo_products")
         plans.append(f"  {row}: {fg['plan']}")
         peer = fg.get("peer_s", float("nan"))
         print(f"{row:13s} {fg['ours_s']:9.3f} {peer:8.3f} {peer / fg['ours_s']:7.2f}x "
               f"{fg.get('agree', float('nan')):8.1e} {fg['k_over_step']:7.2f} {fg['g_over_step']:7.2f} "
               f"{fg['block_per_vector']:7.2f} {fg.get('slq_speedup', float('nan')):5.2f}x "
               f"{fg['ours_mib']:7.0f} {fg.get('peer_mib', float('nan')):8.0f}", flush=True)
+    print("SLQ x: linear_operator SLQ time / lanczos_ntk SLQ time, both asked for 10 probes x 40 "
+          "steps; products linear_operator used: "
+          + ", ".join(f"{r}={n}" for r, n in slq_counts.items()) + " (lanczos_ntk: 400)")
     print("plans:")
     print("\n".join(plans))
     if args.scaling:

@@ -79,10 +79,14 @@ class JacobianEngine:
         self.width = self._probe_outputs(model)
         self._closed = None
         self._cell = None
+        self._forward_fallback = False
         self.jvp_mode = self._choose_jvp(jvp)
         budget = int(memory_budget) if memory_budget is not None else \
             int(DEFAULT_BUDGET_FRACTION * available_memory(self.device))
         self.plan = self._make_plan(budget, chunk_size, cache)
+        if self._forward_fallback and not self.plan.cached:
+            self.jvp_mode = "forward"
+            self.plan = self._make_plan(budget, chunk_size, cache)
         self.chunk_size = self.plan.chunk_size
         self.cache = self.plan.cached
         self.chunks = [slice(s, min(s + self.chunk_size, self.batch))
@@ -183,7 +187,10 @@ class JacobianEngine:
             torch.func.jvp(lambda p: self.call(p, u, h0), (self.params,), (tangents,))
         except (RuntimeError, NotImplementedError):
             return "double_vjp"
-        return "forward"
+        # on a cached graph the VJP of a VJP reuses the forward; forward mode re-runs it
+        # (the plan falls back to forward mode when the graphs do not fit the budget)
+        self._forward_fallback = True
+        return "double_vjp"
 
     # -- memory plan ---------------------------------------------------------------------------
     def _trial_bytes(self) -> tuple[int, int]:

@@ -125,9 +125,12 @@ def test_auto_mode_choices():
     assert lnk.StateNTK(MODELS["ctrnn"](), u).engine.jvp_mode == "structured"
     for name in ("gru", "ssm", "map_flip", "torch_rnn", "torch_gru", "torch_lstm"):
         assert lnk.StateNTK(MODELS[name](), u).engine.jvp_mode == "cell", name
-    assert lnk.StateNTK(MODELS["user"](), u).engine.jvp_mode == "forward"  # no step method
+    # no step method: the cached autograd graph, J x as a VJP of its VJP; forward mode when
+    # the graphs are not kept
+    assert lnk.StateNTK(MODELS["user"](), u).engine.jvp_mode == "double_vjp"
+    assert lnk.StateNTK(MODELS["user"](), u, cache=False).engine.jvp_mode == "forward"
     # readout outputs go through autograd even for the structured models
-    assert lnk.StateNTK(MODELS["ctrnn"](), u, outputs="readout").engine.jvp_mode == "forward"
+    assert lnk.StateNTK(MODELS["ctrnn"](), u, outputs="readout").engine.plan.path == "autograd"
     with pytest.raises(ValueError, match="structured"):
         lnk.StateNTK(MODELS["gru"](), u, jvp="structured")
 
@@ -309,7 +312,7 @@ def test_structured_path_only_where_it_is_exact():
         lnk.StateNTK(MODELS["ctrnn"](), u, outputs="readout", jvp="structured")
     sub = DoubledCTRNN(4, 2, gain=1.7, seed=1)
     K = lnk.StateNTK(sub, u)
-    assert K.engine.jvp_mode == "forward"
+    assert K.engine.plan.path == "autograd"  # its step no longer reproduces its forward
     assert_operator_close(K, dense_ntk(sub, u))
     with pytest.raises(ValueError, match="structured"):
         lnk.StateNTK(sub, u, jvp="structured")
