@@ -58,11 +58,13 @@ class CellLinearization:
             self.A = self._state_jacobians(self.prev.transpose(0, 1).reshape(T * b, S),
                                            u.transpose(0, 1).reshape(T * b, d)).reshape(T, b, S, S)
 
-    def _state_jacobians(self, flat_s, flat_u, group: int = 16) -> torch.Tensor:
+    def _state_jacobians(self, flat_s, flat_u, group_bytes: int = 64 << 20) -> torch.Tensor:
         """Every step's ``A_t = ∂F/∂s`` ``[b·T, S, S]``: ``S`` basis tangents pushed through the
-        cell for all rows at once (in groups of ``group``), so that a product's recurrence is
-        ``T`` batched small matrix products with no autodiff in the loop."""
+        cell for all rows at once (as many per pass as keep one tangent batch under
+        ``group_bytes``), so that a product's recurrence is ``T`` batched small matrix products
+        with no autodiff in the loop."""
         S = flat_s.shape[1]
+        group = max(1, min(S, group_bytes // max(1, flat_s.numel() * flat_s.element_size())))
         params = self.params
 
         def f(s):

@@ -50,7 +50,7 @@ class MismatchedStep(StepModule):
         return 1.5 * super().forward(u)
 
 
-def check_products(K, J):
+def check_products(K, J, full=True):
     X = torch.randn(J.shape[1], 4, generator=gen(2), dtype=F64)
     V = torch.randn(J.shape[0], 4, generator=gen(3), dtype=F64)
     for k in (1, 4):  # single vectors and blocks
@@ -58,6 +58,12 @@ def check_products(K, J):
         assert torch.linalg.norm(K.jvp(X[:, :k]) - ref) <= 1e-11 * torch.linalg.norm(ref)
         ref = J.T @ V[:, :k]
         assert torch.linalg.norm(K.vjp(V[:, :k]) - ref) <= 1e-11 * torch.linalg.norm(ref)
+    if not full:  # one block through K and G
+        ref = J @ (J.T @ V)
+        assert torch.linalg.norm(K.matmul(V) - ref) <= 1e-11 * torch.linalg.norm(ref)
+        ref = J.T @ (J @ X)
+        assert torch.linalg.norm(K.dual().matmul(X) - ref) <= 1e-11 * torch.linalg.norm(ref)
+        return
     assert_operator_close(K, J @ J.T, rtol=1e-10)
     assert_operator_close(K.dual(), J.T @ J, rtol=1e-10)
 
@@ -67,6 +73,8 @@ def test_user_module_with_a_step_method_takes_the_cell_path(chunk_size, cache):
     model, u = StepModule(), inputs(B=5)
     K = lnk.StateNTK(model, u, chunk_size=chunk_size, cache=cache)
     assert K.plan.path == "cell" and K.plan.cell == "step"
+    # stored per-step Jacobians when cached; per-step autodiff when nothing is kept
+    assert K.plan.stored_jacobians == (cache is None) == K.plan.cached
     check_products(K, dense_jacobian(model, u))
 
 
@@ -86,9 +94,12 @@ def test_torch_rnns_with_two_layers_and_initial_states(cls):
     u = inputs(B=4, T=5)
     h = torch.randn(2, 4, 3, generator=gen(4), dtype=F64)
     h0 = (h, torch.randn(2, 4, 3, generator=gen(5), dtype=F64)) if cls is nn.LSTM else h
-    K = lnk.StateNTK(model, u, h0=h0, chunk_size=3)
-    assert K.plan.path == "cell" and "torch.nn" in K.plan.cell
-    check_products(K, dense_jacobian(model, u, h0=h0))
+    J = dense_jacobian(model, u, h0=h0)
+    for cache in (None, False):
+        K = lnk.StateNTK(model, u, h0=h0, chunk_size=3, cache=cache)
+        assert K.plan.path == "cell" and "torch.nn" in K.plan.cell
+        assert K.plan.stored_jacobians == (cache is None)
+        check_products(K, J)
 
 
 def test_relu_rnn_and_no_bias():
@@ -117,7 +128,7 @@ def test_tiny_budget_chunks_and_splits_blocks(name, model):
     held = K.plan.cache_bytes if K.plan.cached else K.plan.chunk_size * c1
     assert held + K.plan.work_bytes_per_vector <= K.plan.budget_bytes
     assert "chunk" in str(K.plan) and "MiB" in str(K.plan)
-    check_products(K, dense_jacobian(model, u))
+    check_products(K, dense_jacobian(model, u), full=False)
     with pytest.raises(ValueError, match="too small for one trial"):
         lnk.StateNTK(model, u, memory_budget=one // 2)
 
