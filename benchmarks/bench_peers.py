@@ -276,6 +276,8 @@ def main():
     head = (f"{'row':13s} {'top-10 s':>9s} {'peer s':>8s} {'speed-up':>8s} {'agree':>8s} "
             f"{'K/step':>7s} {'G/step':>7s} {'blk/vec':>7s} {'SLQ x':>6s} {'MiB':>7s} {'peer MiB':>8s}")
     print(head)
+    for row in args.rows:  # one-time costs of the process (lazy imports, autodiff rules)
+        row_figures(row, 8, 5, 4, dtype, args.skip_peers, args.skip_slq)
     plans, slq_counts = [], {}
     for row in args.rows:
         fg = row_figures(row, n, T, B, dtype, args.skip_peers, args.skip_slq)

@@ -18,7 +18,8 @@ import lanczos_ntk as lnk  # noqa: E402
 
 # (title, module, names or None for the module's __all__)
 SECTIONS = [
-    ("Operators and results", "lanczos_ntk", ["StateNTK", "DualNTK", "ProductPlan", "Result", "Status", "load_result"]),
+    ("Operators and results", "lanczos_ntk",
+     ["StateNTK", "DualNTK", "ProductPlan", "Result", "Status", "load_result"]),
     ("Spectral estimates", "lanczos_ntk.spectral", None),
     ("Models", "lanczos_ntk.models", None),
     ("Dynamics: fixed points, continuation, bifurcations", "lanczos_ntk.dynamics", None),
