@@ -46,6 +46,15 @@ class _Linearization:
     def _d(self, t):
         return self.d[:, t] if isinstance(self.d, torch.Tensor) else self.d
 
+    def rows(self, sl: slice) -> _Linearization:
+        """The same linearisation restricted to the trials ``sl`` (views, no copies)."""
+        new = object.__new__(_Linearization)
+        new.__dict__.update(self.__dict__)
+        new.a, new.u = self.a[sl], self.u[sl]
+        new.da = None if self.da is None else self.da[sl]
+        new.d = self.d[sl] if isinstance(self.d, torch.Tensor) else self.d
+        return new
+
     def jvp(self, X: torch.Tensor) -> torch.Tensor:
         """``[k, P] -> [k, b, T, n]``."""
         tang = self.spec.unflatten(X)

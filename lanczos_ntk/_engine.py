@@ -20,10 +20,13 @@ from ._closed_form import closed_form
 from ._functional import ModelFunction, ParamSpec, resolve_params
 from .models._base import StateSpaceModel, check_inputs
 
-__all__ = ["JacobianEngine", "PROBE_ELEMENTS"]
+__all__ = ["CPU_WORKING_SET", "JacobianEngine", "PROBE_ELEMENTS"]
 
 #: The no-grad probe of the outputs runs in pieces of about this many output elements.
 PROBE_ELEMENTS = 1 << 20
+
+#: Bytes of intermediates one pass of a block may touch on the CPU before it is split by trials.
+CPU_WORKING_SET = 128 << 20
 
 _JVP_MODES = ("auto", "structured", "cell", "forward", "double_vjp")
 _PATHS = {"structured": "closed_form", "cell": "cell", "forward": "autograd",
@@ -279,9 +282,22 @@ class JacobianEngine:
             self._lin[i] = lin
         return lin
 
+    def _row_groups(self, k: int, b: int) -> list[slice]:
+        """Trial sub-ranges of a chunk for a block of ``k`` vectors on the closed-form path: on
+        the CPU a pass over ``[k, b, T, n]`` intermediates is memory bound once they outgrow the
+        caches, so wide blocks go through a few trials at a time (one range on a GPU)."""
+        if self.jvp_mode != "structured" or k == 1 or torch.device(self.device).type != "cpu":
+            return [slice(0, b)]
+        isz = torch.empty(0, dtype=self.dtype).element_size()
+        rows = max(1, CPU_WORKING_SET // (5 * k * self.steps * self.width * isz))
+        return [slice(s, min(s + rows, b)) for s in range(0, b, rows)]
+
     def vjp_chunk(self, i: int, V: torch.Tensor) -> torch.Tensor:
         """``J_iᵀ V`` for ``V [k, b, T, c]``; returns ``[k, P]``."""
         lin = self._linearization(i)
+        groups = self._row_groups(V.shape[0], V.shape[1])
+        if len(groups) > 1:
+            return sum(lin.rows(sl).vjp(V[:, sl]) for sl in groups)
         if self.jvp_mode in ("structured", "cell"):
             return lin.vjp(V)
         p = lin["p"]
@@ -297,7 +313,12 @@ class JacobianEngine:
     def jvp_chunk(self, i: int, X: torch.Tensor) -> torch.Tensor:
         """``J_i X`` for ``X [k, P]``; returns ``[k, b, T, c]``."""
         if self.jvp_mode in ("structured", "cell"):
-            return self._linearization(i).jvp(X)
+            lin = self._linearization(i)
+            sl = self.chunks[i]
+            groups = self._row_groups(X.shape[0], sl.stop - sl.start)
+            if len(groups) > 1:
+                return torch.cat([lin.rows(g).jvp(X) for g in groups], dim=1)
+            return lin.jvp(X)
         tangents = self.spec.unflatten(X)
         if self.jvp_mode == "forward":
             u, h0 = self.chunk_inputs(self.chunks[i])

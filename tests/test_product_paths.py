@@ -172,3 +172,13 @@ def test_cell_path_gram_matches_dense_for_normal_forms():
         K = lnk.StateNTK(model, u)
         assert K.plan.path == "cell"
         assert_operator_close(K.dual(), dense_gram(model, u), rtol=1e-10)
+
+
+def test_wide_blocks_split_by_trials_on_the_closed_form_path(monkeypatch):
+    import lanczos_ntk._engine as engine
+
+    model, u = models.CTRNN(4, 2, gain=1.7, seed=1), inputs(B=5)
+    monkeypatch.setattr(engine, "CPU_WORKING_SET", 1)  # one trial per pass
+    K = lnk.StateNTK(model, u)
+    assert len(K.engine._row_groups(4, 5)) == 5 and len(K.engine._row_groups(1, 5)) == 1
+    check_products(K, dense_jacobian(model, u), full=False)
