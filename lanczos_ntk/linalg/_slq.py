@@ -30,9 +30,10 @@ class QuadratureNodes(NamedTuple):
 
 
 def _reorth(W: torch.Tensor, basis: torch.Tensor) -> None:
-    """Per-probe Gram–Schmidt of ``W [n, p]`` against ``basis [j, n, p]`` (in place)."""
-    H = torch.einsum("jnp,np->jp", basis, W)
-    W -= torch.einsum("jnp,jp->np", basis, H)
+    """Per-probe Gram–Schmidt of ``W [n, p]`` against ``basis [p, j, n]`` (in place): two
+    batched matrix products, one small ``[j, n]`` basis per probe."""
+    H = torch.bmm(basis, W.T.unsqueeze(-1))                     # [p, j, 1]
+    W -= torch.bmm(basis.transpose(1, 2), H).squeeze(-1).T
 
 
 def lanczos_quadrature(
@@ -80,7 +81,8 @@ def lanczos_quadrature(
     p = V.shape[1]
     norms2 = (V * V).sum(dim=0)
     V = V / norms2.sqrt().clamp_min(1e-300)
-    basis = torch.zeros(m, n, p, dtype=WORK_DTYPE, device=device) if reorthogonalize else None
+    # probe-major, so that each probe's basis is one contiguous [m, n] matrix
+    basis = torch.zeros(p, m, n, dtype=WORK_DTYPE, device=device) if reorthogonalize else None
     alpha = torch.zeros(p, m, dtype=WORK_DTYPE, device=device)
     beta = torch.zeros(p, m, dtype=WORK_DTYPE, device=device)  # beta[:, j] couples j and j+1
     V_prev = torch.zeros_like(V)
@@ -88,7 +90,7 @@ def lanczos_quadrature(
     breakdowns = 0
     for j in range(m):
         if basis is not None:
-            basis[j] = V
+            basis[:, j] = V.T
         W = work(V)
         if not bool(torch.isfinite(W).all()):
             raise ValueError(f"the operator returned non-finite values at Lanczos step {j}; "
@@ -98,8 +100,8 @@ def lanczos_quadrature(
         a = (V * W).sum(dim=0)
         W -= V * a
         if basis is not None:
-            _reorth(W, basis[: j + 1])
-            _reorth(W, basis[: j + 1])
+            _reorth(W, basis[:, : j + 1])
+            _reorth(W, basis[:, : j + 1])
         alpha[:, j] = a
         nrm = torch.linalg.vector_norm(W, dim=0)
         prev = beta[:, j - 1] if j > 0 else torch.zeros_like(a)
@@ -120,7 +122,7 @@ def lanczos_quadrature(
                 x = fresh[:, c]
                 if basis is not None:
                     for _ in range(2):
-                        x = x - basis[: j + 1, :, i].T @ (basis[: j + 1, :, i] @ x)
+                        x = x - basis[i, : j + 1].T @ (basis[i, : j + 1] @ x)
                 V[:, i] = x / torch.linalg.vector_norm(x).clamp_min(1e-300)
             nrm = torch.where(broken, torch.zeros_like(nrm), nrm)
         beta[:, j] = nrm
