@@ -32,6 +32,8 @@ class CellLinearization:
     """
 
     def __init__(self, cell, spec, params, u, h0, materialize: bool = False):
+        # the direct term's graph (``_direct_back``) is built by the first ``vjp``, so that a
+        # linearisation used for ``J x`` only, or to size a chunk, does not hold it
         self.cell, self.spec = cell, spec
         self.params = params
         b, T, d = u.shape
@@ -50,8 +52,7 @@ class CellLinearization:
             return cell({**params, **th}, flat_s, flat_u)
 
         self._direct = direct
-        with torch.enable_grad():
-            _, self._direct_vjp = vjp(direct, theta)
+        self._direct_back = None  # the direct term's VJP graph, built by the first Jᵀ v
         self.A = None  # [T, b, S, S]: time-major, so each step's matrices are contiguous
         if materialize:
             S = self.shape[2]
@@ -78,20 +79,24 @@ class CellLinearization:
             A[:, :, j:j + group] = cols.permute(1, 2, 0)
         return A
 
-    # -- state Jacobian at step t ----------------------------------------------------------
+    # -- state Jacobian at step t, on rows [b, k, S] -------------------------------------------
     def _step(self, t):
         params, u_t = self.params, self.u[:, t]
         return lambda s: self.cell(params, s, u_t)
 
     def _a(self, t, D):
-        """``A_t D`` for tangents ``D [k, b, S]``."""
+        """``A_t D`` for tangents ``D [b, k, S]``."""
+        if self.A is not None:  # one batched row-times-matrix product
+            return torch.bmm(D, self.A[t].transpose(1, 2))
         f, s = self._step(t), self.prev[:, t]
-        return vmap(lambda d: jvp(f, (s,), (d,))[1])(D)
+        return vmap(lambda d: jvp(f, (s,), (d,))[1], in_dims=1, out_dims=1)(D)
 
     def _at(self, t, L):
-        """``A_tᵀ L`` for cotangents ``L [k, b, S]``."""
+        """``A_tᵀ L`` for cotangents ``L [b, k, S]``."""
+        if self.A is not None:
+            return torch.bmm(L, self.A[t])
         _, back = vjp(self._step(t), self.prev[:, t])
-        return vmap(back)(L)[0]
+        return vmap(lambda v: back(v)[0], in_dims=1, out_dims=1)(L)
 
     # -- products ---------------------------------------------------------------------------
     def jvp(self, X: torch.Tensor) -> torch.Tensor:
@@ -99,47 +104,32 @@ class CellLinearization:
         b, T, S = self.shape
         tang = self.spec.unflatten(X)
         theta = self.theta
-        C = vmap(lambda t: jvp(self._direct, (theta,), (t,))[1])(tang).reshape(-1, b, T, S)
+        C = vmap(lambda t: jvp(self._direct, (theta,), (t,))[1])(tang)
+        C = C.reshape(-1, b, T, S).permute(1, 2, 0, 3)                  # [b, T, k, S]
         out = self.cell.out
-        if self.A is not None:  # rows [b, k, S]: one batched row-times-matrix product per step
-            C = C.permute(1, 2, 0, 3)                                   # [b, T, k, S]
-            d = C[:, 0]
-            ys = [d[..., out]]
-            for t in range(1, T):
-                d = torch.baddbmm(C[:, t], d, self.A[t].transpose(1, 2))
-                ys.append(d[..., out])
-            return torch.stack(ys, 1).permute(2, 0, 1, 3)
-        d = C[:, :, 0]
+        d = C[:, 0]
         ys = [d[..., out]]
         for t in range(1, T):
-            d = self._a(t, d) + C[:, :, t]
+            d = self._a(t, d) + C[:, t]
             ys.append(d[..., out])
-        return torch.stack(ys, 2)
+        return torch.stack(ys, 1).permute(2, 0, 1, 3)
 
     def vjp(self, V: torch.Tensor) -> torch.Tensor:
         """``[k, b, T, c] -> [k, P]``."""
         k = V.shape[0]
         b, T, S = self.shape
         out = self.cell.out
-        if self.A is not None:  # rows [b, k, S]: one batched row-times-matrix product per step
-            Vt = V.permute(1, 2, 0, 3)                                  # [b, T, k, c]
-            lams = V.new_zeros(b, T, k, S)
-            lam = V.new_zeros(b, k, S)
-            for t in range(T - 1, -1, -1):
-                lam = lam.clone()
-                lam[..., out] += Vt[:, t]
-                lams[:, t] = lam
-                if t > 0:
-                    lam = torch.bmm(lam, self.A[t])
-            (grads,) = vmap(self._direct_vjp)(lams.permute(2, 0, 1, 3).reshape(k, b * T, S))
-            return self.spec.flatten(grads, batch_dims=1)
-        lams = V.new_zeros(k, b, T, S)
-        lam = V.new_zeros(k, b, S)
+        Vt = V.permute(1, 2, 0, 3)                                      # [b, T, k, c]
+        lams = V.new_zeros(b, T, k, S)
+        lam = V.new_zeros(b, k, S)
         for t in range(T - 1, -1, -1):
             lam = lam.clone()
-            lam[..., out] += V[:, :, t]
-            lams[:, :, t] = lam
+            lam[..., out] += Vt[:, t]
+            lams[:, t] = lam
             if t > 0:
                 lam = self._at(t, lam)
-        (grads,) = vmap(self._direct_vjp)(lams.reshape(k, b * T, S))
+        if self._direct_back is None:
+            with torch.enable_grad():
+                _, self._direct_back = vjp(self._direct, self.theta)
+        (grads,) = vmap(self._direct_back)(lams.permute(2, 0, 1, 3).reshape(k, b * T, S))
         return self.spec.flatten(grads, batch_dims=1)

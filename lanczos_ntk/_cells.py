@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["Cell", "find_cell"]
+from ._functional import _TORCH_RNNS
 
-_TORCH_RNNS = (nn.RNN, nn.GRU, nn.LSTM)
+__all__ = ["Cell", "find_cell"]
 
 
 class Cell:
@@ -129,10 +129,11 @@ def _torch_rnn_cell(model) -> Cell | None:
     return Cell(fn, S, slice((L - 1) * H, L * H), initial, f"torch.nn.{type(model).__name__} cell")
 
 
-def find_cell(model: nn.Module, width: int, params: dict, constants: dict,
-              u: torch.Tensor, h0, reference: torch.Tensor) -> Cell | None:
+def find_cell(model: nn.Module, width: int, params: dict, u: torch.Tensor, h0,
+              reference: torch.Tensor) -> Cell | None:
     """The model's one-step cell, if it has one that reproduces ``reference`` (its forward on
-    the inputs ``u`` of one trial), else ``None``."""
+    the inputs ``u`` of one trial, with ``params``: every parameter and buffer by name), else
+    ``None``."""
     if isinstance(model, _TORCH_RNNS):
         cell = _torch_rnn_cell(model)
     elif callable(getattr(model, "step", None)):
@@ -141,10 +142,9 @@ def find_cell(model: nn.Module, width: int, params: dict, constants: dict,
         return None
     if cell is None:
         return None
-    full = {**constants, **params}
     try:
         with torch.no_grad():
-            got = cell.states(full, u, h0)[..., cell.out]
+            got = cell.states(params, u, h0)[..., cell.out]
     except (RuntimeError, TypeError, ValueError, IndexError):
         return None
     if got.shape != reference.shape:

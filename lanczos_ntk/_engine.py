@@ -55,8 +55,10 @@ class JacobianEngine:
                           [*model.named_parameters(), *model.named_buffers()]
                           if n not in self.params}
         self.spec = ParamSpec(tuple(self.params), tuple(p.shape for p in self.params.values()))
+        self.full = {**self.constants, **self.params}  # everything the model reads, by name
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
+        self.itemsize = first.element_size()
         if self.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"expected a float32 or float64 model, got parameters of dtype "
                             f"{self.dtype}; half precision cannot resolve the spectrum "
@@ -172,8 +174,7 @@ class JacobianEngine:
             return "structured"
         if jvp in ("auto", "cell") and states:
             u, h0 = self.chunk_inputs(slice(0, 1))
-            self._cell = find_cell(model, self.width, self.params, self.constants, u, h0,
-                                   self._reference)
+            self._cell = find_cell(model, self.width, self.full, u, h0, self._reference)
         if jvp == "cell" and self._cell is None:
             raise ValueError(f"jvp='cell' needs outputs='states' and a one-step cell that "
                              f"reproduces the model's forward (a built-in model, a batch-first "
@@ -198,7 +199,7 @@ class JacobianEngine:
     # -- memory plan ---------------------------------------------------------------------------
     def _trial_bytes(self) -> tuple[int, int]:
         """Estimated bytes per trial: (cached linearisation, transient work per vector)."""
-        isz = torch.empty(0, dtype=self.dtype).element_size()
+        isz = self.itemsize
         T, c = self.steps, self.width
         d = int(self.inputs.shape[-1])
         if self.jvp_mode == "structured":
@@ -207,9 +208,15 @@ class JacobianEngine:
         def graph_bytes(b):
             u, h0 = self.chunk_inputs(slice(0, b))
             if self.jvp_mode == "cell":
-                lin = CellLinearization(self._cell, self.spec, {**self.constants, **self.params},
-                                        u, h0)
-                return saved_bytes(lambda: self._direct_probe(lin)) + lin.prev.numel() * isz
+                # torch.func transforms refuse saved-tensor hooks: the direct term's graph is
+                # measured through plain autograd on the probe's trajectory
+                lin = CellLinearization(self._cell, self.spec, self.full, u, h0)
+                theta = {k: v.clone().requires_grad_(True) for k, v in lin.theta.items()}
+
+                def direct():
+                    with torch.enable_grad():
+                        lin._direct(theta)
+                return saved_bytes(direct) + lin.prev.numel() * isz
             p = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
 
             def run():
@@ -226,19 +233,13 @@ class JacobianEngine:
         factor = 2 if self.jvp_mode == "double_vjp" else 1  # the dual graph of a VJP of a VJP
         return factor * per + T * d * isz, per + 2 * T * c * isz
 
-    def _direct_probe(self, lin):
-        with torch.enable_grad():
-            th = {k: v.clone().requires_grad_(True) for k, v in lin.theta.items()}
-            lin._direct(th)
-
     def _make_plan(self, budget: int, chunk_size: int | None, cache: bool | None) -> ProductPlan:
         c, w = self._trial_bytes()
         B = self.batch
         stored = False
         if self.jvp_mode == "cell" and cache is not False:
             # the cell path stores every step's state Jacobian when all of them fit the budget
-            isz = torch.empty(0, dtype=self.dtype).element_size()
-            jac = self.steps * self._cell.state_size ** 2 * isz
+            jac = self.steps * self._cell.state_size ** 2 * self.itemsize
             if B * (c + jac) + w * (chunk_size or 1) <= budget:
                 stored, c = True, c + jac
         if budget < c + w:
@@ -269,9 +270,9 @@ class JacobianEngine:
             return self._lin[i]
         u, h0 = self.chunk_inputs(self.chunks[i])
         if self.jvp_mode == "structured":
-            lin = self._closed.linearize({**self.constants, **self.params}, u, h0)
+            lin = self._closed.linearize(self.full, u, h0)
         elif self.jvp_mode == "cell":
-            lin = CellLinearization(self._cell, self.spec, {**self.constants, **self.params}, u, h0,
+            lin = CellLinearization(self._cell, self.spec, self.full, u, h0,
                                     materialize=self.plan.stored_jacobians)
         else:
             p = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
@@ -286,18 +287,18 @@ class JacobianEngine:
         """Trial sub-ranges of a chunk for a block of ``k`` vectors on the closed-form path: on
         the CPU a pass over ``[k, b, T, n]`` intermediates is memory bound once they outgrow the
         caches, so wide blocks go through a few trials at a time (one range on a GPU)."""
-        if self.jvp_mode != "structured" or k == 1 or torch.device(self.device).type != "cpu":
+        if k == 1 or torch.device(self.device).type != "cpu":
             return [slice(0, b)]
-        isz = torch.empty(0, dtype=self.dtype).element_size()
-        rows = max(1, CPU_WORKING_SET // (5 * k * self.steps * self.width * isz))
+        rows = max(1, CPU_WORKING_SET // (5 * k * self.steps * self.width * self.itemsize))
         return [slice(s, min(s + rows, b)) for s in range(0, b, rows)]
 
     def vjp_chunk(self, i: int, V: torch.Tensor) -> torch.Tensor:
         """``J_iᵀ V`` for ``V [k, b, T, c]``; returns ``[k, P]``."""
         lin = self._linearization(i)
-        groups = self._row_groups(V.shape[0], V.shape[1])
-        if len(groups) > 1:
-            return sum(lin.rows(sl).vjp(V[:, sl]) for sl in groups)
+        if self.jvp_mode == "structured":
+            groups = self._row_groups(V.shape[0], V.shape[1])
+            if len(groups) > 1:
+                return sum(lin.rows(sl).vjp(V[:, sl]) for sl in groups)
         if self.jvp_mode in ("structured", "cell"):
             return lin.vjp(V)
         p = lin["p"]
@@ -314,10 +315,11 @@ class JacobianEngine:
         """``J_i X`` for ``X [k, P]``; returns ``[k, b, T, c]``."""
         if self.jvp_mode in ("structured", "cell"):
             lin = self._linearization(i)
-            sl = self.chunks[i]
-            groups = self._row_groups(X.shape[0], sl.stop - sl.start)
-            if len(groups) > 1:
-                return torch.cat([lin.rows(g).jvp(X) for g in groups], dim=1)
+            if self.jvp_mode == "structured":
+                sl = self.chunks[i]
+                groups = self._row_groups(X.shape[0], sl.stop - sl.start)
+                if len(groups) > 1:
+                    return torch.cat([lin.rows(g).jvp(X) for g in groups], dim=1)
             return lin.jvp(X)
         tangents = self.spec.unflatten(X)
         if self.jvp_mode == "forward":

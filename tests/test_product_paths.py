@@ -150,6 +150,20 @@ def test_opaque_blocks_share_one_pass():
     K = lnk.StateNTK(model, u, jvp="double_vjp")
     assert K.plan.path == "autograd" and K.plan.cached
     check_products(K, dense_jacobian(model, u))
+    calls = []
+    grad = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("is_grads_batched", False))
+        return grad(*args, **kwargs)
+
+    torch.autograd.grad = counting
+    try:  # the graph and its dual are cached: a block of 4 is one batched call each way
+        K.engine.jvp(torch.ones(K.engine.P, 4, dtype=F64))
+        K.engine.vjp(torch.ones(K.engine.M, 4, dtype=F64))
+    finally:
+        torch.autograd.grad = grad
+    assert calls == [True, True]
 
 
 @pytest.mark.parametrize("kwargs, match", [
