@@ -25,9 +25,17 @@ _FORMAT = "lanczos_ntk.result/1"
 
 
 class Status(str, enum.Enum):
-    """Outcome of an iterative computation."""
+    """Outcome of an iterative computation.
+
+    ``ACCURACY_LIMITED``: the iteration converged but rounding in the operator's products keeps
+    part of the answer short of the requested tolerance (see the result's ``converged`` mask).
+    ``TOO_FEW_STEPS``: a quadrature with too few Lanczos steps for the quantity asked of it
+    (the last step still changes the estimate by more than its stated error allows).
+    """
 
     CONVERGED = "converged"
+    ACCURACY_LIMITED = "accuracy_limited"
+    TOO_FEW_STEPS = "too_few_steps"
     MAX_ITERATIONS = "max_iterations"
     BREAKDOWN = "breakdown"
     FAILED = "failed"

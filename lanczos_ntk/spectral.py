@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -67,15 +68,23 @@ class EigshResult(Result):
     ----------
     eigenvalues : Tensor [k'] (float64, descending)
         ``k' = k`` except for ``which="SA"`` on an operator with fewer than ``k`` nonzero
-        eigenvalues.
+        eigenvalues, and for ``k`` above the dimension ``n`` of the side worked on (then all
+        ``n`` eigenvalues, from a dense solve, with a warning; scipy does the same).
     eigenvectors : Tensor [dimension, k'] or None
         Orthonormal Ritz vectors (float64) of the side worked on (``side``; the operator passed
         unless ``side="dual"`` was asked for, in which case for the sNTK they are eigenvectors
         ``x`` of ``G = Jᵀ J`` and ``J x / sqrt(λ)`` are those of ``K``).
     residuals : Tensor [k']
-        Bounds ``||A y - θ y||`` from the Krylov relation, ``||B_m E_mᵀ z||``.
+        True residuals ``||A y - θ y||`` of the Ritz pairs (one block product after the run).
     converged : Tensor [k'] (bool)
-        ``residuals <= tol * max(|θ|, eps^(2/3) ||A||)``.
+        ``residuals <= tol * max(|θ|, eps ||A||)``: the requested accuracy, nothing
+        looser. ``status`` is ``CONVERGED`` only when all are; ``ACCURACY_LIMITED`` when the
+        iteration converged but rounding in the products (about ``eps ||A||`` for the
+        operator's dtype) keeps some residuals above the target, typically eigenvalues below
+        ``eps ||A|| / tol``.
+    missed_copies : int
+        Eigenpairs that the Lanczos run had missed (copies of repeated eigenvalues) and the
+        check after it found (``verify=True``).
     null_dim : int or None
         ``which="SA"`` only: estimated dimension of the (numerical) null space of the operator
         passed, i.e. the structural ``|M - P|`` zeros of the side not worked on plus an estimate
@@ -104,6 +113,7 @@ class EigshResult(Result):
     dtype: str
     device: str
     seed: int | None
+    missed_copies: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,12 +400,12 @@ def eigsh(op: Any, k: int = 10, which: str = "LA", tol: float = 1e-6, *, ncv: in
           return_eigenvectors: bool = False, generator: torch.Generator | None = None,
           v0: torch.Tensor | None = None, side: str = "auto",
           null_rtol: float | None = None, dense_max: int | None = None,
-          raise_on_failure: bool = False) -> EigshResult:
+          raise_on_failure: bool = False, verify: bool = True) -> EigshResult:
     """Extreme eigenpairs of a symmetric operator by thick-restart (block) Lanczos.
 
     Solves ``A y = θ y`` for the ``k`` largest (``which="LA"``), largest-magnitude (``"LM"``)
     or smallest *nonzero* (``"SA"``, positive semi-definite operators) eigenvalues, each Ritz
-    pair to ``||A y - θ y|| <= tol * max(|θ|, eps^(2/3) ||A||)`` (the eigenvalue itself is
+    pair to ``||A y - θ y|| <= tol * max(|θ|, eps ||A||)`` (the eigenvalue itself is
     then typically accurate to ``tol²`` relative for well-separated eigenvalues).
 
     Parameters
@@ -436,6 +446,13 @@ def eigsh(op: Any, k: int = 10, which: str = "LA", tol: float = 1e-6, *, ncv: in
     raise_on_failure : bool
         Raise :class:`NoConvergence` (carrying the partial result) instead of returning a result
         whose ``status`` is not ``CONVERGED``.
+    verify : bool
+        ``which="LA"``/``"LM"``: after convergence, deflate the pairs found and run a short
+        Lanczos from a fresh random start on the rest; an eigenvalue there at or beyond the
+        ``k``-th (a missed copy of a repeated eigenvalue, which single-vector Lanczos cannot
+        see) joins the result by a Rayleigh–Ritz step, and the check repeats
+        (:func:`lanczos_ntk.linalg.complete_multiplicities`). Costs one short run (a few tens
+        of products) when nothing was missed.
 
     Returns
     -------
@@ -464,7 +481,10 @@ def eigsh(op: Any, k: int = 10, which: str = "LA", tol: float = 1e-6, *, ncv: in
         side = "primal"
     A = as_operator(op, side)
     if k > A.n:
-        raise ValueError(f"expected k <= n = {A.n} (the dimension of the {A.side} side), got {k}")
+        warnings.warn(f"eigsh: k={k} exceeds the dimension n={A.n} of the {A.side} side; "
+                      f"returning all its eigenvalues from a dense solve ({A.n} products)",
+                      UserWarning, stacklevel=2)
+        k, dense_max = A.n, A.n
     b = 1 if block_size is None else int(block_size)
     if b < 1 or b > A.n:
         raise ValueError(f"expected 1 <= block_size <= {A.n}, got {block_size!r}")
@@ -478,18 +498,34 @@ def eigsh(op: Any, k: int = 10, which: str = "LA", tol: float = 1e-6, *, ncv: in
     out = linalg.thick_restart_lanczos(
         A.matmul, A.n, int(k), which=which, tol=float(tol), ncv=ncv, max_restarts=max_restarts,
         block_size=b, v0=v0, generator=gen, dtype=A.dtype, device=dev, null_rtol=null_rtol,
-        return_eigenvectors=return_eigenvectors, dense_max=dense_max)
+        return_eigenvectors=return_eigenvectors or verify, dense_max=dense_max)
+    values, vectors, residuals, converged = out.eigenvalues, out.eigenvectors, out.residuals, \
+        out.converged
+    status = Status(out.status)
+    matvecs, matmuls, missed = out.num_matvecs, out.num_matmuls, 0
+    iterative = out.ncv < A.n  # the dense solve finds every copy
+    if verify and iterative and which != "SA" and len(values) and \
+            status in (Status.CONVERGED, Status.ACCURACY_LIMITED):
+        done = linalg.complete_multiplicities(
+            A.matmul, A.n, values, vectors, residuals, which=which, tol=float(tol),
+            anorm=out.lambda_max, generator=gen, dtype=A.dtype, device=dev)
+        values, vectors, residuals, converged = done.eigenvalues, done.eigenvectors, \
+            done.residuals, done.converged
+        matvecs, matmuls, missed = matvecs + done.num_matvecs, matmuls + done.num_matmuls, \
+            done.missed
+        if missed:
+            status = Status.CONVERGED if bool(converged.all()) else Status.ACCURACY_LIMITED
     null_dim = None
     if out.null_dim is not None:
         null_dim = max(0, out.null_dim + A.extra_zeros)
     result = EigshResult(
-        eigenvalues=out.eigenvalues, eigenvectors=out.eigenvectors, residuals=out.residuals,
-        converged=out.converged, status=Status(out.status), k=int(k), which=which,
+        eigenvalues=values, eigenvectors=vectors if return_eigenvectors else None,
+        residuals=residuals, converged=converged, status=status, k=int(k), which=which,
         tol=float(tol), null_dim=null_dim, lambda_max=out.lambda_max,
-        num_matvecs=out.num_matvecs, num_matmuls=out.num_matmuls,
+        num_matvecs=matvecs, num_matmuls=matmuls,
         num_restarts=out.num_restarts, block_size=b, ncv=out.ncv, side=A.side, dimension=A.n,
         primal_dimension=A.primal_dimension, dtype=str(A.dtype).removeprefix("torch."),
-        device=str(A.device), seed=seed)
+        device=str(A.device), seed=seed, missed_copies=missed)
     if raise_on_failure and result.status != Status.CONVERGED:
         raise NoConvergence(
             f"eigsh: {int(result.converged.sum())} of {k} eigenpairs converged to tol={tol:g} "

@@ -79,8 +79,9 @@ def test_bad_operators_are_refused_clearly():
         lnk.eigsh("not an operator", k=1)
     with pytest.raises(TypeError, match="tuple"):
         lnk.eigsh((lambda X: X, "n"), k=1)
-    with pytest.raises(ValueError, match="k <= n"):
-        lnk.eigsh(torch.eye(5, dtype=F64), k=6)
+    with pytest.warns(UserWarning, match="dense solve"):  # k > n: all n, as scipy does
+        r = lnk.eigsh(torch.diag(torch.arange(1.0, 6.0, dtype=F64)), k=6)
+    assert r.eigenvalues.tolist() == [5.0, 4.0, 3.0, 2.0, 1.0] and r.status == Status.CONVERGED
     with pytest.raises(ValueError, match="side='dual'"):
         lnk.eigsh(torch.eye(5, dtype=F64), k=1, side="dual")
     with pytest.raises(ValueError, match="v0"):

@@ -9,13 +9,16 @@ from ._lanczos import LanczosDecomposition, lanczos
 from ._restart import ExtremeEigenpairs, thick_restart_lanczos
 from ._slq import QuadratureNodes, lanczos_quadrature
 from ._trace import TraceEstimate, hutchinson, hutchpp
+from ._verify import Completed, complete_multiplicities
 
 __all__ = [
+    "Completed",
     "ExtremeEigenpairs",
     "LanczosDecomposition",
     "Matmul",
     "NumericalWarning",
     "QuadratureNodes",
+    "complete_multiplicities",
     "TraceEstimate",
     "hutchinson",
     "hutchpp",

@@ -27,11 +27,14 @@ _WHICH = ("LA", "SA", "LM")
 class ExtremeEigenpairs(NamedTuple):
     """Output of :func:`thick_restart_lanczos` (plain tensors, float64).
 
-    ``eigenvalues`` are sorted descending; ``residuals[i] = ||B_m E_mᵀ z_i||`` bounds
-    ``||A y_i - θ_i y_i||`` for the Ritz pair ``(θ_i, y_i)``; ``converged[i]`` says whether it is
-    below ``tol * max(|θ_i|, eps^(2/3) ||A||)``. ``null_dim`` is the estimated dimension of
+    ``eigenvalues`` are sorted descending; ``residuals[i] = ||A y_i - θ_i y_i||`` is the true
+    residual of the Ritz pair ``(θ_i, y_i)`` (one more block product at the end; the Krylov
+    estimate ``||B_m E_mᵀ z_i||`` drives the iteration); ``converged[i]`` says whether it is
+    below ``tol * max(|θ_i|, eps ||A||)``. ``null_dim`` is the estimated dimension of
     the numerical null space for ``which="SA"`` (``None`` otherwise), ``lambda_max`` the largest
-    Ritz value seen, ``status`` one of ``"converged"``, ``"max_iterations"``, ``"failed"``.
+    Ritz value seen, ``status`` one of ``"converged"``, ``"accuracy_limited"`` (the iteration
+    converged but rounding in the products keeps some true residuals above ``tol``),
+    ``"max_iterations"``, ``"failed"``.
     """
 
     eigenvalues: torch.Tensor
@@ -58,16 +61,30 @@ def _order(theta: torch.Tensor, which: str, null: torch.Tensor) -> torch.Tensor:
     return idx[~null[idx]]
 
 
-def _converged(res: torch.Tensor, theta: torch.Tensor, tol: float, eps: float, anorm: float,
-               n: int) -> torch.Tensor:
-    """``res <= max(tol * max(|θ|, eps^(2/3) ||A||), 10 sqrt(n) eps ||A||)``.
+def _target(theta: torch.Tensor, tol: float, eps: float, anorm: float) -> torch.Tensor:
+    """Residual each Ritz pair must reach: ``tol * max(|θ|, eps ||A||)`` (relative to the
+    eigenvalue, as ARPACK; the ``eps ||A||`` only keeps exact zeros of ``A`` reachable)."""
+    return tol * torch.clamp(theta.abs(), min=eps * anorm)
 
-    The second term is the rounding level of the products: residuals cannot get below it, so
-    small eigenvalues of ill-conditioned operators count as converged there (their relative
-    accuracy is then about ``10 sqrt(n) eps ||A|| / |θ|``).
+
+def _converged(res: torch.Tensor, theta: torch.Tensor, tol: float, eps: float, anorm: float
+               ) -> torch.Tensor:
+    """``res <= tol * max(|θ|, eps ||A||)``: the requested accuracy, nothing looser."""
+    return res <= _target(theta, tol, eps, anorm)
+
+
+def _refuse_negative(theta: torch.Tensor, eps: float, lam_max: float) -> None:
+    """``which="SA"`` is for positive semi-definite operators: refuse clearly negative ones.
+
+    Ritz values interlace the spectrum, so a Ritz value below ``-sqrt(eps) λ_max`` proves an
+    eigenvalue at least that negative (rounding cannot produce it).
     """
-    scaled = tol * torch.clamp(theta.abs(), min=eps ** (2.0 / 3.0) * anorm)
-    return res <= torch.clamp(scaled, min=breakdown_tol(n, eps, anorm))
+    low = float(theta.min()) if theta.numel() else 0.0
+    if low < -(eps ** 0.5) * lam_max:
+        raise ValueError(
+            f"which='SA' finds the smallest nonzero eigenvalues of a positive semi-definite "
+            f"operator, but this one has an eigenvalue <= {low:.6g} (largest magnitude "
+            f"{lam_max:.6g}); for an indefinite operator use which='LA' on -A")
 
 
 def _start_block(v0: torch.Tensor | None, n: int, b: int, generator, device) -> torch.Tensor:
@@ -88,7 +105,7 @@ def _start_block(v0: torch.Tensor | None, n: int, b: int, generator, device) -> 
 
 
 def _dense(work: Matmul, n: int, k: int, which: str, null_rtol: float, b: int, device,
-           return_eigenvectors: bool) -> ExtremeEigenpairs:
+           return_eigenvectors: bool, eps: float) -> ExtremeEigenpairs:
     """Small problems: form the matrix with ``n`` products and call ``eigh``."""
     eye = torch.eye(n, dtype=WORK_DTYPE, device=device)
     chunk = max(b, 64)
@@ -96,6 +113,8 @@ def _dense(work: Matmul, n: int, k: int, which: str, null_rtol: float, b: int, d
     A = 0.5 * (A + A.T)
     theta, Z = torch.linalg.eigh(A)
     lam_max = float(theta.abs().max()) if n else 0.0
+    if which == "SA":
+        _refuse_negative(theta, eps, lam_max)
     null = theta <= null_rtol * lam_max
     sel = _order(theta, which, null)[:k]
     res = torch.linalg.vector_norm(A @ Z[:, sel] - Z[:, sel] * theta[sel], dim=0)
@@ -144,8 +163,14 @@ def thick_restart_lanczos(
     which : {"LA", "SA", "LM"}
         Largest algebraic, smallest (nonzero) algebraic, largest magnitude.
     tol : float
-        Relative residual tolerance: ``||A y - θ y|| <= tol * max(|θ|, eps^(2/3) ||A||)``, or
-        the rounding level ``10 sqrt(n) eps ||A||`` of the products if that is larger.
+        Relative residual tolerance: ``||A y - θ y|| <= tol * max(|θ|, eps ||A||)``.
+        Products in a dtype with unit roundoff ``eps`` carry errors of about
+        ``eps ||A||`` (up to ``10 sqrt(n) eps ||A||``), so a pair with
+        ``|θ| < eps ||A|| / tol`` may not reach ``tol``: when every unconverged residual sits at
+        that floor and none has fallen by 10% for five cycles the run stops with ``status="accuracy_limited"`` and those
+        pairs are reported unconverged (their relative accuracy is about
+        ``eps ||A|| / |θ|``). ``which="SA"`` raises ``ValueError`` on an operator with a
+        clearly negative eigenvalue (below ``-sqrt(eps) λ_max``).
     ncv : int, optional
         Basis size, default ``max(2k + 2b, 20 + b, k + 6b)``.
     max_restarts : int
@@ -190,7 +215,7 @@ def thick_restart_lanczos(
     if dense_max is None:
         dense_max = 1024 if which == "SA" else 0
     if n <= max(ncv + b, dense_max):
-        return _dense(work, n, k, which, null_rtol, b, device, return_eigenvectors)
+        return _dense(work, n, k, which, null_rtol, b, device, return_eigenvectors, eps)
 
     state = KrylovState(work, n, b, ncv, eps=eps, generator=generator, device=device)
     state.start(_start_block(v0, n, b, generator, device))
@@ -198,6 +223,8 @@ def thick_restart_lanczos(
     lam_max = 0.0
     null_dim = None  # estimated below from the first (random) start block only
     restarts = 0
+    stalls = 0  # consecutive cycles in which every unconverged pair sat at the rounding floor
+    best: torch.Tensor | None = None  # smallest residuals so far, sorted
     status = "max_iterations"
     while True:
         bd_before = len(state.breakdowns)
@@ -213,12 +240,14 @@ def thick_restart_lanczos(
         res = torch.linalg.vector_norm(coupling, dim=0)
         lam_max = max(lam_max, float(theta.abs().max()))
         state.anorm = max(state.anorm, lam_max)
+        if which == "SA" and not state.nonfinite:
+            _refuse_negative(theta, eps, lam_max)
         null = theta <= null_rtol * lam_max
         if which == "SA" and restarts == 0 and v0 is None:
             first = (theta, (Z[:b] ** 2).sum(dim=0) / b)  # Gauss nodes and weights of the start
         cand = _order(theta, which, null)
         wanted = cand[:k]
-        conv = _converged(res[wanted], theta[wanted], tol, eps, state.anorm, n)
+        conv = _converged(res[wanted], theta[wanted], tol, eps, state.anorm)
         if state.nonfinite:
             warnings.warn("thick_restart_lanczos: the operator returned non-finite values; "
                           "stopping early", NumericalWarning, stacklevel=2)
@@ -230,6 +259,18 @@ def thick_restart_lanczos(
         exhausted = len(state.breakdowns) - bd_before >= 2
         if len(wanted) < k and bool(conv.all()) and exhausted:
             status = "converged"  # fewer than k nonzero eigenvalues exist
+            break
+        # at the rounding floor and no longer falling: more cycles cannot reach tol
+        floor = breakdown_tol(n, eps, state.anorm)
+        now = torch.sort(res[wanted]).values
+        falling = now < 0.9 * best if best is not None and best.shape == now.shape \
+            else torch.ones_like(now, dtype=torch.bool)
+        best = now if best is None or best.shape != now.shape else torch.minimum(best, now)
+        stuck = ~conv & (res[wanted] <= floor)
+        stalls = stalls + 1 if bool(stuck.any()) and bool((conv | stuck).all()) \
+            and not bool(falling.any()) else 0
+        if stalls >= 5:
+            status = "accuracy_limited"  # the products' rounding stops the residuals here
             break
         if restarts >= max_restarts:
             break
@@ -255,10 +296,29 @@ def thick_restart_lanczos(
         null_dim = int(round(n * float(first[1][first[0] <= cut].sum())))
     order = torch.argsort(theta[wanted], descending=True)
     wanted = wanted[order]
-    vecs = state.Q[:, :m] @ Z[:, wanted] if return_eigenvectors else None
-    conv = _converged(res[wanted], theta[wanted], tol, eps, state.anorm, n)
+    vecs = state.Q[:, :m] @ Z[:, wanted]
+    values = theta[wanted].clone()
+    res = res[wanted].clone()
+    num_matmuls, num_matvecs = state.num_matmuls, state.num_matvecs
+    if status != "failed" and len(wanted):
+        # the true residuals ||A y - θ y||, one more block: the Krylov estimates above keep
+        # falling below the rounding level of the products, the true ones do not
+        AY = work(vecs)
+        num_matmuls, num_matvecs = num_matmuls + 1, num_matvecs + len(wanted)
+        # Rayleigh quotients: eigh(T) has absolute errors ~ eps ||T||, which swamp small
+        # eigenvalues next to huge ones (a 1e12 dynamic range); y^T A y does not
+        values = (vecs * AY).sum(dim=0) / (vecs * vecs).sum(dim=0)
+        order = torch.argsort(values, descending=True)
+        values, vecs, AY = values[order], vecs[:, order], AY[:, order]
+        res = torch.linalg.vector_norm(AY - vecs * values, dim=0)
+        conv = _converged(res, values, tol, eps, state.anorm)
+        if not bool(conv.all()) and status in ("converged", "accuracy_limited"):
+            status = "accuracy_limited"
+        elif bool(conv.all()) and status == "accuracy_limited":
+            status = "converged"
+    else:
+        conv = _converged(res, values, tol, eps, state.anorm)
     return ExtremeEigenpairs(
-        eigenvalues=theta[wanted].clone(), eigenvectors=vecs, residuals=res[wanted].clone(),
-        converged=conv.cpu(), num_matvecs=state.num_matvecs, num_matmuls=state.num_matmuls,
-        num_restarts=restarts, status=status, null_dim=null_dim, lambda_max=lam_max, ncv=ncv,
-        breakdowns=len(state.breakdowns))
+        eigenvalues=values, eigenvectors=vecs if return_eigenvectors else None, residuals=res,
+        converged=conv.cpu(), num_matvecs=num_matvecs, num_matmuls=num_matmuls, num_restarts=restarts, status=status, null_dim=null_dim,
+        lambda_max=lam_max, ncv=ncv, breakdowns=len(state.breakdowns))
