@@ -5,9 +5,13 @@ Every function accepts the operator in any of these forms (see :func:`as_operato
 * a dense symmetric ``torch.Tensor`` ``[n, n]`` (or a numpy array);
 * a ``linear_operator.LinearOperator`` or any object with ``.shape`` and ``.matmul``
   (e.g. :class:`lanczos_ntk.StateNTK`);
-* a ``scipy.sparse.linalg.LinearOperator``;
+* a ``scipy.sparse.linalg.LinearOperator`` or a ``scipy.sparse`` matrix / array;
 * a tuple ``(matvec, n)``: ``matvec`` maps float64 CPU tensors ``[n, k] -> [n, k]`` (a function
   that only takes vectors ``[n]`` is detected on the first call and applied column by column).
+
+Every routine here assumes a symmetric operator: dense and sparse matrices are checked entry by
+entry, callables and scipy operators by a randomized probe (two products), and a clearly
+non-symmetric operator is refused with a ``ValueError``.
 
 An operator with a ``.dual()`` method (the sNTK ``K = J Jᵀ``, ``M × M``, whose dual is the
 parameter-space Gram ``G = Jᵀ J``, ``P × P``, with the same nonzero eigenvalues) is worked on
@@ -315,24 +319,74 @@ def _from_scipy(op: Any, n: int) -> tuple[Callable, torch.dtype]:
     return matmul, dtype
 
 
+_SYMMETRY_RTOL = 1e-4
+
+
+def _check_symmetric(matmul: Callable, n: int, dtype: torch.dtype, what: str) -> None:
+    """Refuse an operator that is clearly not symmetric: ``xᵀ(A y)`` against ``yᵀ(A x)`` for
+    two random vectors (one call of two products), relative to ``||x|| ||A y|| + ||y|| ||A x||``.
+    The tolerance, ``1e-4``, passes operators that are symmetric up to float32 rounding and
+    refuses a generic non-symmetric matrix (relative asymmetry about ``1 / sqrt(n)``)."""
+    X = torch.randn(n, 2, generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
+    Y = torch.as_tensor(matmul(X.to(dtype))).to(torch.float64).reshape(n, 2)
+    if not bool(torch.isfinite(Y).all()):
+        return  # non-finite products are reported where they are used
+    a, b = float(X[:, 0] @ Y[:, 1]), float(X[:, 1] @ Y[:, 0])
+    scale = float(X[:, 0].norm() * Y[:, 1].norm() + X[:, 1].norm() * Y[:, 0].norm())
+    if abs(a - b) > _SYMMETRY_RTOL * scale:
+        raise ValueError(
+            f"expected a symmetric operator, but {what} is not: for random x, y, "
+            f"xᵀ(A y) = {a:.6g} and yᵀ(A x) = {b:.6g} (relative difference "
+            f"{abs(a - b) / max(scale, 1e-300):.2g} > {_SYMMETRY_RTOL:g}); the spectral routines "
+            f"need A = Aᵀ (symmetrise it as (A + Aᵀ)/2 if that is what you mean)")
+
+
+def _from_sparse(op: Any) -> tuple[Callable, int, torch.dtype]:
+    n = _square_dim(op.shape, "a scipy.sparse matrix")
+    dtype = _torch_dtype(op.dtype)
+    if not dtype.is_floating_point:
+        raise ValueError(f"expected a real floating-point symmetric matrix, got dtype {op.dtype}")
+    scale = float(abs(op).max()) if op.nnz else 0.0
+    asym = float(abs(op - op.T).max()) if op.nnz else 0.0
+    if not math.isfinite(scale):
+        raise ValueError("expected a finite matrix, got non-finite entries")
+    if asym > math.sqrt(torch.finfo(dtype).eps) * scale:
+        raise ValueError(f"expected a symmetric matrix, got max |A - Aᵀ| = {asym:.3e} "
+                         f"(max |A| = {scale:.3e}) in a scipy.sparse matrix")
+    csr = op.tocsr()
+
+    def matmul(X: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(csr @ X.detach().cpu().numpy()), dtype=X.dtype)
+
+    return matmul, n, dtype
+
+
 def _coerce_one(op: Any) -> tuple[Callable, int, torch.dtype, torch.device, torch.Tensor | None]:
+    import scipy.sparse
+
     if isinstance(op, Operator):
         return op.matmul, op.n, op.dtype, op.device, op.dense
     if isinstance(op, np.ndarray):
         op = torch.from_numpy(op)
     if isinstance(op, torch.Tensor):
         return _from_dense(op)
+    if scipy.sparse.issparse(op):
+        mm, n, dtype = _from_sparse(op)
+        return mm, n, dtype, torch.device("cpu"), None
     if isinstance(op, tuple):
         if len(op) != 2 or not callable(op[0]) or not isinstance(op[1], (int, np.integer)):
             raise TypeError("expected a tuple (matvec, n) with a callable and an int dimension")
         n = int(op[1])
         if n < 1:
             raise ValueError(f"expected a positive dimension n, got {n}")
-        return _from_callable(op[0], n), n, torch.float64, torch.device("cpu"), None
+        mm = _from_callable(op[0], n)
+        _check_symmetric(mm, n, torch.float64, "the matvec")
+        return mm, n, torch.float64, torch.device("cpu"), None
     if hasattr(op, "matmat") and hasattr(op, "shape") and hasattr(op, "dtype") \
             and not hasattr(op, "matmul"):
         n = _square_dim(op.shape, "a scipy LinearOperator")
         mm, dtype = _from_scipy(op, n)
+        _check_symmetric(mm, n, dtype, "the scipy LinearOperator")
         return mm, n, dtype, torch.device("cpu"), None
     if hasattr(op, "shape") and callable(getattr(op, "matmul", None)):
         n = _square_dim(op.shape, type(op).__name__)
@@ -514,7 +568,7 @@ def eigsh(op: Any, k: int = 10, which: str = "LA", tol: float = 1e-6, *, ncv: in
         matvecs, matmuls, missed = matvecs + done.num_matvecs, matmuls + done.num_matmuls, \
             done.missed
         if missed:
-            status = Status.CONVERGED if bool(converged.all()) else Status.ACCURACY_LIMITED
+            status = Status(done.status)
     null_dim = None
     if out.null_dim is not None:
         null_dim = max(0, out.null_dim + A.extra_zeros)

@@ -12,14 +12,16 @@ from typing import NamedTuple
 
 import torch
 
-from ._common import WORK_DTYPE, Matmul, as_work, finfo_eps, random_block
+from ._common import WORK_DTYPE, Matmul, as_work, breakdown_tol, finfo_eps, random_block
 from ._restart import _converged, thick_restart_lanczos
 
 __all__ = ["Completed", "complete_multiplicities"]
 
 
 class Completed(NamedTuple):
-    """The top-``k`` after the check: pairs, true residuals, convergence mask, cost."""
+    """The top-``k`` after the check: pairs, true residuals, convergence mask, cost, and the
+    status of the pairs (``"converged"``, ``"accuracy_limited"`` when the unconverged ones sit
+    at the rounding floor ``10 sqrt(n) eps ||A||``, else ``"max_iterations"``)."""
 
     eigenvalues: torch.Tensor
     eigenvectors: torch.Tensor
@@ -28,6 +30,7 @@ class Completed(NamedTuple):
     missed: int
     num_matvecs: int
     num_matmuls: int
+    status: str
 
 
 def _key(theta: torch.Tensor, which: str) -> torch.Tensor:
@@ -72,7 +75,7 @@ def complete_multiplicities(
 
         start = random_block(n, 1, generator, device)
         start = start - Y @ (Y.T @ start)
-        chk = thick_restart_lanczos(deflated, n, 1, which=which, tol=check_tol, v0=start[:, 0],
+        chk = thick_restart_lanczos(deflated, n, 1, which=which, tol=check_tol, v0=start[:, 0], ncv=12,
                                     generator=generator, device=device, dense_max=0,
                                     return_eigenvectors=True)
         matvecs, matmuls = matvecs + chk.num_matvecs, matmuls + chk.num_matmuls
@@ -81,8 +84,12 @@ def complete_multiplicities(
         kth = float(_key(theta, which).min())
         if float(_key(chk.eigenvalues, which)[0]) + float(chk.residuals[0]) < kth:
             break
-        # a missed pair: Rayleigh–Ritz on [Y, y'] and keep the best k
-        y = chk.eigenvectors[:, :1]
+        # a missed pair: converge it to tol, then Rayleigh–Ritz on [Y, y'] and keep the best k
+        fine = thick_restart_lanczos(deflated, n, 1, which=which, tol=tol,
+                                     v0=chk.eigenvectors[:, 0], generator=generator,
+                                     device=device, dense_max=0, return_eigenvectors=True)
+        matvecs, matmuls = matvecs + fine.num_matvecs, matmuls + fine.num_matmuls
+        y = (fine if fine.status != "failed" else chk).eigenvectors[:, :1]
         y = y - Y @ (Y.T @ y)
         Q, _ = torch.linalg.qr(torch.cat([Y, y / torch.linalg.vector_norm(y)], dim=1))
         AQ = work(Q)
@@ -95,5 +102,9 @@ def complete_multiplicities(
         theta = (Y * AY).sum(dim=0) / (Y * Y).sum(dim=0)  # Rayleigh quotients (see _restart)
         res = torch.linalg.vector_norm(AY - Y * theta, dim=0)
         missed += 1
-    conv = _converged(res, theta, tol, eps, max(anorm, float(theta.abs().max())))
-    return Completed(theta, Y, res, conv.cpu(), missed, matvecs, matmuls)
+    anorm = max(anorm, float(theta.abs().max()))
+    conv = _converged(res, theta, tol, eps, anorm)
+    floor = breakdown_tol(n, eps, anorm)
+    status = "converged" if bool(conv.all()) else \
+        "accuracy_limited" if bool((conv | (res <= floor)).all()) else "max_iterations"
+    return Completed(theta, Y, res, conv.cpu(), missed, matvecs, matmuls, status)
