@@ -152,10 +152,45 @@ class SLQResult(Result):
         """Zero eigenvalues of the operator passed that the side worked on does not carry."""
         return self.primal_dimension - self.dimension
 
+    alpha: torch.Tensor | None = None
+    beta: torch.Tensor | None = None
+
     @property
     def lambda_max(self) -> float:
         """Largest node: a lower bound on ``λ_max``, tight after a few tens of steps."""
         return float(self.nodes.max())
+
+    # -- the quadrature interface shared with DeflatedSLQ: tr f = exact + mean(samples) ------
+    def exact_part(self, f: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """The deterministic part of ``tr f``: ``(N - n) f(0)`` for the structural zeros."""
+        return self.extra_zeros * _f_at_zero(f) if self.extra_zeros else 0.0
+
+    def samples(self, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Per-probe estimates ``n Σ_j w_pj f(θ_pj)`` of the stochastic part (``[num_probes]``)."""
+        return self.dimension * (self.weights * _apply(f, self.nodes)).sum(dim=1)
+
+    def quadrature_change(self, f: Callable[[torch.Tensor], torch.Tensor],
+                          degree: int | None = None) -> float:
+        """How much the last Lanczos step moved the estimate of ``tr f``: the mean over probes of
+        the ``m``-step minus the ``(m-1)``-step quadrature (Gauss quadrature converges fast, so
+        this over-states the error of the ``m``-step rule). ``0`` for a polynomial ``f`` of
+        ``degree < 2m`` (exact), ``inf`` when it cannot be told (``m = 1``, or no recurrences)."""
+        m = self.nodes.shape[1]
+        if degree is not None and degree < 2 * m:
+            return 0.0
+        if m < 2 or self.alpha is None or self.beta is None:
+            return math.inf
+        T = torch.diag_embed(self.alpha[:, : m - 1]) + torch.diag_embed(self.beta[:, : m - 2], 1) \
+            + torch.diag_embed(self.beta[:, : m - 2], -1)
+        theta, S = torch.linalg.eigh(T)
+        w = S[:, 0, :] ** 2 * self.weights.sum(dim=1, keepdim=True)
+        prev = self.dimension * (w * _apply(f, theta)).sum(dim=1)
+        return abs(float((self.samples(f) - prev).mean()))
+
+    def square_bounds(self, t1: float) -> tuple[float, float]:
+        """Bounds on the stochastic part of ``tr A²`` given that of ``tr A``:
+        ``tr(A)² / n <= tr A²`` (Cauchy–Schwarz); no useful upper bound."""
+        return t1 * t1 / max(self.dimension, 1), math.inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,11 +214,14 @@ class SpectralDensity(Result):
     side: str
     dimension: int
     primal_dimension: int
+    zero_mass_bound: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class TraceResult(Result):
-    """A trace estimate ``tr f(A)`` with the standard error of its stochastic part."""
+    """A trace estimate ``tr f(A)`` with its standard error: the spread over probes combined
+    with ``quadrature_error`` (the change over the last Lanczos step, 0 where exact); ``status``
+    is ``TOO_FEW_STEPS`` when that change exceeds 5% of the estimate."""
 
     estimate: float
     standard_error: float
@@ -193,11 +231,18 @@ class TraceResult(Result):
     dimension: int
     primal_dimension: int
     seed: int | None
+    quadrature_error: float = 0.0
+    status: Status = Status.CONVERGED
 
 
 @dataclasses.dataclass(frozen=True)
 class EffectiveRank(Result):
-    """An effective rank with its standard error (``nan`` where not stochastic)."""
+    """An effective rank with its standard error (``nan`` where not stochastic).
+
+    ``standard_error`` combines the spread over probes with ``quadrature_error``, the change of
+    the estimate over the last Lanczos step (0 where the quadrature is exact); ``status`` is
+    ``TOO_FEW_STEPS`` when that change exceeds 5% of the value (add ``num_steps``).
+    """
 
     value: float
     standard_error: float
@@ -207,6 +252,8 @@ class EffectiveRank(Result):
     side: str
     primal_dimension: int
     seed: int | None
+    quadrature_error: float = 0.0
+    status: Status = Status.CONVERGED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -674,26 +721,32 @@ def slq(op: Any, num_probes: int = 32, num_steps: int = 80, *, probe: str = "rad
         side=A.side, num_probes=int(num_probes), num_steps=int(q.nodes.shape[1]), probe=probe,
         reorthogonalize=reorthogonalize, num_matvecs=q.num_matvecs, breakdowns=q.breakdowns,
         status=Status.CONVERGED, dtype=str(A.dtype).removeprefix("torch."),
-        device=str(A.device), seed=seed)
+        device=str(A.device), seed=seed, alpha=q.alpha, beta=q.beta)
 
 
-def _check_slq(result: Any) -> SLQResult:
-    if not isinstance(result, SLQResult):
-        raise TypeError(f"expected an SLQResult from lanczos_ntk.slq, got {type(result).__name__}")
+def _check_slq(result: Any):
+    if not (isinstance(result, SLQResult) or _is_deflated(result)):
+        raise TypeError(f"expected an SLQResult from lanczos_ntk.slq or a DeflatedSLQ from "
+                        f"lanczos_ntk.deflated_slq, got {type(result).__name__}")
     return result
 
 
-def _per_probe(result: SLQResult, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``n Σ_j w_pj f(θ_pj) + extra_zeros f(0)`` for each probe ``p``."""
-    vals = f(result.nodes)
-    if not isinstance(vals, torch.Tensor) or vals.shape != result.nodes.shape:
+def _is_deflated(result: Any) -> bool:
+    from ._deflated import DeflatedSLQ
+
+    return isinstance(result, DeflatedSLQ)
+
+
+def _apply(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    vals = f(x)
+    if not isinstance(vals, torch.Tensor) or vals.shape != x.shape:
         raise ValueError("expected f to map a tensor of nodes elementwise to a tensor of the "
                          "same shape")
-    est = result.dimension * (result.weights * vals.to(torch.float64)).sum(dim=1)
-    if result.extra_zeros:
-        f0 = f(torch.zeros(1, dtype=torch.float64))
-        est = est + result.extra_zeros * float(f0.reshape(-1)[0])
-    return est
+    return vals.to(torch.float64)
+
+
+def _f_at_zero(f: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    return float(_apply(f, torch.zeros(1, dtype=torch.float64))[0])
 
 
 def _mean_se(x: torch.Tensor) -> tuple[float, float]:
@@ -702,12 +755,29 @@ def _mean_se(x: torch.Tensor) -> tuple[float, float]:
     return float(x.mean()), float(x.std()) / math.sqrt(x.numel())
 
 
-def tr_f(result: SLQResult, f: Callable[[torch.Tensor], torch.Tensor]) -> TraceResult:
-    """Estimate ``tr f(A)`` from an :class:`SLQResult`, with the standard error across probes.
+_TOO_FEW_RTOL = 0.05  # a last-step change above 5% of the value: too few Lanczos steps
 
-    ``tr f(A) ≈ (1/s) Σ_p [n Σ_j w_pj f(θ_pj)] + (N - n) f(0)``; the standard error is the
-    sample standard deviation of the bracket over ``sqrt(s)``. ``f`` acts elementwise on a
-    float64 tensor. No new products.
+
+def _quad_status(change: float, value: float) -> Status:
+    return Status.TOO_FEW_STEPS if change > _TOO_FEW_RTOL * abs(value) else Status.CONVERGED
+
+
+def _combine(se: float, err: float) -> float:
+    if math.isinf(err):
+        return math.inf
+    return math.hypot(se, err) if math.isfinite(se) else (err if err > 0 else se)
+
+
+def tr_f(result: Any, f: Callable[[torch.Tensor], torch.Tensor], *,
+         degree: int | None = None) -> TraceResult:
+    """Estimate ``tr f(A)`` from an :class:`SLQResult` or a :class:`DeflatedSLQ`.
+
+    ``tr f(A) ≈ exact + (1/s) Σ_p [n Σ_j w_pj f(θ_pj)]``: the exact part is ``(N - n) f(0)``
+    for the structural zeros (plus ``Σ_i f(λ_i)`` over the deflated top of a
+    :class:`DeflatedSLQ`), the bracket the per-probe quadrature. The standard error combines
+    the spread of the bracket over probes (``std / sqrt(s)``) with the change of the estimate
+    over the last Lanczos step (exact, 0, for a polynomial of ``degree < 2 m``; give ``degree``
+    when ``f`` is one). ``f`` acts elementwise on a float64 tensor. No new products.
 
     Examples
     --------
@@ -716,34 +786,80 @@ def tr_f(result: SLQResult, f: Callable[[torch.Tensor], torch.Tensor]) -> TraceR
     385.0
     """
     result = _check_slq(result)
-    est, se = _mean_se(_per_probe(result, f))
-    return TraceResult(estimate=est, standard_error=se, method="slq", num_matvecs=0,
-                       side=result.side, dimension=result.dimension,
-                       primal_dimension=result.primal_dimension, seed=result.seed)
+    est, se = _mean_se(result.samples(f))
+    est += result.exact_part(f)
+    err = result.quadrature_change(f, degree)
+    return TraceResult(estimate=est, standard_error=_combine(se, err), method=_method_of(result),
+                       num_matvecs=0, side=result.side, dimension=result.dimension,
+                       primal_dimension=result.primal_dimension, seed=result.seed,
+                       quadrature_error=err, status=_quad_status(err, est))
 
 
-def trace_from_slq(result: SLQResult) -> TraceResult:
-    """``tr A`` from an SLQ result (for Rademacher probes: Hutchinson with the same probes)."""
-    return tr_f(result, lambda x: x)
+def _method_of(result: Any) -> str:
+    return "deflated-slq" if _is_deflated(result) else "slq"
 
 
-def _zero_cut(result: SLQResult, zero_rtol: float) -> float:
-    return zero_rtol * max(float(result.nodes.abs().max()), 0.0)
+def trace_from_slq(result: Any) -> TraceResult:
+    """``tr A`` from an SLQ result (for Rademacher probes: Hutchinson with the same probes),
+    never below the largest eigenvalue known (the top node, or the deflated ``λ_max``)."""
+    r = tr_f(result, lambda x: x, degree=1)
+    floor = result.lambda_max if _is_deflated(result) else 0.0
+    return dataclasses.replace(r, estimate=max(r.estimate, floor))
 
 
-def spectral_density(result: SLQResult, grid: torch.Tensor | None = None,
+def _zero_cut(result: Any, zero_rtol: float) -> float:
+    return zero_rtol * max(float(result.lambda_max), 0.0)
+
+
+def _measure(result: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All nodes with their weights in eigenvalues per node, averaged over probes, plus the
+    per-probe (structural + quadrature) counts: ``(x, w, per_probe_weights [s, m])``."""
+    if _is_deflated(result):
+        rem = result.remainder
+        x = torch.cat([result.top, rem.nodes.flatten()])
+        w = torch.cat([torch.ones_like(result.top),
+                       (rem.weights * rem.dimension / rem.num_probes).flatten()])
+        return x, w, rem
+    return result.nodes.flatten(), (result.weights * result.dimension
+                                    / result.num_probes).flatten(), result
+
+
+def _count_bound(quad: SLQResult, cut: float) -> float:
+    """Chebyshev–Markov–Stieltjes: the distribution function of probe ``p``'s measure at
+    ``cut`` lies between the quadrature's count without and with the nodes bracketing ``cut``;
+    return ``n`` times the mean over probes of the larger bracketing weight."""
+    order = torch.argsort(quad.nodes, dim=1)
+    nodes = torch.gather(quad.nodes, 1, order)
+    weights = torch.gather(quad.weights, 1, order)
+    m = nodes.shape[1]
+    i = (nodes <= cut).sum(dim=1)  # nodes at or below the cut
+    padded = torch.cat([torch.zeros_like(weights[:, :1]), weights,
+                        torch.zeros_like(weights[:, :1])], dim=1)
+    rows = torch.arange(nodes.shape[0])
+    below, above = padded[rows, i], padded[rows, torch.clamp(i + 1, max=m + 1)]
+    return quad.dimension * float(torch.maximum(below, above).mean())
+
+
+def spectral_density(result: Any, grid: torch.Tensor | None = None,
                      sigma: float | None = None, *, num_points: int = 512,
                      zero_rtol: float = 1e-6, scale: str = "linear") -> SpectralDensity:
     """Gaussian-smoothed spectral density ``φ(x) = (1/N) Σ_i N(x; λ_i, σ²)`` from SLQ nodes.
 
-    ``φ(x) ≈ (n / N) (1/s) Σ_p Σ_j w_pj N(x; θ_pj, σ²)`` over the nodes above
-    ``zero_rtol * λ_max``; the rest, plus the ``N - n`` structural zeros of a dual side, is the
-    ``zero_mass`` (the fraction of eigenvalues that are zero), reported separately.
-    No new products.
+    From an :class:`SLQResult`: ``φ(x) ≈ (n / N) (1/s) Σ_p Σ_j w_pj N(x; θ_pj, σ²)``. From a
+    :class:`DeflatedSLQ` the deflated top eigenvalues enter exactly (weight ``1/N`` each) and
+    the quadrature covers only the rest. Nodes at or below ``zero_rtol * λ_max``, plus the
+    ``N - n`` structural zeros of a dual side, form the ``zero_mass`` (the fraction of
+    eigenvalues that are zero), reported separately with the standard error of its spread over
+    probes and ``zero_mass_bound``, the Chebyshev–Markov–Stieltjes bound of the Gauss
+    quadrature at the cut: the larger weight of the two nodes bracketing it (the quadrature
+    cannot tell on which side of the cut the eigenvalues those nodes stand for lie). A large
+    bound means the count is not resolved at this threshold: a spectrum that runs continuously
+    through the cut (common for the sNTK of gated models) has no well-defined zero mass; put
+    the cut in a gap of the spectrum or add Lanczos steps. No new products.
 
     Parameters
     ----------
-    result : SLQResult
+    result : SLQResult or DeflatedSLQ
     grid : Tensor, optional
         Where to evaluate (in ``log10 λ`` for ``scale="log"``); default ``num_points`` points
         from ``min(node) - 3σ`` to ``max(node) + 3σ`` over the nonzero nodes.
@@ -758,14 +874,18 @@ def spectral_density(result: SLQResult, grid: torch.Tensor | None = None,
     result = _check_slq(result)
     if scale not in ("linear", "log"):
         raise ValueError(f"expected scale='linear' or 'log', got {scale!r}")
-    nodes, weights = result.nodes, result.weights
     cut = _zero_cut(result, zero_rtol)
+    N = result.primal_dimension
+    nodes, w, quad = _measure(result)
     nonzero = nodes > cut
-    N, n = result.primal_dimension, result.dimension
-    zero_per_probe = (result.extra_zeros + n * (weights * ~nonzero).sum(dim=1)) / N
+    zero_top = 0
+    if _is_deflated(result):
+        zero_top = int((result.top <= cut).sum())
+    zero_per_probe = (result.extra_zeros + zero_top + quad.dimension
+                      * (quad.weights * (quad.nodes <= cut)).sum(dim=1)) / N
     zero_mass, zero_se = _mean_se(zero_per_probe)
-    x = nodes[nonzero]
-    w = weights[nonzero] * (n / N) / result.num_probes
+    bound = _count_bound(quad, cut) / N
+    x, w = nodes[nonzero], w[nonzero] / N
     if scale == "log":
         x = torch.log10(x)
     if x.numel() == 0:
@@ -784,7 +904,7 @@ def spectral_density(result: SLQResult, grid: torch.Tensor | None = None,
     density = (torch.exp(-0.5 * z * z) * w[None, :]).sum(dim=1) / (sigma * math.sqrt(2 * math.pi))
     return SpectralDensity(grid=grid, density=density, zero_mass=zero_mass, zero_mass_se=zero_se,
                            zero_threshold=cut, sigma=float(sigma), scale=scale, side=result.side,
-                           dimension=n, primal_dimension=N)
+                           dimension=result.dimension, primal_dimension=N, zero_mass_bound=bound)
 
 
 def _delta_se(samples: torch.Tensor, grad: torch.Tensor) -> float:
@@ -802,33 +922,56 @@ def _xlogx(x: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(xp))
 
 
-def _rank_from_slq(r: SLQResult, kind: str, rtol: float, lambda_max: float | None
-                   ) -> tuple[float, float]:
-    tr = _per_probe(r, lambda x: x)
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _square(x: torch.Tensor) -> torch.Tensor:
+    return x * x
+
+
+def _rank_from_quadrature(r: Any, kind: str, rtol: float, lambda_max: float | None
+                          ) -> tuple[float, float, float]:
+    """``(value, standard error, quadrature error)`` of an effective rank from a quadrature
+    result. Values are clamped to what a PSD spectrum allows (``[1, n]`` when ``A != 0``)."""
+    n = r.dimension
+    s1 = r.samples(_identity)
+    a = r.exact_part(_identity) + float(s1.mean())
     if kind == "participation":
-        t2 = _per_probe(r, lambda x: x * x)
-        a, b = float(tr.mean()), float(t2.mean())
-        if b <= 0:
-            return 0.0, math.nan
+        s2 = r.samples(_square)
+        lo, hi = r.square_bounds(float(s1.mean()))
+        t2 = min(max(float(s2.mean()), lo), hi)
+        b = r.exact_part(_square) + getattr(r, "cross", 0.0) + t2
+        if b <= 0 or a <= 0:
+            return 0.0, math.nan, 0.0
         grad = torch.tensor([2 * a / b, -a * a / (b * b)], dtype=torch.float64)
-        return a * a / b, _delta_se(torch.stack([tr, t2], dim=1), grad)
+        err = abs(float(grad[1])) * r.quadrature_change(_square, 2)
+        value = min(max(a * a / b, 1.0), float(n))
+        return value, _combine(_delta_se(torch.stack([s1, s2], dim=1), grad), err), err
     if kind == "entropy":
-        t = _per_probe(r, _xlogx)
-        s, tl = float(tr.mean()), float(t.mean())
-        if s <= 0:
-            return 0.0, math.nan
-        value = math.exp(math.log(s) - tl / s)
-        grad = value * torch.tensor([1 / s + tl / (s * s), -1 / s], dtype=torch.float64)
-        return value, _delta_se(torch.stack([tr, t], dim=1), grad)
+        st = r.samples(_xlogx)
+        tl = r.exact_part(_xlogx) + float(st.mean())
+        if a <= 0:
+            return 0.0, math.nan, 0.0
+        value = math.exp(math.log(a) - tl / a)
+        grad = value * torch.tensor([1 / a + tl / (a * a), -1 / a], dtype=torch.float64)
+        err = abs(float(grad[1])) * r.quadrature_change(_xlogx)
+        se = _delta_se(torch.stack([s1, st], dim=1), grad)
+        return min(max(value, 1.0), float(n)), _combine(se, err), err
     if kind == "stable":
         lmax = r.lambda_max if lambda_max is None else lambda_max
         if lmax <= 0:
-            return 0.0, math.nan
-        est, se = _mean_se(tr)
-        return est / lmax, se / lmax
+            return 0.0, math.nan, 0.0
+        _, se = _mean_se(s1)
+        return min(max(a / lmax, 1.0), float(n)), se / lmax, 0.0
     cut = rtol * (r.lambda_max if lambda_max is None else lambda_max)
-    count = r.dimension * (r.weights * (r.nodes > cut)).sum(dim=1)
-    return _mean_se(count)
+
+    def above(x: torch.Tensor) -> torch.Tensor:
+        return (x > cut).to(torch.float64)
+
+    count = r.samples(above)
+    est, se = _mean_se(count)
+    return est + r.exact_part(above), se, 0.0
 
 
 _RANK_KINDS = ("participation", "entropy", "stable", "numerical")
@@ -837,7 +980,7 @@ _RANK_KINDS = ("participation", "entropy", "stable", "numerical")
 def effective_rank(op_or_result: Any, kind: str = "participation", *, rtol: float = 1e-6,
                    num_probes: int = 32, num_steps: int = 80,
                    generator: torch.Generator | None = None, side: str = "auto",
-                   tol: float = 1e-6) -> EffectiveRank:
+                   tol: float = 1e-6, deflate: bool = True) -> EffectiveRank:
     """Effective rank of a PSD operator, with a standard error where it is stochastic.
 
     Kinds (``λ_i`` the eigenvalues, ``p_i = λ_i / Σ λ``):
@@ -847,12 +990,15 @@ def effective_rank(op_or_result: Any, kind: str = "participation", *, rtol: floa
     * ``"stable"``: ``tr K / λ_max``;
     * ``"numerical"``: ``#{λ_i > rtol · λ_max}`` (a Gauss-quadrature estimate of the count).
 
-    From an :class:`SLQResult` no new products are used (``λ_max`` is the largest node);
-    given an operator, :func:`slq` runs with ``num_probes``, ``num_steps`` and ``generator``
-    (and :func:`eigsh` with ``tol`` for ``λ_max`` when ``kind="stable"``). Standard errors of the
-    ratios come from the delta method over the per-probe estimates (the ``λ_max`` of
-    ``"stable"`` is treated as exact). Zero eigenvalues (including the structural zeros of a
-    dual side) contribute nothing, so every kind is the same from either side.
+    From an :class:`SLQResult` or a :class:`DeflatedSLQ` no new products are used. Given an
+    operator, :func:`deflated_slq` runs (``deflate=True``, the default: the top of the
+    spectrum exactly, SLQ with ``num_probes`` and ``num_steps`` on the rest; near a
+    bifurcation, where one eigenvalue carries almost all of ``tr K²``, plain SLQ has huge
+    variance and this does not), else plain :func:`slq`. Standard errors come from the delta
+    method over the per-probe estimates, combined with the quadrature's last-step change
+    (``status=TOO_FEW_STEPS`` when that exceeds 5% of the value). Values are clamped to
+    ``[1, n]``. Zero eigenvalues (including the structural zeros of a dual side) contribute
+    nothing, so every kind is the same from either side.
 
     References: Roy & Vetterli (2007) for the entropy rank; Rudelson & Vershynin (2007) for the
     stable rank; Ubaru, Chen & Saad (2017) for the SLQ estimates.
@@ -861,24 +1007,27 @@ def effective_rank(op_or_result: Any, kind: str = "participation", *, rtol: floa
         raise ValueError(f"expected kind in {_RANK_KINDS}, got {kind!r}")
     lambda_max = None
     matvecs = 0
-    if isinstance(op_or_result, SLQResult):
+    if isinstance(op_or_result, SLQResult) or _is_deflated(op_or_result):
         r = op_or_result
-        method = "slq"
     else:
         A = as_operator(op_or_result, side)
         gen, _ = _seed_of(generator)
-        r = slq(A, num_probes, num_steps, generator=gen)
-        matvecs = r.num_matvecs
-        method = "slq"
-        if kind == "stable":
-            top = eigsh(A, 1, "LA", tol, generator=gen)
-            lambda_max = float(top.eigenvalues[0])
-            matvecs += top.num_matvecs
-            method = "slq+eigsh"
-    value, se = _rank_from_slq(r, kind, rtol, lambda_max)
+        if deflate:
+            from ._deflated import deflated_slq
+
+            r = deflated_slq(A, num_probes, num_steps, generator=gen, tol=tol)
+        else:
+            r = slq(A, num_probes, num_steps, generator=gen)
+            if kind == "stable":
+                top = eigsh(A, 1, "LA", tol, generator=gen)
+                lambda_max = float(top.eigenvalues[0])
+                matvecs += top.num_matvecs
+        matvecs += r.num_matvecs
+    method = _method_of(r) + ("+eigsh" if lambda_max is not None else "")
+    value, se, err = _rank_from_quadrature(r, kind, rtol, lambda_max)
     return EffectiveRank(value=value, standard_error=se, kind=kind, method=method,
                          num_matvecs=matvecs, side=r.side, primal_dimension=r.primal_dimension,
-                         seed=r.seed)
+                         seed=r.seed, quadrature_error=err, status=_quad_status(err, value))
 
 
 # ------------------------------------------------------------------------------------------

@@ -166,11 +166,12 @@ def thick_restart_lanczos(
         Relative residual tolerance: ``||A y - θ y|| <= tol * max(|θ|, eps ||A||)``.
         Products in a dtype with unit roundoff ``eps`` carry errors of about
         ``eps ||A||`` (up to ``10 sqrt(n) eps ||A||``), so a pair with
-        ``|θ| < eps ||A|| / tol`` may not reach ``tol``: when every unconverged residual sits at
-        that floor and none has fallen by 10% for five cycles the run stops with ``status="accuracy_limited"`` and those
-        pairs are reported unconverged (their relative accuracy is about
-        ``eps ||A|| / |θ|``). ``which="SA"`` raises ``ValueError`` on an operator with a
-        clearly negative eigenvalue (below ``-sqrt(eps) λ_max``).
+        ``|θ| < eps ||A|| / tol`` may not reach ``tol``: when every unconverged residual sits
+        at that floor and none has fallen by 10% for five cycles, the run stops with
+        ``status="accuracy_limited"`` and those pairs are reported unconverged (their
+        relative accuracy is about ``eps ||A|| / |θ|``). ``which="SA"`` raises
+        ``ValueError`` on an operator with a clearly negative eigenvalue (below
+        ``-sqrt(eps) λ_max``).
     ncv : int, optional
         Basis size, default ``max(2k + 2b, 20 + b, k + 6b)``.
     max_restarts : int
@@ -320,5 +321,6 @@ def thick_restart_lanczos(
         conv = _converged(res, values, tol, eps, state.anorm)
     return ExtremeEigenpairs(
         eigenvalues=values, eigenvectors=vecs if return_eigenvectors else None, residuals=res,
-        converged=conv.cpu(), num_matvecs=num_matvecs, num_matmuls=num_matmuls, num_restarts=restarts, status=status, null_dim=null_dim,
-        lambda_max=lam_max, ncv=ncv, breakdowns=len(state.breakdowns))
+        converged=conv.cpu(), num_matvecs=num_matvecs, num_matmuls=num_matmuls,
+        num_restarts=restarts, status=status, null_dim=null_dim, lambda_max=lam_max, ncv=ncv,
+        breakdowns=len(state.breakdowns))
