@@ -13,8 +13,8 @@ top-``k`` Ritz vectors (orthonormal) and ``P = I - UUᵀ``,
 
 and only the remainder ``PAP``, whose largest eigenvalue is ``λ_{k+1}``, is estimated by SLQ
 from probes projected onto ``range(U)⊥`` (``E[(Pg)ᵀ f(PAP) (Pg)] = tr f(PAP)|_{range(U)⊥}``).
-``k`` grows (doubling from 4) until the remainder carries at most ``share_tol`` of ``tr A²``
-or the estimates are already precise, up to ``k_max``.
+``k`` grows (doubling from 4) until the remainder carries at most ``share_tol`` of ``tr A²``,
+or deflating more stops paying, up to ``k_max``.
 
 References: Meyer, Musco, Musco & Woodruff (2021), Hutch++ (deflation of the top for trace
 estimation); Ubaru, Chen & Saad (2017), SLQ; Lin (2017), randomized estimation of spectral
@@ -35,8 +35,6 @@ from .spectral import (
     EigshResult,
     SLQResult,
     _apply,
-    _combine,
-    _delta_se,
     _f_at_zero,
     _seed_of,
     _work_device,
@@ -45,6 +43,8 @@ from .spectral import (
 )
 
 __all__ = ["DeflatedSLQ", "deflated_slq"]
+
+_SHARE_PROBES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,19 +135,8 @@ def _rayleigh_ritz(work, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return U, AU, (U * AU).sum(dim=0)
 
 
-def _precise(top: torch.Tensor, cross: float, rem: SLQResult, rse_tol: float) -> bool:
-    """Relative standard errors of ``tr A`` and ``tr A²`` both below ``rse_tol``."""
-    s1, s2 = rem.samples(lambda x: x), rem.samples(lambda x: x * x)
-    a, b = float(top.sum() + s1.mean()), float((top**2).sum() + cross + s2.mean())
-    if a <= 0 or b <= 0 or s1.numel() < 2:
-        return False
-    se_a = _delta_se(s1[:, None], torch.ones(1, dtype=torch.float64))
-    se_b = _delta_se(s2[:, None], torch.ones(1, dtype=torch.float64))
-    return _combine(se_a, 0.0) <= rse_tol * a and _combine(se_b, 0.0) <= rse_tol * b
-
-
 def deflated_slq(op: Any, num_probes: int = 32, num_steps: int = 80, *, k: int | None = None,
-                 k_max: int = 32, share_tol: float = 0.05, rse_tol: float = 0.01,
+                 k_max: int = 32, share_tol: float = 0.05,
                  tol: float = 1e-6, probe: str = "rademacher",
                  generator: torch.Generator | None = None, side: str = "auto",
                  eigenpairs: EigshResult | None = None) -> DeflatedSLQ:
@@ -161,9 +150,11 @@ def deflated_slq(op: Any, num_probes: int = 32, num_steps: int = 80, *, k: int |
     num_probes, num_steps : int
         SLQ probes and Lanczos steps for the remainder.
     k : int, optional
-        Deflate exactly this many eigenpairs. Default: adaptive, ``4, 8, 16, ...`` until the
-        remainder carries at most ``share_tol`` of ``tr A²``, or the relative standard errors
-        of ``tr A`` and ``tr A²`` are below ``rse_tol``, or ``k_max`` is reached.
+        Deflate exactly this many eigenpairs. Default: adaptive, doubling from 4 (or from the
+        number of ``eigenpairs`` given) until the remainder carries at most ``share_tol`` of
+        ``tr A²`` (estimated from 8 Hutchinson probes, ``E ||R g||² = tr R²``), or doubling cut
+        the share by less than 30% (a flat spectrum, where deflation does not help and SLQ has
+        little variance anyway), or ``k_max`` is reached.
     tol : float
         Residual tolerance of the :func:`~lanczos_ntk.eigsh` runs that find ``U``.
     probe : {"rademacher", "gaussian"}
@@ -182,8 +173,9 @@ def deflated_slq(op: Any, num_probes: int = 32, num_steps: int = 80, *, k: int |
 
     Notes
     -----
-    Cost per round: one eigsh (warm-started from the previous ``U``), ``k`` products for the
-    Rayleigh–Ritz step, and ``num_probes * num_steps`` products for the remainder.
+    Cost per round of the choice of ``k``: one eigsh (warm-started from the previous ``U``),
+    ``k`` products for the Rayleigh–Ritz step and 8 for the share; then
+    ``num_probes * num_steps`` products for the SLQ of the remainder, once.
 
     Examples
     --------
@@ -204,16 +196,24 @@ def deflated_slq(op: Any, num_probes: int = 32, num_steps: int = 80, *, k: int |
     work = linalg._common.as_work(A.matmul, A.dtype, dev)
     n = A.n
     adaptive = k is None
-    kk = min(k if k is not None else 4, max(n - 1, 1))
+    given = None
+    if eigenpairs is not None:
+        given = eigenpairs.eigenvectors
+        if given is None or given.ndim != 2 or given.shape[0] != n:
+            raise ValueError(f"expected eigenpairs with eigenvectors of shape [{n}, k] (the "
+                             f"{A.side} side; eigsh(..., return_eigenvectors=True) on the same "
+                             f"operator), got {None if given is None else tuple(given.shape)}")
+    start = given.shape[1] if given is not None else 4
+    kk = min(k if k is not None else start, max(n - 1, 1))
     k_max = min(max(k_max, kk), max(n - 1, 1))
     matvecs = 0
     history = []
     U = None
     status = Status.CONVERGED
     while True:
-        if eigenpairs is not None and eigenpairs.eigenvectors is not None \
-                and eigenpairs.eigenvectors.shape == (n, kk):
-            found = eigenpairs
+        if given is not None and given.shape[1] >= kk:
+            found = dataclasses.replace(eigenpairs, eigenvectors=given[:, :kk])
+            given = None
         else:
             found = eigsh(A, kk, "LA", tol, return_eigenvectors=True, generator=gen, v0=U,
                           verify=False)
@@ -231,26 +231,30 @@ def deflated_slq(op: Any, num_probes: int = 32, num_steps: int = 80, *, k: int |
             W = work(X)
             return W - U @ (U.T @ W)
 
-        G = linalg._common.random_block(n, num_probes, gen, dev, probe)
-        G = G - U @ (U.T @ G)
-        q = linalg.lanczos_quadrature(remainder, n, num_probes, num_steps, generator=gen,
-                                      device=dev, probes=G,
-                                      reorthogonalize=8 * n * num_steps * num_probes <= 2**30)
-        matvecs += q.num_matvecs
-        rem = SLQResult(
-            nodes=q.nodes, weights=q.weights, dimension=n, primal_dimension=n, side=A.side,
-            num_probes=num_probes, num_steps=int(q.nodes.shape[1]), probe=probe,
-            reorthogonalize=True, num_matvecs=q.num_matvecs, breakdowns=q.breakdowns,
-            status=Status.CONVERGED, dtype=str(A.dtype).removeprefix("torch."),
-            device=str(A.device), seed=seed, alpha=q.alpha, beta=q.beta)
-        t2 = max(float(rem.samples(lambda x: x * x).mean()), 0.0)
+        # the remainder's share of tr A², from a few Hutchinson probes: E ||R g||² = tr R²
+        G = linalg._common.random_block(n, _SHARE_PROBES, gen, dev, probe)
+        RG = remainder(G)
+        matvecs += _SHARE_PROBES
+        t2 = float((RG * RG).sum(dim=0).mean())
         total = float((top**2).sum()) + cross + t2
         share = t2 / total if total > 0 else 0.0
+        stalled = len(history) > 0 and share > 0.7 * history[-1][1]  # a flat spectrum
         history.append((kk, share))
-        if not adaptive or share <= share_tol or kk >= k_max \
-                or _precise(top, cross, rem, rse_tol):
+        if not adaptive or share <= share_tol or kk >= k_max or stalled:
             break
         kk = min(2 * kk, k_max)
+    G = linalg._common.random_block(n, num_probes, gen, dev, probe)
+    G = G - U @ (U.T @ G)
+    q = linalg.lanczos_quadrature(remainder, n, num_probes, num_steps, generator=gen,
+                                  device=dev, probes=G,
+                                  reorthogonalize=8 * n * num_steps * num_probes <= 2**30)
+    matvecs += q.num_matvecs
+    rem = SLQResult(
+        nodes=q.nodes, weights=q.weights, dimension=n, primal_dimension=n, side=A.side,
+        num_probes=num_probes, num_steps=int(q.nodes.shape[1]), probe=probe,
+        reorthogonalize=True, num_matvecs=q.num_matvecs, breakdowns=q.breakdowns,
+        status=Status.CONVERGED, dtype=str(A.dtype).removeprefix("torch."),
+        device=str(A.device), seed=seed, alpha=q.alpha, beta=q.beta)
     return DeflatedSLQ(
         top=top, top_residuals=top_res, cross=cross, remainder=rem, k=kk,
         remainder_share=share, history=tuple(history), status=status, num_matvecs=matvecs,

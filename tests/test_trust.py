@@ -116,3 +116,107 @@ def test_k_above_the_dimension_is_a_dense_solve():
     with pytest.warns(UserWarning, match="dense solve"):
         r = lnk.eigsh(matrix_with_spectrum(lam, gen(8)), k=10)
     torch.testing.assert_close(r.eigenvalues, lam.flip(0), rtol=1e-12, atol=1e-12)
+
+
+# -- deflated estimates: the truth inside ±2 s.e. over many seeds --------------------------------
+def _truth(lam):
+    lam = lam.clamp_min(0)
+    p = lam / lam.sum()
+    p = p[p > 0]
+    return {"participation": float(lam.sum() ** 2 / (lam**2).sum()),
+            "entropy": float(torch.exp(-(p * p.log()).sum())), "trace": float(lam.sum())}
+
+
+def _coverage(op, lam, seeds, **kw):
+    truth = _truth(lam)
+    hits = dict.fromkeys(truth, 0)
+    for seed in range(seeds):
+        r = lnk.deflated_slq(op, generator=gen(100 + seed), **kw)
+        est = {kind: lnk.effective_rank(r, kind) for kind in ("participation", "entropy")}
+        est["trace"] = lnk.trace_from_slq(r)
+        for name, e in est.items():
+            value = e.estimate if name == "trace" else e.value
+            hits[name] += abs(value - truth[name]) <= 2 * e.standard_error
+    return hits
+
+
+def collapsed(seed=0):
+    """Participation ratio 1.0001: one eigenvalue 1, 399 summing to 5e-5."""
+    g = gen(seed)
+    rest = torch.rand(399, dtype=F64, generator=g)
+    lam = torch.cat([torch.ones(1, dtype=F64), rest / rest.sum() * 5e-5])
+    return matrix_with_spectrum(lam, g), lam
+
+
+@pytest.mark.parametrize("case", ["collapsed", "bulk", "flat"])
+def test_deflated_estimates_cover_the_truth_on_prescribed_spectra(case):
+    g = gen(11)
+    if case == "collapsed":
+        A, lam = collapsed()
+    elif case == "bulk":
+        lam = torch.cat([torch.tensor([1.0, 0.2], dtype=F64),
+                         0.01 * torch.rand(298, dtype=F64, generator=g) ** 3])
+        A = matrix_with_spectrum(lam, g)
+    else:
+        lam = torch.rand(300, dtype=F64, generator=g)
+        A = matrix_with_spectrum(lam, g)
+    seeds = 30
+    hits = _coverage(A, lam, seeds, num_probes=12, num_steps=30)
+    assert min(hits.values()) >= 0.9 * seeds, hits
+
+
+def test_plain_slq_is_what_deflation_fixes_on_a_collapsed_kernel():
+    # many probes see the top eigenvalue through a random weight: the spread of the plain
+    # participation estimate over seeds is far wider than the deflated one's
+    A, lam = collapsed()
+    truth = _truth(lam)["participation"]
+    plain = [lnk.effective_rank(lnk.slq(A, 10, 30, generator=gen(s))).value for s in range(10)]
+    defl = [lnk.effective_rank(lnk.deflated_slq(A, 10, 30, generator=gen(s))).value
+            for s in range(10)]
+    assert max(abs(v - truth) for v in defl) < 1e-4
+    assert max(abs(v - truth) for v in plain) > 100 * max(abs(v - truth) for v in defl)
+    assert min(defl) >= 1.0  # clamped to the valid range
+
+
+def test_deflated_estimates_cover_the_truth_on_an_sntk_near_its_bifurcation():
+    from lanczos_ntk.cli._compute import critical_gain, model_at
+    from lanczos_ntk.models import CTRNN
+    from lanczos_ntk.testing import dense_gram
+
+    base = CTRNN(10, 1, gain=1.0, dt=0.1, seed=3).double()
+    model = model_at(base, "gain", 1.05 * critical_gain(base))
+    u = 0.01 * torch.randn(2, 60, 1, dtype=F64, generator=gen(0))
+    G = dense_gram(model, u)
+    lam = torch.linalg.eigvalsh(0.5 * (G + G.T))
+    assert _truth(lam)["participation"] < 2.0  # collapsed onto the bifurcation channel
+    K = lnk.StateNTK(model, u)
+    seeds = 20
+    hits = _coverage(K, lam, seeds, num_probes=8, num_steps=30)
+    assert min(hits.values()) >= 0.9 * seeds, hits
+
+
+def test_too_few_lanczos_steps_is_a_status():
+    lam = torch.linspace(0.01, 1, 200, dtype=F64) ** 4
+    A = matrix_with_spectrum(lam, gen(12))
+    one = lnk.slq(A, 10, 1)
+    pr = lnk.effective_rank(one, "participation")
+    assert pr.status == Status.TOO_FEW_STEPS and pr.standard_error == float("inf")
+    assert lnk.trace_from_slq(one).status == Status.CONVERGED  # degree 1: exact with one step
+    enough = lnk.effective_rank(lnk.slq(A, 10, 40), "entropy")
+    assert enough.status == Status.CONVERGED and enough.quadrature_error < 0.01 * enough.value
+
+
+def test_deflated_density_carries_the_top_exactly_and_round_trips(tmp_path):
+    A, lam = collapsed()
+    r = lnk.deflated_slq(A, 8, 20)
+    assert r.k >= 1 and abs(r.lambda_max - 1.0) < 1e-10 and r.remainder_share < 0.05
+    d = lnk.spectral_density(r, scale="log", zero_rtol=1e-12)
+    # the top eigenvalue carries 1/N of the mass, as one eigenvalue of N should
+    near = d.grid > -0.5
+    mass = float(torch.trapezoid(d.density[near], d.grid[near]))
+    assert abs(mass - 1 / 400) < 2e-4
+    r.save(tmp_path / "r")
+    back = lnk.load_result(tmp_path / "r")
+    assert lnk.effective_rank(back).value == lnk.effective_rank(r).value
+    with pytest.raises(ValueError, match="eigenpairs"):
+        lnk.deflated_slq(A, eigenpairs=lnk.eigsh(A, k=2))

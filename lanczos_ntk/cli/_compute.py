@@ -15,16 +15,16 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .. import dynamics
+from .._deflated import DeflatedSLQ, deflated_slq
 from .._results import Result
 from .._runs import ConfigError
 from ..spectral import (
     EffectiveRank,
     EigshResult,
-    SLQResult,
     TraceResult,
+    as_operator,
     effective_rank,
     eigsh,
-    slq,
     spectral_density,
     trace_from_slq,
 )
@@ -40,8 +40,9 @@ class SpectralSummary(Result):
     Attributes
     ----------
     top, bottom : EigshResult (``bottom`` None when not asked for)
-    slq : SLQResult
-        Feeds the densities; no new products are needed to redraw them.
+    slq : DeflatedSLQ
+        The top eigenvalues exactly plus SLQ of the deflated rest; feeds the ranks, the trace
+        and the densities (no new products are needed to redraw them).
     participation, entropy : EffectiveRank
     trace : TraceResult
     condition : float
@@ -52,7 +53,7 @@ class SpectralSummary(Result):
 
     top: EigshResult
     bottom: EigshResult | None
-    slq: SLQResult
+    slq: DeflatedSLQ
     participation: EffectiveRank
     entropy: EffectiveRank
     trace: TraceResult
@@ -71,6 +72,8 @@ class SpectralSummary(Result):
             "participation_rank_se": self.participation.standard_error,
             "entropy_rank": self.entropy.value, "entropy_rank_se": self.entropy.standard_error,
             "condition_number": self.condition,
+            "deflated_k": getattr(self.slq, "k", 0),
+            "top_converged": self.top.converged.tolist(),
             "dimension_M": self.top.primal_dimension, "side": self.top.side,
             "matvecs": self.top.num_matvecs + self.slq.num_matvecs
             + (0 if self.bottom is None else self.bottom.num_matvecs),
@@ -79,7 +82,8 @@ class SpectralSummary(Result):
 
 
 def spectral_summary(K, cfg: Mapping, generator: torch.Generator, progress=None) -> SpectralSummary:
-    """Top-k (and bottom) eigenpairs by thick-restart Lanczos, SLQ, ranks and trace of ``K``.
+    """Top-k (and bottom) eigenpairs by thick-restart Lanczos, then deflated SLQ (the top
+    eigenpairs exactly, SLQ on the rest), ranks and trace of ``K``.
 
     ``progress(stage)`` is called after each of the three stages ("top", "bottom", "slq").
     """
@@ -88,13 +92,17 @@ def spectral_summary(K, cfg: Mapping, generator: torch.Generator, progress=None)
             progress(stage)
 
     t0 = time.perf_counter()
-    top = eigsh(K, int(cfg["k"]), "LA", float(cfg["tol"]), generator=generator)
+    A = as_operator(K)  # the smaller side: eigenvectors there seed the deflation
+    top = eigsh(A, int(cfg["k"]), "LA", float(cfg["tol"]), generator=generator,
+                return_eigenvectors=True)
     done("top")
     bottom = None
     if int(cfg["bottom"]) > 0:
-        bottom = eigsh(K, int(cfg["bottom"]), "SA", float(cfg["tol"]), generator=generator)
+        bottom = eigsh(A, int(cfg["bottom"]), "SA", float(cfg["tol"]), generator=generator)
     done("bottom")
-    s = slq(K, int(cfg["probes"]), int(cfg["lanczos_steps"]), generator=generator)
+    s = deflated_slq(A, int(cfg["probes"]), int(cfg["lanczos_steps"]), generator=generator,
+                     tol=float(cfg["tol"]), eigenpairs=top)
+    top = dataclasses.replace(top, eigenvectors=None)  # not saved with the run
     done("slq")
     lmax = float(top.eigenvalues[0]) if len(top.eigenvalues) else math.nan
     cond = math.nan

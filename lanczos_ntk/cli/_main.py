@@ -267,8 +267,13 @@ def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh
     report(quiet, [f"M = {metrics['dimension_M']} (computed on the {metrics['side']} side)",
                    f"top eigenvalues: {top}",
                    f"trace {metrics['trace']:.4g} ± {metrics['trace_se']:.2g}",
-                   f"effective rank: participation {metrics['participation_rank']:.4g}, "
-                   f"entropy {metrics['entropy_rank']:.4g}",
+                   f"effective rank: participation {metrics['participation_rank']:.4g} "
+                   f"± {metrics['participation_rank_se']:.2g}, entropy "
+                   f"{metrics['entropy_rank']:.4g} ± {metrics['entropy_rank_se']:.2g} "
+                   f"(top {metrics['deflated_k']} eigenvalues exact, the rest by SLQ)",
+                   f"eigensolver: {metrics['status']} "
+                   f"({sum(metrics['top_converged'])} of {len(metrics['top_converged'])} "
+                   f"eigenpairs to tol)",
                    f"condition number (nonzero part): {metrics['condition_number']:.4g}",
                    f"results: {folder.path}", f"figure: {figs[0]}"], folder)
 
@@ -278,8 +283,9 @@ def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh
 @inputs_option
 @friendly
 def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet, inputs_file):
-    """Spectral density of the sNTK by stochastic Lanczos quadrature (linear and log scale)."""
-    from .. import slq, spectral_density
+    """Spectral density of the sNTK: the top eigenvalues exactly plus stochastic Lanczos
+    quadrature of the rest (linear and log scale)."""
+    from .. import deflated_slq, spectral_density
     from ._figures import density_figure
 
     cfg = resolve_config("density", config_file, overrides, seed=seed, device=device, dtype=dtype,
@@ -294,8 +300,9 @@ def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh,
             folder.log("slq: loaded from the previous run")
         else:
             with progress(quiet, total=1, desc="SLQ") as bar:
-                r = slq(K, s_cfg["probes"], s_cfg["lanczos_steps"],
-                        generator=torch.Generator().manual_seed(cfg["seed"]))
+                r = deflated_slq(K, s_cfg["probes"], s_cfg["lanczos_steps"],
+                                 generator=torch.Generator().manual_seed(cfg["seed"]),
+                                 tol=float(s_cfg["tol"]))
                 bar.update()
             folder.save("slq", r)
             folder.log(f"slq: {r.num_matvecs} products")
