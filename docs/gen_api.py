@@ -21,6 +21,7 @@ SECTIONS = [
     ("Operators and results", "lanczos_ntk",
      ["StateNTK", "DualNTK", "ProductPlan", "Result", "Status", "load_result"]),
     ("Spectral estimates", "lanczos_ntk.spectral", None),
+    ("Deflated estimates (the collapsed regime)", "lanczos_ntk", ["DeflatedSLQ", "deflated_slq"]),
     ("Models", "lanczos_ntk.models", None),
     ("Dynamics: fixed points, continuation, bifurcations", "lanczos_ntk.dynamics", None),
     ("Channels", "lanczos_ntk.channels", None),

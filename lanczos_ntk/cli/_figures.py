@@ -77,7 +77,7 @@ def sweep_figures(sweep, points, densities, *, title: str = "") -> dict:
                                            annotate=False)
         if densities:
             z = densities[0][1].zero_mass
-            ax.set_title(f"spectral density (SLQ); zero mass {z:.3g}", fontsize=9)
+            ax.set_title(f"spectral density (top exact + SLQ); zero mass {z:.3g}", fontsize=9)
 
     has_dynamics = sweep.branch is not None or any(p.fixed_points is not None for p in points)
 
@@ -147,7 +147,7 @@ def spectrum_figure(summary, density):
     a.set_title(f"participation rank {summary.participation.value:.3g}, "
                 f"entropy rank {summary.entropy.value:.3g}", fontsize=9)
     plotting.plot_spectral_density(density, b, log=True)
-    b.set_title("spectral density (SLQ)", fontsize=9)
+    b.set_title("spectral density (top exact + SLQ)", fontsize=9)
     fig.tight_layout()
     return fig
 
