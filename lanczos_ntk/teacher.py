@@ -84,7 +84,7 @@ class TeacherConfig(Result):
     LRNG ``rank``, ``refresh_every``, ``damping`` (``0``: the bulk level ``λ_{k+1}``).
     Spectra: ``top_k`` eigenvalues of ``G``; ``spectrum`` ``"dense"`` (all of ``G`` from ``P``
     products on the dual, exact ranks), ``"lanczos"`` (warm-started :func:`lanczos_ntk.eigsh`
-    and SLQ ranks) or ``"auto"`` (dense when ``P <= 256``); ``tol`` of the eigensolver.
+    and deflated-SLQ ranks) or ``"auto"`` (dense when ``P <= 256``); ``tol`` of the eigensolver.
     Comparison: ``compare_lr``, ``compare_steps``, ``compare_record_every``; a spike is a jump
     of the loss above ``spike_factor`` times its running minimum.
     Landscape: ``landscape_points`` per side, ``landscape_steps`` (trial length of the probe;
@@ -167,7 +167,7 @@ class StudentTeacherResult(Result):
     eigenvalues : Tensor ``[R, k]``
         Top eigenvalues of ``G``, descending.
     participation, entropy : Tensor ``[R]``
-        Effective ranks of ``G`` (exact with the dense spectrum, SLQ estimates otherwise).
+        Effective ranks of ``G`` (exact with the dense spectrum, deflated-SLQ estimates otherwise).
     leading : Tensor ``[R]``
         ``Re λ`` of the leading Jacobian eigenvalue at the trivial fixed point (tracked by
         continuity from the origin).
@@ -466,7 +466,8 @@ class _Spectrum:
         self.probes, self.lanczos_steps = 16, 40
 
     def __call__(self, G) -> tuple[torch.Tensor, torch.Tensor, float, float, Callable]:
-        from .spectral import effective_rank, eigsh, slq
+        from ._deflated import deflated_slq
+        from .spectral import effective_rank, eigsh
 
         P = G.shape[0]
         if self.method == "dense":
@@ -485,8 +486,9 @@ class _Spectrum:
         res = eigsh(G, k=self.k, which="LA", tol=self.tol, return_eigenvectors=True, v0=self.v0,
                     generator=self.generator)
         self.v0 = res.eigenvectors
-        quad = slq(G, num_probes=self.probes, num_steps=min(self.lanczos_steps, P),
-                   generator=self.generator)  # one SLQ run, both ranks from it
+        # the top eigenpairs just found, exactly, and SLQ on the rest: both ranks from one run
+        quad = deflated_slq(G, self.probes, min(self.lanczos_steps, P), generator=self.generator,
+                            tol=self.tol, eigenpairs=res, side="primal")
         ranks = [effective_rank(quad, kind=kind) for kind in ("participation", "entropy")]
         self.num_matvecs += int(res.num_matvecs) + int(quad.num_matvecs)
         return (res.eigenvalues, res.eigenvectors, float(ranks[0].value), float(ranks[1].value),
