@@ -19,7 +19,7 @@ import lanczos_ntk as lnk  # noqa: E402
 # (title, module, names or None for the module's __all__)
 SECTIONS = [
     ("Operators and results", "lanczos_ntk",
-     ["StateNTK", "DualNTK", "ProductPlan", "Result", "Status", "load_result"]),
+     ["StateNTK", "DualNTK", "NTKPlusNoise", "ProductPlan", "Result", "Status", "load_result"]),
     ("Spectral estimates", "lanczos_ntk.spectral", None),
     ("Deflated estimates (the collapsed regime)", "lanczos_ntk", ["DeflatedSLQ", "deflated_slq"]),
     ("Models", "lanczos_ntk.models", None),

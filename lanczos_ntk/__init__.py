@@ -3,7 +3,7 @@
 from . import channels, dynamics, models, optim, plotting, testing  # plotting: matplotlib lazily
 from ._budget import ProductPlan
 from ._deflated import DeflatedSLQ, deflated_slq
-from ._operator import DualNTK, StateNTK
+from ._operator import DualNTK, NTKPlusNoise, StateNTK
 from ._results import Result, Status, load_result
 from .spectral import (
     ConditionNumber,
@@ -25,7 +25,7 @@ from .spectral import (
 
 __version__ = "0.1.0"
 
-__all__ = ["DualNTK", "ProductPlan", "Result", "StateNTK", "Status", "channels", "dynamics",
+__all__ = ["DualNTK", "NTKPlusNoise", "ProductPlan", "Result", "StateNTK", "Status", "channels", "dynamics",
            "load_result", "models", "optim", "testing"]
 __all__ += ["DeflatedSLQ", "deflated_slq"]
 __all__ += ["ConditionNumber", "EffectiveRank", "EigshResult", "NoConvergence", "SLQResult",

@@ -8,6 +8,7 @@ never formed.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -44,6 +45,8 @@ class JacobianEngine:
                  chunk_size: int | None = None, jvp: str = "auto", cache: bool | None = None,
                  memory_budget: int | None = None, process_group=None):
         self.group = process_group
+        self.config = dict(h0=h0, outputs=outputs, params=params, chunk_size=chunk_size,
+                           jvp=jvp, cache=cache, memory_budget=memory_budget)
         if process_group is not None and not torch.distributed.is_initialized():
             raise ValueError("process_group was given but torch.distributed is not initialised; "
                              "call torch.distributed.init_process_group first")
@@ -116,6 +119,45 @@ class JacobianEngine:
         return self.fn({**self.constants, **params}, u, h0)
 
     # -- inputs --------------------------------------------------------------------------------
+    # -- copies: pickling and dtype changes rebuild the engine from a snapshot of the model --
+    def snapshot_model(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """A copy of the model holding the parameters this engine was built at."""
+        model = copy.deepcopy(self.fn.model)
+        model.load_state_dict({n: t.detach() for n, t in self.full.items()}, strict=False)
+        return model.to(dtype) if dtype is not None else model
+
+    def rebuilt(self, dtype: torch.dtype | None = None) -> JacobianEngine:
+        """A new engine over the same model snapshot and inputs, optionally in another dtype."""
+        if self.group is not None:
+            raise TypeError("an operator split over a process group cannot be copied or "
+                            "pickled; rebuild it from the model and inputs on every rank")
+        config = dict(self.config)
+        inputs = self.inputs
+        if dtype is not None:
+            inputs = inputs.to(dtype)
+            h0 = config["h0"]
+            if isinstance(h0, torch.Tensor):
+                config["h0"] = h0.to(dtype)
+            elif isinstance(h0, tuple):
+                config["h0"] = tuple(t.to(dtype) for t in h0)
+        return JacobianEngine(self.snapshot_model(dtype), inputs, **config)
+
+    def dense_gram(self) -> torch.Tensor:
+        """``G = Jᵀ J`` as a dense ``P × P`` tensor (``P`` products), cached: it backs exact
+        solves and log-determinants of ``K + σ² I`` (:class:`lanczos_ntk.NTKPlusNoise`)."""
+        if getattr(self, "_dense_gram", None) is None:
+            eye = torch.eye(self.P, dtype=self.dtype, device=self.device)
+            G = torch.cat([self.gram(eye[:, s : s + 256]) for s in range(0, self.P, 256)], dim=1)
+            self.num_gram_vectors += self.P
+            self._dense_gram = 0.5 * (G + G.T)
+        return self._dense_gram
+
+    def __reduce__(self):
+        if self.group is not None:
+            raise TypeError("an operator split over a process group cannot be pickled; pickle "
+                            "the model and its trials and rebuild the operator on every rank")
+        return (_rebuild_engine, (self.snapshot_model(), self.inputs, self.config))
+
     def _check_h0(self, h0) -> None:
         tensors = h0 if isinstance(h0, tuple) else (h0,)
         for t in tensors:
@@ -404,3 +446,8 @@ class JacobianEngine:
         if self.group is not None:
             torch.distributed.all_reduce(out, group=self.group)
         return out
+
+
+def _rebuild_engine(model: nn.Module, inputs: torch.Tensor, config: dict) -> JacobianEngine:
+    """Unpickling: build the engine again (caches and plans are made anew)."""
+    return JacobianEngine(model, inputs, **config)

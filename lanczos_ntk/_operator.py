@@ -11,7 +11,7 @@ from torch import nn
 
 from ._engine import JacobianEngine
 
-__all__ = ["StateNTK", "DualNTK"]
+__all__ = ["DualNTK", "NTKPlusNoise", "StateNTK"]
 
 
 class _JacobianProductOperator(LinearOperator):
@@ -35,32 +35,98 @@ class _JacobianProductOperator(LinearOperator):
         raise NotImplementedError
 
     def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``A rhs`` for a vector ``[n]`` or blocks ``[..., n, k]``: batch dimensions are folded
+        into one block of columns, so every column shares the same passes over the data."""
         n = self.shape[-1]
         vector = rhs.dim() == 1
         X = rhs.unsqueeze(-1) if vector else rhs
-        if X.dim() != 2 or X.shape[0] != n:
-            raise ValueError(f"expected a vector [{n}] or a block [{n}, k], got {tuple(rhs.shape)}")
-        out = self._apply(X.to(device=self.engine.device, dtype=self.engine.dtype))
+        if X.dim() < 2 or X.shape[-2] != n:
+            raise ValueError(f"expected a vector [{n}] or a block [..., {n}, k], got "
+                             f"{tuple(rhs.shape)}")
+        batch, k = X.shape[:-2], X.shape[-1]
+        flat = X.movedim(-2, 0).reshape(n, -1)
+        out = self._apply(flat.to(device=self.engine.device, dtype=self.engine.dtype))
+        out = out.reshape(n, *batch, k).movedim(0, -2)
         out = out.to(dtype=rhs.dtype, device=rhs.device) if rhs.is_floating_point() else out
+        anchor = self._args[0]
+        if anchor.requires_grad and torch.is_grad_enabled():
+            out = out + 0.0 * anchor.sum()  # zero gradient to the placeholder, not a failure
         return out.squeeze(-1) if vector else out
 
     def _t_matmul(self, rhs: torch.Tensor) -> torch.Tensor:
         return self._matmul(rhs)
 
     def _diagonal(self) -> torch.Tensor:
-        raise NotImplementedError("the diagonal of the sNTK is not available matrix-free; "
-                                  "use lanczos_ntk.testing.dense_ntk on small problems")
+        """Matrix-free diagonal from ``P`` forward products ``J e_p`` in blocks:
+        ``diag(K)_m = Σ_p (J e_p)_m²`` (row norms of ``J``), ``diag(G)_p = ||J e_p||²``."""
+        e = self.engine
+        out = torch.zeros(self.shape[-1], dtype=e.dtype, device=e.device)
+        block = max(1, min(e.P, 64))
+        for s in range(0, e.P, block):
+            w = min(block, e.P - s)
+            E = torch.zeros(e.P, w, dtype=e.dtype, device=e.device)
+            E[s : s + w] = torch.eye(w, dtype=e.dtype, device=e.device)
+            JE = e.jvp(E)
+            if self._side == "primal":
+                out += (JE * JE).sum(dim=1)
+            else:
+                out[s : s + w] = (JE * JE).sum(dim=0)
+        return out
+
+    def _bilinear_derivative(self, left_vecs: torch.Tensor, right_vecs: torch.Tensor):
+        """Derivative of ``uᵀ A v`` with respect to the operator's tensor argument: zero, since
+        that argument is a placeholder (``requires_grad_`` on the operator is allowed, as
+        linear_operator's functions expect, and gives zero gradients). The kernel's dependence
+        on the model's parameters is not differentiated: it is a fixed kernel at the
+        parameters it was built at. Gradients with respect to right-hand sides are exact."""
+        return tuple(torch.zeros_like(a) if a.requires_grad else None
+                     for a in self.representation())
+
+    def add_diagonal(self, diag: torch.Tensor):
+        """``A + diag``. A constant ``σ² > 0`` on a parameter count ``P <= 4096`` gives
+        :class:`NTKPlusNoise`, whose solves and log-determinants are exact through the
+        ``P × P`` Gram (Woodbury); anything else is linear_operator's ``AddedDiagLinearOperator``."""
+        diag = torch.as_tensor(diag, dtype=self.dtype, device=self.device)
+        if diag.numel() == 1 and self.engine.P <= DENSE_GRAM_MAX and self.engine.group is None:
+            return NTKPlusNoise(self, diag.reshape(()))
+        return super().add_diagonal(diag)
+
+    def _expand_batch(self, batch_shape):
+        return _BatchView(self, torch.Size(batch_shape))
+
+    def _unsqueeze_batch(self, dim: int):
+        return _BatchView(self, torch.Size([1]))
 
     @property
     def is_symmetric(self) -> bool:
         return True
 
+    def _get_indices(self, row_index, col_index, *batch_indices) -> torch.Tensor:
+        """Entries ``A[row_index, col_index]`` (broadcast tensor indices): one product per
+        distinct column asked for."""
+        rows, cols = torch.broadcast_tensors(torch.as_tensor(row_index),
+                                             torch.as_tensor(col_index))
+        wanted, where = torch.unique(cols.reshape(-1), return_inverse=True)
+        n, e = self.shape[-1], self.engine
+        E = torch.zeros(n, wanted.numel(), dtype=e.dtype, device=e.device)
+        E[wanted.to(e.device), torch.arange(wanted.numel(), device=e.device)] = 1.0
+        AE = self._matmul(E)
+        vals = AE[rows.reshape(-1).to(e.device), where.to(e.device)]
+        return vals.reshape(rows.shape)
+
     def type(self, dtype: torch.dtype):
-        """Change of dtype is the model's: this operator computes in the model's dtype."""
-        if dtype != self.engine.dtype:
-            raise TypeError(f"this operator computes in the model's dtype {self.engine.dtype}; "
-                            f"convert the model (e.g. model.to({dtype})) and build a new one")
-        return self
+        """The same operator computing in ``dtype`` (float32 or float64): a new engine over a
+        copy of the model at this operator's parameters, converted to ``dtype``."""
+        if dtype == self.engine.dtype:
+            return self
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"this operator computes in float32 or float64 only, got {dtype}; "
+                            "half precision cannot resolve the spectrum of the sNTK")
+        return self._over(self.engine.rebuilt(dtype))
+
+    def _over(self, engine: JacobianEngine):
+        return type(self)(torch.empty(0, dtype=engine.dtype, device=engine.device),
+                          _engine=engine)
 
     def to(self, *args, **kwargs):
         """Only no-op conversions are allowed (see :meth:`type`)."""
@@ -135,6 +201,190 @@ class _JacobianProductOperator(LinearOperator):
                 f"dtype={e.dtype})")
 
 
+DENSE_GRAM_MAX = 4096  # parameters up to which G is formed (P products, 8 P² bytes) for solves
+
+
+class NTKPlusNoise(LinearOperator):
+    r"""``A + σ² I`` for the sNTK ``A = K = J Jᵀ`` or its dual ``G = Jᵀ J``, a Gaussian-process
+    covariance with exact solves and log-determinants.
+
+    With the ``P × P`` Gram ``G`` formed once (``P`` products, cached on the engine) and
+    ``C = G + σ² I = L Lᵀ``:
+
+    * ``(K + σ² I)⁻¹ b = (b − J C⁻¹ Jᵀ b) / σ²`` (Woodbury), ``(G + σ² I)⁻¹ b = C⁻¹ b``;
+    * ``log det(K + σ² I) = (M − P) log σ² + log det C``, ``log det(G + σ² I) = log det C``,
+
+    all differentiable in ``b`` and ``σ²``. Products are the operator's plus ``σ² x``. Obtain it
+    with ``K.add_diagonal(torch.tensor(σ²))`` (``P <= 4096``); GPyTorch's
+    ``MultivariateNormal`` then gets exact ``log_prob`` (linear_operator's default would be CG
+    with a loose tolerance and a stochastic log-determinant).
+    """
+
+    def __init__(self, base, noise: torch.Tensor):
+        super().__init__(base, noise)
+        self.base, self.noise = base, noise
+
+    def _size(self) -> torch.Size:
+        return self.base.shape
+
+    def _transpose_nonbatch(self):
+        return self
+
+    @property
+    def is_symmetric(self) -> bool:
+        return True
+
+    def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:
+        return self.base._matmul(rhs) + self.noise * rhs
+
+    def _t_matmul(self, rhs: torch.Tensor) -> torch.Tensor:
+        return self._matmul(rhs)
+
+    def _diagonal(self) -> torch.Tensor:
+        return self.base._diagonal() + self.noise
+
+    def _bilinear_derivative(self, left_vecs, right_vecs):
+        base = self.base._bilinear_derivative(left_vecs, right_vecs)
+        dnoise = (left_vecs * right_vecs).sum() if self.noise.requires_grad else None
+        return (*base, dnoise)
+
+    def _factor(self) -> torch.Tensor:
+        e = self.base.engine
+        G = e.dense_gram().to(self.noise.dtype)
+        return torch.linalg.cholesky(G + self.noise * torch.eye(e.P, dtype=G.dtype,
+                                                                device=G.device))
+
+    def solve(self, right_tensor: torch.Tensor, left_tensor: torch.Tensor | None = None):
+        """``(A + σ² I)⁻¹ right_tensor`` (times ``left_tensor`` on the left if given), exact."""
+        vector = right_tensor.dim() == 1
+        B = right_tensor.unsqueeze(-1) if vector else right_tensor
+        L = self._factor()
+        e = self.base.engine
+        if self.base._side == "dual":
+            X = torch.cholesky_solve(B.to(L.dtype), L)
+        else:
+            JtB = _LinearJt.apply(self.base, B.to(L.dtype)) if B.requires_grad else \
+                e.vjp(B.detach().to(e.dtype)).to(L.dtype)
+            X = (B - _jvp_of(self.base, torch.cholesky_solve(JtB, L))) / self.noise
+        X = X.to(right_tensor.dtype)
+        X = X.squeeze(-1) if vector else X
+        return X if left_tensor is None else left_tensor @ X
+
+    def _solve(self, rhs, preconditioner=None, num_tridiag=0):
+        if num_tridiag:
+            return super()._solve(rhs, preconditioner, num_tridiag)
+        return self.solve(rhs)
+
+    def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
+        """``(bᵀ (A + σ² I)⁻¹ b, log det(A + σ² I))``, both exact (see the class)."""
+        inv_quad = torch.zeros((), dtype=self.dtype, device=self.device)
+        if inv_quad_rhs is not None:
+            terms = (inv_quad_rhs * self.solve(inv_quad_rhs)).sum(dim=-2)
+            inv_quad = terms.sum(-1) if reduce_inv_quad else terms
+        ld = torch.zeros((), dtype=self.dtype, device=self.device)
+        if logdet:
+            L = self._factor()
+            ld = 2.0 * torch.log(torch.diagonal(L)).sum()
+            extra = self.shape[-1] - self.base.engine.P
+            if extra > 0:
+                ld = ld + extra * torch.log(self.noise)
+        anchor = self.base._args[0]
+        if anchor.requires_grad and torch.is_grad_enabled():  # zero gradient to the placeholder
+            inv_quad, ld = inv_quad + 0.0 * anchor.sum(), ld + 0.0 * anchor.sum()
+        return inv_quad, ld
+
+    def _logdet(self):
+        return self.inv_quad_logdet(logdet=True)[1]
+
+
+def _jvp_of(op, X: torch.Tensor) -> torch.Tensor:
+    """``J X`` with gradients to ``X`` when it needs them (``Jᵀ`` is the adjoint)."""
+    if not X.requires_grad:
+        return op.engine.jvp(X.detach().to(op.engine.dtype)).to(X.dtype)
+    return _LinearJ.apply(op, X)
+
+
+class _LinearJ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op, X):
+        ctx.op = op
+        return op.engine.jvp(X.detach().to(op.engine.dtype)).to(X.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        op = ctx.op
+        return None, op.engine.vjp(grad.detach().to(op.engine.dtype)).to(grad.dtype)
+
+
+class _LinearJt(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op, V):
+        ctx.op = op
+        return op.engine.vjp(V.detach().to(op.engine.dtype)).to(V.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        op = ctx.op
+        return None, op.engine.jvp(grad.detach().to(op.engine.dtype)).to(grad.dtype)
+
+
+class _BatchView(LinearOperator):
+    """The same symmetric operator repeated over batch dimensions (``expand``, ``unsqueeze``):
+    a batch of right-hand sides ``[*batch, n, k]`` goes through the base operator as one
+    block, so the repetition costs no extra passes over the data."""
+
+    def __init__(self, base: _JacobianProductOperator, batch_shape: torch.Size):
+        super().__init__(base, batch_shape=batch_shape)
+        self.base = base
+        self._batch = torch.Size(batch_shape)
+
+    def _size(self) -> torch.Size:
+        return self._batch + self.base.shape
+
+    def _transpose_nonbatch(self):
+        return self
+
+    def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:
+        X = rhs.unsqueeze(-1) if rhs.dim() == 1 else rhs
+        shape = torch.broadcast_shapes(X.shape[:-2], self._batch) + X.shape[-2:]
+        out = self.base._matmul(X.expand(shape))
+        return out.squeeze(-1) if rhs.dim() == 1 else out
+
+    def _t_matmul(self, rhs: torch.Tensor) -> torch.Tensor:
+        return self._matmul(rhs)
+
+    def _diagonal(self) -> torch.Tensor:
+        return self.base._diagonal().expand(*self._batch, self.base.shape[-1])
+
+    def _expand_batch(self, batch_shape):
+        return _BatchView(self.base, torch.Size(batch_shape))
+
+    def _unsqueeze_batch(self, dim: int):
+        batch = list(self._batch)
+        batch.insert(dim, 1)
+        return _BatchView(self.base, torch.Size(batch))
+
+    def _get_indices(self, row_index, col_index, *batch_indices) -> torch.Tensor:
+        vals = self.base._get_indices(row_index, col_index)
+        shape = torch.broadcast_shapes(vals.shape, *(torch.as_tensor(b).shape
+                                                      for b in batch_indices))
+        return vals.expand(shape)
+
+    def _getitem(self, row_index, col_index, *batch_indices):
+        full = slice(None, None, None)
+        if row_index == full and col_index == full:
+            batch = torch.empty(self._batch + (0,))[(*batch_indices, Ellipsis)].shape[:-1]
+            return _BatchView(self.base, batch) if len(batch) else self.base
+        return super()._getitem(row_index, col_index, *batch_indices)
+
+    def _bilinear_derivative(self, left_vecs: torch.Tensor, right_vecs: torch.Tensor):
+        return self.base._bilinear_derivative(left_vecs, right_vecs)
+
+    @property
+    def is_symmetric(self) -> bool:
+        return True
+
+
 class StateNTK(_JacobianProductOperator):
     r"""The state-space neural tangent kernel ``K = J Jᵀ`` as an implicit ``(M, M)`` operator.
 
@@ -203,12 +453,18 @@ class StateNTK(_JacobianProductOperator):
             _engine = JacobianEngine(model, inputs, h0=h0, outputs=outputs, params=params,
                                      chunk_size=chunk_size, jvp=jvp, cache=cache,
                                      memory_budget=memory_budget, process_group=process_group)
-        anchor = torch.empty(0, dtype=_engine.dtype, device=_engine.device)
+        if isinstance(model, torch.Tensor) and model.numel() == 0:
+            anchor = model  # rebuilt by linear_operator from its representation
+        else:
+            anchor = torch.empty(0, dtype=_engine.dtype, device=_engine.device)
         super().__init__(anchor, _engine=_engine)
 
     @property
     def _count(self) -> int:
         return self.engine.num_ntk_vectors
+
+    def _over(self, engine: JacobianEngine) -> StateNTK:
+        return StateNTK(None, _engine=engine)
 
     def _apply(self, X):
         self.engine.num_ntk_vectors += X.shape[1]

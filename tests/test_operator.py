@@ -330,10 +330,14 @@ def test_operator_is_a_snapshot_of_the_parameters(name):
     assert_operator_close(K.dual(), dense_gram(MODELS[name](), u))
 
 
-def test_conversions_are_the_models_business():
-    K = lnk.StateNTK(MODELS["ctrnn"](), inputs())
+def test_conversions_rebuild_over_a_converted_copy_of_the_model():
+    model = MODELS["ctrnn"]()
+    K = lnk.StateNTK(model, inputs())
     assert K.to(torch.float64) is K and K.double() is K
-    with pytest.raises(TypeError, match="model's dtype"):
-        K.float()
-    with pytest.raises(TypeError, match="model's dtype"):
-        K.to(torch.float32)
+    for K32 in (K.float(), K.to(torch.float32)):
+        assert K32.dtype == torch.float32 and K32.engine is not K.engine
+        x = torch.randn(K.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close((K32 @ x.float()).double(), K @ x, rtol=1e-4, atol=1e-5)
+    assert next(model.parameters()).dtype == torch.float64  # the user's model is untouched
+    with pytest.raises(TypeError, match="half precision"):
+        K.half()
