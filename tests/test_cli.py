@@ -283,3 +283,27 @@ def test_example_experiments_are_valid():
     assert {f.stem for f in files} == set(mine)
     for f in files:
         merge_config(defaults_for(f.stem), load_config(f))
+
+
+def test_printed_ranks_and_trace_match_the_dense_kernel_near_collapse(tmp_path):
+    """The numbers the CLI prints, against eigvalsh of the dense kernel it describes."""
+    from lanczos_ntk.cli._main import model_and_inputs
+    from lanczos_ntk.testing import dense_gram
+
+    out = tmp_path / "spec"
+    args = ["spectrum", "--threads", "1", "--set", "model.state_size=8", "--set", "model.gain=2.5",
+            "--set", "inputs.trials=2", "--set", "inputs.steps=40", "--set", "spectrum.k=3",
+            "--set", "spectrum.bottom=0", "--set", "spectrum.probes=8",
+            "--set", "spectrum.lanczos_steps=20", "--set", "density.points=50", "--out", str(out)]
+    res = run(args)
+    m = json.loads((out / "summary.json").read_text())
+    model, inputs = model_and_inputs(json.loads((out / "config.json").read_text()))
+    lam = torch.linalg.eigvalsh(dense_gram(model, inputs)).clamp_min(0)
+    p = lam[lam > 0] / lam.sum()
+    truth = {"participation_rank": float(lam.sum() ** 2 / (lam**2).sum()),
+             "entropy_rank": float(torch.exp(-(p * p.log()).sum())), "trace": float(lam.sum())}
+    assert truth["participation_rank"] < 2.5  # the collapsed regime
+    for key, value in truth.items():
+        se = m["trace_se" if key == "trace" else key + "_se"]
+        assert abs(m[key] - value) <= 3 * se + 1e-9 * value, (key, m[key], se, value)
+    assert f"participation {m['participation_rank']:.4g} ±" in res.output

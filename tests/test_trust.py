@@ -220,3 +220,19 @@ def test_deflated_density_carries_the_top_exactly_and_round_trips(tmp_path):
     assert lnk.effective_rank(back).value == lnk.effective_rank(r).value
     with pytest.raises(ValueError, match="eigenpairs"):
         lnk.deflated_slq(A, eigenpairs=lnk.eigsh(A, k=2))
+
+
+def test_zero_mass_states_a_bound_that_covers_the_truth():
+    # a gated model: its spectrum runs through the 1e-6 λ_max cut, which the quadrature
+    # cannot resolve; the Chebyshev–Markov–Stieltjes bound says how far off the count can be
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 10, batch_first=True).double()
+    u = torch.randn(6, 20, 3, dtype=F64, generator=gen(0))
+    K = lnk.StateNTK(lstm, u)
+    d = lnk.spectral_density(lnk.deflated_slq(K, 10, 40))
+    from lanczos_ntk.testing import dense_operator
+
+    lam = torch.linalg.eigvalsh(dense_operator(K.dual(), block=200))
+    true = (int((lam <= 1e-6 * lam.max()).sum()) + K.shape[0] - lam.numel()) / K.shape[0]
+    assert abs(d.zero_mass - true) <= d.zero_mass_bound
+    assert d.zero_mass_bound < 0.5
