@@ -91,6 +91,15 @@ class _JacobianProductOperator(LinearOperator):
             return NTKPlusNoise(self, diag.reshape(()))
         return super().add_diagonal(diag)
 
+    def __add__(self, other):
+        """``A + σ² I`` given as linear_operator's constant diagonal (how GPyTorch's
+        ``GaussianLikelihood`` adds its noise) becomes :class:`NTKPlusNoise` too."""
+        from linear_operator.operators import ConstantDiagLinearOperator
+
+        if isinstance(other, ConstantDiagLinearOperator) and other.shape == self.shape:
+            return self.add_diagonal(other.diag_values.reshape(-1)[0])
+        return super().__add__(other)
+
     def _expand_batch(self, batch_shape):
         return _BatchView(self, torch.Size(batch_shape))
 

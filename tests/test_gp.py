@@ -80,3 +80,17 @@ def test_kernel_regression_page_agrees_with_training_the_linearised_model():
     assert float(ns["gap"]) < 1e-7 * float(ns["moved"]) * 1e3
     assert float(ns["held_out_gap"]) < 1e-6
     exec(compile(blocks[1], "gp.md", "exec"), ns)
+
+
+def test_gaussian_likelihood_adds_its_noise_exactly(big):
+    K, _, _, _ = big
+    M = K.shape[0]
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    likelihood.noise = 0.2
+    prior = gpytorch.distributions.MultivariateNormal(torch.zeros(M, dtype=F64), K)
+    marginal = likelihood(prior)
+    assert isinstance(marginal.lazy_covariance_matrix, lnk.NTKPlusNoise)
+    y = torch.randn(M, dtype=F64, generator=torch.Generator().manual_seed(5))
+    D = _dense_K(K) + float(likelihood.noise.detach()) * torch.eye(M, dtype=F64)
+    ref = torch.distributions.MultivariateNormal(torch.zeros(M, dtype=F64), covariance_matrix=D)
+    torch.testing.assert_close(marginal.log_prob(y), ref.log_prob(y), rtol=1e-10, atol=0)
