@@ -13,7 +13,9 @@ forward-only ``nn.Module`` (autograd path), the same with a ``step`` method (cel
 batch-first ``nn.GRU`` and ``nn.LSTM`` (cell path). Workload as in the issue: top-10
 eigenvalues at ``tol=1e-6``, float32, gain 1.5.
 
-Printed per row: top-10 time and speed-up over the best peer, the largest relative difference
+Printed per row: top-10 time and speed-up over the best peer (with ``eigsh``'s default check for
+missed eigenvalues after convergence, and without it: "unverif."; "products" counts both), the
+largest relative difference
 to the peer's eigenvalues, ``K`` matvec and ``G`` matvec in training steps (forward + backward
 of a squared loss on the states), the per-vector cost of a block of 10 against single products,
 SLQ (10 probes × 40 steps) against ``linear_operator``'s ``lanczos_tridiag`` on the same
@@ -226,6 +228,12 @@ def row_figures(row, n, T, B, dtype, skip_peers=False, skip_slq=False):
         t_ours, res = timed(lambda: lnk.eigsh(lnk.StateNTK(model, u), k=K_EIG, tol=TOL,
                                               generator=torch.Generator().manual_seed(0)))
     fig["ours_s"], fig["ours_mib"] = t_ours, mem.mib
+    fig["ours_products"] = res.num_matvecs
+    # the same without the check for missed eigenvalues after convergence (ARPACK has none)
+    t_plain, plain = timed(lambda: lnk.eigsh(lnk.StateNTK(model, u), k=K_EIG, tol=TOL,
+                                             generator=torch.Generator().manual_seed(0),
+                                             verify=False))
+    fig["plain_s"], fig["plain_products"] = t_plain, plain.num_matvecs
     ours = np.sort(res.eigenvalues.double().numpy())
     if not skip_peers:
         t1, ref = timed(lambda: peer_per_product(f, params, u))
@@ -273,7 +281,8 @@ def main():
     n, T, B = SIZES[args.size]
     print(f"size {args.size}: n={n} T={T} B={B} M={B * T * n:,} {args.dtype} "
           f"threads={args.threads} torch {torch.__version__}")
-    head = (f"{'row':13s} {'top-10 s':>9s} {'peer s':>8s} {'speed-up':>8s} {'agree':>8s} "
+    head = (f"{'row':13s} {'top-10 s':>9s} {'peer s':>8s} {'speed-up':>8s} {'unverif.':>8s} "
+            f"{'products':>9s} {'agree':>8s} "
             f"{'K/step':>7s} {'G/step':>7s} {'blk/vec':>7s} {'SLQ x':>6s} {'MiB':>7s} {'peer MiB':>8s}")
     print(head)
     for row in args.rows:  # one-time costs of the process (lazy imports, autodiff rules)
@@ -285,6 +294,7 @@ def main():
         plans.append(f"  {row}: {fg['plan']}")
         peer = fg.get("peer_s", float("nan"))
         print(f"{row:13s} {fg['ours_s']:9.3f} {peer:8.3f} {peer / fg['ours_s']:7.2f}x "
+              f"{peer / fg['plain_s']:7.2f}x {fg['ours_products']:4d}/{fg['plain_products']:<4d} "
               f"{fg.get('agree', float('nan')):8.1e} {fg['k_over_step']:7.2f} {fg['g_over_step']:7.2f} "
               f"{fg['block_per_vector']:7.2f} {fg.get('slq_speedup', float('nan')):5.2f}x "
               f"{fg['ours_mib']:7.0f} {fg.get('peer_mib', float('nan')):8.0f}", flush=True)
