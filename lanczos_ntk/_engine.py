@@ -59,6 +59,11 @@ class JacobianEngine:
                           if n not in self.params}
         self.spec = ParamSpec(tuple(self.params), tuple(p.shape for p in self.params.values()))
         self.full = {**self.constants, **self.params}  # everything the model reads, by name
+        for name, t in self.full.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"the model's {name!r} has {int((~torch.isfinite(t)).sum())} "
+                                 f"non-finite entries (NaN or inf); the sNTK needs finite "
+                                 f"parameters and buffers")
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
         self.itemsize = first.element_size()

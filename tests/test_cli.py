@@ -307,3 +307,68 @@ def test_printed_ranks_and_trace_match_the_dense_kernel_near_collapse(tmp_path):
         se = m["trace_se" if key == "trace" else key + "_se"]
         assert abs(m[key] - value) <= 3 * se + 1e-9 * value, (key, m[key], se, value)
     assert f"participation {m['participation_rank']:.4g} ±" in res.output
+
+
+def test_bad_run_settings_exit_2_with_one_line_and_write_nothing(tmp_path):
+    out = tmp_path / "spec"
+    res = CliRunner().invoke(main, ["spectrum", *TINY, "--set", "spectrum.k=100000",
+                                    "--out", str(out)])
+    assert res.exit_code == 2 and "spectrum.k=100000 exceeds" in res.output
+    assert not out.exists()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    res = CliRunner().invoke(main, ["spectrum", *TINY, "--out", str(blocker / "run")])
+    assert res.exit_code == 2 and "cannot write the run folder" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_non_finite_inputs_and_weights_are_named():
+    model = lnk.models.CTRNN(3, 1, seed=0).double()
+    u = torch.zeros(2, 4, 1, dtype=torch.float64)
+    u[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"inputs\[1, 2, 0\].*not finite"):
+        lnk.StateNTK(model, u)
+    with torch.no_grad():
+        model.W[0, 1] = float("inf")
+    with pytest.raises(ValueError, match="'W' has 1 non-finite"):
+        lnk.StateNTK(model, torch.zeros(2, 4, 1, dtype=torch.float64))
+
+
+def test_ctrl_c_during_a_sweep_says_how_to_resume(tmp_path, monkeypatch):
+    from lanczos_ntk.cli import _sweep
+
+    real, calls = _sweep.spectral_summary, []
+
+    def interrupted_on_the_second_point(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_sweep, "spectral_summary", interrupted_on_the_second_point)
+    out = tmp_path / "sweep"
+    res = CliRunner().invoke(main, ["sweep", *TINY_SWEEP, "--out", str(out)])
+    assert res.exit_code == 130 and "to resume" in res.output
+    assert "interrupted" in (out / "run.log").read_text()
+    monkeypatch.setattr(_sweep, "spectral_summary", real)
+    run(["sweep", *TINY_SWEEP, "--out", str(out)])
+    assert "1 loaded" in (out / "run.log").read_text() or "resumed" in (out / "run.log").read_text()
+
+
+def test_a_model_with_the_wrong_input_size_names_what_it_expects(tmp_path):
+    (tmp_path / "wrongsize.py").write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.rnn = torch.nn.RNN(5, 4, batch_first=True)\n"
+        "    def forward(self, u):\n"
+        "        return self.rnn(u)[0]\n"
+        "def build():\n"
+        "    return M()\n")
+    np.save(tmp_path / "u.npy", np.zeros((2, 4, 3)))
+    res = CliRunner().invoke(main, ["spectrum", "--model", f"{tmp_path / 'wrongsize.py'}:build",
+                                    *SPEC_TINY, "--inputs", str(tmp_path / "u.npy"),
+                                    "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2, res.output
+    assert "takes 5 input features" in res.output

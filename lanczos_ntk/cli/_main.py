@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -137,8 +138,12 @@ def model_and_inputs(cfg: dict) -> tuple[torch.nn.Module, torch.Tensor | None]:
         with torch.no_grad():
             out = model(inputs[:1].to(device))
     except Exception as exc:
+        expected = _first_layer_inputs(model)
+        hint = (f"; its first layer takes {expected} input features, the inputs have "
+                f"{inputs.shape[-1]} (set inputs.* or give --inputs FILE)"
+                if expected is not None and expected != inputs.shape[-1] else "")
         raise ConfigError(f"the model rejects inputs of shape {list(inputs.shape)}: "
-                          f"{type(exc).__name__}: {exc}") from None
+                          f"{type(exc).__name__}: {exc}{hint}") from None
     out = out[0] if isinstance(out, tuple) else out
     if not isinstance(out, torch.Tensor) or out.dim() != 3:
         raise ConfigError("the model must map inputs [trials, steps, d_in] to states "
@@ -147,16 +152,37 @@ def model_and_inputs(cfg: dict) -> tuple[torch.nn.Module, torch.Tensor | None]:
     return model, inputs
 
 
+def _first_layer_inputs(model) -> int | None:
+    """Input features the model's first linear or recurrent layer expects, if it has one."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            return int(m.in_features)
+        if isinstance(m, torch.nn.RNNBase):
+            return int(m.input_size)
+    return None
+
+
 @contextlib.contextmanager
 def run_folder(command: str, cfg: dict, out, fresh: bool, quiet: bool = False):
     """Open the run folder; warnings raised inside go to its log (and a count to stderr)."""
     path = Path(out) if out else Path("runs") / f"{command}-{config_digest(cfg)}"
+    try:  # a clear one-line error for a place that cannot hold the run, before anything else
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run folder {path}: {exc.strerror or exc}") from None
     folder = RunFolder(path, cfg, fresh=fresh, command=command)
     with folder, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("ignore", DeprecationWarning)  # library internals, not the run's
         try:
             yield folder
+        except KeyboardInterrupt:
+            folder.log("interrupted (Ctrl-C); what finished is saved here")
+            click.echo(f"interrupted: what finished is saved in {folder.path}; run the same "
+                       f"command with --out {folder.path} to resume", err=True)
+            raise SystemExit(130) from None
         finally:
             counts: dict = {}
             for w in caught:
@@ -201,9 +227,16 @@ def make_operator(model, inputs, cfg):
     if outputs not in ("states", "readout"):
         raise ConfigError(f"spectrum.outputs must be 'states' or 'readout', got {outputs!r}")
     try:
-        return StateNTK(model, inputs, outputs=outputs)
+        K = StateNTK(model, inputs, outputs=outputs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build the sNTK of this model and inputs: {exc}") from None
+    rank = min(K.shape[0], K.dual().shape[0])  # at most this many nonzero eigenvalues
+    for key in ("k", "bottom"):
+        if int(cfg["spectrum"].get(key, 0)) > rank:
+            raise ConfigError(f"spectrum.{key}={cfg['spectrum'][key]} exceeds the number of "
+                              f"nonzero eigenvalues the sNTK can have, min(M, P) = "
+                              f"min({K.shape[0]}, {K.dual().shape[0]}) = {rank}")
+    return K
 
 
 def check_spectrum_cfg(cfg: dict) -> None:

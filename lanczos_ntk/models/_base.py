@@ -27,6 +27,12 @@ def check_inputs(u: torch.Tensor, input_size: int | None, name: str = "inputs") 
                          f"got shape {tuple(u.shape)}")
     if u.shape[0] == 0 or u.shape[1] == 0:
         raise ValueError(f"expected at least one trial and one time step, got shape {tuple(u.shape)}")
+    bad = ~torch.isfinite(u)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"{name}[{where[0]}, {where[1]}, {where[2]}] (trial, step, feature) is "
+                         f"{float(u[where])}, and {int(bad.sum())} entries in all are not finite; "
+                         "the sNTK needs finite inputs")
 
 
 class StateSpaceModel(nn.Module):
