@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import importlib
 import json
 import os
@@ -19,9 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Result", "Status", "atomic_write_bytes", "atomic_write_text", "load_result"]
+__all__ = ["Result", "ResultFileError", "Status", "atomic_write_bytes", "atomic_write_text",
+           "load_result"]
 
 _FORMAT = "lanczos_ntk.result/1"
+
+
+class ResultFileError(ValueError):
+    """A saved result that cannot be read back as written: truncated, edited, or its two files
+    (``.json`` and ``.npz``) not a pair. The message names the file."""
 
 
 class Status(str, enum.Enum):
@@ -188,6 +195,7 @@ class Result:
 
         buf = io.BytesIO()
         np.savez(buf, **arrays)
+        doc["npz_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()  # binds the pair
         atomic_write_bytes(npz_path, buf.getvalue())
         atomic_write_text(json_path, json.dumps(doc, indent=1, allow_nan=False))
         return json_path
@@ -202,13 +210,41 @@ class Result:
 
 
 def load_result(path: str | os.PathLike) -> Result:
-    """Load any saved result, whatever its type."""
+    """Load any saved result, whatever its type.
+
+    Raises :class:`ResultFileError` (naming the file) for a truncated or edited JSON, an array
+    file that is not the one saved with it (a SHA-256 of the ``.npz`` is kept in the JSON), or
+    one that cannot be read without pickles (never attempted).
+    """
+    import io
+
     json_path, npz_path = _paths(path)
     if not json_path.exists():
         raise FileNotFoundError(f"no saved result at {json_path}")
-    doc = json.loads(json_path.read_text(encoding="utf-8"))
-    if doc.get("format") != _FORMAT:
-        raise ValueError(f"{json_path} is not a lanczos_ntk result (format {doc.get('format')!r})")
-    with np.load(npz_path, allow_pickle=False) as arrays:
-        data = {k: arrays[k] for k in arrays.files}
-    return _decode({"__result__": doc["type"], "fields": doc["fields"]}, data)
+    try:
+        doc = json.loads(json_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ResultFileError(f"{json_path} is not a readable result (truncated or not JSON: "
+                              f"{exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+        fmt = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ResultFileError(f"{json_path} is not a lanczos_ntk result (format {fmt!r})")
+    if not npz_path.exists():
+        raise ResultFileError(f"{json_path} has no array file beside it ({npz_path.name})")
+    raw = npz_path.read_bytes()
+    digest = doc.get("npz_sha256")
+    if digest is not None and hashlib.sha256(raw).hexdigest() != digest:
+        raise ResultFileError(f"{npz_path} is not the array file saved with {json_path.name} "
+                              "(its SHA-256 differs: truncated, replaced or edited)")
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as arrays:
+            data = {k: arrays[k] for k in arrays.files}
+    except Exception as exc:  # numpy's advice would be to allow pickles: never
+        raise ResultFileError(f"{npz_path} is not a readable array file ({type(exc).__name__}); "
+                              "results hold plain arrays only and are never loaded with "
+                              "pickles") from None
+    try:
+        return _decode({"__result__": doc["type"], "fields": doc["fields"]}, data)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ResultFileError(f"{json_path} does not describe a valid result "
+                              f"({type(exc).__name__}: {exc})") from None

@@ -22,6 +22,7 @@ import logging
 import math
 import shutil
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._results import Result, atomic_write_bytes, atomic_write_text, load_result
+from ._results import Result, ResultFileError, atomic_write_bytes, atomic_write_text, load_result
 
 try:  # Python >= 3.11
     import tomllib
@@ -258,9 +259,21 @@ class RunFolder:
         return self.path / "results" / name
 
     def has(self, name: str) -> bool:
-        """Whether the result ``name`` was saved completely (both files present)."""
+        """Whether the result ``name`` was saved completely and reads back. An unreadable one
+        (a truncated or edited file) is logged and set aside as ``<name>.bad-*``, so the caller
+        computes it again."""
         p = self.result_path(name)
-        return p.with_name(name + ".json").exists() and p.with_name(name + ".npz").exists()
+        json_path, npz_path = p.with_name(name + ".json"), p.with_name(name + ".npz")
+        if not (json_path.exists() and npz_path.exists()):
+            return False
+        try:
+            load_result(p)
+        except ResultFileError as exc:
+            self.log(f"{name}: unreadable ({exc}); set aside and recomputed")
+            for f in (json_path, npz_path):
+                f.replace(f.with_name(f"{f.name}.bad-{int(time.time())}"))
+            return False
+        return True
 
     def save(self, name: str, result: Result) -> Path:
         """Save a result object atomically under ``results/<name>``."""

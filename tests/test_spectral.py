@@ -300,3 +300,32 @@ def test_sntk_top_and_bottom_against_dense(small_ntk):
     prim = lnk.eigsh(K, k=4, tol=1e-10, side="primal", ncv=20, block_size=2)
     assert prim.side == "primal" and prim.dimension == M
     torch.testing.assert_close(prim.eigenvalues, lam[:4], rtol=1e-8, atol=0)
+
+
+def test_tampered_results_are_refused_naming_the_file(tmp_path):
+    from lanczos_ntk._results import ResultFileError
+
+    r = lnk.eigsh(torch.diag(torch.arange(1.0, 31.0, dtype=F64)), k=3)
+    a, b = r.save(tmp_path / "a"), lnk.eigsh(torch.eye(40, dtype=F64), k=1).save(tmp_path / "b")
+    text = a.read_text()
+    cases = {
+        "truncated": lambda: a.write_text(text[:50]),
+        "a list": lambda: a.write_text("[1, 2]"),
+        "wrong fields": lambda: a.write_text(text.replace('"eigenvalues"', '"eigen_values"')),
+    }
+    for spoil in cases.values():
+        spoil()
+        with pytest.raises(ResultFileError, match="a.json"):
+            load_result(tmp_path / "a")
+        a.write_text(text)
+    npz = tmp_path / "a.npz"
+    good = npz.read_bytes()
+    npz.write_bytes(good[: len(good) // 2])  # truncated arrays
+    with pytest.raises(ResultFileError, match="a.npz"):
+        load_result(tmp_path / "a")
+    npz.write_bytes((tmp_path / "b.npz").read_bytes())  # another result's arrays
+    with pytest.raises(ResultFileError, match="SHA-256"):
+        load_result(tmp_path / "a")
+    npz.write_bytes(good)
+    torch.testing.assert_close(load_result(tmp_path / "a").eigenvalues, r.eigenvalues)
+    assert b.exists()
