@@ -372,3 +372,14 @@ def test_a_model_with_the_wrong_input_size_names_what_it_expects(tmp_path):
                                     "--out", str(tmp_path / "o")])
     assert res.exit_code == 2, res.output
     assert "takes 5 input features" in res.output
+
+
+def test_resume_recomputes_a_truncated_point(tmp_path):
+    out = tmp_path / "sweep"
+    run(["sweep", *TINY_SWEEP, "--out", str(out)])
+    point = sorted((out / "results").glob("point-*.json"))[1]
+    point.write_text(point.read_text()[:40])  # a crash mid-write of an older version, an edit
+    run(["sweep", *TINY_SWEEP, "--out", str(out)])
+    log = (out / "run.log").read_text()
+    assert f"{point.stem}: unreadable" in log and "recomputed" in log
+    assert lnk.load_result(point.with_suffix("")).spectrum.top.eigenvalues.numel() == 2
