@@ -361,11 +361,23 @@ def load_factory(spec: str):
             sys.modules[mod_name] = module
             loader_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(target)
+            # like `python -m`: modules in the working directory are importable
+            cwd = str(Path.cwd())
+            added = cwd not in sys.path
+            if added:
+                sys.path.insert(0, cwd)
+            try:
+                module = importlib.import_module(target)
+            finally:
+                if added:
+                    sys.path.remove(cwd)
     except ConfigError:
         raise
     except Exception as exc:  # import errors of any kind in the user's module
-        raise ConfigError(f"--model {spec!r}: cannot import {target}: {type(exc).__name__}: {exc}") from None
+        hint = ("; or give the file itself, e.g. --model path/to/models.py:build"
+                if isinstance(exc, ImportError) else "")
+        raise ConfigError(f"--model {spec!r}: cannot import {target}: {type(exc).__name__}: "
+                          f"{exc}{hint}") from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ConfigError(f"--model {spec!r}: {target} has no callable {name!r}")
@@ -438,6 +450,10 @@ def load_inputs(path: str | Path, input_size: int | None, *, dtype: torch.dtype)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"inputs file not found: {path}")
+    if path.suffix not in (".pt", ".pth", ".npz", ".npy"):
+        kind = path.suffix or "suffix-less"
+        raise ConfigError(f"{path}: expected inputs [trials, steps, d_in] in a .pt / .pth "
+                          f"(torch.save of a tensor), .npy or .npz file, got a {kind} file")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
@@ -450,7 +466,9 @@ def load_inputs(path: str | Path, input_size: int | None, *, dtype: torch.dtype)
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"cannot read inputs from {path}: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"cannot read inputs from {path} (expected a tensor saved with "
+                          f"torch.save, or numpy .npy/.npz; no pickles): {type(exc).__name__}: "
+                          f"{exc}") from None
     if not isinstance(u, torch.Tensor):
         raise ConfigError(f"{path}: expected a tensor of inputs, found a {type(u).__name__}")
     if not (u.is_floating_point() or u.dtype in (torch.int32, torch.int64)):

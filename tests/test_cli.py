@@ -383,3 +383,21 @@ def test_resume_recomputes_a_truncated_point(tmp_path):
     log = (out / "run.log").read_text()
     assert f"{point.stem}: unreadable" in log and "recomputed" in log
     assert lnk.load_result(point.with_suffix("")).spectrum.top.eigenvalues.numel() == 2
+
+
+def test_model_package_in_the_working_directory_and_text_inputs(tmp_path, monkeypatch):
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(
+        "import lanczos_ntk as lnk\n"
+        "def build(state_size=4, input_size=1, **kwargs):\n"
+        "    return lnk.models.CTRNN(state_size, input_size, seed=0)\n")
+    monkeypatch.chdir(tmp_path)  # importable from here, as `python -m` would have it
+    run(["spectrum", "--model", "mypkg.models:build", *TINY, "--quiet", "--out", "out"])
+    res = CliRunner().invoke(main, ["spectrum", "--model", "nopkg.models:build", "--out", "o2"])
+    assert res.exit_code == 2 and "path/to/models.py:build" in res.output
+    (tmp_path / "u.txt").write_text("not a tensor")
+    res = CliRunner().invoke(main, ["spectrum", *TINY, "--inputs", "u.txt", "--out", "o3"])
+    assert res.exit_code == 2 and ".npy or .npz" in res.output
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
