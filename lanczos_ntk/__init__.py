@@ -1,5 +1,14 @@
 """lanczos_ntk: matrix-free spectral estimation of the state-space neural tangent kernel."""
 
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # linear_operator decorates functions with torch.jit.script at import, which torch 2.x
+    # deprecates; the warning is about linear_operator, not about the user's code
+    _warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                             category=DeprecationWarning)
+    import linear_operator as _linear_operator  # noqa: F401
+
 from . import channels, dynamics, models, optim, plotting, testing  # plotting: matplotlib lazily
 from ._budget import ProductPlan
 from ._deflated import DeflatedSLQ, deflated_slq

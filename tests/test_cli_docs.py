@@ -24,3 +24,12 @@ def test_quickstart_snippets_run(tmp_path, monkeypatch):
     assert namespace["top"].eigenvalues.shape == (5,)
     assert {b.kind for b in namespace["branch"].bifurcations}
     plt.close("all")
+
+
+def test_import_is_free_of_deprecation_warnings():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c",
+                          "import lanczos_ntk"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-500:]
