@@ -48,9 +48,7 @@ class _JacobianProductOperator(LinearOperator):
         out = self._apply(flat.to(device=self.engine.device, dtype=self.engine.dtype))
         out = out.reshape(n, *batch, k).movedim(0, -2)
         out = out.to(dtype=rhs.dtype, device=rhs.device) if rhs.is_floating_point() else out
-        anchor = self._args[0]
-        if anchor.requires_grad and torch.is_grad_enabled():
-            out = out + 0.0 * anchor.sum()  # zero gradient to the placeholder, not a failure
+        out = _touch(self._args[0], out)  # zero gradient to the placeholder, not a failure
         return out.squeeze(-1) if vector else out
 
     def _t_matmul(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -265,19 +263,19 @@ class NTKPlusNoise(LinearOperator):
 
     def solve(self, right_tensor: torch.Tensor, left_tensor: torch.Tensor | None = None):
         """``(A + σ² I)⁻¹ right_tensor`` (times ``left_tensor`` on the left if given), exact."""
-        vector = right_tensor.dim() == 1
-        B = right_tensor.unsqueeze(-1) if vector else right_tensor
-        L = self._factor()
-        e = self.base.engine
-        if self.base._side == "dual":
-            X = torch.cholesky_solve(B.to(L.dtype), L)
-        else:
-            JtB = _LinearJt.apply(self.base, B.to(L.dtype)) if B.requires_grad else \
-                e.vjp(B.detach().to(e.dtype)).to(L.dtype)
-            X = (B - _jvp_of(self.base, torch.cholesky_solve(JtB, L))) / self.noise
-        X = X.to(right_tensor.dtype)
-        X = X.squeeze(-1) if vector else X
+        X = self._solve_with(self._factor(), right_tensor)
         return X if left_tensor is None else left_tensor @ X
+
+    def _solve_with(self, L: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        vector = rhs.dim() == 1
+        B = (rhs.unsqueeze(-1) if vector else rhs).to(L.dtype)
+        if self.base._side == "dual":
+            X = torch.cholesky_solve(B, L)
+        else:
+            e = self.base.engine
+            X = (B - _linear(e, "jvp", torch.cholesky_solve(_linear(e, "vjp", B), L))) / self.noise
+        X = X.to(rhs.dtype)
+        return X.squeeze(-1) if vector else X
 
     def _solve(self, rhs, preconditioner=None, num_tridiag=0):
         if num_tridiag:
@@ -286,55 +284,55 @@ class NTKPlusNoise(LinearOperator):
 
     def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
         """``(bᵀ (A + σ² I)⁻¹ b, log det(A + σ² I))``, both exact (see the class)."""
+        L = self._factor()  # once for both parts
         inv_quad = torch.zeros((), dtype=self.dtype, device=self.device)
         if inv_quad_rhs is not None:
-            terms = (inv_quad_rhs * self.solve(inv_quad_rhs)).sum(dim=-2)
+            terms = (inv_quad_rhs * self._solve_with(L, inv_quad_rhs)).sum(dim=-2)
             inv_quad = terms.sum(-1) if reduce_inv_quad else terms
         ld = torch.zeros((), dtype=self.dtype, device=self.device)
         if logdet:
-            L = self._factor()
             ld = 2.0 * torch.log(torch.diagonal(L)).sum()
             extra = self.shape[-1] - self.base.engine.P
             if extra > 0:
                 ld = ld + extra * torch.log(self.noise)
-        anchor = self.base._args[0]
-        if anchor.requires_grad and torch.is_grad_enabled():  # zero gradient to the placeholder
-            inv_quad, ld = inv_quad + 0.0 * anchor.sum(), ld + 0.0 * anchor.sum()
-        return inv_quad, ld
+        return _touch(self.base._args[0], inv_quad, ld)
 
     def _logdet(self):
         return self.inv_quad_logdet(logdet=True)[1]
 
 
-def _jvp_of(op, X: torch.Tensor) -> torch.Tensor:
-    """``J X`` with gradients to ``X`` when it needs them (``Jᵀ`` is the adjoint)."""
-    if not X.requires_grad:
-        return op.engine.jvp(X.detach().to(op.engine.dtype)).to(X.dtype)
-    return _LinearJ.apply(op, X)
+class _Linear(torch.autograd.Function):
+    """``f(X)`` for a linear map ``f`` with adjoint ``f_adj``, differentiable in ``X``."""
 
-
-class _LinearJ(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, op, X):
-        ctx.op = op
-        return op.engine.jvp(X.detach().to(op.engine.dtype)).to(X.dtype)
+    def forward(ctx, f, f_adj, X):
+        ctx.f_adj = f_adj
+        return f(X.detach())
 
     @staticmethod
     def backward(ctx, grad):
-        op = ctx.op
-        return None, op.engine.vjp(grad.detach().to(op.engine.dtype)).to(grad.dtype)
+        return None, None, ctx.f_adj(grad.detach())
 
 
-class _LinearJt(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, op, V):
-        ctx.op = op
-        return op.engine.vjp(V.detach().to(op.engine.dtype)).to(V.dtype)
+def _linear(engine: JacobianEngine, name: str, X: torch.Tensor) -> torch.Tensor:
+    """``J X`` (``name="jvp"``) or ``Jᵀ X`` (``"vjp"``) in ``X``'s dtype, with gradients to ``X``
+    when it needs them (the two are each other's adjoint)."""
+    adjoint = {"jvp": "vjp", "vjp": "jvp"}[name]
 
-    @staticmethod
-    def backward(ctx, grad):
-        op = ctx.op
-        return None, op.engine.jvp(grad.detach().to(op.engine.dtype)).to(grad.dtype)
+    def cast(fn):
+        return lambda Y: fn(Y.to(engine.dtype)).to(Y.dtype)
+
+    f, f_adj = cast(getattr(engine, name)), cast(getattr(engine, adjoint))
+    return _Linear.apply(f, f_adj, X) if X.requires_grad else f(X.detach())
+
+
+def _touch(anchor: torch.Tensor, *outs: torch.Tensor):
+    """Connect outputs to the placeholder argument with a zero gradient when it asks for one,
+    so linear_operator's backward passes find a graph instead of failing."""
+    if anchor.requires_grad and torch.is_grad_enabled():
+        zero = 0.0 * anchor.sum()
+        outs = tuple(o + zero for o in outs)
+    return outs if len(outs) > 1 else outs[0]
 
 
 class _BatchView(LinearOperator):

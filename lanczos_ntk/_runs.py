@@ -202,6 +202,7 @@ class RunFolder:
     def __init__(self, path: str | Path, config: Mapping, *, fresh: bool = False, command: str = ""):
         self.path = Path(path)
         self.config = dict(config)
+        self._checked: dict[str, Result] = {}  # results has() read back, for load()
         self.resumed = False
         stored = self.path / "config.json"
         if self.path.exists():
@@ -267,7 +268,7 @@ class RunFolder:
         if not (json_path.exists() and npz_path.exists()):
             return False
         try:
-            load_result(p)
+            self._checked[name] = load_result(p)  # read once: load() hands it over
         except ResultFileError as exc:
             self.log(f"{name}: unreadable ({exc}); set aside and recomputed")
             for f in (json_path, npz_path):
@@ -280,7 +281,8 @@ class RunFolder:
         return result.save(self.result_path(name))
 
     def load(self, name: str) -> Result:
-        return load_result(self.result_path(name))
+        checked = self._checked.pop(name, None)
+        return checked if checked is not None else load_result(self.result_path(name))
 
     def cached(self, name: str, compute, message: str) -> Result:
         """The saved result ``name`` if an earlier run finished it, else ``compute()`` (logged
