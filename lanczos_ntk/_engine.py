@@ -19,7 +19,7 @@ from ._cell_path import CellLinearization
 from ._cells import find_cell
 from ._closed_form import closed_form
 from ._functional import ModelFunction, ParamSpec, resolve_params
-from .models._base import StateSpaceModel, check_inputs
+from .models._base import StateSpaceModel, check_finite, check_inputs
 
 __all__ = ["CPU_WORKING_SET", "JacobianEngine", "PROBE_ELEMENTS"]
 
@@ -73,6 +73,7 @@ class JacobianEngine:
                             "(convert with model.float() or model.double())")
         check_inputs(inputs, getattr(model, "input_size", None)
                      if isinstance(model, (StateSpaceModel, nn.RNN, nn.GRU, nn.LSTM)) else None)
+        check_finite(inputs)
         self.inputs = inputs
         self.h0 = h0
         self.batch, self.steps = int(inputs.shape[0]), int(inputs.shape[1])

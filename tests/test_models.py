@@ -114,3 +114,19 @@ def test_readout_is_seeded_and_does_not_change_the_other_weights():
     assert a.readout.weight.dtype == torch.float64
     bound = 1 / 2.0
     assert float(a.readout.weight.detach().abs().max()) <= bound
+
+
+@pytest.mark.filterwarnings("ignore:Attempted to insert a get_attr Node:UserWarning")
+def test_built_in_forward_can_be_traced_by_torch_func():
+    # users linearise our models with torch.func; data-dependent checks in forward break that
+    model = lnk.models.CTRNN(4, 1, seed=0).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    u = torch.randn(2, 5, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def f(p):
+        return torch.func.functional_call(model, p, (u,))
+
+    tangent = {k: torch.ones_like(v) for k, v in params.items()}
+    _, lin = torch.func.linearize(f, params)
+    _, ref = torch.func.jvp(f, (params,), (tangent,))
+    torch.testing.assert_close(lin(tangent), ref)

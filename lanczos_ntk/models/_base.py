@@ -27,6 +27,12 @@ def check_inputs(u: torch.Tensor, input_size: int | None, name: str = "inputs") 
                          f"got shape {tuple(u.shape)}")
     if u.shape[0] == 0 or u.shape[1] == 0:
         raise ValueError(f"expected at least one trial and one time step, got shape {tuple(u.shape)}")
+
+
+def check_finite(u: torch.Tensor, name: str = "inputs") -> None:
+    """Raise a clear error naming the first non-finite entry of ``u [B, T, d]``. Kept out of
+    :func:`check_inputs`, which runs inside ``forward``: a data-dependent check there would
+    break tracing (``torch.func.linearize``, ``vmap``) of the models."""
     bad = ~torch.isfinite(u)
     if bool(bad.any()):
         where = tuple(int(i) for i in torch.nonzero(bad)[0])
