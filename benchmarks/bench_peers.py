@@ -21,8 +21,12 @@ of a squared loss on the states), the per-vector cost of a block of 10 against s
 SLQ (10 probes × 40 steps) against ``linear_operator``'s ``lanczos_tridiag`` on the same
 operator, and the peak resident memory of the row above the process baseline (sampled).
 
+Every top-10 pipeline runs ``--repeat`` times (default 2) and the fastest run is reported, so
+first-call costs at a new size (allocations, kernel selection) count for nobody; products are
+timed five times.
+
 Run: ``python benchmarks/bench_peers.py [--size medium|large] [--rows ctrnn user_step ...]
-[--scaling]``. ``--scaling`` adds a table of time per product for B = 64, 256, 1024.
+[--scaling] [--repeat N]``. ``--scaling`` adds a table of time per product for B = 64, 256, 1024.
 """
 
 from __future__ import annotations
@@ -219,26 +223,27 @@ def lo_slq_seconds(op, num_probes, num_steps, dtype):
     return timed(run)[0], calls[0]
 
 
-def row_figures(row, n, T, B, dtype, skip_peers=False, skip_slq=False):
+def row_figures(row, n, T, B, dtype, skip_peers=False, skip_slq=False, repeat=2):
     model, u = build(row, n, T, B, dtype, "cpu")
     f = states_fn(model)
     params = {k: v.detach() for k, v in model.named_parameters()}
     fig = {"row": row}
     with PeakRSS() as mem:
         t_ours, res = timed(lambda: lnk.eigsh(lnk.StateNTK(model, u), k=K_EIG, tol=TOL,
-                                              generator=torch.Generator().manual_seed(0)))
+                                              generator=torch.Generator().manual_seed(0)),
+                            repeat)
     fig["ours_s"], fig["ours_mib"] = t_ours, mem.mib
     fig["ours_products"] = res.num_matvecs
     # the same without the check for missed eigenvalues after convergence (ARPACK has none)
     t_plain, plain = timed(lambda: lnk.eigsh(lnk.StateNTK(model, u), k=K_EIG, tol=TOL,
                                              generator=torch.Generator().manual_seed(0),
-                                             verify=False))
+                                             verify=False), repeat)
     fig["plain_s"], fig["plain_products"] = t_plain, plain.num_matvecs
     ours = np.sort(res.eigenvalues.double().numpy())
     if not skip_peers:
-        t1, ref = timed(lambda: peer_per_product(f, params, u))
+        t1, ref = timed(lambda: peer_per_product(f, params, u), repeat)
         with PeakRSS() as mem:
-            t2, ref2 = timed(lambda: peer_linearised(f, params, u))
+            t2, ref2 = timed(lambda: peer_linearised(f, params, u), repeat)
         fig["peer_mib"] = mem.mib
         fig["peer_s"] = min(t1, t2)
         fig["peer_which"] = "per-product" if t1 <= t2 else "linearised"
@@ -252,9 +257,9 @@ def row_figures(row, n, T, B, dtype, skip_peers=False, skip_slq=False):
     x = torch.randn(G.shape[0], 1, generator=gtor, dtype=dtype)
     K.matmul(v)  # build the linearisation (once per operator)
     step = train_step_seconds(model, u, f)
-    t_k = timed(lambda: K.matmul(v), repeat=3)[0]
-    t_g = timed(lambda: G.matmul(x), repeat=3)[0]
-    t_block = timed(lambda: K.matmul(V), repeat=2)[0]
+    t_k = timed(lambda: K.matmul(v), repeat=5)[0]
+    t_g = timed(lambda: G.matmul(x), repeat=5)[0]
+    t_block = timed(lambda: K.matmul(V), repeat=5)[0]
     fig.update(train_step_s=step, k_over_step=t_k / step, g_over_step=t_g / step,
                block_per_vector=t_block / 10 / t_k)
     if not skip_slq:
@@ -274,6 +279,8 @@ def main():
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--skip-slq", action="store_true")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="top-10 runs per pipeline (ours and the peers); the fastest is reported")
     ap.add_argument("--scaling", action="store_true", help="time per product for B = 64, 256, 1024")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -289,7 +296,7 @@ def main():
         row_figures(row, 8, 5, 4, dtype, args.skip_peers, args.skip_slq)
     plans, slq_counts = [], {}
     for row in args.rows:
-        fg = row_figures(row, n, T, B, dtype, args.skip_peers, args.skip_slq)
+        fg = row_figures(row, n, T, B, dtype, args.skip_peers, args.skip_slq, args.repeat)
         slq_counts[row] = fg.get("slq_lo_products")
         plans.append(f"  {row}: {fg['plan']}")
         peer = fg.get("peer_s", float("nan"))

@@ -197,6 +197,37 @@ def test_warm_start_saves_products():
     assert warm.num_matvecs < cold.num_matvecs
 
 
+@pytest.mark.parametrize("ncv", [14, 40])  # with thick restarts, and in one cycle
+def test_kept_products_give_the_true_residuals_without_another_product(ncv, monkeypatch):
+    import lanczos_ntk.linalg._restart as restart
+
+    lam = 0.9 ** torch.arange(300, dtype=F64)
+    A = with_spectrum(lam, seed=4)
+    calls = []
+
+    def mv(X):
+        calls.append(X.shape[1])
+        return A @ X
+
+    k = 5
+    kept = thick_restart_lanczos(mv, 300, k, tol=1e-10, ncv=ncv, generator=gen(2),
+                                 return_eigenvectors=True)
+    assert sum(calls) == kept.num_matvecs and kept.status == "converged"
+    monkeypatch.setattr(restart, "KEEP_PRODUCTS_BYTES", 0)
+    calls.clear()
+    fresh = thick_restart_lanczos(mv, 300, k, tol=1e-10, ncv=ncv, generator=gen(2),
+                                  return_eigenvectors=True)
+    assert sum(calls) == fresh.num_matvecs == kept.num_matvecs + k
+    assert kept.num_restarts == fresh.num_restarts and (ncv == 40) == (kept.num_restarts == 0), \
+        kept.num_restarts
+    for out in (kept, fresh):
+        Y = out.eigenvectors
+        true = torch.linalg.vector_norm(A @ Y - Y * out.eigenvalues, dim=0)
+        torch.testing.assert_close(out.residuals, true, rtol=1e-3, atol=1e-14)
+        assert bool((true <= 1e-10 * out.eigenvalues).all())
+        torch.testing.assert_close(out.eigenvalues, lam[:k], rtol=1e-13, atol=0)
+
+
 def test_all_zero_operator():
     zero = lambda X: torch.zeros_like(X)  # noqa: E731
     la = thick_restart_lanczos(zero, 100, 4, generator=gen())

@@ -5,10 +5,11 @@ The reference for every check is the dense matrix of the same operator
 so the checks that need a nonsingular matrix — solves, log-determinants, Cholesky,
 eigenvectors of the null space — fail on it for linear_operator's own dense operator too: they are
 properties of the matrix, not of this implementation, and run on the dual ``G`` (``15 × 15``,
-nonsingular) instead, except the five that fail for the dense ``G`` as well (its condition
-number is about 1e11). The one refusal by design is half precision. Counts (61 checks each):
-``StateNTK`` 42 pass, 18 are properties of its singular matrix (failing for the dense operator
-too), 1 refused; ``DualNTK`` 55 pass, 5 properties of its conditioning, 1 refused.
+nonsingular, from four trials of five steps) instead, except the three that fail for the
+dense ``G`` as well (its condition number is about 3e7). The one refusal by design is half
+precision. Counts (61 checks each): ``StateNTK`` 42 pass, 18 are properties of its singular
+matrix (failing for the dense operator too), 1 refused; ``DualNTK`` 57 pass, 3 properties of
+its conditioning, 1 refused.
 """
 
 import pickle
@@ -27,9 +28,10 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:Sparse invariant checks:UserWarning")  # torch, inside linear_operator's indexing
 
 
-def _kernel():
+def _kernel(trials=2, steps=3):
     model = lnk.models.CTRNN(3, 1, seed=0).double()
-    u = torch.randn(2, 3, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    u = torch.randn(trials, steps, 1, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
     return lnk.StateNTK(model, u)
 
 
@@ -70,13 +72,15 @@ for _name in ("test_add_low_rank", "test_cat_rows", "test_eigh", "test_eigvalsh"
 
 class TestDualNTKContract(_Contract, unittest.TestCase):
     def create_linear_op(self):
-        return _kernel().dual()
+        # four trials of five steps: G (15 × 15) has condition number about 3e7; the two trials
+        # of three steps of the primal kernel give about 2e13, where whether a solve passes the
+        # contract's tolerances depends on the processor's rounding
+        return _kernel(trials=4, steps=5).dual()
 
 
-# G is nonsingular but its condition number is about 1e11: these fail on linear_operator's dense
-# operator of the same G as well (as do test_eigh and test_eigvalsh, which pass here)
-for _name in ("test_cat_rows", "test_solve_matrix_broadcast", "test_sqrt_inv_matmul",
-              "test_sqrt_inv_matmul_no_lhs", "test_svd"):
+# G is nonsingular but ill-conditioned: these fail on linear_operator's dense operator of the
+# same G as well
+for _name in ("test_cat_rows", "test_sqrt_inv_matmul", "test_sqrt_inv_matmul_no_lhs"):
     setattr(TestDualNTKContract, _name, None)
 
 

@@ -70,13 +70,19 @@ class KrylovState:
     Gram–Schmidt pass when a column lost more than ``1 - 1/sqrt(2)`` of its norm, Daniel et al.
     1976) and appends the next block by a Gram–Schmidt QR that replaces directions below the
     breakdown threshold ``10 sqrt(n) eps ||A||`` by fresh random vectors (coupling zero).
+
+    With ``keep_products=True`` the raw products are kept as well: ``AQ[:, j]`` is the
+    operator's own output for ``Q[:, j]`` (before any orthogonalisation), so ``A (Q z)`` is
+    ``AQ z`` for any combination ``z`` without another product (true residuals, Rayleigh
+    quotients, thick restarts). It doubles the basis memory.
     """
 
     def __init__(self, work: Matmul, n: int, b: int, capacity: int, *, eps: float,
-                 generator: torch.Generator | None, device) -> None:
+                 generator: torch.Generator | None, device, keep_products: bool = False) -> None:
         self.work, self.n, self.b, self.eps = work, n, b, eps
         self.generator, self.device = generator, device
         self.Q = torch.zeros(n, capacity + b, dtype=WORK_DTYPE, device=device)
+        self.AQ = torch.zeros_like(self.Q) if keep_products else None
         self.T = torch.zeros(capacity + b, capacity + b, dtype=WORK_DTYPE, device=device)
         self.c = 0
         self.anorm = 0.0
@@ -155,6 +161,8 @@ class KrylovState:
         if not bool(torch.isfinite(W).all()):
             self.nonfinite = True
             W = torch.zeros_like(W)
+        if self.AQ is not None:
+            self.AQ[:, c : c + b] = W
         if c > 0:
             W -= self.Q[:, :c] @ self.T[:c, c : c + b]
         D = Qj.T @ W

@@ -22,15 +22,18 @@ from ._lanczos import KrylovState
 __all__ = ["ExtremeEigenpairs", "thick_restart_lanczos"]
 
 _WHICH = ("LA", "SA", "LM")
+KEEP_PRODUCTS_BYTES = 1 << 30  # the raw products are kept when they take at most this much
 
 
 class ExtremeEigenpairs(NamedTuple):
     """Output of :func:`thick_restart_lanczos` (plain tensors, float64).
 
     ``eigenvalues`` are sorted descending; ``residuals[i] = ||A y_i - θ_i y_i||`` is the true
-    residual of the Ritz pair ``(θ_i, y_i)`` (one more block product at the end; the Krylov
-    estimate ``||B_m E_mᵀ z_i||`` drives the iteration); ``converged[i]`` says whether it is
-    below ``tol * max(|θ_i|, eps ||A||)``. ``null_dim`` is the estimated dimension of
+    residual of the Ritz pair ``(θ_i, y_i)``, with ``A y_i`` combined from the operator's own
+    products (kept beside the basis while they take at most ``KEEP_PRODUCTS_BYTES``), or from
+    one more block product at the end when that combination leaves a pair short of ``tol``
+    (the Krylov estimate ``||B_m E_mᵀ z_i||`` drives the iteration); ``converged[i]`` says
+    whether it is below ``tol * max(|θ_i|, eps ||A||)``. ``null_dim`` is the estimated dimension of
     the numerical null space for ``which="SA"`` (``None`` otherwise), ``lambda_max`` the largest
     Ritz value seen, ``status`` one of ``"converged"``, ``"accuracy_limited"`` (the iteration
     converged but rounding in the products keeps some true residuals above ``tol``),
@@ -218,7 +221,11 @@ def thick_restart_lanczos(
     if n <= max(ncv + b, dense_max):
         return _dense(work, n, k, which, null_rtol, b, device, return_eigenvectors, eps)
 
-    state = KrylovState(work, n, b, ncv, eps=eps, generator=generator, device=device)
+    # keep the raw products (A Y for the true residuals at no extra product) while they are
+    # small next to the memory a Krylov run may reasonably hold
+    keep = n * (ncv + b) * 8 <= KEEP_PRODUCTS_BYTES
+    state = KrylovState(work, n, b, ncv, eps=eps, generator=generator, device=device,
+                        keep_products=keep)
     state.start(_start_block(v0, n, b, generator, device))
     first: tuple[torch.Tensor, torch.Tensor] | None = None
     lam_max = 0.0
@@ -280,6 +287,8 @@ def thick_restart_lanczos(
         sel = cand[:p]
         Y = state.Q[:, :m] @ Z[:, sel]
         nxt = state.Q[:, m : m + b].clone()
+        if state.AQ is not None:
+            state.AQ[:, :p] = state.AQ[:, :m] @ Z[:, sel]
         state.Q.zero_()
         state.T.zero_()
         state.Q[:, :p] = Y
@@ -302,17 +311,27 @@ def thick_restart_lanczos(
     res = res[wanted].clone()
     num_matmuls, num_matvecs = state.num_matmuls, state.num_matvecs
     if status != "failed" and len(wanted):
-        # the true residuals ||A y - θ y||, one more block: the Krylov estimates above keep
-        # falling below the rounding level of the products, the true ones do not
-        AY = work(vecs)
-        num_matmuls, num_matvecs = num_matmuls + 1, num_matvecs + len(wanted)
-        # Rayleigh quotients: eigh(T) has absolute errors ~ eps ||T||, which swamp small
-        # eigenvalues next to huge ones (a 1e12 dynamic range); y^T A y does not
-        values = (vecs * AY).sum(dim=0) / (vecs * vecs).sum(dim=0)
+        # the true residuals ||A y - θ y||: the Krylov estimates above keep falling below the
+        # rounding level of the products, the true ones do not. A y is combined from the kept
+        # products; when that leaves a pair short of tol (where it differs from a product of y
+        # itself by rounding), y gets a product of its own
+        fresh = state.AQ is None
+        while True:
+            if fresh:
+                AY = work(vecs)
+                num_matmuls, num_matvecs = num_matmuls + 1, num_matvecs + len(wanted)
+            else:
+                AY = state.AQ[:, :m] @ Z[:, wanted]
+            # Rayleigh quotients: eigh(T) has absolute errors ~ eps ||T||, which swamp small
+            # eigenvalues next to huge ones (a 1e12 dynamic range); y^T A y does not
+            values = (vecs * AY).sum(dim=0) / (vecs * vecs).sum(dim=0)
+            res = torch.linalg.vector_norm(AY - vecs * values, dim=0)
+            conv = _converged(res, values, tol, eps, state.anorm)
+            if fresh or bool(conv.all()):
+                break
+            fresh = True
         order = torch.argsort(values, descending=True)
-        values, vecs, AY = values[order], vecs[:, order], AY[:, order]
-        res = torch.linalg.vector_norm(AY - vecs * values, dim=0)
-        conv = _converged(res, values, tol, eps, state.anorm)
+        values, vecs, res, conv = values[order], vecs[:, order], res[order], conv[order]
         if not bool(conv.all()) and status in ("converged", "accuracy_limited"):
             status = "accuracy_limited"
         elif bool(conv.all()) and status == "accuracy_limited":
