@@ -64,8 +64,13 @@ class CriticalDirection(Result):
     dt : float
         The model's Euler step (flows; 1 for maps), used by :func:`predicted_channel_eigenvalue`.
     d : Tensor ``[P, r]``
-        Eigenvalue sensitivity ``∂λ_c/∂θ = wᴴ (∂A/∂θ) v`` at fixed ``x`` (real part, and the
-        imaginary part for a complex mode): the direction that moves the critical eigenvalue.
+        How a parameter step moves the critical eigenvalue (real part, and the imaginary part
+        for a complex mode): ``dλ_c/dθ`` along the branch of fixed points
+        (``derivative="total"``, the default) or ``∂λ_c/∂θ = wᴴ (∂A/∂θ) v`` at fixed ``x``.
+    d_partial : Tensor ``[P, r]``
+        ``∂λ_c/∂θ`` at fixed ``x`` (equal to ``d`` when ``derivative="partial"``).
+    derivative : str
+        ``"total"`` or ``"partial"``: which one ``d`` is.
     """
 
     g: torch.Tensor
@@ -77,6 +82,8 @@ class CriticalDirection(Result):
     kind: str
     param_names: tuple[str, ...]
     dt: float = 1.0
+    d_partial: torch.Tensor | None = None
+    derivative: str = "total"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,15 +104,28 @@ class ChannelReport(Result):
 
 
 def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
-                       params=None, eigenvalue: complex | None = None) -> CriticalDirection:
-    """The critical mode at a fixed point ``x`` of ``model.rhs(·, u)`` and ``g = (∂f/∂θ)ᵀ w``.
+                       params=None, eigenvalue: complex | None = None,
+                       derivative: str = "total") -> CriticalDirection:
+    """The critical mode at a fixed point ``x`` of ``model.rhs(·, u)``, ``g = (∂f/∂θ)ᵀ w`` and
+    the eigenvalue's parameter gradient ``d``.
 
     ``eigenvalue=None`` picks the nearest critical mode: the largest real part for a flow, the
     largest modulus for a map; otherwise the eigenvalue closest to the one given. Complex
-    eigenvalues give the real pair ``[Re g, Im g]``. The parameter order is that of
-    :class:`~lanczos_ntk.StateNTK` for the same ``params``.
+    eigenvalues give the real pairs ``[Re g, Im g]`` and ``[∂ Re λ_c, ∂ Im λ_c]``. The parameter
+    order is that of :class:`~lanczos_ntk.StateNTK` for the same ``params``.
+
+    ``derivative="total"`` (default): ``d = dλ_c/dθ`` along the branch of fixed points, the
+    coefficient by which a parameter step moves the critical eigenvalue when the state follows
+    its fixed point (the unfolding parameter of the normal form); ``"partial"``: ``∂λ_c/∂θ`` at
+    fixed ``x``. They coincide where ``∂A/∂x`` does not move ``λ_c`` (e.g. at the origin of an
+    odd network) and differ elsewhere (upper pitchfork branch: partial 1, total -2). Both are in
+    the result (``d_partial``). See :func:`lanczos_ntk.dynamics.eigenvalue_derivatives`.
     """
     from ._functional import ParamSpec, resolve_params
+    from .dynamics import eigenvalue_derivatives
+
+    if derivative not in ("total", "partial"):
+        raise ValueError(f"expected derivative 'total' or 'partial', got {derivative!r}")
 
     kind = getattr(model, "kind", None)
     if kind not in ("flow", "map") or not callable(getattr(model, "rhs", None)):
@@ -141,17 +161,25 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
     _, pull = torch.func.vjp(lambda q: f(q, x), p)
     cols = [w.real] if abs(lam_c.imag) <= 1e-12 * max(1.0, abs(lam_c)) else [w.real, w.imag]
     g = torch.stack([spec.flatten(pull(c.to(x.dtype))[0]) for c in cols], dim=1)
+    partial, total = eigenvalue_derivatives(lambda xx, q: f(q, xx), x, p, v, w, kind)
 
-    def pairing(q):  # wᴴ A(θ) v, real and imaginary parts, with A v by forward mode
-        Av_re = torch.func.jvp(lambda xx: f(q, xx), (x,), (v.real.to(x.dtype),))[1]
-        Av_im = torch.func.jvp(lambda xx: f(q, xx), (x,), (v.imag.to(x.dtype),))[1]
-        wr, wi = w.real.to(x.dtype), w.imag.to(x.dtype)
-        return torch.stack([wr @ Av_re + wi @ Av_im, wr @ Av_im - wi @ Av_re])
+    def columns(sens):  # [P, r]: ∂ Re λ_c / ∂θ (and ∂ Im λ_c / ∂θ for a complex mode)
+        parts = (torch.real, torch.imag)[:len(cols)]
+        return torch.stack([spec.flatten({n: part(t).to(x.dtype) for n, t in sens.items()})
+                            for part in parts], dim=1)
 
-    sens = torch.func.jacrev(pairing)(p)
-    d = torch.stack([spec.flatten({n: t[j] for n, t in sens.items()}) for j in range(len(cols))],
-                    dim=1)
-    return CriticalDirection(g=g, d=d, eigenvalue=lam_c, v=v, w=w, x=x.detach().clone(), kind=kind,
+    d_partial = columns(partial)
+    if derivative == "partial":
+        d = d_partial
+    elif total is None:
+        raise ValueError(
+            "dλ_c/dθ along the branch does not exist at this point: A - cI is singular (a fold "
+            "or a transcritical branch point, where the branch turns or crosses another); pass "
+            "derivative='partial' for ∂λ_c/∂θ at fixed x")
+    else:
+        d = columns(total)
+    return CriticalDirection(g=g, d=d, d_partial=d_partial, derivative=derivative,
+                             eigenvalue=lam_c, v=v, w=w, x=x.detach().clone(), kind=kind,
                              param_names=spec.names, dt=float(getattr(model, "dt", 1.0)))
 
 

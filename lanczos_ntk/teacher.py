@@ -20,8 +20,8 @@ kernel, and compared with the collapse of the effective rank (:func:`collapse_st
 
 **The landscape along the unfolding direction.** Near a pitchfork the critical coordinate
 obeys the normal form ``ċ = μ c - κ c³ + β``: ``μ = λ_c`` is moved by the eigenvalue
-sensitivity ``d = ∂λ_c/∂θ = (∂A/∂θ)ᵀ(w vᵀ)`` (for the CTRNN at the origin, the ``W``-block
-``w vᵀ``) and the imperfection ``β = wᵀ δb`` by the channel ``g`` (at the origin, the
+sensitivity ``d = dλ_c/dθ`` along the branch of the trivial point (at the origin of the odd
+CTRNN it equals ``∂λ_c/∂θ = (∂A/∂θ)ᵀ(w vᵀ)``, the ``W``-block ``w vᵀ``) and the imperfection ``β = wᵀ δb`` by the channel ``g`` (at the origin, the
 ``b``-block ``w``). On the line ``θ(s) = θ_ref + s d̂`` the trivial point stays put and
 ``λ_c(s) ≈ λ_c(0) + s ‖d‖`` is linear, and the linear response of the critical coordinate to a
 constant ``β`` saturates at ``β/|λ_c|``, so on the stable side
@@ -502,7 +502,7 @@ def _critical(student, x, names):
     cd = critical_direction(student, x, params=names)
     g = cd.g.to(torch.float64)
     Q, _ = torch.linalg.qr(g)
-    return Q, cd.d[:, 0].to(torch.float64), cd  # d: ∂ Re λ_c / ∂θ at fixed x
+    return Q, cd.d[:, 0].to(torch.float64), cd  # d: d Re λ_c / dθ along the branch
 
 
 def _trivial_point(student, prev: torch.Tensor, seeds: torch.Tensor, generator):

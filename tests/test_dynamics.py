@@ -126,6 +126,7 @@ def test_one_neuron_folds_in_bias():
     sens = folds[0].sensitivities
     assert float(sens["W"].reshape(())) == pytest.approx(1 / w, abs=1e-7)
     assert float(sens["b"].reshape(())) == pytest.approx(0.0, abs=1e-12)
+    assert folds[0].sensitivities_total is None  # the branch turns: dλ/dθ does not exist there
     # stable, unstable, stable along the S-curve
     assert bool(br.stable[0]) and bool(br.stable[-1]) and not bool(br.stable.all())
     assert float(br.points[-1, 0]) > hs

@@ -176,3 +176,112 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="ds_min"):
         continuation(f, x0, 1.0, (0.0, 2.0), ds=-1.0)
     assert math.isfinite(continuation(f, x0, 1.0, (-1.0, 2.0), direction=-1).bifurcations[0].p)
+
+
+# ---------------------------------------------------------------- dλ/dθ along the branch
+@pytest.mark.parametrize("model_cls, form, mu, partial, total", [
+    # ẋ = μx - x³ at x* = √μ: λ = μ - 3x*² = -2μ; at fixed x ∂λ/∂μ = 1
+    (models.ContinuousNormalForm, "pitchfork", 0.25, 1.0, -2.0),
+    # ẋ = μ - x² at x* = √μ: λ = -2x* = -2√μ; ∂λ/∂μ = 0 at fixed x, dλ/dμ = -1/√μ
+    (models.ContinuousNormalForm, "saddle_node", 0.25, 0.0, -2.0),
+    # x ↦ x + μx - x³ at x* = √μ: multiplier 1 + μ - 3x*² = 1 - 2μ
+    (models.DiscreteNormalForm, "pitchfork", 0.16, 1.0, -2.0),
+    # x ↦ x + μ - x² at x* = √μ: multiplier 1 - 2√μ, d/dμ = -1/√μ
+    (models.DiscreteNormalForm, "saddle_node", 0.16, 0.0, -2.5),
+])
+def test_total_derivative_along_the_branch_in_closed_form(model_cls, form, mu, partial, total):
+    from lanczos_ntk.channels import critical_direction
+
+    model = model_cls(form, mu=mu)
+    x = torch.tensor([math.sqrt(mu)], dtype=F64)
+    system = system_from_model(model, param="mu")
+    data = critical_data(system, x, mu, "fold")
+    assert data["eigenvalue"].real == pytest.approx(
+        (-2 * mu if form == "pitchfork" else -2 * math.sqrt(mu)) + (model.kind == "map"), abs=1e-12)
+    assert float(data["sensitivities"]["mu"]) == pytest.approx(partial, abs=1e-12)
+    assert float(data["sensitivities_total"]["mu"]) == pytest.approx(total, abs=1e-10)
+    assert data["eigenvalue_dp"].real == pytest.approx(partial, abs=1e-12)  # p is μ: at fixed x
+    cd = critical_direction(model, x)
+    names = list(cd.param_names)
+    assert cd.derivative == "total"
+    assert float(cd.d[names.index("mu"), 0]) == pytest.approx(total, abs=1e-10)
+    assert float(cd.d_partial[names.index("mu"), 0]) == pytest.approx(partial, abs=1e-12)
+    # the input weight B enters f only through u = 0: it moves nothing
+    assert float(cd.d[names.index("B"), 0]) == pytest.approx(0.0, abs=1e-14)
+    part = critical_direction(model, x, derivative="partial")
+    torch.testing.assert_close(part.d, cd.d_partial)
+
+
+def _newton(f, x, steps=50):
+    for _ in range(steps):
+        x = x - torch.linalg.solve(jacrev(f)(x), f(x))
+    return x
+
+
+@pytest.mark.parametrize("gain, complex_mode", [(1.4, False), (2.5, True)])
+def test_total_derivative_matches_finite_differences_of_the_moving_fixed_point(gain, complex_mode):
+    """A CTRNN with biases (the fixed point is off the origin): perturb each parameter, find the
+    fixed point again by Newton's method and take the eigenvalue; compare with d."""
+    from lanczos_ntk.channels import critical_direction
+
+    n = 3
+    g = torch.Generator().manual_seed(3)
+    model = models.CTRNN(n, 1, gain=gain, seed=4)
+    with torch.no_grad():
+        if complex_mode:  # a rotation block in W: a complex leading pair
+            model.W.copy_(torch.tensor([[1.2, -2.0, 0.1], [2.0, 1.2, 0.0], [0.0, 0.3, -0.5]],
+                                       dtype=F64))
+        model.b.copy_(0.4 * torch.randn(n, generator=g, dtype=F64))
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    u = torch.zeros(1, dtype=F64)
+
+    def rhs(th, x):
+        return -x + torch.tanh(x) @ th["W"].T + u @ th["B"].T + th["b"]
+
+    x0 = _newton(lambda x: rhs(params, x), torch.zeros(n, dtype=F64))
+    cd = critical_direction(model, x0)
+    lam0 = cd.eigenvalue
+    assert (abs(lam0.imag) > 1e-3) == complex_mode
+    names = list(cd.param_names)
+    offsets = torch.cumsum(torch.tensor([0] + [params[k].numel() for k in names]), 0)
+    eps = 1e-6
+    fd_total, fd_partial = [], []
+    for i, name in enumerate(names):
+        for j in range(params[name].numel()):
+            vals = []
+            for sgn in (1, -1):
+                th = {k: v.clone() for k, v in params.items()}
+                th[name].view(-1)[j] += sgn * eps
+                xs = _newton(lambda x, th=th: rhs(th, x), x0.clone())
+                for xx in (xs, x0):
+                    ev = torch.linalg.eigvals(jacrev(lambda x, th=th: rhs(th, x))(xx))
+                    vals.append(complex(ev[int(torch.argmin((ev - lam0).abs()))]))
+            fd_total.append((vals[0] - vals[2]) / (2 * eps))
+            fd_partial.append((vals[1] - vals[3]) / (2 * eps))
+    fd_total = torch.tensor(fd_total, dtype=torch.complex128)
+    fd_partial = torch.tensor(fd_partial, dtype=torch.complex128)
+    assert int(offsets[-1]) == cd.d.shape[0]
+    torch.testing.assert_close(cd.d[:, 0], fd_total.real, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cd.d_partial[:, 0], fd_partial.real, atol=1e-6, rtol=1e-5)
+    if complex_mode:
+        torch.testing.assert_close(cd.d[:, 1], fd_total.imag, atol=1e-6, rtol=1e-5)
+    # with biases the fixed point moves and the two derivatives really differ
+    assert float((cd.d - cd.d_partial).abs().max()) > 1e-2
+
+
+def test_total_derivative_does_not_exist_at_a_fold():
+    from lanczos_ntk.channels import critical_direction
+
+    model = models.ContinuousNormalForm("saddle_node", mu=0.0)
+    x = torch.zeros(1, dtype=F64)
+    with pytest.raises(ValueError, match="derivative='partial'"):
+        critical_direction(model, x)
+    assert float(critical_direction(model, x, derivative="partial").d[0, 0]) == 0.0
+    data = critical_data(system_from_model(model, param="mu"), x, 0.0, "fold")
+    assert data["sensitivities_total"] is None
+    # at the symmetric pitchfork's branch point ∇_x λ = 0: the total exists and equals the partial
+    pf = critical_data(system_from_model(models.ContinuousNormalForm("pitchfork", mu=0.0),
+                                         param="mu"), x, 0.0, "branch_point")
+    assert float(pf["sensitivities_total"]["mu"]) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="expected derivative"):
+        critical_direction(model, x, derivative="full")

@@ -14,7 +14,10 @@ Critical data at a bifurcation (Kuznetsov, *Elements of Applied Bifurcation Theo
 - Hopf ``l₁ = 1/(2ω) Re[wᴴC(v,v,v̄) - 2 wᴴB(v, A⁻¹B(v,v̄)) + wᴴB(v̄, (2iω - A)⁻¹B(v,v))]``;
 - flip ``c = ⅙ wᴴ[C(v,v,v) + 3 B(v, (I - A)⁻¹ B(v,v))]``;
 - Neimark–Sacker ``d = ½ Re{e^{-iθ} wᴴ[C(v,v,v̄) + 2B(v,(I - A)⁻¹B(v,v̄)) + B(v̄,(e^{2iθ} - A)⁻¹B(v,v))]}``;
-- eigenvalue sensitivity ``∂λ/∂θ = wᴴ (∂A/∂θ) v / (wᴴ v)`` at fixed ``x``;
+- eigenvalue sensitivity ``∂λ/∂θ = wᴴ (∂A/∂θ) v / (wᴴ v)`` at fixed ``x`` (partial), and
+  along the branch of fixed points (total, implicit function theorem):
+  ``dλ/dθ = ∂λ/∂θ + (∂λ/∂x) dx*/dθ`` with ``dx*/dθ = -(A - cI)⁻¹ ∂f/∂θ`` (``c = 0`` for a flow,
+  ``1`` for a map) and ``∂λ/∂x_j = wᴴ (∂A/∂x_j) v / (wᴴ v)``;
 - critical parameter direction ``g = (∂f/∂θ)ᵀ w``.
 """
 
@@ -28,7 +31,7 @@ from torch.func import jacrev, jvp, vjp
 
 from ._dense import eigvals, solve, svd
 
-__all__ = ["critical_data", "eigen_counts", "eigvals", "sort_eigenvalues"]
+__all__ = ["critical_data", "eigen_counts", "eigenvalue_derivatives", "eigvals", "sort_eigenvalues"]
 
 IMAG_TOL = 1e-10
 
@@ -182,59 +185,93 @@ def _coefficients(f, x, A, v, w, bif, lam) -> dict[str, float]:
     return {"d": 0.5 * (e * val).real, "theta": theta}
 
 
-def _sensitivities(system, x, p, v, w) -> tuple[dict, complex, torch.Tensor, list, list]:
-    """``∂λ/∂θ`` (at fixed x), ``∂λ/∂p``, and ``g = (∂f/∂θ)ᵀ w`` flattened."""
-    vr = [(c, t.to(x.dtype)) for c, t in _real_parts(v)]
-    wr = [(c, t.to(x.dtype)) for c, t in _real_parts(w)]
+def eigenvalue_derivatives(fun, x: torch.Tensor, params: dict[str, torch.Tensor],
+                           v: torch.Tensor, w: torch.Tensor, kind: str
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    r"""Derivatives of an eigenvalue ``λ`` of ``A = ∂f/∂x`` with respect to the parameters.
+
+    ``fun(x, params) -> [n]`` is the vector field (``kind="flow"``) or the map (``"map"``);
+    ``v``, ``w`` the right and left eigenvectors of ``λ`` at the fixed point ``x``.
+
+    Returns ``(partial, total)``, one complex128 tensor per parameter each:
+
+    - ``partial``: ``∂λ/∂θ = wᴴ (∂A/∂θ) v / (wᴴ v)`` with ``x`` held fixed;
+    - ``total``: ``dλ/dθ`` along the branch of fixed points through ``x`` (which moves with
+      ``θ``): ``∂λ/∂θ - (∂f/∂θ)ᵀ z`` with ``(A - cI)ᵀ z = ∇_x λ``, ``∇_x λ = wᴴ (∂A/∂x_j) v /
+      (wᴴ v)``, ``c = 0`` for a flow and ``1`` for a map. ``None`` where ``A - cI`` is singular
+      and ``∇_x λ`` has a component along its left null space: at a fold or a transcritical
+      branch point the branch turns or crosses another, and ``dλ/dθ`` does not exist (it grows
+      like ``|θ - θ_c|^{-1/2}`` towards a fold).
+
+    E.g. ``ẋ = μx - x³`` on the upper branch ``x* = √μ``: ``λ = -2μ``, partial ``∂λ/∂μ = 1``,
+    total ``-2``; ``ẋ = μ - x²`` at ``x* = √μ``: partial ``0``, total ``-1/√μ``.
+    """
+    x = x.detach()
+    cplx = v.is_complex() or w.is_complex()
+    vr, vi = (v.real, v.imag) if v.is_complex() else (v, torch.zeros_like(v))
+    wr, wi = (w.real, w.imag) if w.is_complex() else (w, torch.zeros_like(w))
+    vr, vi, wr, wi = (t.to(x.dtype) for t in (vr, vi, wr, wi))
     norm = complex(w.to(torch.complex128).conj() @ v.to(torch.complex128))
 
-    def form(fun):
-        # wᴴ (∂fun/∂x) v as a complex number built from real jvps; fun(x) -> [n]
-        def val(*args):
-            out = []
-            for cv, vv in vr:
-                jv = jvp(lambda xx: fun(xx, *args), (x,), (vv,))[1]
-                for cw, ww in wr:
-                    out.append((complex(cv) * complex(cw).conjugate(), ww @ jv))
-            return out
-        return val
+    def pairing(th, xx):  # wᴴ A(xx, θ) v as [real, imaginary], A v by forward mode
+        Av_re = jvp(lambda y: fun(y, th), (xx,), (vr,))[1]
+        Av_im = jvp(lambda y: fun(y, th), (xx,), (vi,))[1] if cplx else torch.zeros_like(Av_re)
+        return torch.stack([wr @ Av_re + wi @ Av_im, wr @ Av_im - wi @ Av_re])
 
-    sens: dict[str, torch.Tensor] = {}
-    pt = system.scalar(p)
+    d_th, d_x = jacrev(pairing, argnums=(0, 1))(params, x)
+
+    def cx(t):  # [2, ...] -> complex, divided by wᴴ v
+        return (t[0].to(torch.complex128) + 1j * t[1].to(torch.complex128)) / norm
+
+    partial = {k: cx(t) for k, t in d_th.items()}
+    grad_x = cx(d_x)                                                    # ∇_x λ, [n]
+    A = jacrev(lambda y: fun(y, params))(x).to(torch.float64)
+    M = A - (1.0 if kind == "map" else 0.0) * torch.eye(A.shape[0], dtype=torch.float64)
+    rhs = torch.stack([grad_x.real, grad_x.imag], dim=1)               # [n, 2]
+    z = torch.linalg.lstsq(M.T, rhs, rcond=1e-12, driver="gelsd").solution
+    scale = float(rhs.abs().max()) + 1e-300
+    if float((M.T @ z - rhs).abs().max()) > 1e-8 * scale and float(rhs.abs().max()) > 0:
+        return partial, None
+    _, pull = vjp(lambda th: fun(x, th), params)
+    re, im = pull(z[:, 0].to(x.dtype))[0], pull(z[:, 1].to(x.dtype))[0]
+    total = {k: partial[k] - (re[k].to(torch.complex128) + 1j * im[k].to(torch.complex128))
+             for k in partial}
+    return partial, total
+
+
+def _sensitivities(system, x, p, v, w) -> dict:
+    """``∂λ/∂θ`` (at fixed x) and ``dλ/dθ`` (along the branch), ``∂λ/∂p`` at fixed x, and
+    ``g = (∂f/∂θ)ᵀ w`` flattened."""
     real = not (v.is_complex() or w.is_complex())
     out_dtype = x.dtype if real else torch.complex128
 
-    def finish(z):
-        z = z / norm
-        return z.real.to(out_dtype) if real else z.to(out_dtype)
+    def finish(d):
+        if d is None:
+            return None
+        return {k: (t.real if real else t).to(out_dtype) for k, t in d.items()}
 
-    terms = form(lambda xx, pp: system.f(xx, pp))
-    coeffs_p = [c for c, _ in terms(pt)]
-    dp = jacrev(lambda pp: torch.stack([t for _, t in terms(pp)]))(pt)
-    dlam_dp = complex(finish(sum(c * dp[i].to(torch.complex128) for i, c in enumerate(coeffs_p))))
-    names: list[str] = []
-    numels: list[int] = []
-    g = torch.zeros(len(wr), 0, dtype=x.dtype)
-    if system.has_params:
-        params = system.params_at(p)
-        names = list(params)
-        numels = [int(t.numel()) for t in params.values()]
-        fth = form(lambda xx, th: system.f_params(xx, pt, th))
-        coeffs = [c for c, _ in fth(params)]
-
-        def stacked(th):
-            return torch.stack([t for _, t in fth(th)])
-
-        jac = jacrev(stacked)(params)
-        for k, J in jac.items():
-            sens[k] = finish(sum(c * J[i].to(torch.complex128) for i, c in enumerate(coeffs)))
-        _, pull = vjp(lambda th: system.f_params(x, pt, th), params)
-        rows = []
-        for _, ww in wr:
-            grads = pull(ww)[0]
-            rows.append(torch.cat([grads[k].reshape(-1) for k in names]))
-        g = torch.stack(rows)
-    return sens, dlam_dp, g, names, numels
+    pt = system.scalar(p)
+    # ∂λ/∂p at fixed x: p as the one "parameter" of f(x, p)
+    dp, _ = eigenvalue_derivatives(lambda xx, th: system.f(xx, th["p"]), x, {"p": pt}, v, w,
+                                   system.kind)
+    out = {"sensitivities": {}, "sensitivities_total": None,
+           "eigenvalue_dp": complex(dp["p"]), "g": torch.zeros(1 if real else 2, 0, dtype=x.dtype),
+           "param_names": [], "param_numels": []}
+    if not system.has_params:
+        return out
+    params = system.params_at(p)
+    names = list(params)
+    partial, total = eigenvalue_derivatives(lambda xx, th: system.f_params(xx, pt, th), x,
+                                            params, v, w, system.kind)
+    _, pull = vjp(lambda th: system.f_params(x, pt, th), params)
+    rows = []
+    for _, ww in _real_parts(w):
+        grads = pull(ww.to(x.dtype))[0]
+        rows.append(torch.cat([grads[k].reshape(-1) for k in names]))
+    out.update(sensitivities=finish(partial), sensitivities_total=finish(total),
+               g=torch.stack(rows), param_names=names,
+               param_numels=[int(t.numel()) for t in params.values()])
+    return out
 
 
 def critical_data(system, x: torch.Tensor, p: float, bif: str) -> dict:
@@ -254,7 +291,9 @@ def critical_data(system, x: torch.Tensor, p: float, bif: str) -> dict:
     dict
         ``eigenvalue``, ``eigenvalues``, ``v``, ``w`` (``‖v‖ = 1``, largest entry real positive,
         ``wᴴ v = 1``), ``coefficients`` (see :class:`Bifurcation`), ``sensitivities``
-        (``∂λ/∂θ`` at fixed ``x`` per model parameter), ``eigenvalue_dp``, ``g`` (``[k, P]``,
+        (``∂λ/∂θ`` at fixed ``x`` per model parameter), ``sensitivities_total`` (``dλ/dθ``
+        along the branch, see :func:`eigenvalue_derivatives`; ``None`` where it does not
+        exist, as at a fold), ``eigenvalue_dp``, ``g`` (``[k, P]``,
         ``(∂f/∂θ)ᵀ w`` with ``k = 2`` rows for complex ``w``), ``param_names``, ``param_numels``.
     """
     if bif not in ("fold", "branch_point", "hopf", "flip", "neimark_sacker"):
@@ -277,8 +316,6 @@ def critical_data(system, x: torch.Tensor, p: float, bif: str) -> dict:
         return system.f(xx, pt)
 
     coeffs = _coefficients(f, x, A, v, w, bif, lam)
-    sens, dlam_dp, g, names, numels = _sensitivities(system, x, p, v, w)
     return {"eigenvalue": lam, "eigenvalues": eigs, "v": v, "w": w, "coefficients": coeffs,
-            "sensitivities": sens, "eigenvalue_dp": dlam_dp, "g": g, "param_names": names,
-            "param_numels": numels}
+            **_sensitivities(system, x, p, v, w)}
 

@@ -108,6 +108,11 @@ class Bifurcation(Result):
     sensitivities : dict[str, tensor]
         ``∂λ_c/∂θ = wᴴ (∂A/∂θ) v / (wᴴ v)`` at fixed ``x``, one complex tensor per model
         parameter (real tensors for fold, branch point and flip; empty for a plain ``f``).
+    sensitivities_total : dict[str, tensor] or None
+        ``dλ_c/dθ`` along the branch of fixed points (the fixed point moves with ``θ``;
+        :func:`~lanczos_ntk.dynamics.eigenvalue_derivatives`). ``None`` where it does not
+        exist: at a fold or a transcritical branch point ``A - cI`` is singular and the branch
+        turns or crosses another; at Hopf, flip and Neimark–Sacker points it exists.
     eigenvalue_dp : complex or None
         ``∂λ_c/∂p = wᴴ (∂A/∂p) v / (wᴴ v)`` at fixed ``x`` (None when critical data was not
         requested: then ``v``, ``w``, ``g`` are empty too).
@@ -147,6 +152,7 @@ class Bifurcation(Result):
     index: int
     n_unstable_before: int
     n_unstable_after: int
+    sensitivities_total: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
