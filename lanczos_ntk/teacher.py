@@ -21,9 +21,10 @@ kernel, and compared with the collapse of the effective rank (:func:`collapse_st
 **The landscape along the unfolding direction.** Near a pitchfork the critical coordinate
 obeys the normal form ``ċ = μ c - κ c³ + β``: ``μ = λ_c`` is moved by the eigenvalue
 sensitivity ``d = dλ_c/dθ`` along the branch of the trivial point (at the origin of the odd
-CTRNN it equals ``∂λ_c/∂θ = (∂A/∂θ)ᵀ(w vᵀ)``, the ``W``-block ``w vᵀ``) and the imperfection ``β = wᵀ δb`` by the channel ``g`` (at the origin, the
-``b``-block ``w``). On the line ``θ(s) = θ_ref + s d̂`` the trivial point stays put and
-``λ_c(s) ≈ λ_c(0) + s ‖d‖`` is linear, and the linear response of the critical coordinate to a
+CTRNN it equals ``∂λ_c/∂θ = (∂A/∂θ)ᵀ(w vᵀ)``, the ``W``-block ``w vᵀ``) and the imperfection
+``β = wᵀ δb`` by the channel ``g`` (at the origin, the ``b``-block ``w``). On the line
+``θ(s) = θ_ref + s d̂`` the trivial point stays put and ``λ_c(s) ≈ λ_c(0) + s ‖d‖`` is linear,
+and the linear response of the critical coordinate to a
 constant ``β`` saturates at ``β/|λ_c|``, so on the stable side
 
 .. math::  ĝᵀ G ĝ ≈ B ‖v‖² ‖g‖² Σ_{t≤T} |dt (1 - m^t)/(1 - m)|²  →  B T ‖g‖² / λ_c²,

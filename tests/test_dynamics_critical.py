@@ -246,7 +246,7 @@ def test_total_derivative_matches_finite_differences_of_the_moving_fixed_point(g
     offsets = torch.cumsum(torch.tensor([0] + [params[k].numel() for k in names]), 0)
     eps = 1e-6
     fd_total, fd_partial = [], []
-    for i, name in enumerate(names):
+    for name in names:
         for j in range(params[name].numel()):
             vals = []
             for sgn in (1, -1):

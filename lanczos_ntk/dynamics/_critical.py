@@ -228,10 +228,16 @@ def eigenvalue_derivatives(fun, x: torch.Tensor, params: dict[str, torch.Tensor]
     A = jacrev(lambda y: fun(y, params))(x).to(torch.float64)
     M = A - (1.0 if kind == "map" else 0.0) * torch.eye(A.shape[0], dtype=torch.float64)
     rhs = torch.stack([grad_x.real, grad_x.imag], dim=1)               # [n, 2]
-    z = torch.linalg.lstsq(M.T, rhs, rcond=1e-12, driver="gelsd").solution
-    scale = float(rhs.abs().max()) + 1e-300
-    if float((M.T @ z - rhs).abs().max()) > 1e-8 * scale and float(rhs.abs().max()) > 0:
+    # Mᵀ z = ∇_x λ with M = U S Vᵀ: z = U S⁻¹ Vᵀ rhs on the singular values that are not
+    # zero on the scale of A (or 1: the decay of a flow, the identity of a map); the
+    # solution exists only if rhs has no component along the rest
+    U, S, Vh = torch.linalg.svd(M)
+    keep = S > 1e-10 * max(float(torch.linalg.matrix_norm(A, 2)), 1.0)
+    coef = Vh @ rhs
+    null = coef[~keep]
+    if null.numel() and float(null.abs().max()) > 1e-8 * (float(rhs.abs().max()) + 1e-300):
         return partial, None
+    z = U[:, keep] @ (coef[keep] / S[keep, None])
     _, pull = vjp(lambda th: fun(x, th), params)
     re, im = pull(z[:, 0].to(x.dtype))[0], pull(z[:, 1].to(x.dtype))[0]
     total = {k: partial[k] - (re[k].to(torch.complex128) + 1j * im[k].to(torch.complex128))
