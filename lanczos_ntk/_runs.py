@@ -421,7 +421,8 @@ def build_model(cfg: Mapping, *, dtype: torch.dtype, device: str = "cpu") -> tor
             model = models.DiagonalSSM(n, d, seed=seed)
         elif name == "normal_form":
             if cfg["kind"] == "flow":
-                model = models.ContinuousNormalForm(cfg["form"], mu=cfg["mu"], input_size=max(d, 1))
+                model = models.ContinuousNormalForm(cfg["form"], mu=cfg["mu"], input_size=max(d, 1),
+                                                    dt=cfg["dt"])
             elif cfg["kind"] == "map":
                 model = models.DiscreteNormalForm(cfg["form"], mu=cfg["mu"], input_size=max(d, 1))
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -82,6 +83,21 @@ def test_bifurcate_pitchfork_normal_form(tmp_path):
     p = [b["p"] for b in summary["bifurcations"] if b["kind"] == "branch_point"]
     assert min(abs(v) for v in p) < 1e-6
     assert figures(out) == ["bifurcation.pdf", "bifurcation.png"]
+
+
+def test_bifurcate_says_where_the_euler_map_loses_stability(tmp_path):
+    """Hopf normal form simulated with dt = 0.2: the flow's Hopf point is at μ = 0, the Euler
+    map's (|1 + dt(μ + i)| = 1) at μ = (√(1 - dt²) - 1)/dt ≈ -0.101, where the kernel sees it."""
+    out = tmp_path / "hopf"
+    res = run(["bifurcate", "--set", "model.form=hopf", "--set", "model.dt=0.2",
+               "--set", "bifurcate.seeds=8", "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert [b["kind"] for b in summary["bifurcations"]] == ["hopf"]
+    assert abs(summary["bifurcations"][0]["p"]) < 1e-8
+    assert summary["euler_map"]["dt"] == 0.2
+    (mu_e,) = summary["euler_map"]["stability_changes"]
+    assert mu_e == pytest.approx((math.sqrt(1 - 0.2**2) - 1) / 0.2, abs=1e-3)
+    assert "Euler map" in res.output and f"{mu_e:.5g}" in res.output
 
 
 def test_sweep_gain_marks_the_bifurcation(tmp_path):

@@ -298,3 +298,35 @@ def test_system_from_model_parameters():
         system_from_model(m, "nope")
     with pytest.raises(ValueError, match="p0"):
         system_from_model(m, lambda p, params, uu: (params, uu))
+
+
+def test_euler_map_loses_stability_before_the_flow():
+    """ẋ = (μ + iω) z - |z|² z simulated by Euler steps: at μ = -0.05, dt = 0.2, ω = 1 the flow's
+    origin is stable (Re λ = -0.05) but the Euler map's multiplier is |1 + dt λ| = 1.00995; the
+    model's own simulation grows, and the branch locates the map's loss of stability at
+    μ = (√(1 - dt²ω²) - 1)/dt."""
+    dt, mu = 0.2, -0.05
+    model = models.ContinuousNormalForm("hopf", mu=mu, dt=dt)
+    fp = find_fixed_points(model, p=mu, param="mu", num_seeds=8,
+                           generator=torch.Generator().manual_seed(0))
+    i = int(fp.points.norm(dim=1).argmin())
+    assert float(fp.points[i].norm()) < 1e-10 and bool(fp.stable[i])
+    m = math.hypot(1 + dt * mu, dt)
+    assert fp.dt == dt and float(fp.euler_max_multiplier[i]) == pytest.approx(m, rel=1e-12)
+    assert not bool(fp.euler_stable[i])
+    # the simulation (the model's forward, i.e. what the kernel differentiates) grows like m^t
+    h0 = torch.tensor([[1e-6, 0.0]], dtype=F64)
+    with torch.no_grad():
+        traj = model(torch.zeros(1, 400, 1, dtype=F64), h0=h0)[0]
+    growth = float(traj[-1].norm() / h0.norm())
+    assert growth == pytest.approx(m ** 400, rel=1e-3)
+    br = continuation(model, torch.zeros(2, dtype=F64), -0.5, (-0.5, 0.3), param="mu")
+    (mu_e,) = br.euler_stability_changes()
+    assert mu_e == pytest.approx((math.sqrt(1 - dt**2) - 1) / dt, abs=1e-3)
+    assert [b.kind for b in br.bifurcations] == ["hopf"]
+    assert bool(br.euler_stable[0]) and not bool(br.euler_stable[-1])
+    # maps have no Euler step
+    assert find_fixed_points(models.DiscreteNormalForm("pitchfork", mu=-0.5), p=-0.5,
+                             param="mu", num_seeds=4).euler_stable is None
+    with pytest.raises(ValueError, match="Euler step of a flow"):
+        System(lambda x, p: x, n=1, kind="map", dt=0.1)

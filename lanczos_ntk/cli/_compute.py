@@ -30,7 +30,8 @@ from ..spectral import (
 )
 
 __all__ = ["SpectralSummary", "SweepPoint", "SweepResult", "collect_sweep", "critical_gain",
-           "density_of", "dynamics_at", "model_at", "spectral_summary", "stability_changes"]
+           "density_of", "dynamics_at", "euler_line", "model_at", "spectral_summary",
+           "stability_changes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +205,25 @@ def dynamics_at(model, u: torch.Tensor, cfg: Mapping, generator: torch.Generator
                    for k in kept):
             kept.append(j)
     return fp, leading, sorted(int(fp.n_unstable[j]) for j in kept)
+
+
+def euler_line(branches, param: str) -> tuple[dict | None, str | None]:
+    """What the kernel sees for an Euler-simulated flow: the Euler map's stability changes on
+    the continued branches (``max |1 + dt λ| = 1``), for the summary file and the terminal."""
+    branches = [b for b in branches if b is not None and getattr(b, "dt", None)]
+    if not branches:
+        return None, None
+    changes: list[float] = []
+    for br in branches:
+        for p in br.euler_stability_changes():
+            if all(abs(p - q) > 1e-6 * (1 + abs(p)) for q in changes):
+                changes.append(p)
+    dt = branches[0].dt
+    where = (f"changes stability at {param} ≈ " + ", ".join(f"{p:.5g}" for p in sorted(changes))
+             if changes else "keeps its stability on the continued branch")
+    return ({"dt": dt, "stability_changes": sorted(changes)},
+            f"the trajectories, and so the kernel, follow the Euler map x ↦ x + dt·f (dt = {dt:g}); "
+            f"its fixed point {where} (max |1 + dt λ| = 1; the flow's bifurcations are at Re λ = 0)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -387,6 +387,7 @@ def bifurcate(config_file, overrides, seed, device, dtype, model_spec, out, fres
     window (pseudo-arclength), up to max_branches branches. Normal forms: --set model.form=hopf
     --set model.kind=flow; a CTRNN: --model ctrnn --set bifurcate.param=gain.
     """
+    from ._compute import euler_line
     from ._figures import bifurcate_figure
 
     cfg = resolve_config("bifurcate", config_file, overrides, seed=seed, device=device, dtype=dtype,
@@ -439,11 +440,15 @@ def bifurcate(config_file, overrides, seed, device, dtype, model_spec, out, fres
         bifs = [{"kind": k.kind, "p": k.p, "x": k.x.tolist(),
                  "eigenvalue": [k.eigenvalue.real, k.eigenvalue.imag],
                  "coefficients": k.coefficients} for k in unique]
-        folder.write_json("summary.json", {"branches": len(branches), "bifurcations": bifs})
+        euler, euler_text = euler_line(branches, b["param"])
+        folder.write_json("summary.json", {"branches": len(branches), "bifurcations": bifs,
+                                           "euler_map": euler})
         figs = save_figures(folder, {"bifurcation": bifurcate_figure(branches, unique, system.kind,
                                                                      f"parameter {b['param']}")})
     lines = [f"{len(branches)} branch(es); bifurcations:"]
     lines += [f"  {d['kind']} at {b['param']} = {0.0 if abs(d['p']) < 1e-12 else d['p']:.6g}"
               for d in bifs] or ["  none"]
+    if euler_text:
+        lines.append(euler_text)
     report(quiet, lines + [f"results: {folder.path}", f"figure: {figs[0]}"], folder)
 

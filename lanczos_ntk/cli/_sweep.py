@@ -20,6 +20,7 @@ from ._compute import (
     critical_gain,
     density_of,
     dynamics_at,
+    euler_line,
     model_at,
     spectral_summary,
 )
@@ -174,6 +175,7 @@ def _summary(result, points) -> dict:
     return {
         "param": result.param, "critical_value": result.critical_value,
         "bifurcations": result.bifurcations,
+        "euler_map": euler_line([result.branch], result.param)[0],
         "points": [{"value": p.value, "label": p.label, "leading": p.leading,
                     "fixed_point_signature": p.signature, **p.spectrum.metrics()} for p in points],
     }
@@ -192,6 +194,9 @@ def _lines(folder, result, points, figs, computed, wall) -> list[str]:
     for b in result.bifurcations:
         src = "continuation" if b["kind"] != "stability_change" else "between sweep points"
         lines.append(f"bifurcation: {b['kind']} at {result.param} ≈ {b['p']:.5g} ({src})")
+    euler = euler_line([result.branch], result.param)[1]
+    if euler:
+        lines.append(euler)
     lines.append(f"results: {folder.path}")
     lines.append("figures: " + ", ".join(str(p) for p in figs if p.suffix == ".png"))
     return lines

@@ -35,7 +35,7 @@ import math
 import torch
 
 from .._results import Status
-from ._critical import critical_data, critical_eigenvalue
+from ._critical import critical_data, critical_eigenvalue, euler_fields
 from ._dense import svd
 from ._results import Bifurcation, Branch
 from ._system import System, as_system
@@ -269,12 +269,13 @@ def _branch(system: System, pts: list[Point], bifs: list, status: Status, messag
                       leading_eigenvalues=torch.zeros(0, k, dtype=torch.complex128),
                       tangents=torch.zeros(0, n + 1, dtype=system.dtype), bifurcations=[],
                       kind=system.kind, status=status, message=message, num_steps=steps,
-                      config=config)
+                      config=config, **euler_fields(torch.zeros(0, n), system.dt))
     Y = torch.stack([q.y for q in pts])
     nu = torch.tensor([q.n_unstable for q in pts], dtype=torch.long)
     bifs = sorted(bifs, key=lambda bf: bf.index)
     return Branch(points=Y[:, :-1].clone(), p=Y[:, -1].clone(), stable=nu == 0, n_unstable=nu,
                   leading_eigenvalues=torch.stack([q.eigs[:k] for q in pts]).to(torch.complex128),
                   tangents=torch.stack([q.t for q in pts]), bifurcations=bifs, kind=system.kind,
-                  status=status, message=message, num_steps=steps, config=config)
+                  status=status, message=message, num_steps=steps, config=config,
+                  **euler_fields(torch.stack([q.eigs for q in pts]), system.dt))
 

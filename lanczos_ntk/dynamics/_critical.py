@@ -41,6 +41,19 @@ def criticality(eigs: torch.Tensor, kind: str) -> torch.Tensor:
     return eigs.real if kind == "flow" else eigs.abs() - 1.0
 
 
+def euler_fields(eigs: torch.Tensor, dt: float | None) -> dict:
+    """``dt``, ``euler_max_multiplier = max |1 + dt λ|`` over the last axis of ``eigs`` and
+    ``euler_stable`` (all ``|1 + dt λ| < 1``): the stability of the Euler map ``x ↦ x + dt f``
+    that a simulated flow follows (all None without ``dt``)."""
+    if dt is None:
+        return {"dt": None, "euler_max_multiplier": None, "euler_stable": None}
+    if eigs.numel() == 0:
+        top = torch.zeros(eigs.shape[:-1], dtype=torch.float64)
+    else:
+        top = (1.0 + dt * eigs.to(torch.complex128)).abs().amax(dim=-1)
+    return {"dt": float(dt), "euler_max_multiplier": top, "euler_stable": top < 1.0}
+
+
 def sort_eigenvalues(eigs: torch.Tensor, kind: str) -> torch.Tensor:
     """Most unstable first (decreasing ``Re λ`` or ``|μ|``; ties by imaginary part)."""
     d = criticality(eigs, kind).detach().cpu().numpy()

@@ -14,7 +14,7 @@ import torch
 from torch.func import jacfwd, vmap
 
 from .._results import Status
-from ._critical import criticality, sort_eigenvalues
+from ._critical import criticality, euler_fields, sort_eigenvalues
 from ._dense import eigvals
 from ._results import FixedPoints
 from ._system import System, as_system, system_from_model
@@ -146,7 +146,8 @@ def find_fixed_points(system, seeds: torch.Tensor | None = None, p: float | None
                        status=status, message=message,
                        config={"opt_steps": int(opt_steps), "newton_steps": int(newton_steps),
                                "tol": float(tol), "dedup_tol": float(dedup_tol),
-                               "seed": int(generator.initial_seed())})
+                               "seed": int(generator.initial_seed())},
+                       **euler_fields(eigs, system.dt))
 
 
 def _solve(system: System, X: torch.Tensor, p: torch.Tensor, opt_steps: int,
@@ -261,4 +262,5 @@ def _concat(results: list[FixedPoints]) -> FixedPoints:
         num_converged=sum(r.num_converged for r in results),
         status=Status.CONVERGED if found else Status.FAILED,
         message="; ".join(f"input {k}: {r.message}" for k, r in enumerate(results)),
-        config=results[0].config)
+        config=results[0].config,
+        **euler_fields(torch.cat([r.eigenvalues for r in results]), results[0].dt))

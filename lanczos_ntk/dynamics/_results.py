@@ -50,6 +50,14 @@ class FixedPoints(Result):
     config : dict
         The settings used (``opt_steps``, ``newton_steps``, ``tol``, ``dedup_tol``, ``seed`` of the
         generator).
+    dt : float or None
+        The Euler step of a simulated flow (:class:`~lanczos_ntk.dynamics.System`), else None.
+    euler_max_multiplier : tensor ``[F]`` or None
+        ``max |1 + dt λ|``: the largest multiplier of the Euler map ``x ↦ x + dt f(x)``, which
+        the simulated trajectories (and the kernel) follow.
+    euler_stable : bool tensor ``[F]`` or None
+        ``euler_max_multiplier < 1``. It can be false where ``stable`` is true (a stiff or
+        weakly damped oscillatory mode with ``|1 + dt λ| > 1``).
     """
 
     points: torch.Tensor
@@ -66,6 +74,9 @@ class FixedPoints(Result):
     status: Status
     message: str = ""
     config: dict = dataclasses.field(default_factory=dict)
+    dt: float | None = None
+    euler_max_multiplier: torch.Tensor | None = None
+    euler_stable: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
@@ -181,6 +192,10 @@ class Branch(Result):
     config : dict
         The settings used (``p_span``, ``ds``, ``ds_min``, ``ds_max``, ``max_steps``,
         ``direction``, ``tol``, ``locate_tol``).
+    dt, euler_max_multiplier, euler_stable :
+        For a flow simulated by Euler steps: ``dt``, ``max |1 + dt λ|`` at every point and
+        whether the Euler map is stable there (see :meth:`euler_stability_changes`); None
+        otherwise.
     """
 
     points: torch.Tensor
@@ -195,6 +210,9 @@ class Branch(Result):
     message: str = ""
     num_steps: int = 0
     config: dict = dataclasses.field(default_factory=dict)
+    dt: float | None = None
+    euler_max_multiplier: torch.Tensor | None = None
+    euler_stable: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
@@ -202,6 +220,22 @@ class Branch(Result):
     def raise_for_status(self) -> Branch:
         """Raise ``RuntimeError`` if the continuation failed or stopped early."""
         return _raise_for(self, "continuation")
+
+    def euler_stability_changes(self) -> list[float]:
+        """Parameter values where the Euler map's fixed point gains or loses stability
+        (``max |1 + dt λ| = 1``, linear interpolation between branch points); ``[]`` for maps
+        and flows without ``dt``. Compare with the flow's (``Re λ = 0``) bifurcations: the
+        simulated trajectories, and so the kernel, follow the map."""
+        if self.euler_max_multiplier is None or len(self) < 2:
+            return []
+        m = self.euler_max_multiplier.to(torch.float64) - 1.0
+        p = self.p.to(torch.float64)
+        out = []
+        for i in range(len(m) - 1):
+            a, b = float(m[i]), float(m[i + 1])
+            if (a < 0) != (b < 0):
+                out.append(float(p[i] + (p[i + 1] - p[i]) * a / (a - b)))
+        return out
 
     def of_kind(self, kind: str) -> list:
         """The bifurcations of one kind."""

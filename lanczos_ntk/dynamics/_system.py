@@ -40,6 +40,12 @@ class System:
         Set by :func:`system_from_model`: ``params_at(p)`` returns the model's (effective)
         parameters at ``p`` as a dict of tensors and ``f_params(x, p, params)`` evaluates ``f``
         with those parameters replaced, so sensitivities to every model parameter can be taken.
+    dt : float, optional
+        For a flow that is simulated by explicit Euler steps (the models' ``dt``): the
+        trajectories, and so the kernel, follow the map ``x ↦ x + dt f(x)``, whose fixed points
+        are the flow's with multipliers ``1 + dt λ``. The map can be unstable where the flow is
+        stable (``|1 + dt λ| > 1`` with ``Re λ < 0``); fixed points and branches then report
+        both (``euler_stable``).
 
     Examples
     --------
@@ -52,9 +58,12 @@ class System:
     def __init__(self, f: Callable, n: int, kind: str = "flow", p0: float | None = None, *,
                  dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
                  params_at: Callable | None = None, f_params: Callable | None = None,
-                 name: str = ""):
+                 name: str = "", dt: float | None = None):
         if kind not in _KINDS:
             raise ValueError(f"expected kind 'flow' or 'map', got {kind!r}")
+        if dt is not None and (kind != "flow" or not float(dt) > 0):
+            raise ValueError(f"dt is the Euler step of a flow: expected kind 'flow' and dt > 0, "
+                             f"got kind {kind!r} and dt={dt!r}")
         if not callable(f):
             raise TypeError(f"expected a callable f(x, p), got {type(f).__name__}")
         if int(n) < 1:
@@ -70,6 +79,7 @@ class System:
         self._params_at = params_at
         self._f_params = f_params
         self.name = name
+        self.dt = None if dt is None else float(dt)
 
     def __repr__(self) -> str:
         return f"System(kind={self.kind!r}, n={self.n}, p0={self.p0}, name={self.name!r})"
@@ -175,7 +185,8 @@ def system_from_model(model: nn.Module, param: str | Callable | None = None,
     -------
     System
         With ``params_at(p)`` and ``f_params`` so sensitivities to every parameter of the model
-        (named as in ``model.named_parameters()``) can be computed.
+        (named as in ``model.named_parameters()``) can be computed, and the model's Euler step
+        ``dt`` for a flow that has one.
     """
     for attr in ("kind", "rhs", "state_size", "input_size"):
         if not hasattr(model, attr):
@@ -246,9 +257,11 @@ def system_from_model(model: nn.Module, param: str | Callable | None = None,
         return call(x, setting(p)[1], params)
 
     label = param if isinstance(param, str) or param is None else "callable"
+    dt = getattr(model, "dt", None) if model.kind == "flow" else None
     return System(f, model.state_size, model.kind, start if p0 is None else p0, dtype=dtype,
                   device=device, params_at=lambda p: setting(p)[0], f_params=f_params,
-                  name=f"{type(model).__name__}[{label}]")
+                  name=f"{type(model).__name__}[{label}]",
+                  dt=float(dt) if isinstance(dt, (int, float)) and dt > 0 else None)
 
 
 def as_system(obj, *, kind: str | None = None, n: int | None = None, p0: float | None = None,
