@@ -13,6 +13,7 @@ from . import channels, dynamics, models, optim, plotting, testing  # plotting: 
 from ._budget import ProductPlan
 from ._deflated import DeflatedSLQ, deflated_slq
 from ._operator import DualNTK, NTKPlusNoise, StateNTK
+from ._partial_trace import PartialTrace, partial_trace
 from ._results import Result, Status, load_result
 from .spectral import (
     ConditionNumber,
@@ -36,7 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = ["DualNTK", "NTKPlusNoise", "ProductPlan", "Result", "StateNTK", "Status", "channels", "dynamics",
            "load_result", "models", "optim", "testing"]
-__all__ += ["DeflatedSLQ", "deflated_slq"]
+__all__ += ["DeflatedSLQ", "PartialTrace", "deflated_slq", "partial_trace"]
 __all__ += ["ConditionNumber", "EffectiveRank", "EigshResult", "NoConvergence", "SLQResult",
             "SpectralDensity", "TraceResult", "condition_number", "effective_rank", "eigsh", "slq",
             "spectral_density", "tr_f", "trace", "trace_from_slq"]
