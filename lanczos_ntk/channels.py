@@ -37,13 +37,16 @@ from ._operator import StateNTK, _JacobianProductOperator
 from ._results import Result
 
 __all__ = [
+    "ChannelComparison",
     "ChannelNTK",
     "ChannelReport",
     "CriticalDirection",
     "channel_report",
+    "compare_channels",
     "critical_direction",
     "fit_power_law",
     "predicted_channel_eigenvalue",
+    "predicted_transient_eigenvalue",
     "split_kernel",
 ]
 
@@ -244,28 +247,53 @@ def predicted_channel_eigenvalue(direction: CriticalDirection, *, trials: int, s
     ``J q_j ≈ v ⊗ c_t (wᴴ … )``; exact to first order when trials start at the fixed point
     under constant inputs and the non-critical modes are strongly damped.
     """
-    lam = direction.eigenvalue
-    dt = direction.dt if dt is None else float(dt)
-    m, s = (1 + dt * lam, dt) if direction.kind == "flow" else (lam, 1.0)
+    kick = torch.zeros(trials, dtype=torch.complex128)
+    return _top(_response_columns(direction, kick, steps, _basis(direction.g), dt, transient=False))
+
+
+def _basis(D: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the span of the columns of ``D`` (float64)."""
+    U, S, _ = torch.linalg.svd(D.to(torch.float64), full_matrices=False)
+    return U[:, S > 1e-12 * S.max()] if S.numel() and float(S.max()) > 0 else U[:, :0]
+
+
+def _top(cols: torch.Tensor) -> float:
+    """``λ_max`` of the Gram of predicted columns ``[..., r]``."""
+    if cols.shape[-1] == 0:
+        return 0.0
+    Jq = cols.reshape(-1, cols.shape[-1])
+    return float(torch.linalg.eigvalsh(Jq.T @ Jq).max())
+
+
+def _response_columns(direction: CriticalDirection, kick: torch.Tensor, steps: int,
+                      Q: torch.Tensor, dt: float | None = None, *, static: bool = True,
+                      transient: bool = True) -> torch.Tensor:
+    """Predicted ``J q`` ``[B, T, n, r]`` for the orthonormal parameter directions ``Q``.
+
+    The critical coordinate's first-order response to a constant step ``q``, for trials
+    starting at ``c_0 = a_b``: ``δc_t = s (1 - m^t)/(1 - m) · wᴴ(∂f/∂θ)q`` (static: the fixed
+    point moves) ``+ a_b t m^{t-1} s (dλ_c/dθ) q`` (transient: the relaxation rate changes),
+    laid out along ``v`` (``2 Re(v ·)`` for a complex mode).
+    """
+    m, s = _multiplier(direction, dt)
     t = torch.arange(1, steps + 1, dtype=torch.float64)
     mt = torch.tensor(m, dtype=torch.complex128) ** t
-    gain = s * (1 - mt) / (1 - m) if abs(1 - m) > 1e-300 else s * t.to(torch.complex128)
-    g = direction.g.to(torch.float64)
-    Q, _ = torch.linalg.qr(g)
-    # critical coordinate per unit parameter step along q_j: wᴴ f_θ q_j = (gᵀ q_j) (real w) or
-    # the complex pairing for a complex mode
-    if g.shape[1] == 1:
-        drive = (g[:, 0] @ Q).to(torch.complex128)                      # [1]
-        v = direction.v.to(torch.complex128)
-        cols = gain[:, None, None] * v[None, :, None] * drive[None, None, :]
-        cols = cols.real
-    else:
-        drive = (g[:, 0] @ Q) - 1j * (g[:, 1] @ Q)                       # wᴴ f_θ Q
-        v = direction.v.to(torch.complex128)
-        cols = 2 * (gain[:, None, None] * v[None, :, None] * drive[None, None, :]).real
-    Jq = cols.reshape(-1, Q.shape[1])
-    gram = trials * (Jq.T @ Jq)
-    return float(torch.linalg.eigvalsh(gram).max())
+    g, d = direction.g.to(torch.float64), direction.d.to(torch.float64)
+    real = g.shape[1] == 1
+    a = torch.as_tensor(kick).to(torch.complex128).reshape(-1)              # [B]
+    resp = torch.zeros(a.numel(), steps, Q.shape[1], dtype=torch.complex128)
+    if static:
+        gain = s * (1 - mt) / (1 - m) if abs(1 - m) > 1e-300 else s * t.to(torch.complex128)
+        drive = (g[:, 0] @ Q).to(torch.complex128) if real else (g[:, 0] @ Q) - 1j * (g[:, 1] @ Q)
+        resp = resp + gain[None, :, None] * drive[None, None, :]
+    if transient:
+        dm = (d[:, 0] @ Q).to(torch.complex128) if real else (d[:, 0] @ Q) + 1j * (d[:, 1] @ Q)
+        rate = s * t.to(torch.complex128) * mt / torch.tensor(m, dtype=torch.complex128) \
+            if abs(m) > 0 else torch.zeros_like(mt)
+        resp = resp + a[:, None, None] * rate[None, :, None] * dm[None, None, :]
+    v = direction.v.to(torch.complex128)
+    cols = resp[:, :, None, :] * v[None, None, :, None]
+    return cols.real if real else 2 * cols.real
 
 
 def channel_report(K: StateNTK, g: torch.Tensor, *, tol: float = 1e-8, generator=None,
@@ -353,3 +381,197 @@ def fit_power_law(distance, value) -> tuple[float, float]:
     dof = max(1, d.numel() - 2)
     cov = (resid @ resid / dof) * torch.linalg.inv(X.T @ X)
     return float(coef[0, 0]), float(cov[0, 0].sqrt())
+
+
+# ---------------------------------------------------------------------- the two channels
+def _multiplier(direction: CriticalDirection, dt: float | None = None) -> tuple[complex, float]:
+    """``(m, s)``: the critical multiplier per step and the drive scale (``dt`` or 1)."""
+    lam = direction.eigenvalue
+    dt = direction.dt if dt is None else float(dt)
+    return ((1 + dt * lam, dt) if direction.kind == "flow" else (lam, 1.0))
+
+
+def kicks(direction: CriticalDirection, h0: torch.Tensor) -> torch.Tensor:
+    """Critical coordinates ``a_b = wᴴ (h0_b - x*)`` of the trials' initial states ``[B, n]``."""
+    dev = torch.as_tensor(h0, dtype=torch.float64) - direction.x.to(torch.float64)
+    return dev.to(torch.complex128) @ direction.w.to(torch.complex128).conj()
+
+
+def predicted_transient_eigenvalue(direction: CriticalDirection, kick: torch.Tensor, *,
+                                   steps: int, dt: float | None = None) -> float:
+    r"""Linear-response prediction of ``λ_max(J Π_d Jᵀ)``: the transient channel along ``d``.
+
+    Trials that start off the fixed point with critical coordinate ``a_b`` relax as
+    ``c_t = a_b m^t``; a parameter step ``q`` changes the multiplier by ``s dᵀq`` (``d`` the
+    total derivative of the critical eigenvalue, ``s = dt`` for an Euler flow), so
+    ``∂c_t/∂q = a_b t m^{t-1} s dᵀq`` and the states move along ``v`` (``2 Re(v ·)`` for a
+    complex mode). Summed over trials and ``t ≤ T``:
+
+    .. math:: λ_d ≈ s² ‖d‖² ‖v‖² Σ_b |a_b|² Σ_{t≤T} t² |m|^{2(t-1)}
+              \;\to\; s² ‖d‖² Σ_b |a_b|² \,/\, (4 δ³), \qquad δ = 1 - |m|,
+
+    the ``δ⁻³`` law, for ``T δ ≫ 1`` (the transient has died out within the trial) and kicks
+    in the linear regime (see :class:`ChannelComparison`). ``kick``: ``[B]`` (complex for a
+    complex mode), e.g. from :func:`kicks`.
+    """
+    return _top(_response_columns(direction, kick, steps, _basis(direction.d), dt, static=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelComparison(Result):
+    """The static channel ``g``, the transient channel ``d`` and their joint span, measured and
+    predicted (:func:`compare_channels`).
+
+    Attributes
+    ----------
+    g, d, joint : ChannelReport or None
+        :func:`channel_report` along ``span(g)``, ``span(d)`` and ``span(g, d)`` (rank ≤ 4);
+        ``None`` where the direction is zero (e.g. ``g = 0`` at a symmetric branch point with
+        no input).
+    predicted_g, predicted_d, predicted_joint : float
+        First-order linear response (static and transient terms together, with the trials'
+        kicks; :func:`_response_columns`) restricted to each span: what ``λ_bif`` should be.
+    static_law, transient_law : float
+        The two terms alone: :func:`predicted_channel_eigenvalue` along ``g`` (trials at
+        ``x*``, ``→ B T s² ‖g‖² / |1 - m|²``) and :func:`predicted_transient_eigenvalue` along
+        ``d`` (``→ s² ‖d‖² Σ_b |a_b|² / (4δ³)``).
+    multiplier : complex
+        ``m`` (``1 + dt λ_c`` for an Euler flow).
+    delta : float
+        ``1 - |m|``: distance to the bifurcation per step.
+    saturation : float
+        ``T δ``: the transient law holds for ``T δ ≫ 1`` (a shorter trial cuts the sum at ``T``).
+    kick : float
+        ``max_b |a_b|``, the largest critical coordinate of the initial states.
+    nonlinearity : float
+        ``s (q₂ |a| + q₃ |a|²) / δ`` with ``q₂ = |wᴴ D²f[v, v]|/2``, ``q₃ = |wᴴ D³f[v, v, v]|/6``
+        (their ``v̄`` forms for a complex mode): the size of the normal form's nonlinear terms
+        against the linear decay over the kick. The predictions assume it ``≪ 1``
+        (``a ≪ δ`` for a quadratic form, ``a ≪ √δ`` for a cubic one).
+    dominant : str
+        ``"g"`` or ``"d"``: the channel with the larger measured ``λ_bif``; ``"none"`` if both
+        are zero.
+    ratio : float
+        ``λ_bif(d) / λ_bif(g)`` measured (``inf`` when ``g = 0``).
+    conditions : dict[str, bool]
+        ``stable`` (``δ > 0``: the simulated map relaxes to ``x*``; an Euler-simulated flow can
+        fail this while ``Re λ_c < 0``), ``linear`` (nonlinearity ≤ 0.1; the predictions'
+        relative error is about the nonlinearity) and ``saturated`` (``T δ ≥ 10``, where the
+        transient law's ``δ⁻³`` holds; below it the finite-``T`` sums still apply).
+    """
+
+    g: ChannelReport | None
+    d: ChannelReport | None
+    joint: ChannelReport | None
+    predicted_g: float
+    predicted_d: float
+    predicted_joint: float
+    static_law: float
+    transient_law: float
+    multiplier: complex
+    delta: float
+    saturation: float
+    kick: float
+    nonlinearity: float
+    dominant: str
+    ratio: float
+    conditions: dict
+
+    def summary(self) -> str:
+        """One paragraph: which channel dominates, by how much, and under which conditions."""
+        def fmt(r):
+            return "zero" if r is None else f"{r.lambda_bif:.4g}"
+        cond = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in self.conditions.items())
+        return (f"static channel g: λ_bif {fmt(self.g)} (predicted {self.predicted_g:.4g}); "
+                f"transient channel d: λ_bif {fmt(self.d)} (predicted {self.predicted_d:.4g}); "
+                f"the {self.dominant} channel dominates (λ_d/λ_g = {self.ratio:.3g}); "
+                f"δ = 1 - |m| = {self.delta:.3g}, T δ = {self.saturation:.3g}, kick "
+                f"{self.kick:.3g}, nonlinearity {self.nonlinearity:.3g} ({cond})")
+
+
+def _nonlinearity(model, direction: CriticalDirection, u: torch.Tensor, kick: float,
+                  delta: float, s: float) -> float:
+    from .dynamics._critical import bilinear, trilinear
+
+    x = direction.x.to(torch.float64)
+    p = {k: t.detach() for k, t in model.named_parameters()}
+
+    def f(xx):
+        return _rhs_with(model, p, xx, u)
+
+    v, w = direction.v.to(torch.complex128), direction.w.to(torch.complex128)
+    real = abs(direction.eigenvalue.imag) <= 1e-12 * max(1.0, abs(direction.eigenvalue))
+    if real:
+        v, w = v.real.to(x.dtype), w.real.to(x.dtype)
+        q2 = abs(float(w @ bilinear(f, x, v, v))) / 2
+        q3 = abs(float(w @ trilinear(f, x, v, v, v))) / 6
+    else:
+        def dot(a):
+            return complex(w.conj() @ a.to(torch.complex128))
+        q2 = abs(dot(bilinear(f, x, v, v))) / 2 + abs(dot(bilinear(f, x, v, v.conj())))
+        q3 = abs(dot(trilinear(f, x, v, v, v.conj()))) / 2
+    return s * (q2 * kick + q3 * kick**2) / delta if delta > 0 else math.inf
+
+
+def compare_channels(K: StateNTK, direction: CriticalDirection, *, u: torch.Tensor | None = None,
+                     tol: float = 1e-8, generator=None,
+                     trace_method: str = "exact") -> ChannelComparison:
+    """Measure and predict both bifurcation channels of ``K`` at a critical mode.
+
+    Near a bifurcation a parameter step reaches the states in two ways: it shifts the fixed point
+    (the **static** channel ``g = (∂f/∂θ)ᵀ w``, amplified by ``1/|1 - m|``: folds and branch
+    points) and it changes how fast the critical mode relaxes (the **transient** channel
+    ``d = dλ_c/dθ``, amplified like ``δ⁻³`` for trials that start off the fixed point: the
+    unfolding direction of the normal form, and how Hopf, flip and Neimark–Sacker points
+    collapse the kernel when it wins). Which one dominates depends on the trials:
+    ``a² ‖d‖² / δ³`` against ``T ‖g‖² / |1 - m|²``. This reports both, their joint span, the
+    two predictions and the conditions they need.
+
+    ``direction`` from :func:`critical_direction` at the fixed point ``x*`` the trials relax to
+    (``derivative="total"``); ``u`` the constant input it was computed at (zeros by default);
+    the kicks ``a_b`` are read from ``K``'s initial states (the model's default when ``K`` has
+    no ``h0``).
+    """
+    if not isinstance(K, StateNTK):
+        raise TypeError(f"expected a lanczos_ntk.StateNTK, got {type(K).__name__}")
+    engine = K.engine
+    model = engine.snapshot_model()
+    B, T = engine.batch, engine.steps
+    if engine.h0 is not None:
+        h0 = engine.h0
+    else:
+        h0 = model.initial_state(B, dtype=torch.float64) if hasattr(model, "initial_state") \
+            else torch.zeros(B, direction.x.numel(), dtype=torch.float64)
+    a = kicks(direction, h0)
+    m, s = _multiplier(direction)
+    delta = 1.0 - abs(m)
+    uu = torch.zeros(getattr(model, "input_size", 0), dtype=torch.float64) if u is None else \
+        torch.as_tensor(u, dtype=torch.float64).reshape(-1)
+    kick = float(a.abs().max())
+
+    def report(D):
+        if float(D.abs().max()) == 0.0:
+            return None
+        return channel_report(K, D, tol=tol, generator=generator, trace_method=trace_method)
+
+    g_rep, d_rep = report(direction.g), report(direction.d)
+    joint = report(torch.cat([direction.g, direction.d], dim=1))
+    lam_g = g_rep.lambda_bif if g_rep is not None else 0.0
+    lam_d = d_rep.lambda_bif if d_rep is not None else 0.0
+    nonlin = _nonlinearity(model, direction, uu, kick, delta, s)
+
+    def predicted(D):
+        return _top(_response_columns(direction, a, T, _basis(D)))
+
+    return ChannelComparison(
+        g=g_rep, d=d_rep, joint=joint, predicted_g=predicted(direction.g),
+        predicted_d=predicted(direction.d),
+        predicted_joint=predicted(torch.cat([direction.g, direction.d], dim=1)),
+        static_law=predicted_channel_eigenvalue(direction, trials=B, steps=T),
+        transient_law=predicted_transient_eigenvalue(direction, a, steps=T),
+        multiplier=complex(m), delta=float(delta), saturation=float(T * delta), kick=kick,
+        nonlinearity=float(nonlin),
+        dominant="none" if lam_g == lam_d == 0.0 else ("d" if lam_d > lam_g else "g"),
+        ratio=lam_d / lam_g if lam_g > 0 else math.inf,
+        conditions={"stable": bool(delta > 0), "linear": bool(nonlin <= 0.1),
+                    "saturated": bool(T * delta >= 10)})

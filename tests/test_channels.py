@@ -217,3 +217,109 @@ def test_split_spans_the_directions_whatever_their_order():
     Q = K_bif.basis
     assert Q.shape[1] == 1
     assert float((b - Q @ (Q.T @ b)).norm()) <= 1e-12 * float(b.norm())
+
+
+# ---------------------------------------------------------------- static against transient
+def _kicked_kernel(model, kick, steps, trials=2):
+    h0 = torch.tensor([[kick], [-kick]], dtype=F64)[:trials]
+    return lnk.StateNTK(model, torch.zeros(trials, steps, 1, dtype=F64), h0=h0)
+
+
+@pytest.mark.parametrize("form", ["pitchfork", "transcritical"])
+def test_transient_channel_follows_the_delta_cubed_law_where_its_conditions_hold(form):
+    """x ↦ x + μx - x³ (or - x²) on the trivial branch x* = 0, trials kicked to ±a: g = 0 and
+    the transient channel along d = ∂m/∂μ is λ_d = Σ_b a² Σ_t t² m^{2(t-1)} → 2a²/(4δ³)."""
+    deltas = torch.tensor([0.2, 0.1, 0.05], dtype=F64)
+    for kick, linear in ((2e-4, True), (0.02, False)):
+        lam, law = [], []
+        for delta in deltas.tolist():
+            model = models.DiscreteNormalForm(form, mu=-delta)
+            K = _kicked_kernel(model, kick, 600)
+            c = channels.compare_channels(K, channels.critical_direction(model, torch.zeros(1, dtype=F64)))
+            assert c.g is None and c.dominant == "d" and c.delta == pytest.approx(delta)
+            assert c.conditions["saturated"] and c.conditions["stable"]
+            lam.append(c.d.lambda_bif)
+            law.append(c.transient_law)
+            closed = 2 * kick**2 * sum(t * t * (1 - delta) ** (2 * t - 2) for t in range(1, 601))
+            assert c.transient_law == pytest.approx(closed, rel=1e-10)
+            if linear:
+                assert c.conditions["linear"]
+                assert c.d.lambda_bif == pytest.approx(c.predicted_d, rel=1e-3)
+        exponent, _ = channels.fit_power_law(deltas, torch.tensor(lam))
+        if linear:
+            assert exponent == pytest.approx(-3.0, abs=0.1)
+        elif form == "transcritical":
+            # a = 0.02 is not ≪ δ = 0.05: the report says so, and the law is off
+            assert not c.conditions["linear"] and abs(exponent + 3) > 0.15
+            assert abs(c.d.lambda_bif / c.predicted_d - 1) > 0.1
+
+
+def _hopf_ctrnn(eps, dt=0.05):
+    """A 2-unit CTRNN with biases whose off-origin fixed point is a distance eps (relative, in
+    the gain r) before a Hopf point: W = r [[1, -1], [1, 1]], b = (0.1, -0.05)."""
+    from torch.func import jacrev
+
+    R = torch.tensor([[1.0, -1.0], [1.0, 1.0]], dtype=F64)
+    b = torch.tensor([0.1, -0.05], dtype=F64)
+
+    def setup(r):
+        m = models.CTRNN(2, 1, seed=0, dt=dt)
+        with torch.no_grad():
+            m.W.copy_(r * R)
+            m.b.copy_(b)
+
+        def f(x):
+            return -x + torch.tanh(x) @ (r * R).T + b
+        x = torch.zeros(2, dtype=F64)
+        for _ in range(60):
+            x = x - torch.linalg.solve(jacrev(f)(x), f(x))
+        return m, x, torch.linalg.eigvals(jacrev(f)(x))
+
+    lo, hi = 0.9, 1.2
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if float(setup(mid)[2].real.max()) < 0 else (lo, mid)
+    return setup(lo * (1 - eps))
+
+
+def test_hopf_network_keeps_the_static_channel_and_the_transient_grows_like_delta_cubed():
+    """Near a Hopf point of a network with biases the static channel g is bounded but not small:
+    with small kicks it carries the top eigenvalue; the transient channel grows like δ⁻³ and
+    only competes at large kicks close to the bifurcation (a²‖d‖²/δ³ against T‖g‖²/|1-m|²)."""
+    out = {}
+    for eps in (0.3, 0.15):
+        model, x, lam = _hopf_ctrnn(eps)
+        assert abs(lam[0].imag) > 0.5 and float(lam.real.max()) < 0
+        for kick in (0.02, 0.3):
+            e = torch.tensor([1.0, 0.0], dtype=F64)
+            K = lnk.StateNTK(model, torch.zeros(2, 2000, 1, dtype=F64),
+                             h0=torch.stack([x + kick * e, x - kick * e]))
+            c = channels.compare_channels(K, channels.critical_direction(model, x),
+                                          generator=torch.Generator().manual_seed(0))
+            assert c.conditions["stable"] and c.conditions["saturated"]
+            assert c.dominant == "g" and c.g.alignment > 0.99 and c.g.rank == 2
+            assert c.g.lambda_bif == pytest.approx(c.g.lambda_max, rel=1e-3)
+            if kick == 0.02:
+                assert c.conditions["linear"]
+                for rep, pred in ((c.g, c.predicted_g), (c.d, c.predicted_d),
+                                  (c.joint, c.predicted_joint)):
+                    assert rep.lambda_bif == pytest.approx(pred, rel=2e-3)
+            else:
+                assert not c.conditions["linear"]
+            out[eps, kick] = c
+    # bounded static channel, δ⁻³ transient law between the two distances
+    small, near = out[0.3, 0.02], out[0.15, 0.02]
+    assert near.g.lambda_bif < 2 * small.g.lambda_bif
+    ratio = (small.delta / near.delta) ** 3
+    assert near.transient_law / small.transient_law == pytest.approx(ratio, rel=0.05)
+    # without the biases' direction in θ (W only, b = 0, x* = 0) g vanishes and d takes over
+    model, _, _ = _hopf_ctrnn(0.15)
+    with torch.no_grad():
+        model.b.zero_()
+    x0 = torch.zeros(2, dtype=F64)
+    K = lnk.StateNTK(model, torch.zeros(2, 2000, 1, dtype=F64), params=["W"],
+                     h0=torch.tensor([[0.02, 0.0], [-0.02, 0.0]], dtype=F64))
+    c = channels.compare_channels(K, channels.critical_direction(model, x0, params=["W"]),
+                                  generator=torch.Generator().manual_seed(0))
+    assert c.g is None and c.dominant == "d" and c.d.rank == 2
+    assert c.d.lambda_bif == pytest.approx(c.predicted_d, rel=1e-2)
