@@ -134,7 +134,7 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
     if kind not in ("flow", "map") or not callable(getattr(model, "rhs", None)):
         raise TypeError(f"expected a model with kind 'flow' or 'map' and rhs(h, u), "
                         f"got {type(model).__name__}")
-    p = resolve_params(model, params)
+    p = {k: t.detach() for k, t in resolve_params(model, params).items()}
     spec = ParamSpec(tuple(p), tuple(t.shape for t in p.values()))
     x = torch.as_tensor(x, dtype=next(iter(p.values())).dtype).reshape(-1)
     if x.shape[0] != model.state_size:
@@ -146,7 +146,7 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
     def f(q, xx):
         return _rhs_with(model, q, xx, u)
 
-    A = torch.func.jacrev(lambda xx: f(p, xx))(x)
+    A = torch.func.jacrev(lambda xx: f(p, xx))(x).detach()
     lam, V = torch.linalg.eig(A)
     if eigenvalue is None:
         score = lam.real if kind == "flow" else lam.abs()
@@ -163,7 +163,7 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
     w = w / (w.conj() @ v).conj()  # wᴴ v = 1
     _, pull = torch.func.vjp(lambda q: f(q, x), p)
     cols = [w.real] if abs(lam_c.imag) <= 1e-12 * max(1.0, abs(lam_c)) else [w.real, w.imag]
-    g = torch.stack([spec.flatten(pull(c.to(x.dtype))[0]) for c in cols], dim=1)
+    g = torch.stack([spec.flatten(pull(c.to(x.dtype))[0]) for c in cols], dim=1).detach()
     partial, total = eigenvalue_derivatives(lambda xx, q: f(q, xx), x, p, v, w, kind)
 
     def columns(sens):  # [P, r]: ∂ Re λ_c / ∂θ (and ∂ Im λ_c / ∂θ for a complex mode)

@@ -323,3 +323,51 @@ def test_hopf_network_keeps_the_static_channel_and_the_transient_grows_like_delt
                                   generator=torch.Generator().manual_seed(0))
     assert c.g is None and c.dominant == "d" and c.d.rank == 2
     assert c.d.lambda_bif == pytest.approx(c.predicted_d, rel=1e-2)
+
+
+def _map_network(kind, r, n=4):
+    """A DiscreteRNN whose origin has the multipliers r e^{±2πi/7} (``"ns"``) or -r
+    (``"flip"``) and 0.3 otherwise, in a random orthonormal basis."""
+    m = models.DiscreteRNN(n, 1, seed=0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(5), dtype=F64))
+    D = 0.3 * torch.eye(n, dtype=F64)
+    if kind == "ns":
+        th = 2 * math.pi / 7
+        D[:2, :2] = r * torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]],
+                                     dtype=F64)
+    else:
+        D[0, 0] = -r
+    with torch.no_grad():
+        m.W.copy_(Q @ D @ Q.T)
+    return m, Q
+
+
+@pytest.mark.parametrize("kind, rank", [("ns", 2), ("flip", 1)])
+def test_network_near_neimark_sacker_or_flip_collapses_onto_the_transient_channel(kind, rank):
+    """A 4-unit tanh network (not a normal form) with trials kicked along the critical mode:
+    as the multiplier approaches the unit circle the kernel's spectrum collapses onto the
+    transient channel along d (rank two for Neimark–Sacker, one for flip), λ_d ∝ δ⁻³."""
+    deltas, prs, lams, gaps = [0.1, 0.05, 0.025], [], [], []
+    for delta in deltas:
+        model, Q = _map_network(kind, 1 - delta)
+        steps = int(20 / delta)
+        h0 = torch.stack([0.01 * Q[:, 0], -0.01 * Q[:, 0]])
+        K = lnk.StateNTK(model, torch.zeros(2, steps, 1, dtype=F64), h0=h0, params=["W", "U"])
+        cd = channels.critical_direction(model, torch.zeros(4, dtype=F64), params=["W", "U"])
+        assert abs(abs(cd.eigenvalue) - (1 - delta)) < 1e-12
+        c = channels.compare_channels(K, cd, generator=torch.Generator().manual_seed(0))
+        # with zero input and x* = 0 the static channel is zero; d is the channel
+        assert c.g is None and c.d.rank == rank and c.dominant == "d"
+        assert all(c.conditions.values())
+        assert c.d.lambda_bif == pytest.approx(c.predicted_d, rel=2e-3)
+        lam = torch.linalg.eigvalsh(dense_operator(K.dual())).flip(0)       # independent truth
+        assert float(lam[0]) == pytest.approx(c.d.lambda_max, rel=1e-6)
+        assert c.d.lambda_bif > 0.99 * float(lam[0])
+        gaps.append(float(lam[rank] / lam[rank - 1]))                       # the gap after rank
+        assert c.d.alignment > 0.999
+        prs.append(float(lam.sum() ** 2 / (lam**2).sum()))
+        lams.append(float(lam[0]))
+    assert prs[0] > prs[1] > prs[2] and prs[2] == pytest.approx(rank, abs=0.05)
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.01
+    exponent, _ = channels.fit_power_law(torch.tensor(deltas), torch.tensor(lams))
+    assert exponent == pytest.approx(-3.0, abs=0.15)

@@ -236,9 +236,9 @@ def eigenvalue_derivatives(fun, x: torch.Tensor, params: dict[str, torch.Tensor]
     def cx(t):  # [2, ...] -> complex, divided by wᴴ v
         return (t[0].to(torch.complex128) + 1j * t[1].to(torch.complex128)) / norm
 
-    partial = {k: cx(t) for k, t in d_th.items()}
-    grad_x = cx(d_x)                                                    # ∇_x λ, [n]
-    A = jacrev(lambda y: fun(y, params))(x).to(torch.float64)
+    partial = {k: cx(t).detach() for k, t in d_th.items()}
+    grad_x = cx(d_x).detach()                                                    # ∇_x λ, [n]
+    A = jacrev(lambda y: fun(y, params))(x).detach().to(torch.float64)
     M = A - (1.0 if kind == "map" else 0.0) * torch.eye(A.shape[0], dtype=torch.float64)
     rhs = torch.stack([grad_x.real, grad_x.imag], dim=1)               # [n, 2]
     # Mᵀ z = ∇_x λ with M = U S Vᵀ: z = U S⁻¹ Vᵀ rhs on the singular values that are not
@@ -253,8 +253,8 @@ def eigenvalue_derivatives(fun, x: torch.Tensor, params: dict[str, torch.Tensor]
     z = U[:, keep] @ (coef[keep] / S[keep, None])
     _, pull = vjp(lambda th: fun(x, th), params)
     re, im = pull(z[:, 0].to(x.dtype))[0], pull(z[:, 1].to(x.dtype))[0]
-    total = {k: partial[k] - (re[k].to(torch.complex128) + 1j * im[k].to(torch.complex128))
-             for k in partial}
+    total = {k: (partial[k] - (re[k].to(torch.complex128) + 1j * im[k].to(torch.complex128))
+                 ).detach() for k in partial}
     return partial, total
 
 
