@@ -54,6 +54,7 @@ import torch
 from ._results import Result, Status
 
 __all__ = [
+    "ARCHITECTURES",
     "ChannelLandscape",
     "Crossing",
     "OptimizerComparison",
@@ -68,10 +69,14 @@ __all__ = [
     "count_spikes",
     "detect_crossing",
     "run_experiment",
+    "run_seeds",
     "run_student_teacher",
+    "SeedStudy",
+    "spike_onsets",
 ]
 
 Progress = Callable[[int, int], None] | None
+ARCHITECTURES = ("ctrnn", "rnn", "gru")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +97,11 @@ class TeacherConfig(Result):
     longer than ``T`` to reach the asymptotic ``1/λ_c²`` regime), stable-side ``|λ_c|`` from
     ``landscape_mu_min`` to ``landscape_mu_max``; the power law is fitted where
     ``|λ_c| T dt >= landscape_fit_min``.
+    ``architecture``: ``"ctrnn"`` (a flow, the default), ``"rnn"`` (:class:`DiscreteRNN`,
+    ``h ↦ tanh(W h + U u + b)``) or ``"gru"`` (:class:`GRU` with zero gate weights, whose
+    origin has the multipliers ``½ + ¼ eig(W_h)``); each teacher/student pair puts the trivial
+    point's pitchfork at gain factor 1 (``λ_c = factor - 1`` for the CTRNN, multiplier
+    ``factor`` for the RNN and ``(1 + factor)/2`` for the GRU).
     """
 
     state_size: int = 8
@@ -122,8 +132,11 @@ class TeacherConfig(Result):
     landscape_mu_max: float = 0.6
     landscape_fit_min: float = 10.0
     seed: int = 0
+    architecture: str = "ctrnn"
 
     def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"expected architecture in {ARCHITECTURES}, got {self.architecture!r}")
         if self.optimizer not in ("sgd", "lrng"):
             raise ValueError(f"expected optimizer 'sgd' or 'lrng', got {self.optimizer!r}")
         if self.spectrum not in ("auto", "dense", "lanczos"):
@@ -197,6 +210,21 @@ class StudentTeacherResult(Result):
         Largest loss after the loss first fell below 1% of its initial value (NaN if never).
     seconds_train, seconds_record : float
         Wall-clock time in the training steps and in the recording.
+    sensitivity_eigenvalue : Tensor ``[R]``
+        ``d̂ᵀ G d̂``: the kernel restricted to the unfolding direction ``d = dλ_c/dθ`` (the
+        paper's bifurcation parameter), against ``channel_eigenvalue`` along ``g``.
+    gradient_channel_cos, gradient_sensitivity_cos : Tensor ``[R]``
+        ``|cos|`` of the loss gradient with ``span(g)`` and with ``d``: which channel training
+        actually uses.
+    block_sensitivity_cos, block_participation : Tensor ``[R]``
+        In the block of ``G`` over the recurrent and input weights (``W`` and ``B`` or ``U``):
+        ``|cos|`` of ``d`` (restricted to the block) with the block's top eigenvector, and the
+        block's participation ratio (NaN when the block has more than 512 parameters and the
+        spectrum is not dense).
+    update_bias_share : Tensor ``[S]``
+        ``‖Δb‖ / ‖Δθ‖`` of every update: how much of each step goes into the biases.
+    spike_onsets : tuple of int
+        Loss indices where a spike starts (:func:`spike_onsets`).
     """
 
     config: TeacherConfig
@@ -230,6 +258,13 @@ class StudentTeacherResult(Result):
     seed: int
     status: Status
     message: str = ""
+    sensitivity_eigenvalue: torch.Tensor | None = None
+    gradient_channel_cos: torch.Tensor | None = None
+    gradient_sensitivity_cos: torch.Tensor | None = None
+    block_sensitivity_cos: torch.Tensor | None = None
+    block_participation: torch.Tensor | None = None
+    update_bias_share: torch.Tensor | None = None
+    spike_onsets: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +279,16 @@ class ChannelLandscape(Result):
     ``|μ| T dt >= config.landscape_fit_min``,
     ``predicted_exponent`` the same fit of ``predicted`` (the finite-``T`` reference; ``-2`` is
     the ``T → ∞`` normal form), ``ratio`` the median of ``lambda_bif / predicted`` there.
+
+    Along the paper's direction: ``lambda_d`` ``[N]`` ``= ‖J d̂(s)‖²`` (exact, ``d = dλ_c/dθ`` at
+    each point), ``normal_form`` ``[N]`` the same from the scalar normal form on the center
+    manifold, ``c ← c + s(μ c + a₂ c² + k₃ c³ + wᴴ f_u u_t)`` driven by the trials' pulses
+    (``a₂ = ½ wᴴ D²f[v,v]``, ``k₃ = ⅙ wᴴ D³f[v,v,v]``, ``s = dt`` for a flow, 1 for a map;
+    ``λ_d ≈ ‖d‖² Σ_{b,t} (∂c_t/∂μ)²``), ``exponent_d``, ``normal_form_exponent`` their
+    log-log slopes over the same points and ``ratio_d`` the median of
+    ``lambda_d / normal_form`` there; ``normal_form_nonlinearity`` ``[N]`` how far the pulses
+    drive the critical coordinate out of the normal form's small-amplitude range
+    (:func:`normal_form_response`).
     """
 
     s: torch.Tensor
@@ -260,6 +305,12 @@ class ChannelLandscape(Result):
     ratio: float
     trial_steps: int
     seed: int
+    lambda_d: torch.Tensor | None = None
+    normal_form: torch.Tensor | None = None
+    exponent_d: float = math.nan
+    normal_form_exponent: float = math.nan
+    ratio_d: float = math.nan
+    normal_form_nonlinearity: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,8 +368,14 @@ def pulse_inputs(trials: int, steps: int, pulse_steps: int, dtype=torch.float64)
 
 
 def build_problem(config: TeacherConfig, generator: torch.Generator | None = None) -> Problem:
-    """Draw ``m`` and ``W₀`` from ``generator`` (default: seeded with ``config.seed``)."""
-    from .models import CTRNN
+    """Draw ``m`` and ``W₀`` from ``generator`` (default: seeded with ``config.seed``).
+
+    The recurrent weights are ``W₀ · factor · c / ℓ`` with ``c = 1`` (CTRNN, RNN) or ``2``
+    (GRU: the candidate block ``W_h``; the gates' weights and all biases zero) so that the
+    trivial point's leading eigenvalue crosses the stability boundary at factor 1; the input
+    weights of the state (candidate) are ``m``.
+    """
+    from .models import CTRNN, GRU, DiscreteRNN
 
     gen = _generator(config, generator)
     n = int(config.state_size)
@@ -331,13 +388,24 @@ def build_problem(config: TeacherConfig, generator: torch.Generator | None = Non
     if real.numel() == 0 or float(real.max()) <= 0:
         raise ValueError("W0 has no positive real eigenvalue; lower config.noise or change the seed")
     lead = float(real.max())
+    arch = config.architecture
 
     def make(factor):
-        model = CTRNN(n, 1, dt=config.dt, gain=factor)
+        if arch == "ctrnn":
+            model = CTRNN(n, 1, dt=config.dt, gain=factor)
+        elif arch == "rnn":
+            model = DiscreteRNN(n, 1, gain=factor)
+        else:
+            model = GRU(n, 1, gain=factor)
         with torch.no_grad():
-            model.W.copy_(W0 * factor / lead)
-            model.B.copy_(m[:, None])
-            model.b.zero_()
+            for p in model.parameters():
+                p.zero_()
+            if arch == "gru":
+                model.W[2 * n:].copy_(W0 * 2 * factor / lead)
+                model.U[2 * n:].copy_(m[:, None])
+            else:
+                model.W.copy_(W0 * factor / lead)
+                (model.B if arch == "ctrnn" else model.U).copy_(m[:, None])
         return model
 
     teacher, student = make(config.teacher_gain), make(config.student_gain)
@@ -416,20 +484,29 @@ def collapse_steps(steps, rank) -> dict:
     return out
 
 
+def spike_onsets(loss, *, factor: float = 10.0, start: int = 0) -> list[int]:
+    """Indices ``t > start`` where ``loss[t] > factor · min(loss[start:t])`` starts to hold.
+
+    >>> spike_onsets([1.0, 0.1, 0.01, 1.0, 0.5, 0.01, 0.001, 1.0])
+    [3, 7]
+    """
+    y = torch.as_tensor(loss, dtype=torch.float64).reshape(-1)[int(start):]
+    if y.numel() < 2:
+        return []
+    run = torch.cummin(y, dim=0).values
+    high = torch.zeros_like(y, dtype=torch.bool)
+    high[1:] = y[1:] > factor * run[:-1]
+    edges = high[1:] & ~high[:-1]
+    return [int(i) + 1 + int(start) for i in torch.nonzero(edges).reshape(-1)]
+
+
 def count_spikes(loss, *, factor: float = 10.0, start: int = 0) -> int:
     """Rising edges of ``loss[t] > factor · min(loss[start:t])`` for ``t > start``.
 
     >>> count_spikes([1.0, 0.1, 0.01, 1.0, 0.5, 0.01, 0.001, 1.0])
     2
     """
-    y = torch.as_tensor(loss, dtype=torch.float64).reshape(-1)[int(start):]
-    if y.numel() < 2:
-        return 0
-    run = torch.cummin(y, dim=0).values
-    high = torch.zeros_like(y, dtype=torch.bool)
-    high[1:] = y[1:] > factor * run[:-1]
-    edges = high[1:] & ~high[:-1]
-    return int(edges.sum())
+    return len(spike_onsets(loss, factor=factor, start=start))
 
 
 # ------------------------------------------------------------------------------- spectra
@@ -573,15 +650,33 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
 
     losses: list[float] = []
     rec: dict[str, list] = {k: [] for k in ("steps", "eig", "pr", "ent", "lead", "fpl", "nfp",
-                                            "nst", "ccos", "dcos", "cval", "theta", "u1")}
+                                            "nst", "ccos", "dcos", "cval", "theta", "u1",
+                                            "dval", "gg", "gd", "bcos", "bpr")}
     trivial = torch.zeros(n, dtype=torch.float64)
     known = torch.zeros(0, n, dtype=torch.float64)
     t_train = t_rec = 0.0
+    kind = student.kind
+    # flat indices of the recurrent and input weights, and of the biases
+    sizes = {k: p.numel() for k, p in student.named_parameters() if p.requires_grad}
+    offsets = dict(zip(names, [0, *torch.cumsum(torch.tensor([sizes[k] for k in names]), 0)
+                               .tolist()[:-1]]))
+    block_names = [k for k in names if k in ("W", "B", "U")]
+    block = torch.cat([torch.arange(offsets[k], offsets[k] + sizes[k]) for k in block_names])
+    bias = torch.cat([torch.arange(offsets[k], offsets[k] + sizes[k]) for k in names
+                      if k == "b"] or [torch.zeros(0, dtype=torch.long)])
+    shares: list[float] = []
 
-    def record(step, states):
+    def lead_of(eigs):  # distance to the stability boundary: Re λ (flow), |μ| - 1 (map)
+        return eigs.real if kind == "flow" else eigs.abs() - 1.0
+
+    def record(step, states, loss):
         nonlocal trivial, known
         G = StateNTK(student, u).dual()
         lam, V, pr, ent, apply = spectrum(G)
+        grads = torch.autograd.grad(loss, [dict(student.named_parameters())[k] for k in names],
+                                    retain_graph=True)
+        grad = torch.cat([t.reshape(-1) for t in grads]).detach().to(torch.float64)
+        grad = grad / torch.linalg.vector_norm(grad).clamp_min(1e-300)
         pairs = torch.combinations(torch.arange(known.shape[0]), 2)
         mids = 0.5 * (known[pairs[:, 0]] + known[pairs[:, 1]]) if len(pairs) else known[:0]
         seeds = torch.cat([trivial[None], torch.zeros(1, n, dtype=torch.float64), known, mids,
@@ -593,25 +688,45 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
         rec["ent"].append(ent)
         rec["nfp"].append(len(fp))
         rec["nst"].append(int(fp.stable.sum()) if len(fp) else 0)
-        rec["fpl"].append(fp.eigenvalues[:, 0].real.clone() if len(fp) else torch.zeros(0))
+        rec["fpl"].append(lead_of(fp.eigenvalues[:, 0]).clone() if len(fp) else torch.zeros(0))
         rec["theta"].append(_flat_params(student, names))
         u1 = V[:, 0].to(torch.float64)
         rec["u1"].append(u1)
+        GB = None
+        if spectrum.method == "dense" or block.numel() <= 512:
+            E = torch.zeros(len(u1), block.numel(), dtype=torch.float64)
+            E[block, torch.arange(block.numel())] = 1.0
+            GB = E.T @ apply(E)
+            GB = 0.5 * (GB + GB.T)
+            lb = torch.linalg.eigvalsh(GB).clamp_min(0.0)
+            rec["bpr"].append(float(lb.sum() ** 2 / (lb**2).sum()) if lb.sum() > 0 else math.nan)
+        else:
+            rec["bpr"].append(math.nan)
         if i is None:
-            for k in ("lead", "ccos", "dcos", "cval"):
+            for k in ("lead", "ccos", "dcos", "cval", "dval", "gg", "gd", "bcos"):
                 rec[k].append(float("nan"))
             return
         trivial, known = fp.points[i].detach(), fp.points.detach()
-        rec["lead"].append(float(fp.eigenvalues[i, 0].real))
+        rec["lead"].append(float(lead_of(fp.eigenvalues[i, 0])))
         try:
             Q, d, _ = _critical(student, trivial, names)
         except ValueError:
-            for k in ("ccos", "dcos", "cval"):
+            for k in ("ccos", "dcos", "cval", "dval", "gg", "gd", "bcos"):
                 rec[k].append(float("nan"))
             return
+        dhat = d / torch.linalg.vector_norm(d).clamp_min(1e-300)
         rec["ccos"].append(float(torch.linalg.vector_norm(Q.T @ u1)))
-        rec["dcos"].append(float((d @ u1).abs() / torch.linalg.vector_norm(d).clamp_min(1e-300)))
+        rec["dcos"].append(float((dhat @ u1).abs()))
         rec["cval"].append(float(torch.linalg.eigvalsh(Q.T @ apply(Q)).max()))
+        rec["dval"].append(float(dhat @ apply(dhat[:, None])[:, 0]))
+        rec["gg"].append(float(torch.linalg.vector_norm(Q.T @ grad)))
+        rec["gd"].append(float((dhat @ grad).abs()))
+        if GB is not None:
+            ub = torch.linalg.eigh(GB).eigenvectors[:, -1]
+            db = d[block]
+            rec["bcos"].append(float((db @ ub).abs() / torch.linalg.vector_norm(db).clamp_min(1e-300)))
+        else:
+            rec["bcos"].append(math.nan)
 
     for step in range(S + 1):
         t0 = time.perf_counter()
@@ -621,14 +736,18 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
         losses.append(float(loss.detach()))
         t1 = time.perf_counter()
         if step % every == 0 or step == S:
-            record(step, states)
+            record(step, states, loss)
         t2 = time.perf_counter()
         t_rec += t2 - t1
         if step == S:
             break
+        before = _flat_params(student, names)
         loss.backward()
         opt.step()
         t_train += (t1 - t0) + (time.perf_counter() - t2)
+        delta = _flat_params(student, names) - before
+        shares.append(float(torch.linalg.vector_norm(delta[bias])
+                            / torch.linalg.vector_norm(delta).clamp_min(1e-300)))
         if progress is not None:
             progress(step + 1, S)
 
@@ -645,6 +764,7 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
     after = loss_t[start:]
     fitted = torch.nonzero(loss_t < 1e-2 * loss_t[0]).reshape(-1)
     after_fit = loss_t[int(fitted[0]):] if fitted.numel() else loss_t[:0]
+    onsets = spike_onsets(loss_t, factor=config.spike_factor, start=start)
     status = Status.CONVERGED if crossing.step is not None else Status.PARTIAL
     message = (f"crossing at step {crossing.step:.2f}" if crossing.step is not None
                else "the student did not cross the bifurcation; train longer or raise lr")
@@ -661,7 +781,13 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
         sensitivity_cos=torch.tensor(rec["dcos"], dtype=torch.float64),
         channel_eigenvalue=torch.tensor(rec["cval"], dtype=torch.float64), crossing=crossing,
         collapse=collapse, theta_ref=rec["theta"][max(ref, 0)], top_vector_at_crossing=rec["u1"][top],
-        param_names=names, spikes=count_spikes(loss_t, factor=config.spike_factor, start=start),
+        param_names=names, spikes=len(onsets), spike_onsets=tuple(onsets),
+        sensitivity_eigenvalue=torch.tensor(rec["dval"], dtype=torch.float64),
+        gradient_channel_cos=torch.tensor(rec["gg"], dtype=torch.float64),
+        gradient_sensitivity_cos=torch.tensor(rec["gd"], dtype=torch.float64),
+        block_sensitivity_cos=torch.tensor(rec["bcos"], dtype=torch.float64),
+        block_participation=torch.tensor(rec["bpr"], dtype=torch.float64),
+        update_bias_share=torch.tensor(shares, dtype=torch.float64),
         max_loss_after_crossing=float(after.max()) if after.numel() else float("nan"),
         max_loss_after_fit=float(after_fit.max()) if after_fit.numel() else float("nan"),
         final_loss=float(loss_t[-1]), spectrum_method=spectrum.method, num_matvecs=num_matvecs,
@@ -670,6 +796,47 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
 
 
 # ----------------------------------------------------------------------------- landscape
+def normal_form_response(model, cd, inputs: torch.Tensor, *, dt: float) -> tuple[float, float]:
+    """``‖d‖² Σ_{b,t} (∂c_t/∂μ)²`` from the scalar normal form of the critical mode ``cd``, and
+    the truncation's nonlinearity ``max_t (2|a₂ c_t| + 3|k₃| c_t²) / |μ|`` (the normal form is
+    a small-amplitude expansion: where this is not ``≪ 1`` the comparison is qualitative).
+
+    The critical coordinate follows ``c_{t+1} = c_t + s (μ c_t + a₂ c_t² + k₃ c_t³ + β_t)``
+    (``s = dt``, ``μ = λ_c`` for a flow; ``s = 1``, ``μ = m - 1`` for a map) from
+    ``c_0 = wᵀ(0 - x*)``, driven by ``β_t = wᵀ (∂f/∂u) u_t``; ``e_t = ∂c_t/∂μ`` obeys
+    ``e_{t+1} = e_t + s (c_t + (μ + 2a₂c_t + 3k₃c_t²) e_t)``. A parameter step along ``d̂``
+    moves ``μ`` by ``‖d‖``, and the states along ``v``.
+    """
+    from .channels import _rhs_with
+    from .dynamics._critical import bilinear, trilinear
+
+    x = cd.x.to(torch.float64)
+    v, w = cd.v.real.to(torch.float64), cd.w.real.to(torch.float64)
+    params = {k: t.detach() for k, t in model.named_parameters()}
+    u0 = torch.zeros(model.input_size, dtype=torch.float64)
+
+    def f(xx):
+        return _rhs_with(model, params, xx, u0)
+
+    a2 = float(w @ bilinear(f, x, v, v)) / 2
+    k3 = float(w @ trilinear(f, x, v, v, v)) / 6
+    fu = torch.func.jacrev(lambda uu: _rhs_with(model, params, x, uu))(u0)     # [n, d_in]
+    beta = inputs.to(torch.float64) @ (fu.T @ w)                                # [B, T]
+    flow = cd.kind == "flow"
+    s = float(dt) if flow else 1.0
+    mu = float(cd.eigenvalue.real) - (0.0 if flow else 1.0)
+    c = torch.full((beta.shape[0],), float(w @ (0.0 - x)), dtype=torch.float64)
+    e = torch.zeros_like(c)
+    total = nonlin = 0.0
+    for t in range(beta.shape[1]):
+        c, e = (c + s * (mu * c + a2 * c**2 + k3 * c**3 + beta[:, t]),
+                e + s * (c + (mu + 2 * a2 * c + 3 * k3 * c**2) * e))
+        total += float((e**2).sum())
+        nonlin = max(nonlin, float((2 * abs(a2) * c.abs() + 3 * abs(k3) * c**2).max()))
+    return (float(torch.linalg.vector_norm(cd.d[:, 0])) ** 2 * total,
+            nonlin / abs(mu) if mu != 0 else math.inf)
+
+
 def channel_landscape(config: TeacherConfig, theta: torch.Tensor, *,
                       offsets: torch.Tensor | None = None,
                       generator: torch.Generator | None = None,
@@ -700,7 +867,9 @@ def channel_landscape(config: TeacherConfig, theta: torch.Tensor, *,
     _, d, cd0 = _critical(student, x, names)
     slope = float(torch.linalg.vector_norm(d))
     dhat = d / slope
-    mu0 = float(cd0.eigenvalue.real)
+    shift = 0.0 if student.kind == "flow" else 1.0  # λ_c - 0 (flow) or multiplier - 1 (map)
+    rate = config.dt if student.kind == "flow" else 1.0
+    mu0 = float(cd0.eigenvalue.real) - shift
     if offsets is None:
         npts = int(config.landscape_points)
         mus = torch.cat([-torch.logspace(math.log10(config.landscape_mu_max),
@@ -713,16 +882,23 @@ def channel_landscape(config: TeacherConfig, theta: torch.Tensor, *,
     u = pulse_inputs(config.trials, config.landscape_steps, config.pulse_steps)
     spec = _Spectrum(config, theta.numel(), gen)
     spec.k = 1
-    mu, lam_bif, lam_max, pred = [], [], [], []
+    mu, lam_bif, lam_max, pred, lam_d, nform, nform_nl = [], [], [], [], [], [], []
     for j, s in enumerate(offsets.tolist()):
         _load_flat(student, names, theta + s * dhat)
         fp, i = _trivial_point(student, x, x[None], gen)
         xs = fp.points[i] if i is not None else x
-        Q, _, cd = _critical(student, xs, names)
-        mu.append(float(cd.eigenvalue.real))
+        Q, ds, cd = _critical(student, xs, names)
+        mu.append(float(cd.eigenvalue.real) - shift)
         K = StateNTK(student, u)
         JQ = K.engine.jvp(Q.to(K.engine.dtype)).to(torch.float64)
         lam_bif.append(float(torch.linalg.eigvalsh(JQ.T @ JQ).max()))
+        Jd = K.engine.jvp((ds / torch.linalg.vector_norm(ds))[:, None].to(K.engine.dtype))
+        lam_d.append(float((Jd.to(torch.float64) ** 2).sum()))
+        real_mode = abs(cd.eigenvalue.imag) <= 1e-9 * max(1.0, abs(cd.eigenvalue))
+        nf_val, nf_nl = normal_form_response(student, cd, u, dt=config.dt) \
+            if mu[-1] < 0 and real_mode else (float("nan"), float("nan"))
+        nform.append(nf_val)
+        nform_nl.append(nf_nl)
         lam, *_ = spec(K.dual())
         lam_max.append(float(lam[0]))
         pred.append(predicted_channel_eigenvalue(cd, trials=config.trials,
@@ -743,19 +919,28 @@ def channel_landscape(config: TeacherConfig, theta: torch.Tensor, *,
         s_c = -mu0 / slope
     lb = torch.tensor(lam_bif, dtype=torch.float64)
     pr_t = torch.tensor(pred, dtype=torch.float64)
-    mask = (mu_t < 0) & (mu_t.abs() * config.landscape_steps * config.dt >= config.landscape_fit_min)
+    mask = (mu_t < 0) & (mu_t.abs() * config.landscape_steps * rate >= config.landscape_fit_min)
     dist = (offsets - s_c).abs()
-    exp = exp_se = pexp = ratio = float("nan")
+    ld = torch.tensor(lam_d, dtype=torch.float64)
+    nf = torch.tensor(nform, dtype=torch.float64)
+    exp = exp_se = pexp = ratio = exp_d = nf_exp = ratio_d = float("nan")
     if int(mask.sum()) >= 3:
         exp, exp_se = fit_power_law(dist[mask], lb[mask])
         pexp, _ = fit_power_law(dist[mask], pr_t[mask])
         ratio = float((lb[mask] / pr_t[mask]).median())
+    both = mask & torch.isfinite(nf)  # the normal form needs the real pitchfork mode
+    if int(both.sum()) >= 3:
+        exp_d, _ = fit_power_law(dist[both], ld[both])
+        nf_exp, _ = fit_power_law(dist[both], nf[both])
+        ratio_d = float((ld[both] / nf[both]).median())
     return ChannelLandscape(s=offsets, mu=mu_t, s_c=s_c, slope=slope, lambda_bif=lb,
                             lambda_max=torch.tensor(lam_max, dtype=torch.float64),
                             predicted=pr_t, fit_mask=mask,
                             exponent=exp, exponent_se=exp_se, predicted_exponent=pexp,
                             ratio=ratio, trial_steps=int(config.landscape_steps),
-                            seed=int(config.seed))
+                            seed=int(config.seed), lambda_d=ld, normal_form=nf,
+                            exponent_d=exp_d, normal_form_exponent=nf_exp, ratio_d=ratio_d,
+                            normal_form_nonlinearity=torch.tensor(nform_nl, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------- comparison
@@ -819,6 +1004,47 @@ def run_experiment(config: TeacherConfig | None = None, *, progress: Progress = 
                                                                       comparison))
 
 
+def _finite(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _direction_summary(r: StudentTeacherResult, prefix: str = "") -> dict:
+    """Which direction training uses (d or g) before the crossing, and the (W, B) block."""
+    if r.sensitivity_eigenvalue is None:
+        return {}
+    c = r.crossing
+    last = (c.index - 1) if c.index is not None else len(r.steps) - 1
+    upto = slice(0, max(last, 0) + 1)
+
+    def med(t):
+        t = t[upto]
+        t = t[torch.isfinite(t)]
+        return float(t.median()) if t.numel() else None
+
+    return {
+        f"{prefix}sensitivity_eigenvalue_initial": _finite(r.sensitivity_eigenvalue[0]),
+        f"{prefix}sensitivity_eigenvalue_before_crossing": _finite(r.sensitivity_eigenvalue[last]),
+        f"{prefix}channel_eigenvalue_before_crossing": _finite(r.channel_eigenvalue[last]),
+        f"{prefix}gradient_channel_cos_median": med(r.gradient_channel_cos),
+        f"{prefix}gradient_sensitivity_cos_median": med(r.gradient_sensitivity_cos),
+        f"{prefix}block_sensitivity_cos_before_crossing": _finite(r.block_sensitivity_cos[last]),
+        f"{prefix}block_participation_initial": _finite(r.block_participation[0]),
+        f"{prefix}block_participation_before_crossing": _finite(r.block_participation[last]),
+        f"{prefix}bias_share_median": (float(r.update_bias_share.median())
+                                       if r.update_bias_share.numel() else None),
+    }
+
+
+def _spike_bias_share(r: StudentTeacherResult) -> float | None:
+    """Median over spike onsets of the largest bias share of the three updates before it."""
+    if r.update_bias_share is None or not r.spike_onsets:
+        return None
+    shares = r.update_bias_share
+    vals = [float(shares[max(0, t - 3):t].max()) for t in r.spike_onsets if t > 0]
+    return float(torch.tensor(vals).median()) if vals else None
+
+
 def summarize(collapse: StudentTeacherResult, landscape: ChannelLandscape | None = None,
               comparison: OptimizerComparison | None = None) -> dict:
     """The headline numbers as a flat dictionary of floats and ints."""
@@ -839,11 +1065,15 @@ def summarize(collapse: StudentTeacherResult, landscape: ChannelLandscape | None
                                         if c.index is not None else None),
         "collapse_final_loss": collapse.final_loss,
     }
+    out.update(_direction_summary(collapse))
     if landscape is not None:
         out.update({"landscape_exponent": landscape.exponent,
                     "landscape_exponent_se": landscape.exponent_se,
                     "landscape_predicted_exponent": landscape.predicted_exponent,
-                    "landscape_ratio_to_prediction": landscape.ratio})
+                    "landscape_ratio_to_prediction": landscape.ratio,
+                    "landscape_exponent_d": landscape.exponent_d,
+                    "landscape_normal_form_exponent": landscape.normal_form_exponent,
+                    "landscape_ratio_d_to_normal_form": landscape.ratio_d})
     if comparison is not None:
         for name in ("sgd", "lrng"):
             r = getattr(comparison, name)
@@ -851,8 +1081,80 @@ def summarize(collapse: StudentTeacherResult, landscape: ChannelLandscape | None
                         f"{name}_max_loss_after_crossing": r.max_loss_after_crossing,
                         f"{name}_max_loss_after_fit": r.max_loss_after_fit,
                         f"{name}_spikes": r.spikes,
+                        f"{name}_spike_bias_share": _spike_bias_share(r),
                         f"{name}_crossing_step": r.crossing.step,
                         f"{name}_recrossings": r.crossing.recrossings,
                         f"{name}_seconds_per_step": comparison.seconds_per_step[name]})
         out["lrng_overhead"] = comparison.overhead
     return out
+
+
+# ------------------------------------------------------------------------ seeds and models
+@dataclasses.dataclass(frozen=True)
+class SeedStudy(Result):
+    """The experiment over several seeds and architectures (:func:`run_seeds`).
+
+    ``rows``: one :func:`summarize` dictionary per run, with ``architecture`` and ``seed``
+    (``error`` instead when a seed's problem could not be drawn). :meth:`spread` condenses them.
+    """
+
+    config: TeacherConfig
+    rows: list
+
+    def spread(self, keys: tuple[str, ...] | None = None) -> dict:
+        """``{architecture: {key: {"mean", "std", "min", "max", "n"}}}`` over the seeds (numbers
+        only; ``None`` entries, e.g. no crossing, are left out and ``n`` says how many counted)."""
+        out: dict = {}
+        for row in self.rows:
+            if "error" in row:
+                continue
+            arch = out.setdefault(row["architecture"], {})
+            for k, v in row.items():
+                if k in ("architecture", "seed") or (keys is not None and k not in keys):
+                    continue
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    arch.setdefault(k, []).append(float(v))
+        for table in out.values():
+            for k, vals in table.items():
+                t = torch.tensor(vals, dtype=torch.float64)
+                table[k] = {"mean": float(t.mean()),
+                            "std": float(t.std()) if t.numel() > 1 else 0.0,
+                            "min": float(t.min()), "max": float(t.max()), "n": int(t.numel())}
+        return out
+
+
+def run_seeds(config: TeacherConfig | None = None, *, seeds=(0, 1, 2, 3, 4),
+              architectures=ARCHITECTURES, landscape: bool = True, compare: bool = True,
+              progress: Progress = None, run=None) -> SeedStudy:
+    """:func:`run_student_teacher` (and optionally the landscape and the optimizer comparison)
+    for every architecture and seed, summarised per run.
+
+    ``run(config, landscape, compare) -> dict`` replaces the default runner (for caching
+    by the command line); ``progress(done, total)`` counts runs.
+    """
+    config = config or TeacherConfig()
+    bad = [a for a in architectures if a not in ARCHITECTURES]
+    if bad:
+        raise ValueError(f"expected architectures from {ARCHITECTURES}, got {bad}")
+    run = run or _study_row
+    rows = []
+    total = len(architectures) * len(seeds)
+    for j, (arch, seed) in enumerate((a, s) for a in architectures for s in seeds):
+        cfg = dataclasses.replace(config, architecture=arch, seed=int(seed))
+        try:
+            row = run(cfg, landscape, compare)
+        except ValueError as exc:  # e.g. W0 without a positive real eigenvalue for this seed
+            row = {"error": str(exc)}
+        rows.append({"architecture": arch, "seed": int(seed), **row})
+        if progress is not None:
+            progress(j + 1, total)
+    return SeedStudy(config=config, rows=rows)
+
+
+def _study_row(cfg: TeacherConfig, landscape: bool, compare: bool) -> dict:
+    gen = torch.Generator()
+    gen.manual_seed(int(cfg.seed))
+    collapse = run_student_teacher(cfg, generator=gen)
+    land = channel_landscape(cfg, collapse.theta_ref) if landscape else None
+    comp = compare_optimizers(cfg) if compare else None
+    return summarize(collapse, land, comp)

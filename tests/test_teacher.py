@@ -63,6 +63,73 @@ def test_problem_is_a_pitchfork_pair():
     assert torch.equal(prob.W0, again.W0)  # same seed, same numbers
 
 
+@pytest.mark.parametrize("architecture, student, teacher", [
+    ("ctrnn", -0.4, 1.0), ("rnn", 0.6, 2.0), ("gru", 0.8, 1.5)])
+def test_every_architecture_puts_the_pitchfork_at_factor_one(architecture, student, teacher):
+    """The trivial point's leading eigenvalue (flow) or multiplier (map) from a jacrev of the
+    one-step update written out here, independently of the models' rhs."""
+    from torch.func import jacrev
+
+    cfg = T.TeacherConfig(architecture=architecture)
+    prob = T.build_problem(cfg)
+    n = cfg.state_size
+    x = torch.zeros(n, dtype=torch.float64)
+    for model, want in ((prob.student, student), (prob.teacher, teacher)):
+        W = model.W.detach()
+        if architecture == "ctrnn":
+            A = jacrev(lambda h, W=W: -h + W @ torch.tanh(h))(x)
+        elif architecture == "rnn":
+            A = jacrev(lambda h, W=W: torch.tanh(W @ h))(x)
+        else:  # zero gates: z = r = 1/2, h' = h/2 + tanh(W_h h / 2)/2
+            A = jacrev(lambda h, W=W: 0.5 * h + 0.5 * torch.tanh(W[2 * n:] @ (0.5 * h)))(x)
+        ev = torch.linalg.eigvals(A)
+        top = ev[int(torch.argmax(ev.real))]
+        assert abs(top.imag) < 1e-12 and float(top.real) == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.parametrize("architecture", ["rnn", "gru"])
+def test_maps_record_against_dense_gram(architecture):
+    cfg = dataclasses.replace(TINY, architecture=architecture, spectrum="dense")
+    res = T.run_student_teacher(cfg)
+    prob = T.build_problem(cfg)
+    lam = torch.linalg.eigvalsh(dense_gram(prob.student, prob.inputs)).flip(0)
+    torch.testing.assert_close(res.eigenvalues[0], lam[:cfg.top_k], rtol=1e-7, atol=1e-9)
+    # a map's leading value is |μ| - 1 at the trivial point: the multiplier 0.6 or 0.8
+    assert float(res.leading[0]) == pytest.approx(-0.4 if architecture == "rnn" else -0.2,
+                                                  abs=1e-9)
+
+
+def test_recorded_directions_against_dense_truth():
+    """d̂ᵀ G d̂, the gradient's cosines with g and d, and the (W, B) block of G, from a dense G
+    (jacrev), the autograd gradient and critical_direction at the origin."""
+    from lanczos_ntk.channels import critical_direction
+
+    cfg = dataclasses.replace(TINY, spectrum="dense")
+    res = T.run_student_teacher(cfg)
+    prob = T.build_problem(cfg)
+    G = dense_gram(prob.student, prob.inputs)
+    cd = critical_direction(prob.student, torch.zeros(cfg.state_size, dtype=torch.float64))
+    d = cd.d[:, 0] / cd.d[:, 0].norm()
+    assert float(res.sensitivity_eigenvalue[0]) == pytest.approx(float(d @ G @ d), rel=1e-9)
+    loss = ((prob.student(prob.inputs) - prob.targets) ** 2).mean()
+    grad = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(
+        prob.student.parameters()))])
+    grad = grad / grad.norm()
+    g = cd.g[:, 0] / cd.g[:, 0].norm()
+    assert float(res.gradient_sensitivity_cos[0]) == pytest.approx(float((d @ grad).abs()),
+                                                                   rel=1e-9)
+    assert float(res.gradient_channel_cos[0]) == pytest.approx(float((g @ grad).abs()), abs=1e-12)
+    nb = cfg.state_size * (cfg.state_size + 1)  # W and B lead the parameter vector
+    GB = G[:nb, :nb]
+    lb, VB = torch.linalg.eigh(GB)
+    assert float(res.block_participation[0]) == pytest.approx(
+        float(lb.sum() ** 2 / (lb**2).sum()), rel=1e-9)
+    db = cd.d[:nb, 0]
+    assert float(res.block_sensitivity_cos[0]) == pytest.approx(
+        float((db @ VB[:, -1]).abs() / db.norm()), rel=1e-9)
+    assert res.update_bias_share.shape == (cfg.num_steps,)
+
+
 @pytest.mark.parametrize("spectrum", ["dense", "lanczos"])
 def test_recorded_eigenvalues_match_dense_gram(spectrum):
     cfg = dataclasses.replace(TINY, spectrum=spectrum, tol=1e-10)
@@ -102,8 +169,19 @@ def test_end_to_end_default_seed():
     assert abs(res.collapse["min_step"] - c.step) <= 5
     assert abs(res.collapse["half_step"] - c.step) <= 5
     assert float(res.channel_cos[c.index]) > 0.99
+    # training moves along d (the unfolding direction), never along g (the odd problem's
+    # gradient has no bias component: round-off only), and the (W, B) block collapses onto d
+    before = slice(0, c.index)
+    assert float(res.gradient_channel_cos[before].max()) < 1e-12
+    assert float(res.gradient_sensitivity_cos[before].min()) > 0.9
+    assert float(res.sensitivity_eigenvalue[c.index - 1]) > 10 * float(res.sensitivity_eigenvalue[0])
+    assert float(res.block_sensitivity_cos[c.index - 1]) > 0.95
+    assert float(res.block_participation[c.index - 1]) < 0.5 * float(res.block_participation[0])
     comp = T.compare_optimizers(cfg)
     assert comp.sgd.spikes >= 1 and comp.lrng.spikes == 0
+    # the SGD spike is the biases: a round-off seed grown along the amplified g channel
+    assert T._spike_bias_share(comp.sgd) > 0.9
+    assert float(comp.sgd.update_bias_share[:5].max()) < 1e-12
     assert comp.lrng.final_loss < 1e-2 * comp.sgd.final_loss
     assert math.isfinite(comp.overhead)
 
@@ -119,6 +197,10 @@ def test_landscape_follows_inverse_square():
     land = T.channel_landscape(cfg, theta)
     assert land.slope == pytest.approx(1.0, rel=0.3)  # λ_c(s) ≈ λ_c(0) + s: linear, unit slope
     assert -2.3 < land.exponent < -1.6
+    # along the paper's direction d the kernel grows like the transient law (δ⁻³), and the
+    # scalar pitchfork normal form driven by the same pulses follows it
+    assert -3.3 < land.exponent_d < -2.6
+    assert math.isfinite(land.ratio_d) and 0.3 < land.ratio_d < 3
     assert land.lambda_bif[land.mu > 0].max() > land.lambda_bif[land.mu < 0].max() / 10
 
 
@@ -147,3 +229,21 @@ def test_cli_writes_results_and_figures(tmp_path):
     bad = CliRunner().invoke(teacher_command, ["--out", str(tmp_path / "x"), "--quiet",
                                                "--set", "optimizer=adam"])
     assert bad.exit_code != 0 and "optimizer" in bad.output
+
+
+def test_seed_study_rows_and_spread():
+    cfg = dataclasses.replace(TINY, num_steps=2)
+    study = T.run_seeds(cfg, seeds=(0, 1), architectures=("ctrnn", "rnn"), landscape=False,
+                        compare=False)
+    assert [(r["architecture"], r["seed"]) for r in study.rows] == [
+        ("ctrnn", 0), ("ctrnn", 1), ("rnn", 0), ("rnn", 1)]
+    sp = study.spread(("pr_initial",))
+    for arch in ("ctrnn", "rnn"):
+        vals = [r["pr_initial"] for r in study.rows if r["architecture"] == arch]
+        assert sp[arch]["pr_initial"]["n"] == 2
+        assert sp[arch]["pr_initial"]["mean"] == pytest.approx(sum(vals) / 2)
+        assert sp[arch]["pr_initial"]["min"] == min(vals)
+    with pytest.raises(ValueError, match="architectures"):
+        T.run_seeds(cfg, architectures=("lstm",))
+    with pytest.raises(ValueError, match="architecture"):
+        T.TeacherConfig(architecture="lstm")
