@@ -72,6 +72,7 @@ __all__ = [
     "run_seeds",
     "run_student_teacher",
     "SeedStudy",
+    "StudyRow",
     "spike_onsets",
 ]
 
@@ -1149,6 +1150,15 @@ def run_seeds(config: TeacherConfig | None = None, *, seeds=(0, 1, 2, 3, 4),
         if progress is not None:
             progress(j + 1, total)
     return SeedStudy(config=config, rows=rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRow(Result):
+    """One run of a :class:`SeedStudy` (a unit the command line saves and resumes)."""
+
+    architecture: str
+    seed: int
+    summary: dict
 
 
 def _study_row(cfg: TeacherConfig, landscape: bool, compare: bool) -> dict:

@@ -247,3 +247,31 @@ def test_seed_study_rows_and_spread():
         T.run_seeds(cfg, architectures=("lstm",))
     with pytest.raises(ValueError, match="architecture"):
         T.TeacherConfig(architecture="lstm")
+
+
+def test_cli_seed_study_saves_each_run_and_resumes(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from lanczos_ntk.cli._teacher import teacher_command
+
+    out = tmp_path / "study"
+    args = ["--out", str(out), "--optimizer", "sgd", "--seeds", "0,1",
+            "--architectures", "ctrnn,rnn", "--set", "num_steps=2", "--set", "trials=4",
+            "--set", "trial_steps=10", "--set", "landscape_points=3",
+            "--set", "landscape_steps=20"]
+    res = CliRunner().invoke(teacher_command, args)
+    assert res.exit_code == 0, res.output
+    study = json.loads((out / "study.json").read_text())
+    assert [(r["architecture"], r["seed"]) for r in study["rows"]] == [
+        ("ctrnn", 0), ("ctrnn", 1), ("rnn", 0), ("rnn", 1)]
+    assert study["spread"]["rnn"]["pr_initial"]["n"] == 2
+    assert "|cos(gradient, d)| before the crossing" in res.output
+    for arch in ("ctrnn", "rnn"):
+        assert (out / "results" / f"study-{arch}-1.json").exists()
+    again = CliRunner().invoke(teacher_command, args)
+    assert again.exit_code == 0 and json.loads((out / "study.json").read_text()) == study
+    bad = CliRunner().invoke(teacher_command, ["--out", str(tmp_path / "x"), "--seeds", "0",
+                                               "--architectures", "lstm"])
+    assert bad.exit_code == 2 and "architectures" in bad.output

@@ -161,6 +161,90 @@ def _config(config_file, overrides, seed, steps, lr, optimizer):
         raise ConfigError(str(exc)) from None
 
 
+# the numbers a seed study reports per architecture (mean ± std over seeds)
+STUDY_KEYS = (
+    ("crossing_step", "crossing step"),
+    ("pr_initial", "participation ratio of G, initial"),
+    ("pr_min", "participation ratio of G, minimum"),
+    ("channel_cos_at_crossing", "|cos(u1, g)| at the crossing"),
+    ("gradient_channel_cos_median", "|cos(gradient, g)| before the crossing"),
+    ("gradient_sensitivity_cos_median", "|cos(gradient, d)| before the crossing"),
+    ("sensitivity_eigenvalue_initial", "d'Gd initial"),
+    ("sensitivity_eigenvalue_before_crossing", "d'Gd before the crossing"),
+    ("block_participation_initial", "(W, B) block participation, initial"),
+    ("block_participation_before_crossing", "(W, B) block participation, before crossing"),
+    ("block_sensitivity_cos_before_crossing", "|cos(d, top of (W, B) block)| before crossing"),
+    ("landscape_exponent", "landscape exponent along g"),
+    ("landscape_exponent_d", "landscape exponent along d"),
+    ("landscape_normal_form_exponent", "scalar normal form exponent along d"),
+    ("sgd_spikes", "SGD spikes"),
+    ("sgd_spike_bias_share", "bias share of the update before an SGD spike"),
+    ("lrng_spikes", "LRNG spikes"),
+)
+
+
+def _parse_list(text: str, what: str, cast):
+    from .._runs import ConfigError
+
+    try:
+        vals = [cast(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what}: expected a comma-separated list, got {text!r}") from None
+    if not vals:
+        raise ConfigError(f"--{what}: expected at least one value, got {text!r}")
+    return vals
+
+
+def _seed_study(cfg, run, seeds_text, arch_text, optimizer, quiet, out):
+    """``--seeds``: the experiment per (architecture, seed), each saved as it finishes."""
+    from tqdm import tqdm
+
+    from .. import teacher as T
+    from .._runs import ConfigError
+
+    try:
+        seeds = _parse_list(seeds_text, "seeds", int)
+        archs = _parse_list(arch_text, "architectures", str)
+        bad = [a for a in archs if a not in T.ARCHITECTURES]
+        if bad:
+            raise ConfigError(f"--architectures: expected some of {', '.join(T.ARCHITECTURES)}, "
+                              f"got {', '.join(bad)}")
+    except ConfigError as exc:  # a usage error: exit 2, like the other commands' bad input
+        raise click.UsageError(str(exc)) from None
+    bar = tqdm(total=len(seeds) * len(archs), disable=quiet, file=sys.stderr, desc="teacher seeds",
+               unit="run")
+
+    def row(c, landscape, compare):
+        saved = run.cached(f"study-{c.architecture}-{c.seed}",
+                           lambda: T.StudyRow(architecture=c.architecture, seed=c.seed,
+                                              summary=T._study_row(c, landscape, compare)),
+                           f"study run: {c.architecture}, seed {c.seed}")
+        return saved.summary
+
+    with run:
+        study = T.run_seeds(cfg, seeds=seeds, architectures=archs, compare=optimizer == "both",
+                            run=row, progress=lambda d, _t: (bar.update(d - bar.n), None)[1])
+        bar.close()
+        spread = study.spread()
+        run.write_json("study.json", {"rows": study.rows, "spread": spread})
+        run.log("done")
+    if quiet:
+        return
+    click.echo(f"results in {Path(out)} (study.json: every run, and the spread)")
+    for arch in archs:
+        n_ok = sum(1 for r in study.rows if r["architecture"] == arch and "error" not in r)
+        click.echo(f"{arch}: {n_ok} of {len(seeds)} seeds (mean ± std [min, max] over seeds)")
+        table = spread.get(arch, {})
+        for key, label in STUDY_KEYS:
+            if key in table:
+                t = table[key]
+                click.echo(f"  {label:52s} {t['mean']:10.4g} ± {t['std']:<9.3g} "
+                           f"[{t['min']:.4g}, {t['max']:.4g}] n={t['n']}")
+        for r in study.rows:
+            if r["architecture"] == arch and "error" in r:
+                click.echo(f"  seed {r['seed']}: {r['error']}")
+
+
 @click.command("teacher")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/teacher", show_default=True,
               help="Run folder (results/, figures/, summary.json); re-running resumes.")
@@ -180,8 +264,13 @@ def _config(config_file, overrides, seed, steps, lr, optimizer):
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary on the terminal.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="Torch CPU threads (the problem is small: more threads mostly add overhead).")
+@click.option("--seeds", "seeds_text", metavar="S1,S2,...",
+              help="Run the experiment for each seed (and each of --architectures) and report "
+                   "the spread; every run is saved and resumed on its own.")
+@click.option("--architectures", "arch_text", metavar="A1,A2,...", default="ctrnn",
+              show_default=True, help="With --seeds: ctrnn, rnn, gru (comma-separated).")
 def teacher_command(out, config_file, overrides, seed, steps, lr, optimizer, fresh, quiet,
-                    threads):
+                    threads, seeds_text, arch_text):
     """Student learns a teacher's pitchfork: sNTK collapse, channel landscape, SGD vs LRNG."""
     import json
 
@@ -204,6 +293,9 @@ def teacher_command(out, config_file, overrides, seed, steps, lr, optimizer, fre
         run = RunFolder(out, record, fresh=fresh, command="teacher")
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    if seeds_text:
+        _seed_study(cfg, run, seeds_text, arch_text, optimizer, quiet, out)
+        return
     n_land = cfg.landscape_points + max(3, cfg.landscape_points // 3)
     total = cfg.num_steps + n_land + (2 * cfg.compare_steps if optimizer == "both" else 0)
     bar = tqdm(total=total, disable=quiet, file=sys.stderr, desc="teacher", unit="step")
