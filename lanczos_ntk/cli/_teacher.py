@@ -52,7 +52,10 @@ def plot_collapse(result, axes=None):
     for j in range(ev.shape[1]):
         a3.semilogy(steps, ev[:, j], color="0.6" if j else "k", lw=1.5 if j == 0 else 0.8)
     a3.semilogy(steps, result.channel_eigenvalue.numpy(), "--", color="C1",
-                label=r"$\hat g^\top G \hat g$ (channel)")
+                label=r"$\hat g^\top G \hat g$ (static channel)")
+    if result.sensitivity_eigenvalue is not None:
+        a3.semilogy(steps, result.sensitivity_eigenvalue.numpy(), "-.", color="C2",
+                    label=r"$\hat d^\top G \hat d$ (unfolding direction, what training uses)")
     a3.set_ylabel("top eigenvalues of G")
     a3.set_xlabel("training step")
     a3.legend(fontsize=8)
@@ -83,7 +86,7 @@ def plot_landscape(land, axes=None):
                 label=r"$\lambda_{max}(G)$")
     a0.semilogy(s[order], pred[order], "--", color="C1", label="normal form, finite T")
     a0.axvline(land.s_c, color="0.4", ls="--", lw=1)
-    a0.set_xlabel(r"offset $s$ along $\hat d = \partial\lambda_c/\partial\theta$")
+    a0.set_xlabel(r"offset $s$ along $\hat d = d\lambda_c/d\theta$")
     a0.set_ylabel("eigenvalue")
     a0.legend(fontsize=8)
     stable = land.mu.numpy() < 0
@@ -99,9 +102,18 @@ def plot_landscape(land, axes=None):
                   label=f"fit: exponent {land.exponent:.2f} ± {land.exponent_se:.2f}")
         a1.loglog(x, c * x**-2.0 * (x[0] ** (land.exponent + 2)), ":", color="0.5",
                   label="slope -2")
+    if land.lambda_d is not None:
+        ld, nf = land.lambda_d.numpy(), land.normal_form.numpy()
+        a0.semilogy(s[order], ld[order], "s-", ms=3, color="C2",
+                    label=r"$\|J\hat d\|^2$ (along $d$)")
+        a1.loglog(d[stable], ld[stable], "s", ms=3, color="C2",
+                  label=f"along d: exponent {land.exponent_d:.2f}")
+        a1.loglog(d[stable], nf[stable], ":", color="C2",
+                  label=f"scalar normal form: exponent {land.normal_form_exponent:.2f}")
+        a0.legend(fontsize=7)
     a1.set_xlabel(r"$|s - s_c|$")
-    a1.set_ylabel(r"$\lambda_{bif}$")
-    a1.legend(fontsize=8)
+    a1.set_ylabel("eigenvalue")
+    a1.legend(fontsize=7)
     a1.set_title(f"trials of {land.trial_steps} steps", fontsize=9)
     return axes
 
