@@ -126,6 +126,7 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
     """
     from ._functional import ParamSpec, resolve_params
     from .dynamics import eigenvalue_derivatives
+    from .dynamics._critical import critical_vectors, is_complex
 
     if derivative not in ("total", "partial"):
         raise ValueError(f"expected derivative 'total' or 'partial', got {derivative!r}")
@@ -147,22 +148,19 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
         return _rhs_with(model, q, xx, u)
 
     A = torch.func.jacrev(lambda xx: f(p, xx))(x).detach()
-    lam, V = torch.linalg.eig(A)
+    lam = torch.linalg.eigvals(A)
     if eigenvalue is None:
         score = lam.real if kind == "flow" else lam.abs()
         i = int(torch.argmax(score + 1e-12 * lam.imag.clamp_min(0)))
     else:
         i = int(torch.argmin((lam - complex(eigenvalue)).abs()))
-    lam_c = complex(lam[i])
-    v = V[:, i] / torch.linalg.vector_norm(V[:, i])
-    big = v[torch.argmax(v.abs())]
-    v = v * (big.conj() / big.abs())  # largest component real and positive (real modes: v real)
-    lamL, WL = torch.linalg.eig(A.T.conj())
-    j = int(torch.argmin((lamL - lam_c.conjugate()).abs()))
-    w = WL[:, j]
-    w = w / (w.conj() @ v).conj()  # wᴴ v = 1
+    real = not bool(is_complex(lam[i:i + 1])[0])
+    lam_c = complex(lam[i].real, 0.0) if real else complex(lam[i])
+    # the dynamics' normalisation: ‖v‖ = 1, largest entry real and positive, wᴴ v = 1
+    v, w = critical_vectors(A, lam_c, real)
+    v, w = v.to(torch.complex128), w.to(torch.complex128)
     _, pull = torch.func.vjp(lambda q: f(q, x), p)
-    cols = [w.real] if abs(lam_c.imag) <= 1e-12 * max(1.0, abs(lam_c)) else [w.real, w.imag]
+    cols = [w.real] if real else [w.real, w.imag]
     g = torch.stack([spec.flatten(pull(c.to(x.dtype))[0]) for c in cols], dim=1).detach()
     partial, total = eigenvalue_derivatives(lambda xx, q: f(q, xx), x, p, v, w, kind)
 
