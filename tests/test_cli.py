@@ -78,8 +78,10 @@ def test_bifurcate_pitchfork_normal_form(tmp_path):
                "--out", str(out)])
     assert "branch_point" in res.output
     summary = json.loads((out / "summary.json").read_text())
-    kinds = {b["kind"] for b in summary["bifurcations"]}
-    assert "branch_point" in kinds
+    kinds = [b["kind"] for b in summary["bifurcations"]]
+    # one event: the bifurcating branch's turning point at μ = 0 is the branch point itself
+    assert kinds == ["branch_point"], kinds
+    assert "fold" not in res.output
     p = [b["p"] for b in summary["bifurcations"] if b["kind"] == "branch_point"]
     assert min(abs(v) for v in p) < 1e-6
     assert figures(out) == ["bifurcation.pdf", "bifurcation.png"]

@@ -219,6 +219,7 @@ def euler_line(branches, param: str) -> tuple[dict | None, str | None]:
             if all(abs(p - q) > 1e-6 * (1 + abs(p)) for q in changes):
                 changes.append(p)
     dt = branches[0].dt
+    changes = [0.0 if abs(p) < 1e-12 else p for p in changes]
     where = (f"changes stability at {param} ≈ " + ", ".join(f"{p:.5g}" for p in sorted(changes))
              if changes else "keeps its stability on the continued branch")
     return ({"dt": dt, "stability_changes": sorted(changes)},

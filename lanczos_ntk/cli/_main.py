@@ -4,6 +4,7 @@ commands (the sweep and the demo are in :mod:`._sweep`)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import sys
 import tempfile
@@ -365,14 +366,28 @@ def _on_branch(x: torch.Tensor, p: float, branches, tol: float = 1e-4) -> bool:
     return False
 
 
+def _same_event(a, b, width: float) -> bool:
+    return abs(a.p - b.p) <= 1e-4 * width and \
+        float((a.x - b.x).abs().max()) <= 1e-3 * (1 + float(b.x.abs().max()))
+
+
+def _without_folds_at_branch_points(branches, width: float) -> list:
+    """The branches with any fold located at a branch point removed: the same event (the
+    bifurcating branch of a pitchfork, ``p = x²``, turns exactly there), reported as the
+    branch point."""
+    points = [k for br in branches for k in br.bifurcations if k.kind == "branch_point"]
+    return [dataclasses.replace(br, bifurcations=[
+        k for k in br.bifurcations
+        if not (k.kind == "fold" and any(_same_event(o, k, width) for o in points))])
+        for br in branches]
+
+
 def _unique_bifurcations(branches, width: float) -> list:
     """The branches' bifurcations, each once (branches traced from both ends may share some)."""
     out = []
     for br in branches:
         for k in br.bifurcations:
-            if not any(o.kind == k.kind and abs(o.p - k.p) <= 1e-4 * width
-                       and float((o.x - k.x).abs().max()) <= 1e-3 * (1 + float(k.x.abs().max()))
-                       for o in out):
+            if not any(o.kind == k.kind and _same_event(o, k, width) for o in out):
                 out.append(k)
     return out
 
@@ -436,6 +451,7 @@ def bifurcate(config_file, overrides, seed, device, dtype, model_spec, out, fres
         if not branches:
             raise click.ClickException("no fixed point found at either end of the window; widen "
                                        "[start, stop] or raise bifurcate.seeds")
+        branches = _without_folds_at_branch_points(branches, b["stop"] - b["start"])
         unique = _unique_bifurcations(branches, b["stop"] - b["start"])
         bifs = [{"kind": k.kind, "p": k.p, "x": k.x.tolist(),
                  "eigenvalue": [k.eigenvalue.real, k.eigenvalue.imag],
