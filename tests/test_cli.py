@@ -112,6 +112,12 @@ def test_sweep_gain_marks_the_bifurcation(tmp_path):
     kinds = {b["kind"] for b in sweep.bifurcations}
     assert kinds & {"branch_point", "hopf"}, sweep.bifurcations
     assert "bifurcation:" in res.output
+    # one event, one number: the change between sweep points is the located bifurcation
+    assert "stability_change" not in kinds, sweep.bifurcations
+    located = [b for b in sweep.bifurcations if "sweep_interval" in b]
+    assert located and all(b["sweep_interval"][0] - 1e-9 <= b["p"] <= b["sweep_interval"][1] + 1e-9
+                           for b in located)
+    assert "between sweep points" not in res.output
     assert "overview.png" in figures(out) and "bifurcation.pdf" in figures(out)
     points = [lnk.load_result(out / "results" / f"point-{i:03d}") for i in range(3)]
     assert [p.value for p in points] == sweep.values.tolist()

@@ -315,8 +315,20 @@ def collect_sweep(param: str, points: Sequence[SweepPoint], branch=None,
 
     bifs = stability_changes(values, [p.signature for p in points], [p.leading for p in points])
     if branch is not None:
-        bifs += [{"kind": b.kind, "p": float(b.p), "source": "continuation"}
-                 for b in branch.bifurcations]
+        located = [{"kind": b.kind, "p": float(b.p), "source": "continuation"}
+                   for b in branch.bifurcations]
+        # one event, one number: a change between two sweep points that the continuation
+        # located is reported as the located point, with the sweep interval it fell in
+        kept = []
+        for c in bifs:
+            lo, hi = sorted((values[c["between"][0]], values[c["between"][1]]))
+            pad = 1e-6 * (hi - lo)  # a point located on a sweep value belongs to the interval
+            inside = [b for b in located if lo - pad <= b["p"] <= hi + pad]
+            for b in inside:
+                b["sweep_interval"] = [lo, hi]
+            if not inside:
+                kept.append(c)
+        bifs = kept + located
     return SweepResult(
         param=param, values=torch.tensor(values, dtype=torch.float64),
         labels=[p.label for p in points], eigenvalues=eig,

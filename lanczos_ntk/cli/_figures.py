@@ -105,9 +105,13 @@ def sweep_figures(sweep, points, densities, *, title: str = "") -> dict:
         ax.grid(alpha=0.3)
         ax.set_title("fixed points and continued branch", fontsize=9)
 
+    kinds = {p.fixed_points.kind for p in points if getattr(p, "fixed_points", None) is not None}
+
     def stab(ax):
         plotting.plot_sweep(sweep, ax, "stability", param=label)
-        ax.set_ylabel("max Re λ (flow) / max |μ| − 1 (map)")
+        ax.set_ylabel({"flow": "max Re λ  (> 0: unstable)",
+                       "map": "max |μ| − 1  (> 0: unstable)"}.get(
+            kinds.pop() if len(kinds) == 1 else "", "max Re λ (flow) / max |μ| − 1 (map)"))
         ax.set_title("stability of the fixed point nearest 0", fontsize=9)
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))

@@ -192,8 +192,16 @@ def _lines(folder, result, points, figs, computed, wall) -> list[str]:
     if math.isfinite(result.critical_value):
         lines.append(f"predicted critical gain {result.critical_value:.4g}")
     for b in result.bifurcations:
-        src = "continuation" if b["kind"] != "stability_change" else "between sweep points"
-        lines.append(f"bifurcation: {b['kind']} at {result.param} ≈ {b['p']:.5g} ({src})")
+        if b["kind"] == "stability_change":
+            lo, hi = (result.values[i] for i in b["between"])
+            lines.append(f"stability change between the sweep points {result.param} = "
+                         f"{lo:.5g} and {hi:.5g} (not located: no continued branch crosses it)")
+        else:
+            where = (f"; the sweep's fixed points change stability between {result.param} = "
+                     f"{b['sweep_interval'][0]:.5g} and {b['sweep_interval'][1]:.5g}"
+                     if "sweep_interval" in b else "")
+            lines.append(f"bifurcation: {b['kind']} at {result.param} = {b['p']:.5g} "
+                         f"(located by continuation{where})")
     euler = euler_line([result.branch], result.param)[1]
     if euler:
         lines.append(euler)
