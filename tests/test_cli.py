@@ -50,6 +50,7 @@ def test_spectrum_writes_config_results_figures_and_log(tmp_path):
     out = tmp_path / "spec"
     res = run(["spectrum", *TINY, "--seed", "3", "--out", str(out)])
     assert "top eigenvalues" in res.output and str(out) in res.output
+    assert "legend: participation rank" in res.output  # the summary says what its ranks mean
     assert {"config.toml", "config.json", "run.log", "summary.json"} <= {p.name for p in out.iterdir()}
     assert figures(out) == ["spectrum.pdf", "spectrum.png"]
     summary = lnk.load_result(out / "results" / "spectrum")

@@ -228,7 +228,8 @@ def test_cli_writes_results_and_figures(tmp_path):
     assert again.exit_code == 0, again.output
     bad = CliRunner().invoke(teacher_command, ["--out", str(tmp_path / "x"), "--quiet",
                                                "--set", "optimizer=adam"])
-    assert bad.exit_code != 0 and "optimizer" in bad.output
+    assert bad.exit_code == 2 and "optimizer" in bad.output
+    assert not (tmp_path / "x").exists()  # nothing written for a refused configuration
 
 
 def test_seed_study_rows_and_spread():

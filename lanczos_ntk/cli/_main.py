@@ -202,6 +202,14 @@ def progress(quiet: bool, **kw):
     return tqdm(disable=quiet, file=sys.stderr, leave=False, dynamic_ncols=True, **kw)
 
 
+# what the summaries' spectral numbers mean, printed under them
+RANK_LEGEND = ("legend: participation rank (Σλ)²/Σλ² and entropy rank exp(−Σ p log p), "
+               "p = λ/Σλ, count the eigenvalues that carry the spectrum (1: collapsed onto one "
+               "direction; the dimension: flat)")
+ZERO_MASS_LEGEND = ("legend: zero mass = fraction of the M eigenvalues of K that are zero to "
+                    "rounding (M minus the rank of J, over M)")
+
+
 def report(quiet: bool, lines, folder: RunFolder) -> None:
     """The command's summary on stdout; with ``--quiet`` only the run folder's path."""
     if quiet:
@@ -309,7 +317,7 @@ def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh
                    f"({sum(metrics['top_converged'])} of {len(metrics['top_converged'])} "
                    f"eigenpairs to tol)",
                    f"condition number (nonzero part): {metrics['condition_number']:.4g}",
-                   f"results: {folder.path}", f"figure: {figs[0]}"], folder)
+                   RANK_LEGEND, f"results: {folder.path}", f"figure: {figs[0]}"], folder)
 
 
 @main.command()
@@ -352,7 +360,7 @@ def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh,
                                            "matvecs": r.num_matvecs})
         figs = save_figures(folder, {"density": density_figure(lin, log)})
     report(quiet, [f"M = {r.primal_dimension}, zero mass {lin.zero_mass:.4g} ± {lin.zero_mass_se:.2g}",
-                   f"results: {folder.path}", f"figure: {figs[0]}"], folder)
+                   ZERO_MASS_LEGEND, f"results: {folder.path}", f"figure: {figs[0]}"], folder)
 
 
 # --------------------------------------------------------------------------- bifurcate

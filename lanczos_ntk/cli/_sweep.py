@@ -25,6 +25,7 @@ from ._compute import (
     spectral_summary,
 )
 from ._main import (
+    RANK_LEGEND,
     check_spectrum_cfg,
     common_options,
     friendly,
@@ -205,6 +206,7 @@ def _lines(folder, result, points, figs, computed, wall) -> list[str]:
     euler = euler_line([result.branch], result.param)[1]
     if euler:
         lines.append(euler)
+    lines.append(RANK_LEGEND)
     lines.append(f"results: {folder.path}")
     lines.append("figures: " + ", ".join(str(p) for p in figs if p.suffix == ".png"))
     return lines

@@ -303,8 +303,8 @@ def teacher_command(out, config_file, overrides, seed, steps, lr, optimizer, fre
         cfg = _config(config_file, overrides, seed, steps, lr, optimizer)
         record = {**dataclasses.asdict(cfg), "command_optimizer": optimizer}
         run = RunFolder(out, record, fresh=fresh, command="teacher")
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    except ConfigError as exc:  # bad input: exit 2 and one line, like the other commands
+        raise click.UsageError(str(exc)) from None
     if seeds_text:
         _seed_study(cfg, run, seeds_text, arch_text, optimizer, quiet, out)
         return
