@@ -243,7 +243,7 @@ def sweep(config_file, overrides, seed, device, dtype, model_spec, out, fresh, q
 @inputs_option
 @friendly
 def demo(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet, inputs_file):
-    """Watch the sNTK collapse as a CTRNN's gain crosses its first bifurcation (~35 s on 2 cores).
+    """Watch the sNTK collapse as a CTRNN's gain crosses its first bifurcation (~15 s on 2 cores).
 
     A 24-unit CTRNN driven by weak noise (4 trials of 100 Euler steps, dt = 0.1) is swept in
     gain from 0.5 to 1.3 times the gain at which its trivial fixed point loses stability. At
