@@ -140,11 +140,16 @@ def spectrum_figure(summary, density):
     a.errorbar(np.arange(1, len(top) + 1), top, yerr=summary.top.residuals.numpy(), fmt="o",
                color="tab:blue", label="top eigenvalues (residual bounds)")
     if summary.bottom is not None and len(summary.bottom.eigenvalues):
-        bot = summary.bottom.eigenvalues.numpy()
-        a.plot(np.arange(1, len(bot) + 1), bot, "s", color="tab:red",
-               label="smallest nonzero eigenvalues")
+        # the smallest nonzero eigenvalues sit at the end of the ordering: i = r - j for the
+        # j-th smallest of the r nonzero ones (r = M - the null dimension, counted on K's side)
+        bot = np.sort(summary.bottom.eigenvalues.numpy())[::-1]
+        r = max(int(summary.bottom.primal_dimension) - int(summary.bottom.null_dim or 0),
+                len(bot) + len(top))
+        a.plot(np.arange(r - len(bot) + 1, r + 1), bot, "s", color="tab:red",
+               label=f"smallest nonzero eigenvalues (of r = {r} nonzero)")
+        a.set_xscale("log")
     a.set_yscale("log")
-    a.set_xlabel("index i")
+    a.set_xlabel("index i of λ_i (1 = largest)")
     a.set_ylabel("eigenvalue λ_i of K")
     a.legend(fontsize=8)
     a.grid(alpha=0.3)

@@ -74,6 +74,15 @@ def _plan(cfg: dict, model) -> tuple[list[float], list[str], list, float]:
     return values, [f"{param}={v:.4g}" for v in values], [None] * len(values), gc
 
 
+def _fixed_point_text(signature) -> str:
+    """``[0, 0, 1]`` for the log: how many fixed points, how many stable, and what the list is."""
+    if not signature:
+        return "no fixed point found"
+    stable = sum(1 for c in signature if c == 0)
+    return (f"{len(signature)} fixed point(s), {stable} stable (unstable eigenvalues per point: "
+            f"{list(signature)})")
+
+
 def _density_indices(n: int, wanted: int, values, bifurcations) -> list[int]:
     """Which sweep points get a density: the ends, the one nearest the bifurcation, then evenly."""
     if wanted <= 0 or n == 0:
@@ -128,7 +137,8 @@ def run_sweep(command: str, cfg: dict, out, fresh: bool, quiet: bool, title: str
                 computed += 1
                 folder.log(f"{name} ({label}): computed in {point.seconds:.2f} s, "
                            f"lambda_max={float(summary.top.eigenvalues[0]):.4g}, "
-                           f"participation={summary.participation.value:.4g}, fixed points {signature}")
+                           f"participation={summary.participation.value:.4g}, "
+                           f"{_fixed_point_text(signature)}")
                 points.append(point)
                 bar.update()
         branch = None
