@@ -36,8 +36,15 @@ def _worker(rank, world, folder):
             lnk.eigsh(K, k=1, return_eigenvectors=True)
         torch.save({"GX": GX, "top": top.eigenvalues, "side": top.side},
                    os.path.join(folder, f"rank{rank}.pt"))
+        # both ranks done with their collectives before either tears gloo down: a rank that
+        # destroys the group while its peer still talks to it can abort at exit
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # the results are on disk: leave without interpreter finalisation, where gloo's worker
+    # threads have been seen to abort the process ("terminate called without an active
+    # exception") after everything was done
+    os._exit(0)
 
 
 def test_two_ranks_give_the_global_gram_and_spectrum(tmp_path):
