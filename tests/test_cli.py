@@ -20,8 +20,8 @@ from lanczos_ntk.cli._config import defaults_for
 
 MODEL_TINY = ["--set", "model.state_size=4", "--set", "inputs.trials=2", "--set", "inputs.steps=6"]
 SPEC_TINY = ["--threads", "1", "--set", "spectrum.k=2", "--set", "spectrum.bottom=1",
-             "--set", "spectrum.probes=2", "--set", "spectrum.lanczos_steps=5",
-             "--set", "density.points=50"]
+             "--set", "spectrum.num_probes=2", "--set", "spectrum.num_steps=5",
+             "--set", "density.num_points=50"]
 TINY = MODEL_TINY + SPEC_TINY
 TINY_SWEEP = TINY + ["--set", "dynamics.seeds=4", "--set", "dynamics.max_steps=30",
                      "--set", "sweep.num=3", "--set", "sweep.start=0.5", "--set", "sweep.stop=1.5",
@@ -318,8 +318,8 @@ def test_printed_ranks_and_trace_match_the_dense_kernel_near_collapse(tmp_path):
     out = tmp_path / "spec"
     args = ["spectrum", "--threads", "1", "--set", "model.state_size=8", "--set", "model.gain=2.5",
             "--set", "inputs.trials=2", "--set", "inputs.steps=40", "--set", "spectrum.k=3",
-            "--set", "spectrum.bottom=0", "--set", "spectrum.probes=8",
-            "--set", "spectrum.lanczos_steps=20", "--set", "density.points=50", "--out", str(out)]
+            "--set", "spectrum.bottom=0", "--set", "spectrum.num_probes=8",
+            "--set", "spectrum.num_steps=20", "--set", "density.points=50", "--out", str(out)]
     res = run(args)
     m = json.loads((out / "summary.json").read_text())
     model, inputs = model_and_inputs(json.loads((out / "config.json").read_text()))
@@ -426,3 +426,19 @@ def test_model_package_in_the_working_directory_and_text_inputs(tmp_path, monkey
     res = CliRunner().invoke(main, ["spectrum", *TINY, "--inputs", "u.txt", "--out", "o3"])
     assert res.exit_code == 2 and ".npy or .npz" in res.output
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_old_configuration_key_names_are_still_read(tmp_path):
+    old = ["spectrum", *MODEL_TINY, "--threads", "1", "--set", "spectrum.k=2",
+           "--set", "spectrum.bottom=0", "--set", "spectrum.probes=2",
+           "--set", "spectrum.lanczos_steps=5", "--set", "density.points=50"]
+    res = CliRunner().invoke(main, [*old, "--out", str(tmp_path / "old")])
+    assert res.exit_code == 0, res.output
+    assert "spectrum.probes is now called spectrum.num_probes" in res.output
+    cfg = load_config(tmp_path / "old" / "config.toml")
+    assert cfg["spectrum"]["num_probes"] == 2 and cfg["density"]["num_points"] == 50
+    assert "probes" not in cfg["spectrum"]
+    both = CliRunner().invoke(main, [*old, "--set", "spectrum.num_probes=3",
+                                     "--out", str(tmp_path / "both")])
+    assert both.exit_code == 2 and "same key" in both.output
+    assert not (tmp_path / "both").exists()

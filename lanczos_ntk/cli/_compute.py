@@ -101,7 +101,7 @@ def spectral_summary(K, cfg: Mapping, generator: torch.Generator, progress=None)
     if int(cfg["bottom"]) > 0:
         bottom = eigsh(A, int(cfg["bottom"]), "SA", float(cfg["tol"]), generator=generator)
     done("bottom")
-    s = deflated_slq(A, int(cfg["probes"]), int(cfg["lanczos_steps"]), generator=generator,
+    s = deflated_slq(A, int(cfg["num_probes"]), int(cfg["num_steps"]), generator=generator,
                      tol=float(cfg["tol"]), eigenpairs=top)
     top = dataclasses.replace(top, eigenvectors=None)  # not saved with the run
     done("slq")
@@ -120,7 +120,7 @@ def density_of(summary_or_slq, cfg: Mapping):
     """The smoothed spectral density of an SLQ result with the ``[density]`` settings."""
     s = summary_or_slq.slq if isinstance(summary_or_slq, SpectralSummary) else summary_or_slq
     sigma = float(cfg["sigma"]) or None
-    return spectral_density(s, sigma=sigma, num_points=int(cfg["points"]), scale=cfg["scale"])
+    return spectral_density(s, sigma=sigma, num_points=int(cfg["num_points"]), scale=cfg["scale"])
 
 
 # -------------------------------------------------------------------------- parameters

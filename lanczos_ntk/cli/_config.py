@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import copy
 
-__all__ = ["DEFAULTS", "defaults_for"]
+__all__ = ["DEFAULTS", "RENAMED", "defaults_for"]
+
+# configuration keys renamed to the library's argument names: the old names are still read
+RENAMED = {("spectrum", "probes"): "num_probes", ("spectrum", "lanczos_steps"): "num_steps",
+           ("density", "points"): "num_points"}
 
 _COMMON = {"seed": 0, "device": "cpu", "dtype": "float64"}
 
@@ -37,14 +41,14 @@ _SPECTRUM = {
     "k": 6,  # top eigenvalues
     "bottom": 2,  # smallest nonzero eigenvalues (0: skip; condition number then not computed)
     "tol": 1e-6,
-    "probes": 8,  # SLQ probes
-    "lanczos_steps": 30,  # SLQ Lanczos steps per probe
+    "num_probes": 8,  # SLQ probes (the library's num_probes)
+    "num_steps": 30,  # SLQ Lanczos steps per probe (the library's num_steps)
     "outputs": "states",  # "states" or "readout"
 }
 
 _DENSITY = {
     "scale": "log",  # smooth in "linear" λ or in "log" (log10 λ)
-    "points": 400,
+    "num_points": 400,  # grid of the density (the library's num_points)
     "sigma": 0.0,  # Gaussian width in the units of scale (λ or decades); 0: 1% of the range
 }
 
@@ -92,7 +96,7 @@ DEFAULTS = {
 DEFAULTS["demo"] = copy.deepcopy(DEFAULTS["sweep"])
 DEFAULTS["demo"]["model"].update(state_size=24, input_size=1, gain=1.0, dt=0.1, seed=3)
 DEFAULTS["demo"]["inputs"].update(trials=4, steps=100, amplitude=0.01, kind="noise")
-DEFAULTS["demo"]["spectrum"].update(k=5, bottom=0, probes=10, lanczos_steps=40)
+DEFAULTS["demo"]["spectrum"].update(k=5, bottom=0, num_probes=10, num_steps=40)
 DEFAULTS["demo"]["density"].update(sigma=0.12)  # in decades (the density is smoothed in log10 λ)
 DEFAULTS["demo"]["dynamics"].update(input="zero", seeds=24, max_steps=200)
 DEFAULTS["demo"]["sweep"].update(param="gain", start=0.5, stop=1.3, num=17,

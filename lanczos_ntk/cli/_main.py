@@ -108,7 +108,23 @@ def resolve_config(command: str, config_file, overrides, **explicit) -> dict:
     if explicit.get("checkpoints"):
         top["sweep"] = {"checkpoints": list(explicit["checkpoints"]), "param": "checkpoints"}
     layers.append(top)
-    return merge_config(defaults_for(command), *layers)
+    return merge_config(defaults_for(command), *[_renamed(layer) for layer in layers])
+
+
+def _renamed(layer: dict) -> dict:
+    """Old configuration key names mapped to the current ones (with a one-line note)."""
+    from ._config import RENAMED
+
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in layer.items()}
+    for (table, old), new in RENAMED.items():
+        if isinstance(out.get(table), dict) and old in out[table]:
+            if new in out[table]:
+                raise ConfigError(f"{table}.{old} and {table}.{new} are the same key "
+                                  f"(the first is its old name); give only {table}.{new}")
+            out[table][new] = out[table].pop(old)
+            click.echo(f"note: {table}.{old} is now called {table}.{new} (the library's "
+                       f"argument name); the old name is still read", err=True)
+    return out
 
 
 def torch_settings(cfg: dict) -> tuple[torch.dtype, str]:
@@ -250,14 +266,14 @@ def make_operator(model, inputs, cfg):
 
 def check_spectrum_cfg(cfg: dict) -> None:
     s = cfg["spectrum"]
-    for key in ("k", "probes", "lanczos_steps"):
+    for key in ("k", "num_probes", "num_steps"):
         if s[key] < 1:
             raise ConfigError(f"spectrum.{key} must be >= 1, got {s[key]}")
     if s["bottom"] < 0 or not s["tol"] > 0:
         raise ConfigError("spectrum.bottom must be >= 0 and spectrum.tol > 0")
     if cfg["density"]["scale"] not in ("linear", "log"):
         raise ConfigError(f"density.scale must be 'linear' or 'log', got {cfg['density']['scale']!r}")
-    if cfg["density"]["points"] < 2 or cfg["density"]["sigma"] < 0:
+    if cfg["density"]["num_points"] < 2 or cfg["density"]["sigma"] < 0:
         raise ConfigError("density.points must be >= 2 and density.sigma >= 0 (0: automatic)")
 
 
@@ -342,7 +358,7 @@ def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh,
             folder.log("slq: loaded from the previous run")
         else:
             with progress(quiet, total=1, desc="SLQ") as bar:
-                r = deflated_slq(K, s_cfg["probes"], s_cfg["lanczos_steps"],
+                r = deflated_slq(K, s_cfg["num_probes"], s_cfg["num_steps"],
                                  generator=torch.Generator().manual_seed(cfg["seed"]),
                                  tol=float(s_cfg["tol"]))
                 bar.update()
@@ -350,9 +366,9 @@ def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh,
             folder.log(f"slq: {r.num_matvecs} products")
         sigma = d_cfg["sigma"] or None  # in the units of density.scale; the other is automatic
         lin = spectral_density(r, sigma=sigma if d_cfg["scale"] == "linear" else None,
-                               num_points=d_cfg["points"], scale="linear")
+                               num_points=d_cfg["num_points"], scale="linear")
         log = spectral_density(r, sigma=sigma if d_cfg["scale"] == "log" else None,
-                               num_points=d_cfg["points"], scale="log")
+                               num_points=d_cfg["num_points"], scale="log")
         folder.save("density_linear", lin)
         folder.save("density_log", log)
         folder.write_json("summary.json", {"zero_mass": lin.zero_mass, "zero_mass_se": lin.zero_mass_se,
