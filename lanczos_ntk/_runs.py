@@ -386,6 +386,37 @@ def load_factory(spec: str):
     return factory
 
 
+_MODEL_KEYS = {
+    "ctrnn": ("state_size", "input_size", "gain", "dt", "input_scale", "readout_size", "seed"),
+    "rnn": ("state_size", "input_size", "gain", "input_scale", "readout_size", "seed"),
+    "gru": ("state_size", "input_size", "gain", "readout_size", "seed"),
+    "ssm": ("state_size", "input_size", "seed"),
+    "normal_form": ("input_size", "form", "kind", "mu"),
+}
+
+
+def model_keys(cfg: Mapping) -> tuple[str, ...]:
+    """The ``[model]`` keys that :func:`build_model` reads for this model (``name`` first)."""
+    name = cfg["name"]
+    if ":" in name:
+        return ("name", "seed", "kwargs")
+    keys = _MODEL_KEYS.get(name)
+    if keys is None:
+        return tuple(cfg)  # unknown: build_model says so; record everything
+    if name == "normal_form" and cfg.get("kind") == "flow":
+        keys = (*keys, "dt")
+    return ("name", *keys)
+
+
+def recorded_config(cfg: Mapping) -> dict:
+    """The configuration as a run folder records it: the ``[model]`` table keeps only the keys
+    its model uses (a CTRNN's run does not carry the normal forms' ``form`` and ``mu``)."""
+    out = dict(cfg)
+    if isinstance(cfg.get("model"), Mapping) and "name" in cfg["model"]:
+        out["model"] = {k: cfg["model"][k] for k in model_keys(cfg["model"]) if k in cfg["model"]}
+    return out
+
+
 def build_model(cfg: Mapping, *, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
     """Build the model described by a ``[model]`` table (a built-in name or a factory spec)."""
     from . import models

@@ -442,3 +442,21 @@ def test_old_configuration_key_names_are_still_read(tmp_path):
                                      "--out", str(tmp_path / "both")])
     assert both.exit_code == 2 and "same key" in both.output
     assert not (tmp_path / "both").exists()
+
+
+def test_run_folder_records_only_the_model_keys_in_use(tmp_path):
+    res = CliRunner().invoke(main, ["spectrum", *TINY, "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    model = load_config(tmp_path / "c" / "config.toml")["model"]
+    assert model["name"] == "ctrnn" and "gain" in model and "dt" in model
+    assert not {"form", "mu", "kind", "kwargs"} & set(model)
+    # the recorded file runs again as a configuration, into the same folder (a resume)
+    again = CliRunner().invoke(main, ["spectrum", "--config", str(tmp_path / "c" / "config.toml"),
+                                      "--out", str(tmp_path / "c")])
+    assert again.exit_code == 0, again.output
+    bif = CliRunner().invoke(main, ["bifurcate", "--set", "bifurcate.seeds=4",
+                                    "--set", "bifurcate.max_steps=50",
+                                    "--out", str(tmp_path / "b")])
+    assert bif.exit_code == 0, bif.output
+    model = load_config(tmp_path / "b" / "config.toml")["model"]
+    assert {"form", "kind", "mu", "dt"} <= set(model) and "gain" not in model

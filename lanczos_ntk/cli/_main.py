@@ -24,6 +24,7 @@ from .._runs import (
     make_inputs,
     merge_config,
     parse_overrides,
+    recorded_config,
 )
 from ._config import defaults_for
 
@@ -182,6 +183,7 @@ def _first_layer_inputs(model) -> int | None:
 @contextlib.contextmanager
 def run_folder(command: str, cfg: dict, out, fresh: bool, quiet: bool = False):
     """Open the run folder; warnings raised inside go to its log (and a count to stderr)."""
+    cfg = recorded_config(cfg)  # what the run depends on: the model's unused keys left out
     path = Path(out) if out else Path("runs") / f"{command}-{config_digest(cfg)}"
     try:  # a clear one-line error for a place that cannot hold the run, before anything else
         path.mkdir(parents=True, exist_ok=True)
