@@ -21,13 +21,14 @@ from ._closed_form import closed_form
 from ._functional import ModelFunction, ParamSpec, resolve_params
 from .models._base import StateSpaceModel, check_finite, check_inputs
 
-__all__ = ["CPU_WORKING_SET", "JacobianEngine", "PROBE_ELEMENTS"]
+__all__ = ["CPU_WORKING_SET", "DOUBLE_VJP_WORKING_SET", "JacobianEngine", "PROBE_ELEMENTS"]
 
 #: The no-grad probe of the outputs runs in pieces of about this many output elements.
 PROBE_ELEMENTS = 1 << 20
 
 #: Bytes of intermediates one pass of a block may touch on the CPU before it is split by trials.
 CPU_WORKING_SET = 128 << 20
+DOUBLE_VJP_WORKING_SET = 32 << 20  # outputs per batched double-backward pass on the CPU
 
 _JVP_MODES = ("auto", "structured", "cell", "forward", "double_vjp")
 _PATHS = {"structured": "closed_form", "cell": "cell", "forward": "autograd",
@@ -393,8 +394,20 @@ class JacobianEngine:
             if not grads:
                 cols = torch.zeros(X.shape[0], *g["out"].shape, dtype=self.dtype, device=self.device)
             else:
-                (cols,) = torch.autograd.grad(grads, v0, [tangents[n] for n in names],
-                                              retain_graph=True, is_grads_batched=True)
+                # the batched double backward carries [k, ...] intermediates through every node
+                # of the graph: on the CPU, past DOUBLE_VJP_WORKING_SET of outputs per pass it
+                # turns memory bound (4x the per-vector cost of single products with 13 MiB of
+                # outputs per vector), so wide blocks go through in column groups
+                per = g["out"].numel() * self.itemsize
+                step = X.shape[0] if torch.device(self.device).type != "cpu" else \
+                    max(1, DOUBLE_VJP_WORKING_SET // max(per, 1))
+                parts = []
+                for s in range(0, X.shape[0], step):
+                    (part,) = torch.autograd.grad(
+                        grads, v0, [tangents[n][s:s + step] for n in names], retain_graph=True,
+                        is_grads_batched=True)
+                    parts.append(part)
+                cols = parts[0] if len(parts) == 1 else torch.cat(parts)
         if not self.cache:
             g.pop("dual", None)
         return cols

@@ -59,7 +59,9 @@ __all__ = [
     "Crossing",
     "OptimizerComparison",
     "Problem",
+    "SeedStudy",
     "StudentTeacherResult",
+    "StudyRow",
     "TeacherConfig",
     "TeacherExperiment",
     "build_problem",
@@ -68,12 +70,14 @@ __all__ = [
     "compare_optimizers",
     "count_spikes",
     "detect_crossing",
+    "normal_form_response",
     "run_experiment",
     "run_seeds",
     "run_student_teacher",
-    "SeedStudy",
-    "StudyRow",
+    "run_summary",
+    "spike_bias_share",
     "spike_onsets",
+    "summarize",
 ]
 
 Progress = Callable[[int, int], None] | None
@@ -1037,8 +1041,9 @@ def _direction_summary(r: StudentTeacherResult, prefix: str = "") -> dict:
     }
 
 
-def _spike_bias_share(r: StudentTeacherResult) -> float | None:
-    """Median over spike onsets of the largest bias share of the three updates before it."""
+def spike_bias_share(r: StudentTeacherResult) -> float | None:
+    """Median over spike onsets of the largest bias share (``‖Δb‖/‖Δθ‖``) of the three updates
+    before each: near 1 when the spikes are the biases (None without spikes)."""
     if r.update_bias_share is None or not r.spike_onsets:
         return None
     shares = r.update_bias_share
@@ -1082,7 +1087,7 @@ def summarize(collapse: StudentTeacherResult, landscape: ChannelLandscape | None
                         f"{name}_max_loss_after_crossing": r.max_loss_after_crossing,
                         f"{name}_max_loss_after_fit": r.max_loss_after_fit,
                         f"{name}_spikes": r.spikes,
-                        f"{name}_spike_bias_share": _spike_bias_share(r),
+                        f"{name}_spike_bias_share": spike_bias_share(r),
                         f"{name}_crossing_step": r.crossing.step,
                         f"{name}_recrossings": r.crossing.recrossings,
                         f"{name}_seconds_per_step": comparison.seconds_per_step[name]})
@@ -1137,7 +1142,7 @@ def run_seeds(config: TeacherConfig | None = None, *, seeds=(0, 1, 2, 3, 4),
     bad = [a for a in architectures if a not in ARCHITECTURES]
     if bad:
         raise ValueError(f"expected architectures from {ARCHITECTURES}, got {bad}")
-    run = run or _study_row
+    run = run or run_summary
     rows = []
     total = len(architectures) * len(seeds)
     for j, (arch, seed) in enumerate((a, s) for a in architectures for s in seeds):
@@ -1161,7 +1166,9 @@ class StudyRow(Result):
     summary: dict
 
 
-def _study_row(cfg: TeacherConfig, landscape: bool, compare: bool) -> dict:
+def run_summary(cfg: TeacherConfig, landscape: bool = True, compare: bool = True) -> dict:
+    """One run of the experiment (the collapse run, optionally the landscape through its
+    crossing and the optimizer comparison) condensed by :func:`summarize`."""
     gen = torch.Generator()
     gen.manual_seed(int(cfg.seed))
     collapse = run_student_teacher(cfg, generator=gen)

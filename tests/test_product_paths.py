@@ -164,6 +164,24 @@ def test_opaque_blocks_share_one_pass():
     finally:
         torch.autograd.grad = grad
     assert calls == [True, True]
+    # outputs wider than the CPU working set go through the double backward in column groups
+    # (two vectors' outputs fit here: groups of 2), with the same products
+    import lanczos_ntk._engine as engine_module
+
+    X = torch.randn(K.engine.P, 5, dtype=F64, generator=gen(4))
+    want = K.engine.jvp(X)
+    calls.clear()
+    saved = engine_module.DOUBLE_VJP_WORKING_SET
+    engine_module.DOUBLE_VJP_WORKING_SET = 2 * K.engine.M * 8
+    torch.autograd.grad = counting
+    try:
+        got = K.engine.jvp(X)
+    finally:
+        torch.autograd.grad = grad
+        engine_module.DOUBLE_VJP_WORKING_SET = saved
+    assert calls == [True, True, True]  # columns 0-1, 2-3, 4
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, dense_jacobian(model, u) @ X, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -180,7 +180,7 @@ def test_end_to_end_default_seed():
     comp = T.compare_optimizers(cfg)
     assert comp.sgd.spikes >= 1 and comp.lrng.spikes == 0
     # the SGD spike is the biases: a round-off seed grown along the amplified g channel
-    assert T._spike_bias_share(comp.sgd) > 0.9
+    assert T.spike_bias_share(comp.sgd) > 0.9
     assert float(comp.sgd.update_bias_share[:5].max()) < 1e-12
     assert comp.lrng.final_loss < 1e-2 * comp.sgd.final_loss
     assert math.isfinite(comp.overhead)

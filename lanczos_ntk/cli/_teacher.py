@@ -229,7 +229,7 @@ def _seed_study(cfg, run, seeds_text, arch_text, optimizer, quiet, out):
     def row(c, landscape, compare):
         saved = run.cached(f"study-{c.architecture}-{c.seed}",
                            lambda: T.StudyRow(architecture=c.architecture, seed=c.seed,
-                                              summary=T._study_row(c, landscape, compare)),
+                                              summary=T.run_summary(c, landscape, compare)),
                            f"study run: {c.architecture}, seed {c.seed}")
         return saved.summary
 
