@@ -59,7 +59,7 @@ class ProductPlan:
         ``closed_form``: the CTRNN / DiscreteRNN linear recurrences; ``cell``: the model's
         one-step cell linearised along the cached trajectory; ``autograd``: the whole forward
         differentiated as it is (forward-only modules).
-    jvp : how ``J x`` is computed ("structured", "cell", "forward" or "double_vjp")
+    jvp : how ``J x`` is computed ("structured", "cell", "forward", "double_vjp" or "linearize")
     cell : which cell the ``cell`` path uses (``""`` otherwise)
     trials, chunk_size, num_chunks : the chunking over trials
     cached : whether every chunk's linearisation is kept between products (the forward then

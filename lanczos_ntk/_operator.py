@@ -415,15 +415,20 @@ class StateNTK(_JacobianProductOperator):
     chunk_size : int, optional
         Trials per chunk. Default: as many as the memory budget allows (one chunk when the
         whole dataset fits). Only one chunk's work is in memory at a time.
-    jvp : {"auto", "structured", "cell", "forward", "double_vjp"}
+    jvp : {"auto", "structured", "cell", "forward", "double_vjp", "linearize"}
         How ``J x`` is computed. ``"structured"``: the closed-form linear recurrences of the
         CTRNN and DiscreteRNN (DESIGN §1). ``"cell"``: the model's one-step cell linearised
         along the cached trajectory (built-in models, batch-first ``torch.nn.RNN`` / ``GRU`` /
         ``LSTM`` through their cell equations, and modules with a ``step(h, u)`` method whose
         ``forward`` iterates it). ``"forward"``: forward-mode AD through the whole forward;
-        ``"double_vjp"``: the VJP of a VJP on the cached autograd graph (for kernels without
-        forward mode). ``"auto"`` takes the first that applies, in that order; the cell and
-        closed-form paths cover ``outputs="states"``.
+        ``"double_vjp"``: the VJP of a VJP on the cached autograd graph (also for kernels
+        without forward mode); ``"linearize"``: ``torch.func.linearize`` of the whole forward,
+        traced once per chunk and cached (the trace takes seconds; each product is then several
+        times cheaper than the VJP of a VJP on large chunks). ``"auto"`` takes the structured,
+        then the cell path; for other modules (cached) the VJP of a VJP, or ``"linearize"`` when
+        the outputs number at least ``LINEARIZE_MIN_OUTPUTS`` (2²¹) and forward mode works;
+        forward mode when the graphs do not fit the budget. The cell and closed-form paths cover
+        ``outputs="states"``.
     memory_budget : int, optional
         Bytes the operator may hold: cached linearisations plus one chunk's transient work.
         Default: half the memory available on the model's device (``MemAvailable`` on the CPU,

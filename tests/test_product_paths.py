@@ -214,3 +214,71 @@ def test_wide_blocks_split_by_trials_on_the_closed_form_path(monkeypatch):
     K = lnk.StateNTK(model, u)
     assert len(K.engine._row_groups(4, 5)) == 5 and len(K.engine._row_groups(1, 5)) == 1
     check_products(K, dense_jacobian(model, u), full=False)
+
+
+class _ForwardOnly(nn.Module):
+    """A user's forward-only module (a loop over time, nothing else)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(0.5 * torch.randn(3, 3, generator=gen(1), dtype=F64))
+        self.U = nn.Parameter(torch.randn(3, 2, generator=gen(2), dtype=F64))
+
+    def forward(self, u):
+        h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
+        for t in range(u.shape[1]):
+            h = torch.tanh(h @ self.W.T + u[:, t] @ self.U.T)
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_linearized_forward_against_dense(chunk_size):
+    model, u = _ForwardOnly(), inputs()
+    K = lnk.StateNTK(model, u, jvp="linearize", chunk_size=chunk_size)
+    assert K.plan.jvp == "linearize" and K.plan.path == "autograd" and K.plan.cached
+    check_products(K, dense_jacobian(model, u), full=False)
+
+
+def test_auto_linearizes_large_opaque_modules_only(monkeypatch):
+    import lanczos_ntk._engine as engine_module
+
+    model, u = _ForwardOnly(), inputs()
+    assert lnk.StateNTK(model, u).plan.jvp == "double_vjp"  # small: no trace
+    monkeypatch.setattr(engine_module, "LINEARIZE_MIN_OUTPUTS", u.shape[0] * u.shape[1] * 3)
+    K = lnk.StateNTK(model, u)
+    assert K.plan.jvp == "linearize"
+    check_products(K, dense_jacobian(model, u))
+    # without room to cache the traced JVP it would be redone every product: forward mode
+    assert lnk.StateNTK(model, u, cache=False).plan.jvp == "forward"
+
+
+def test_linearize_needs_forward_mode():
+    class NoForwardAD(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return torch.tanh(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(output)
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * (1 - y * y)
+
+    class Opaque(_ForwardOnly):
+        def forward(self, u):
+            h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
+            for t in range(u.shape[1]):
+                h = NoForwardAD.apply(h @ self.W.T + u[:, t] @ self.U.T)
+                out.append(h)
+            return torch.stack(out, 1)
+
+    model, u = Opaque(), inputs()
+    with pytest.raises(ValueError, match="forward-mode AD"):
+        lnk.StateNTK(model, u, jvp="linearize")
+    K = lnk.StateNTK(model, u)  # auto: the VJP of a VJP
+    assert K.plan.jvp == "double_vjp"
+    check_products(K, dense_jacobian(model, u))
