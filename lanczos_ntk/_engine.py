@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from ._budget import DEFAULT_BUDGET_FRACTION, ProductPlan, available_memory, saved_bytes
 from ._cell_path import CellLinearization
@@ -345,7 +346,9 @@ class JacobianEngine:
                 out = self.call(p, u, h0)
             lin = {"p": p, "out": out, "u": u, "h0": h0}
             if self.jvp_mode == "linearize":  # J x by a traced JVP of the whole forward
-                with warnings.catch_warnings():
+                # products run inside linear_operator's autograd.Function, where forward-mode
+                # AD is switched off: linearize would trace a zero JVP there
+                with warnings.catch_warnings(), forward_ad._set_fwd_grad_enabled(True):
                     # torch.fx's constant folding inside linearize warns about its own graph
                     warnings.filterwarnings("ignore", message="Attempted to insert a get_attr",
                                             category=UserWarning)
@@ -405,14 +408,16 @@ class JacobianEngine:
             return torch.func.vmap(one)(tangents)
         if self.jvp_mode == "linearize":
             jfn = self._linearization(i)["jvp"]
-            if X.shape[0] == 1:
-                return jfn({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
-            sl = self.chunks[i]
-            per = (sl.stop - sl.start) * self.steps * self.width * self.itemsize
-            step = X.shape[0] if torch.device(self.device).type != "cpu" else \
-                max(1, CPU_WORKING_SET // max(per, 1))
-            return torch.cat([torch.func.vmap(jfn)({n: t[s:s + step] for n, t in tangents.items()})
-                              for s in range(0, X.shape[0], step)])
+            with forward_ad._set_fwd_grad_enabled(True):
+                if X.shape[0] == 1:
+                    return jfn({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
+                sl = self.chunks[i]
+                per = (sl.stop - sl.start) * self.steps * self.width * self.itemsize
+                step = X.shape[0] if torch.device(self.device).type != "cpu" else \
+                    max(1, CPU_WORKING_SET // max(per, 1))
+                return torch.cat([torch.func.vmap(jfn)({n: t[s:s + step]
+                                                        for n, t in tangents.items()})
+                                  for s in range(0, X.shape[0], step)])
         # VJP of a VJP: Jᵀ v0 is linear in v0, so its VJP along x is J x; all k share one pass
         g = self._linearization(i)
         with torch.enable_grad():

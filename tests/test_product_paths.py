@@ -235,9 +235,19 @@ class _ForwardOnly(nn.Module):
 @pytest.mark.parametrize("chunk_size", [None, 1])
 def test_linearized_forward_against_dense(chunk_size):
     model, u = _ForwardOnly(), inputs()
+    J = dense_jacobian(model, u)
+    # the first product through linear_operator's matmul (an autograd.Function, where forward
+    # mode is off): the trace must still see the tangents
+    K = lnk.StateNTK(model, u, jvp="linearize", chunk_size=chunk_size)
+    V = torch.randn(J.shape[0], 2, generator=gen(7), dtype=F64)
+    torch.testing.assert_close(K.matmul(V), J @ (J.T @ V), rtol=1e-11, atol=1e-11)
+    top = lnk.eigsh(lnk.StateNTK(model, u, jvp="linearize", chunk_size=chunk_size), k=2,
+                    generator=gen(0))
+    torch.testing.assert_close(top.eigenvalues, torch.linalg.eigvalsh(J.T @ J).flip(0)[:2],
+                               rtol=1e-9, atol=0)
     K = lnk.StateNTK(model, u, jvp="linearize", chunk_size=chunk_size)
     assert K.plan.jvp == "linearize" and K.plan.path == "autograd" and K.plan.cached
-    check_products(K, dense_jacobian(model, u), full=False)
+    check_products(K, J, full=False)
 
 
 def test_auto_linearizes_large_opaque_modules_only(monkeypatch):
