@@ -273,6 +273,8 @@ def test_cli_seed_study_saves_each_run_and_resumes(tmp_path):
         assert (out / "results" / f"study-{arch}-1.json").exists()
     again = CliRunner().invoke(teacher_command, args)
     assert again.exit_code == 0 and json.loads((out / "study.json").read_text()) == study
-    bad = CliRunner().invoke(teacher_command, ["--out", str(tmp_path / "x"), "--seeds", "0",
-                                               "--architectures", "lstm"])
-    assert bad.exit_code == 2 and "architectures" in bad.output
+    for args, word in ((["--seeds", "0", "--architectures", "lstm"], "architectures"),
+                       (["--seeds", "a,b"], "seeds")):
+        bad = CliRunner().invoke(teacher_command, ["--out", str(tmp_path / "x"), *args])
+        assert bad.exit_code == 2 and word in bad.output
+        assert not (tmp_path / "x").exists()  # refused before anything is written

@@ -207,10 +207,8 @@ def _parse_list(text: str, what: str, cast):
     return vals
 
 
-def _seed_study(cfg, run, seeds_text, arch_text, optimizer, quiet, out):
-    """``--seeds``: the experiment per (architecture, seed), each saved as it finishes."""
-    from tqdm import tqdm
-
+def _study_plan(seeds_text, arch_text):
+    """``--seeds`` and ``--architectures`` parsed, before anything is written (exit 2 if bad)."""
     from .. import teacher as T
     from .._runs import ConfigError
 
@@ -223,6 +221,15 @@ def _seed_study(cfg, run, seeds_text, arch_text, optimizer, quiet, out):
                               f"got {', '.join(bad)}")
     except ConfigError as exc:  # a usage error: exit 2, like the other commands' bad input
         raise click.UsageError(str(exc)) from None
+    return seeds, archs
+
+
+def _seed_study(cfg, run, seeds, archs, optimizer, quiet, out):
+    """``--seeds``: the experiment per (architecture, seed), each saved as it finishes."""
+    from tqdm import tqdm
+
+    from .. import teacher as T
+
     bar = tqdm(total=len(seeds) * len(archs), disable=quiet, file=sys.stderr, desc="teacher seeds",
                unit="run")
 
@@ -299,14 +306,15 @@ def teacher_command(out, config_file, overrides, seed, steps, lr, optimizer, fre
     if threads < 1:
         raise click.BadParameter(f"expected --threads >= 1, got {threads}")
     torch.set_num_threads(threads)
+    study = _study_plan(seeds_text, arch_text) if seeds_text else None
     try:
         cfg = _config(config_file, overrides, seed, steps, lr, optimizer)
         record = {**dataclasses.asdict(cfg), "command_optimizer": optimizer}
         run = RunFolder(out, record, fresh=fresh, command="teacher")
     except ConfigError as exc:  # bad input: exit 2 and one line, like the other commands
         raise click.UsageError(str(exc)) from None
-    if seeds_text:
-        _seed_study(cfg, run, seeds_text, arch_text, optimizer, quiet, out)
+    if study is not None:
+        _seed_study(cfg, run, *study, optimizer, quiet, out)
         return
     n_land = cfg.landscape_points + max(3, cfg.landscape_points // 3)
     total = cfg.num_steps + n_land + (2 * cfg.compare_steps if optimizer == "both" else 0)
