@@ -37,6 +37,7 @@ import torch
 from . import linalg
 from ._results import Result, Status
 from .linalg import NumericalWarning
+from .linalg._common import mean_se
 
 __all__ = [
     "ConditionNumber",
@@ -749,12 +750,6 @@ def _f_at_zero(f: Callable[[torch.Tensor], torch.Tensor]) -> float:
     return float(_apply(f, torch.zeros(1, dtype=torch.float64))[0])
 
 
-def _mean_se(x: torch.Tensor) -> tuple[float, float]:
-    if x.numel() < 2:
-        return float(x.mean()), math.nan
-    return float(x.mean()), float(x.std()) / math.sqrt(x.numel())
-
-
 _TOO_FEW_RTOL = 0.05  # a last-step change above 5% of the value: too few Lanczos steps
 
 
@@ -786,7 +781,7 @@ def tr_f(result: Any, f: Callable[[torch.Tensor], torch.Tensor], *,
     385.0
     """
     result = _check_slq(result)
-    est, se = _mean_se(result.samples(f))
+    est, se = mean_se(result.samples(f))
     est += result.exact_part(f)
     err = result.quadrature_change(f, degree)
     return TraceResult(estimate=est, standard_error=_combine(se, err), method=_method_of(result),
@@ -883,7 +878,7 @@ def spectral_density(result: Any, grid: torch.Tensor | None = None,
         zero_top = int((result.top <= cut).sum())
     zero_per_probe = (result.extra_zeros + zero_top + quad.dimension
                       * (quad.weights * (quad.nodes <= cut)).sum(dim=1)) / N
-    zero_mass, zero_se = _mean_se(zero_per_probe)
+    zero_mass, zero_se = mean_se(zero_per_probe)
     bound = _count_bound(quad, cut) / N
     x, w = nodes[nonzero], w[nonzero] / N
     if scale == "log":
@@ -962,7 +957,7 @@ def _rank_from_quadrature(r: Any, kind: str, rtol: float, lambda_max: float | No
         lmax = r.lambda_max if lambda_max is None else lambda_max
         if lmax <= 0:
             return 0.0, math.nan, 0.0
-        _, se = _mean_se(s1)
+        _, se = mean_se(s1)
         return min(max(a / lmax, 1.0), float(n)), se / lmax, 0.0
     cut = rtol * (r.lambda_max if lambda_max is None else lambda_max)
 
@@ -970,7 +965,7 @@ def _rank_from_quadrature(r: Any, kind: str, rtol: float, lambda_max: float | No
         return (x > cut).to(torch.float64)
 
     count = r.samples(above)
-    est, se = _mean_se(count)
+    est, se = mean_se(count)
     return est + r.exact_part(above), se, 0.0
 
 

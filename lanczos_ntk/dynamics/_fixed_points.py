@@ -14,20 +14,13 @@ import torch
 from torch.func import jacfwd, vmap
 
 from .._results import Status
+from ..linalg._common import default_generator
 from ._critical import criticality, euler_fields, sort_eigenvalues
 from ._dense import eigvals
 from ._results import FixedPoints
 from ._system import System, as_system, system_from_model
 
 __all__ = ["find_fixed_points"]
-
-
-def _default_generator(generator: torch.Generator | None) -> torch.Generator:
-    if generator is not None:
-        return generator
-    g = torch.Generator()
-    g.manual_seed(0)
-    return g
 
 
 def trajectory_seeds(system: System, p, num_seeds: int, generator: torch.Generator, *,
@@ -98,7 +91,7 @@ def find_fixed_points(system, seeds: torch.Tensor | None = None, p: float | None
     >>> sorted(round(float(v), 6) for v in fp.points[:, 0])
     [-1.0, 0.0, 1.0]
     """
-    generator = _default_generator(generator)
+    generator = default_generator(generator)
     if hasattr(system, "rhs") and hasattr(system, "kind") and u is not None:
         u_all = torch.as_tensor(u, dtype=torch.float64)
         if u_all.dim() == 2:

@@ -59,6 +59,13 @@ def default_generator(generator: torch.Generator | None) -> torch.Generator:
     return generator if generator is not None else torch.Generator().manual_seed(0)
 
 
+def mean_se(x: torch.Tensor) -> tuple[float, float]:
+    """Mean of samples and its standard error ``std / sqrt(m)`` (NaN with fewer than two)."""
+    if x.numel() < 2:
+        return float(x.mean()), math.nan
+    return float(x.mean()), float(x.std(unbiased=True)) / math.sqrt(x.numel())
+
+
 def breakdown_tol(n: int, eps: float, anorm: float) -> float:
     """Threshold below which a new Lanczos direction is rounding noise: ``10 sqrt(n) eps ||A||``."""
     return 10.0 * math.sqrt(max(n, 1)) * eps * anorm

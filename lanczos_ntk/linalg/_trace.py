@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from ._common import WORK_DTYPE, Matmul, as_work, default_generator, random_block
+from ._common import WORK_DTYPE, Matmul, as_work, default_generator, mean_se, random_block
 
 __all__ = ["TraceEstimate", "hutchinson", "hutchpp"]
 
@@ -19,12 +18,6 @@ class TraceEstimate(NamedTuple):
     standard_error: float
     num_matvecs: int
     samples: torch.Tensor
-
-
-def _mean_se(x: torch.Tensor) -> tuple[float, float]:
-    if x.numel() < 2:
-        return float(x.sum()), float("nan")
-    return float(x.mean()), float(x.std(unbiased=True)) / math.sqrt(x.numel())
 
 
 def hutchinson(matmul: Matmul, n: int, num_matvecs: int, *, probe: str = "rademacher",
@@ -42,7 +35,7 @@ def hutchinson(matmul: Matmul, n: int, num_matvecs: int, *, probe: str = "radema
     generator = default_generator(generator)
     V = random_block(n, num_matvecs, generator, device, probe)
     samples = (V * as_work(matmul, dtype, device)(V)).sum(dim=0).cpu()
-    est, se = _mean_se(samples)
+    est, se = mean_se(samples)
     return TraceEstimate(est, se, num_matvecs, samples)
 
 
@@ -72,5 +65,5 @@ def hutchpp(matmul: Matmul, n: int, num_matvecs: int, *, probe: str = "rademache
     G = random_block(n, s, generator, device, probe)
     G = G - Q @ (Q.T @ G)
     samples = (G * work(G)).sum(dim=0).cpu()
-    rest, se = _mean_se(samples)
+    rest, se = mean_se(samples)
     return TraceEstimate(top + rest, se, 2 * k + s, samples)
