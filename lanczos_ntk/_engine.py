@@ -367,6 +367,13 @@ class JacobianEngine:
         rows = max(1, CPU_WORKING_SET // (5 * k * self.steps * self.width * self.itemsize))
         return [slice(s, min(s + rows, b)) for s in range(0, b, rows)]
 
+    def _column_passes(self, k: int, per_column: int, working_set: int) -> list[slice]:
+        """Column groups of a block of ``k`` whose outputs (``per_column`` bytes each) stay
+        within ``working_set`` per pass on the CPU (one pass on a GPU)."""
+        step = k if torch.device(self.device).type != "cpu" else \
+            max(1, working_set // max(per_column, 1))
+        return [slice(s, min(s + step, k)) for s in range(0, k, step)]
+
     def vjp_chunk(self, i: int, V: torch.Tensor) -> torch.Tensor:
         """``J_iᵀ V`` for ``V [k, b, T, c]``; returns ``[k, P]``."""
         lin = self._linearization(i)
@@ -413,11 +420,9 @@ class JacobianEngine:
                     return jfn({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
                 sl = self.chunks[i]
                 per = (sl.stop - sl.start) * self.steps * self.width * self.itemsize
-                step = X.shape[0] if torch.device(self.device).type != "cpu" else \
-                    max(1, CPU_WORKING_SET // max(per, 1))
-                return torch.cat([torch.func.vmap(jfn)({n: t[s:s + step]
-                                                        for n, t in tangents.items()})
-                                  for s in range(0, X.shape[0], step)])
+                return torch.cat([torch.func.vmap(jfn)({n: t[cols] for n, t in tangents.items()})
+                                  for cols in self._column_passes(X.shape[0], per,
+                                                                  CPU_WORKING_SET)])
         # VJP of a VJP: Jᵀ v0 is linear in v0, so its VJP along x is J x; all k share one pass
         g = self._linearization(i)
         with torch.enable_grad():
@@ -436,16 +441,11 @@ class JacobianEngine:
                 # of the graph: on the CPU, past DOUBLE_VJP_WORKING_SET of outputs per pass it
                 # turns memory bound (4x the per-vector cost of single products with 13 MiB of
                 # outputs per vector), so wide blocks go through in column groups
-                per = g["out"].numel() * self.itemsize
-                step = X.shape[0] if torch.device(self.device).type != "cpu" else \
-                    max(1, DOUBLE_VJP_WORKING_SET // max(per, 1))
-                parts = []
-                for s in range(0, X.shape[0], step):
-                    (part,) = torch.autograd.grad(
-                        grads, v0, [tangents[n][s:s + step] for n in names], retain_graph=True,
-                        is_grads_batched=True)
-                    parts.append(part)
-                cols = parts[0] if len(parts) == 1 else torch.cat(parts)
+                passes = self._column_passes(X.shape[0], g["out"].numel() * self.itemsize,
+                                             DOUBLE_VJP_WORKING_SET)
+                cols = torch.cat([torch.autograd.grad(grads, v0, [tangents[n][c] for n in names],
+                                                      retain_graph=True, is_grads_batched=True)[0]
+                                  for c in passes])
         if not self.cache:
             g.pop("dual", None)
         return cols

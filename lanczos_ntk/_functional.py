@@ -34,6 +34,15 @@ class ParamSpec:
     def numel(self) -> int:
         return sum(self.sizes)
 
+    def indices(self, names) -> torch.Tensor:
+        """Positions in the flat ``P``-vector of the parameters ``names`` (in spec order)."""
+        wanted, start, out = set(names), 0, []
+        for n, size in zip(self.names, self.sizes):
+            if n in wanted:
+                out.append(torch.arange(start, start + size))
+            start += size
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
     def flatten(self, tensors: dict[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
         """Concatenate ``{name: [*batch, *shape]}`` into ``[*batch, P]``."""
         parts = [tensors[n].reshape(*tensors[n].shape[:batch_dims], -1) for n in self.names]

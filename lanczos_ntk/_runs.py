@@ -120,6 +120,19 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
     return value
 
 
+def parse_list(text: str, what: str, cast=float) -> list:
+    """``"a,b,c"`` of a command-line option ``--what`` as a list of ``cast`` values; a
+    :class:`ConfigError` naming the option for anything else, or for an empty list."""
+    kind = {int: "whole numbers", float: "numbers"}.get(cast, "values")
+    try:
+        vals = [cast(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what}: expected comma-separated {kind}, got {text!r}") from None
+    if not vals:
+        raise ConfigError(f"--{what}: expected at least one value, got {text!r}")
+    return vals
+
+
 def merge_config(defaults: Mapping, *layers: Mapping, where: str = "") -> dict:
     """Overlay ``layers`` on ``defaults``; unknown keys and wrong types raise :class:`ConfigError`."""
     out = copy.deepcopy(dict(defaults))

@@ -47,6 +47,7 @@ __all__ = [
     "fit_power_law",
     "predicted_channel_eigenvalue",
     "predicted_transient_eigenvalue",
+    "real_mode_coefficients",
     "split_kernel",
 ]
 
@@ -87,6 +88,11 @@ class CriticalDirection(Result):
     dt: float = 1.0
     d_partial: torch.Tensor | None = None
     derivative: str = "total"
+
+    @property
+    def is_real(self) -> bool:
+        """A real critical mode (fold, branch point, flip): one column in ``g`` and ``d``."""
+        return self.g.shape[1] == 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +283,7 @@ def _response_columns(direction: CriticalDirection, kick: torch.Tensor, steps: i
     t = torch.arange(1, steps + 1, dtype=torch.float64)
     mt = torch.tensor(m, dtype=torch.complex128) ** t
     g, d = direction.g.to(torch.float64), direction.d.to(torch.float64)
-    real = g.shape[1] == 1
+    real = direction.is_real
     a = torch.as_tensor(kick).to(torch.complex128).reshape(-1)              # [B]
     resp = torch.zeros(a.numel(), steps, Q.shape[1], dtype=torch.complex128)
     if static:
@@ -295,7 +301,8 @@ def _response_columns(direction: CriticalDirection, kick: torch.Tensor, steps: i
 
 
 def channel_report(K: StateNTK, g: torch.Tensor, *, tol: float = 1e-8, generator=None,
-                   prediction: float | None = None, trace_method: str = "exact") -> ChannelReport:
+                   prediction: float | None = None, trace_method: str = "exact",
+                   _whole: tuple | None = None) -> ChannelReport:
     """Amplification ``λ_max(K_bif)/λ_max(K_res)``, trace share and alignment of the channel.
 
     ``λ_max(K_bif)`` and ``tr K_bif = ‖J Q‖²_F`` are exact from ``r`` JVPs; ``λ_max(K)`` and
@@ -304,7 +311,7 @@ def channel_report(K: StateNTK, g: torch.Tensor, *, tol: float = 1e-8, generator
     (``"hutch++"`` is cheaper for large ``P``). The alignment is ``‖Q_Jᵀ u₁‖`` with ``u₁`` the top eigenvector
     of ``K`` and ``Q_J`` an orthonormal basis of ``J g``: 1 when ``u₁ ∈ span(J g)``.
     """
-    from .spectral import eigsh, trace
+    from .spectral import eigsh
 
     K_bif, K_res = split_kernel(K, g)
     engine = K.engine
@@ -313,22 +320,12 @@ def channel_report(K: StateNTK, g: torch.Tensor, *, tol: float = 1e-8, generator
     small = JQ.T @ JQ
     lam_bif = float(torch.linalg.eigvalsh(small).max())
     tr_bif = float(small.trace())
-    dual = engine.P < engine.M
-    top = eigsh(K.dual() if dual else K, k=1, tol=tol, return_eigenvectors=True,
-                generator=generator)
-    lam_max = float(top.eigenvalues[0])
-    vec = top.eigenvectors[:, :1].to(engine.dtype)
-    u1 = (engine.jvp(vec) if dual else vec)[:, 0]  # K's eigenvector is J x / ‖J x‖
-    u1 = u1 / torch.linalg.vector_norm(u1).clamp_min(1e-300)
+    lam_max, u1, tr = _whole or _whole_kernel(K, tol, generator, trace_method)
     QJ, _ = torch.linalg.qr(JQ)
     alignment = float(torch.linalg.vector_norm(QJ.T @ u1).clamp(max=1.0))
     res = eigsh(_Dual(K_res), k=1, tol=tol, generator=generator) if engine.P < engine.M else \
         eigsh(K_res, k=1, tol=tol, generator=generator)
     lam_res = float(res.eigenvalues[0])
-    if trace_method == "exact":
-        tr = _exact_trace(engine)
-    else:
-        tr = float(trace(K, method=trace_method, generator=generator).estimate)
     used = engine.num_jvp_vectors + engine.num_vjp_vectors - start
     return ChannelReport(rank=int(K_bif.basis.shape[1]), lambda_max=lam_max, lambda_bif=lam_bif,
                          lambda_res=lam_res,
@@ -336,6 +333,24 @@ def channel_report(K: StateNTK, g: torch.Tensor, *, tol: float = 1e-8, generator
                          trace=tr, trace_bif=tr_bif, trace_share=tr_bif / tr if tr > 0 else 0.0,
                          alignment=alignment, predicted_lambda_bif=prediction,
                          num_matvecs=int(used))
+
+
+def _whole_kernel(K: StateNTK, tol: float, generator, trace_method: str
+                  ) -> tuple[float, torch.Tensor, float]:
+    """What every channel report of one kernel shares: ``λ_max(K)``, the top eigenvector ``u₁``
+    of ``K`` (unit, ``[M]``) and ``tr K``."""
+    from .spectral import eigsh, trace
+
+    engine = K.engine
+    dual = engine.P < engine.M
+    top = eigsh(K.dual() if dual else K, k=1, tol=tol, return_eigenvectors=True,
+                generator=generator)
+    vec = top.eigenvectors[:, :1].to(engine.dtype)
+    u1 = (engine.jvp(vec) if dual else vec)[:, 0]  # K's eigenvector is J x / ‖J x‖
+    u1 = u1 / torch.linalg.vector_norm(u1).clamp_min(1e-300)
+    tr = _exact_trace(engine) if trace_method == "exact" else \
+        float(trace(K, method=trace_method, generator=generator).estimate)
+    return float(top.eigenvalues[0]), u1, tr
 
 
 class _Dual:
@@ -487,23 +502,37 @@ class ChannelComparison(Result):
                 f"{self.kick:.3g}, nonlinearity {self.nonlinearity:.3g} ({cond})")
 
 
-def _nonlinearity(model, direction: CriticalDirection, u: torch.Tensor, kick: float,
-                  delta: float, s: float) -> float:
+def real_mode_coefficients(model, direction: CriticalDirection, u: torch.Tensor
+                           ) -> tuple[float, float]:
+    """``(a₂, k₃) = (½ wᵀ D²f[v,v], ⅙ wᵀ D³f[v,v,v])``: the quadratic and cubic coefficients of
+    a real critical mode's normal form ``c ↦ c + s(μ c + a₂ c² + k₃ c³)`` at ``direction.x``
+    under the constant input ``u``."""
     from .dynamics._critical import bilinear, trilinear
 
     x = direction.x.to(torch.float64)
     p = {k: t.detach() for k, t in model.named_parameters()}
+    v, w = direction.v.real.to(x.dtype), direction.w.real.to(x.dtype)
 
     def f(xx):
         return _rhs_with(model, p, xx, u)
 
-    v, w = direction.v.to(torch.complex128), direction.w.to(torch.complex128)
-    real = abs(direction.eigenvalue.imag) <= 1e-12 * max(1.0, abs(direction.eigenvalue))
-    if real:
-        v, w = v.real.to(x.dtype), w.real.to(x.dtype)
-        q2 = abs(float(w @ bilinear(f, x, v, v))) / 2
-        q3 = abs(float(w @ trilinear(f, x, v, v, v))) / 6
+    return float(w @ bilinear(f, x, v, v)) / 2, float(w @ trilinear(f, x, v, v, v)) / 6
+
+
+def _nonlinearity(model, direction: CriticalDirection, u: torch.Tensor, kick: float,
+                  delta: float, s: float) -> float:
+    from .dynamics._critical import bilinear, trilinear
+
+    if direction.is_real:
+        q2, q3 = (abs(c) for c in real_mode_coefficients(model, direction, u))
     else:
+        x = direction.x.to(torch.float64)
+        p = {k: t.detach() for k, t in model.named_parameters()}
+        v, w = direction.v.to(torch.complex128), direction.w.to(torch.complex128)
+
+        def f(xx):
+            return _rhs_with(model, p, xx, u)
+
         def dot(a):
             return complex(w.conj() @ a.to(torch.complex128))
         q2 = abs(dot(bilinear(f, x, v, v))) / 2 + abs(dot(bilinear(f, x, v, v.conj())))
@@ -528,7 +557,8 @@ def compare_channels(K: StateNTK, direction: CriticalDirection, *, u: torch.Tens
     ``direction`` from :func:`critical_direction` at the fixed point ``x*`` the trials relax to
     (``derivative="total"``); ``u`` the constant input it was computed at (zeros by default);
     the kicks ``a_b`` are read from ``K``'s initial states (the model's default when ``K`` has
-    no ``h0``).
+    no ``h0``). The three reports share one ``λ_max(K)``, top eigenvector and ``tr K`` (their
+    ``num_matvecs`` leave that work out).
     """
     if not isinstance(K, StateNTK):
         raise TypeError(f"expected a lanczos_ntk.StateNTK, got {type(K).__name__}")
@@ -547,10 +577,13 @@ def compare_channels(K: StateNTK, direction: CriticalDirection, *, u: torch.Tens
         torch.as_tensor(u, dtype=torch.float64).reshape(-1)
     kick = float(a.abs().max())
 
+    whole = _whole_kernel(K, tol, generator, trace_method)  # shared by the three reports
+
     def report(D):
         if float(D.abs().max()) == 0.0:
             return None
-        return channel_report(K, D, tol=tol, generator=generator, trace_method=trace_method)
+        return channel_report(K, D, tol=tol, generator=generator, trace_method=trace_method,
+                              _whole=whole)
 
     g_rep, d_rep = report(direction.g), report(direction.d)
     joint = report(torch.cat([direction.g, direction.d], dim=1))

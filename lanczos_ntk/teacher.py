@@ -640,6 +640,7 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
     pairs of them (where the saddle between two stable states lies) and the final states of
     the student's trials (Sussillo & Barak 2013).
     """
+    from ._functional import ParamSpec
     from ._operator import StateNTK
 
     config = config or TeacherConfig()
@@ -662,13 +663,9 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
     t_train = t_rec = 0.0
     kind = student.kind
     # flat indices of the recurrent and input weights, and of the biases
-    sizes = {k: p.numel() for k, p in student.named_parameters() if p.requires_grad}
-    offsets = dict(zip(names, [0, *torch.cumsum(torch.tensor([sizes[k] for k in names]), 0)
-                               .tolist()[:-1]]))
-    block_names = [k for k in names if k in ("W", "B", "U")]
-    block = torch.cat([torch.arange(offsets[k], offsets[k] + sizes[k]) for k in block_names])
-    bias = torch.cat([torch.arange(offsets[k], offsets[k] + sizes[k]) for k in names
-                      if k == "b"] or [torch.zeros(0, dtype=torch.long)])
+    named = dict(student.named_parameters())
+    spec = ParamSpec(names, tuple(named[k].shape for k in names))
+    block, bias = spec.indices(("W", "B", "U")), spec.indices(("b",))
     shares: list[float] = []
 
     def lead_of(eigs):  # distance to the stability boundary: Re λ (flow), |μ| - 1 (map)
@@ -812,19 +809,13 @@ def normal_form_response(model, cd, inputs: torch.Tensor, *, dt: float) -> tuple
     ``e_{t+1} = e_t + s (c_t + (μ + 2a₂c_t + 3k₃c_t²) e_t)``. A parameter step along ``d̂``
     moves ``μ`` by ``‖d‖``, and the states along ``v``.
     """
-    from .channels import _rhs_with
-    from .dynamics._critical import bilinear, trilinear
+    from .channels import _rhs_with, real_mode_coefficients
 
     x = cd.x.to(torch.float64)
-    v, w = cd.v.real.to(torch.float64), cd.w.real.to(torch.float64)
+    w = cd.w.real.to(torch.float64)
     params = {k: t.detach() for k, t in model.named_parameters()}
     u0 = torch.zeros(model.input_size, dtype=torch.float64)
-
-    def f(xx):
-        return _rhs_with(model, params, xx, u0)
-
-    a2 = float(w @ bilinear(f, x, v, v)) / 2
-    k3 = float(w @ trilinear(f, x, v, v, v)) / 6
+    a2, k3 = real_mode_coefficients(model, cd, u0)
     fu = torch.func.jacrev(lambda uu: _rhs_with(model, params, x, uu))(u0)     # [n, d_in]
     beta = inputs.to(torch.float64) @ (fu.T @ w)                                # [B, T]
     flow = cd.kind == "flow"
@@ -899,9 +890,8 @@ def channel_landscape(config: TeacherConfig, theta: torch.Tensor, *,
         lam_bif.append(float(torch.linalg.eigvalsh(JQ.T @ JQ).max()))
         Jd = K.engine.jvp((ds / torch.linalg.vector_norm(ds))[:, None].to(K.engine.dtype))
         lam_d.append(float((Jd.to(torch.float64) ** 2).sum()))
-        real_mode = abs(cd.eigenvalue.imag) <= 1e-9 * max(1.0, abs(cd.eigenvalue))
         nf_val, nf_nl = normal_form_response(student, cd, u, dt=config.dt) \
-            if mu[-1] < 0 and real_mode else (float("nan"), float("nan"))
+            if mu[-1] < 0 and cd.is_real else (float("nan"), float("nan"))
         nform.append(nf_val)
         nform_nl.append(nf_nl)
         lam, *_ = spec(K.dual())
@@ -1014,7 +1004,7 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _direction_summary(r: StudentTeacherResult, prefix: str = "") -> dict:
+def _direction_summary(r: StudentTeacherResult) -> dict:
     """Which direction training uses (d or g) before the crossing, and the (W, B) block."""
     if r.sensitivity_eigenvalue is None:
         return {}
@@ -1028,16 +1018,16 @@ def _direction_summary(r: StudentTeacherResult, prefix: str = "") -> dict:
         return float(t.median()) if t.numel() else None
 
     return {
-        f"{prefix}sensitivity_eigenvalue_initial": _finite(r.sensitivity_eigenvalue[0]),
-        f"{prefix}sensitivity_eigenvalue_before_crossing": _finite(r.sensitivity_eigenvalue[last]),
-        f"{prefix}channel_eigenvalue_before_crossing": _finite(r.channel_eigenvalue[last]),
-        f"{prefix}gradient_channel_cos_median": med(r.gradient_channel_cos),
-        f"{prefix}gradient_sensitivity_cos_median": med(r.gradient_sensitivity_cos),
-        f"{prefix}block_sensitivity_cos_before_crossing": _finite(r.block_sensitivity_cos[last]),
-        f"{prefix}block_participation_initial": _finite(r.block_participation[0]),
-        f"{prefix}block_participation_before_crossing": _finite(r.block_participation[last]),
-        f"{prefix}bias_share_median": (float(r.update_bias_share.median())
-                                       if r.update_bias_share.numel() else None),
+        "sensitivity_eigenvalue_initial": _finite(r.sensitivity_eigenvalue[0]),
+        "sensitivity_eigenvalue_before_crossing": _finite(r.sensitivity_eigenvalue[last]),
+        "channel_eigenvalue_before_crossing": _finite(r.channel_eigenvalue[last]),
+        "gradient_channel_cos_median": med(r.gradient_channel_cos),
+        "gradient_sensitivity_cos_median": med(r.gradient_sensitivity_cos),
+        "block_sensitivity_cos_before_crossing": _finite(r.block_sensitivity_cos[last]),
+        "block_participation_initial": _finite(r.block_participation[0]),
+        "block_participation_before_crossing": _finite(r.block_participation[last]),
+        "bias_share_median": (float(r.update_bias_share.median())
+                              if r.update_bias_share.numel() else None),
     }
 
 

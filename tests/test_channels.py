@@ -371,3 +371,14 @@ def test_network_near_neimark_sacker_or_flip_collapses_onto_the_transient_channe
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.01
     exponent, _ = channels.fit_power_law(torch.tensor(deltas), torch.tensor(lams))
     assert exponent == pytest.approx(-3.0, abs=0.15)
+
+
+@pytest.mark.parametrize("form, a2, k3", [("pitchfork", 0.0, -1.0), ("transcritical", -1.0, 0.0),
+                                          ("saddle_node", -1.0, 0.0)])
+def test_real_mode_coefficients_of_the_normal_forms(form, a2, k3):
+    """x ↦ x + μx - x³ (or - x², or x + μ - x²) at x* = 0: the coefficients in closed form."""
+    model = models.DiscreteNormalForm(form, mu=-0.2 if form != "saddle_node" else 0.0)
+    cd = channels.critical_direction(model, torch.zeros(1, dtype=F64),
+                                     derivative="partial")
+    got = channels.real_mode_coefficients(model, cd, torch.zeros(1, dtype=F64))
+    assert got == pytest.approx((a2, k3), abs=1e-12)

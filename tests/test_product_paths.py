@@ -217,7 +217,9 @@ def test_wide_blocks_split_by_trials_on_the_closed_form_path(monkeypatch):
 
 
 class _ForwardOnly(nn.Module):
-    """A user's forward-only module (a loop over time, nothing else)."""
+    """A user's forward-only module (a loop over time, nothing else); ``act`` its nonlinearity."""
+
+    act = staticmethod(torch.tanh)
 
     def __init__(self):
         super().__init__()
@@ -227,7 +229,7 @@ class _ForwardOnly(nn.Module):
     def forward(self, u):
         h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
         for t in range(u.shape[1]):
-            h = torch.tanh(h @ self.W.T + u[:, t] @ self.U.T)
+            h = self.act(h @ self.W.T + u[:, t] @ self.U.T)
             out.append(h)
         return torch.stack(out, 1)
 
@@ -279,12 +281,7 @@ def test_linearize_needs_forward_mode():
             return g * (1 - y * y)
 
     class Opaque(_ForwardOnly):
-        def forward(self, u):
-            h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
-            for t in range(u.shape[1]):
-                h = NoForwardAD.apply(h @ self.W.T + u[:, t] @ self.U.T)
-                out.append(h)
-            return torch.stack(out, 1)
+        act = staticmethod(NoForwardAD.apply)
 
     model, u = Opaque(), inputs()
     with pytest.raises(ValueError, match="forward-mode AD"):

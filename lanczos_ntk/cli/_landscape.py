@@ -93,7 +93,7 @@ def landscapes_command(out, kind, steps_text, mu_text, alpha_text, dt, fresh, qu
     import matplotlib.pyplot as plt
 
     from .. import landscape as L
-    from .._runs import ConfigError, RunFolder
+    from .._runs import ConfigError, RunFolder, parse_list
     from ..models import CONTINUOUS_FORMS, DISCRETE_FORMS
 
     def grid(text, name):
@@ -108,11 +108,10 @@ def landscapes_command(out, kind, steps_text, mu_text, alpha_text, dt, fresh, qu
         return torch.linspace(lo, hi, num, dtype=torch.float64)
 
     try:
-        steps = [int(s) for s in steps_text.split(",") if s.strip()]
-    except ValueError:
-        raise click.UsageError(f"--steps: expected comma-separated whole numbers, got "
-                               f"{steps_text!r}") from None
-    if not steps or min(steps) < 1:
+        steps = parse_list(steps_text, "steps", int)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if min(steps) < 1:
         raise click.UsageError(f"--steps: expected trial lengths >= 1, got {steps_text!r}")
     if not dt > 0:
         raise click.UsageError(f"--dt: expected a positive Euler step, got {dt}")

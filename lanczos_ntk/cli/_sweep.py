@@ -10,7 +10,7 @@ import click
 import numpy as np
 import torch
 
-from .._runs import ConfigError, load_state_dict
+from .._runs import ConfigError, load_state_dict, parse_list
 from ._compute import (
     SweepPoint,
     check_param,
@@ -237,11 +237,7 @@ def sweep(config_file, overrides, seed, device, dtype, model_spec, out, fresh, q
     if param:
         extra.append(f"sweep.param={param}")
     if values_text:
-        try:
-            vals = [float(v) for v in values_text.split(",") if v.strip()]
-        except ValueError:
-            raise ConfigError(f"--values: expected comma-separated numbers, got {values_text!r}") from None
-        extra.append(f"sweep.values={vals}")
+        extra.append(f"sweep.values={parse_list(values_text, 'values', float)}")
     cfg = resolve_config("sweep", config_file, tuple(extra), seed=seed, device=device, dtype=dtype,
                          model_spec=model_spec, inputs_file=inputs_file, checkpoints=checkpoints)
     folder, result, points, figs, computed, wall = run_sweep("sweep", cfg, out, fresh, quiet)

@@ -195,26 +195,14 @@ STUDY_KEYS = (
 )
 
 
-def _parse_list(text: str, what: str, cast):
-    from .._runs import ConfigError
-
-    try:
-        vals = [cast(v.strip()) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--{what}: expected a comma-separated list, got {text!r}") from None
-    if not vals:
-        raise ConfigError(f"--{what}: expected at least one value, got {text!r}")
-    return vals
-
-
 def _study_plan(seeds_text, arch_text):
     """``--seeds`` and ``--architectures`` parsed, before anything is written (exit 2 if bad)."""
     from .. import teacher as T
-    from .._runs import ConfigError
+    from .._runs import ConfigError, parse_list
 
     try:
-        seeds = _parse_list(seeds_text, "seeds", int)
-        archs = _parse_list(arch_text, "architectures", str)
+        seeds = parse_list(seeds_text, "seeds", int)
+        archs = parse_list(arch_text, "architectures", str)
         bad = [a for a in archs if a not in T.ARCHITECTURES]
         if bad:
             raise ConfigError(f"--architectures: expected some of {', '.join(T.ARCHITECTURES)}, "

@@ -199,7 +199,7 @@ def _coefficients(f, x, A, v, w, bif, lam) -> dict[str, float]:
 
 
 def eigenvalue_derivatives(fun, x: torch.Tensor, params: dict[str, torch.Tensor],
-                           v: torch.Tensor, w: torch.Tensor, kind: str
+                           v: torch.Tensor, w: torch.Tensor, kind: str, *, total: bool = True
                            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     r"""Derivatives of an eigenvalue ``λ`` of ``A = ∂f/∂x`` with respect to the parameters.
 
@@ -218,6 +218,7 @@ def eigenvalue_derivatives(fun, x: torch.Tensor, params: dict[str, torch.Tensor]
 
     E.g. ``ẋ = μx - x³`` on the upper branch ``x* = √μ``: ``λ = -2μ``, partial ``∂λ/∂μ = 1``,
     total ``-2``; ``ẋ = μ - x²`` at ``x* = √μ``: partial ``0``, total ``-1/√μ``.
+    ``total=False`` skips the total derivative (returned as ``None``).
     """
     x = x.detach()
     cplx = v.is_complex() or w.is_complex()
@@ -237,6 +238,8 @@ def eigenvalue_derivatives(fun, x: torch.Tensor, params: dict[str, torch.Tensor]
         return (t[0].to(torch.complex128) + 1j * t[1].to(torch.complex128)) / norm
 
     partial = {k: cx(t).detach() for k, t in d_th.items()}
+    if not total:
+        return partial, None
     grad_x = cx(d_x).detach()                                                    # ∇_x λ, [n]
     A = jacrev(lambda y: fun(y, params))(x).detach().to(torch.float64)
     M = A - (1.0 if kind == "map" else 0.0) * torch.eye(A.shape[0], dtype=torch.float64)
@@ -272,7 +275,7 @@ def _sensitivities(system, x, p, v, w) -> dict:
     pt = system.scalar(p)
     # ∂λ/∂p at fixed x: p as the one "parameter" of f(x, p)
     dp, _ = eigenvalue_derivatives(lambda xx, th: system.f(xx, th["p"]), x, {"p": pt}, v, w,
-                                   system.kind)
+                                   system.kind, total=False)
     out = {"sensitivities": {}, "sensitivities_total": None,
            "eigenvalue_dp": complex(dp["p"]), "g": torch.zeros(1 if real else 2, 0, dtype=x.dtype),
            "param_names": [], "param_numels": []}
