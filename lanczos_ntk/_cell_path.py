@@ -5,17 +5,19 @@ the Jacobian of the outputs is a linear recurrence
 
     δs_t = A_t δs_{t-1} + C_t δθ,      A_t = ∂F/∂s,  C_t = ∂F/∂θ  at  (s_{t-1}, u_t),
 
-so ``J x`` is the direct term ``C_t x`` for every trial and time at once (one vmapped JVP of the
-cell over ``b·T`` rows) followed by ``T`` state-Jacobian products, and ``Jᵀ v`` is the adjoint
-recurrence ``λ_t = v_t + A_{t+1}ᵀ λ_{t+1}`` followed by ``Σ_t C_tᵀ λ_t`` (one vmapped VJP of the
-cell over ``b·T`` rows, whose graph is cached). The trajectory is computed once per chunk; a
-block of ``k`` vectors shares every pass (the ``k`` tangents are one batch dimension).
+so ``J x`` is the direct term ``C_t x`` for every trial and time at once (the VJP of a VJP
+through one cached graph of the cell over ``b·T`` rows) followed by ``T`` state-Jacobian
+products, and ``Jᵀ v`` is the adjoint recurrence ``λ_t = v_t + A_{t+1}ᵀ λ_{t+1}`` followed by
+``Σ_t C_tᵀ λ_t`` (one batched VJP through the same graph). The trajectory is computed once per
+chunk; a block of ``k`` vectors shares every pass (the ``k`` tangents are one batch dimension).
 """
 
 from __future__ import annotations
 
 import torch
 from torch.func import jvp, vjp, vmap
+
+from ._dual_graph import DualGraph
 
 __all__ = ["CellLinearization"]
 
@@ -32,8 +34,8 @@ class CellLinearization:
     """
 
     def __init__(self, cell, spec, params, u, h0, materialize: bool = False):
-        # the direct term's graph (``_direct_back``) is built by the first ``vjp``, so that a
-        # linearisation used for ``J x`` only, or to size a chunk, does not hold it
+        # the direct term's graph is built by the first product, so that a linearisation used
+        # to size a chunk does not hold it
         self.cell, self.spec = cell, spec
         self.params = params
         b, T, d = u.shape
@@ -52,7 +54,7 @@ class CellLinearization:
             return cell({**params, **th}, flat_s, flat_u)
 
         self._direct = direct
-        self._direct_back = None  # the direct term's VJP graph, built by the first Jᵀ v
+        self._direct_graph = None  # the direct term's graph, built by the first product
         self.A = None  # [T, b, S, S]: time-major, so each step's matrices are contiguous
         if materialize:
             S = self.shape[2]
@@ -60,24 +62,32 @@ class CellLinearization:
                                            u.transpose(0, 1).reshape(T * b, d)).reshape(T, b, S, S)
 
     def _state_jacobians(self, flat_s, flat_u, group_bytes: int = 64 << 20) -> torch.Tensor:
-        """Every step's ``A_t = ∂F/∂s`` ``[b·T, S, S]``: ``S`` basis tangents pushed through the
-        cell for all rows at once (as many per pass as keep one tangent batch under
-        ``group_bytes``), so that a product's recurrence is ``T`` batched small matrix products
-        with no autodiff in the loop."""
-        S = flat_s.shape[1]
+        """Every step's ``A_t = ∂F/∂s`` ``[b·T, S, S]``, row by row: the cell's graph over all
+        rows is recorded once and ``S`` basis cotangents go back through it in batched reverse
+        passes (as many per pass as keep one cotangent batch under ``group_bytes``), so that a
+        product's recurrence is ``T`` batched small matrix products with no autodiff in the
+        loop. (Reverse passes through one graph cost half of pushing ``S`` tangents forward
+        through ``torch.func.jvp``.)"""
+        N, S = flat_s.shape
         group = max(1, min(S, group_bytes // max(1, flat_s.numel() * flat_s.element_size())))
-        params = self.params
-
-        def f(s):
-            return self.cell(params, s, flat_u)
-
-        A = flat_s.new_empty(flat_s.shape[0], S, S)
+        A = flat_s.new_empty(N, S, S)
         eye = torch.eye(S, dtype=flat_s.dtype, device=flat_s.device)
-        for j in range(0, S, group):
-            E = eye[j:j + group].unsqueeze(1).expand(-1, flat_s.shape[0], S)
-            cols = vmap(lambda e: jvp(f, (flat_s,), (e,))[1])(E)        # [g, N, S]
-            A[:, :, j:j + group] = cols.permute(1, 2, 0)
+        s = flat_s.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.cell(self.params, s, flat_u)
+            for j in range(0, S, group):
+                E = eye[j:j + group].unsqueeze(1).expand(-1, N, S)
+                (rows,) = torch.autograd.grad(out, s, E, retain_graph=j + group < S,
+                                              is_grads_batched=True)          # [g, N, S]
+                A[:, j:j + group] = rows.transpose(0, 1)
         return A
+
+    def direct(self) -> DualGraph:
+        """The direct term ``C x`` (the cell over all ``b·T`` rows at fixed states) as one
+        autograd graph: ``C x`` by the VJP of its VJP, ``Cᵀ λ`` by its VJP."""
+        if self._direct_graph is None:
+            self._direct_graph = DualGraph(self._direct, self.theta)
+        return self._direct_graph
 
     # -- state Jacobian at step t, on rows [b, k, S] -------------------------------------------
     def _step(self, t):
@@ -102,9 +112,7 @@ class CellLinearization:
     def jvp(self, X: torch.Tensor) -> torch.Tensor:
         """``[k, P] -> [k, b, T, c]``."""
         b, T, S = self.shape
-        tang = self.spec.unflatten(X)
-        theta = self.theta
-        C = vmap(lambda t: jvp(self._direct, (theta,), (t,))[1])(tang)
+        C = self.direct().jvp(self.spec.unflatten(X))                   # [k, b·T, S]
         C = C.reshape(-1, b, T, S).permute(1, 2, 0, 3)                  # [b, T, k, S]
         out = self.cell.out
         d = C[:, 0]
@@ -128,8 +136,5 @@ class CellLinearization:
             lams[:, t] = lam
             if t > 0:
                 lam = self._at(t, lam)
-        if self._direct_back is None:
-            with torch.enable_grad():
-                _, self._direct_back = vjp(self._direct, self.theta)
-        (grads,) = vmap(self._direct_back)(lams.permute(2, 0, 1, 3).reshape(k, b * T, S))
+        grads = self.direct().vjp(lams.permute(2, 0, 1, 3).reshape(k, b * T, S))
         return self.spec.flatten(grads, batch_dims=1)

@@ -22,6 +22,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ._functional import _TORCH_RNNS
+from ._rnn_path import TorchRNNLinearization, rnn_kind
+from ._rnn_path import trial_bytes as rnn_trial_bytes
 
 __all__ = ["Cell", "find_cell"]
 
@@ -36,10 +38,17 @@ class Cell:
     out : slice
         The part of the state that is the model's output at each step.
     initial : callable ``(h0 or None, b, dtype, device) -> s0 [b, S]``
+    closed_form : callable ``(spec, params, u, h0) -> linearisation`` or None
+        A linearisation written for this cell's equations (torch's recurrent layers), used
+        instead of the generic one of :mod:`lanczos_ntk._cell_path`.
+    trial_bytes : callable ``(d, T, itemsize) -> (cached, work per vector)`` or None
+        The closed form's memory per trial.
     """
 
-    def __init__(self, fn: Callable, state_size: int, out: slice, initial: Callable, name: str):
+    def __init__(self, fn: Callable, state_size: int, out: slice, initial: Callable, name: str,
+                 closed_form: Callable | None = None, trial_bytes: Callable | None = None):
         self.fn, self.state_size, self.out, self.initial, self.name = fn, state_size, out, initial, name
+        self.closed_form, self.trial_bytes = closed_form, trial_bytes
 
     def __call__(self, params, s, u):
         return self.fn(params, s, u)
@@ -126,7 +135,17 @@ def _torch_rnn_cell(model) -> Cell | None:
         parts = h0 if isinstance(h0, tuple) else (h0,)
         return torch.cat([p.permute(1, 0, 2).reshape(b, L * H) for p in parts], dim=-1)
 
-    return Cell(fn, S, slice((L - 1) * H, L * H), initial, f"torch.nn.{type(model).__name__} cell")
+    kind = rnn_kind(model)
+
+    def closed(spec, params, u, h0):
+        return TorchRNNLinearization(kind, L, H, spec, params, u,
+                                     initial(h0, u.shape[0], u.dtype, u.device))
+
+    def memory(d, T, itemsize):
+        return rnn_trial_bytes(kind, L, H, d, T, itemsize)
+
+    return Cell(fn, S, slice((L - 1) * H, L * H), initial,
+                f"torch.nn.{type(model).__name__} cell, closed form", closed, memory)
 
 
 def find_cell(model: nn.Module, width: int, params: dict, u: torch.Tensor, h0,

@@ -20,6 +20,7 @@ from ._budget import DEFAULT_BUDGET_FRACTION, ProductPlan, available_memory, sav
 from ._cell_path import CellLinearization
 from ._cells import find_cell
 from ._closed_form import closed_form
+from ._dual_graph import DualGraph
 from ._functional import ModelFunction, ParamSpec, resolve_params
 from .models._base import StateSpaceModel, check_finite, check_inputs
 
@@ -270,6 +271,9 @@ class JacobianEngine:
         if self.jvp_mode == "structured":
             return (3 * T * c + T * d) * isz, 5 * T * c * isz
 
+        if self.jvp_mode == "cell" and self._cell.trial_bytes is not None:
+            return self._cell.trial_bytes(d, T, isz)
+
         def graph_bytes(b):
             u, h0 = self.chunk_inputs(slice(0, b))
             if self.jvp_mode == "cell":
@@ -292,9 +296,9 @@ class JacobianEngine:
         one = graph_bytes(1)
         per = graph_bytes(2) - one if self.batch >= 2 else one
         per = max(per, T * c * isz)
-        if self.jvp_mode == "cell":
+        if self.jvp_mode == "cell":  # the direct term's graph and the graph of its VJP
             S = self._cell.state_size
-            return per + T * d * isz, per + 3 * T * S * isz
+            return 2 * per + T * d * isz, per + 3 * T * S * isz
         # the dual graph of a VJP of a VJP, or the traced JVP next to the VJP's graph
         factor = 2 if self.jvp_mode in ("double_vjp", "linearize") else 1
         return factor * per + T * d * isz, per + 2 * T * c * isz
@@ -303,7 +307,7 @@ class JacobianEngine:
         c, w = self._trial_bytes()
         B = self.batch
         stored = False
-        if self.jvp_mode == "cell" and cache is not False:
+        if self.jvp_mode == "cell" and cache is not False and self._cell.closed_form is None:
             # the cell path stores every step's state Jacobian when all of them fit the budget
             jac = self.steps * self._cell.state_size ** 2 * self.itemsize
             if B * (c + jac) + w * (chunk_size or 1) <= budget:
@@ -337,14 +341,13 @@ class JacobianEngine:
         u, h0 = self.chunk_inputs(self.chunks[i])
         if self.jvp_mode == "structured":
             lin = self._closed.linearize(self.full, u, h0)
+        elif self.jvp_mode == "cell" and self._cell.closed_form is not None:
+            lin = self._cell.closed_form(self.spec, self.full, u, h0)
         elif self.jvp_mode == "cell":
             lin = CellLinearization(self._cell, self.spec, self.full, u, h0,
                                     materialize=self.plan.stored_jacobians)
         else:
-            p = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
-            with torch.enable_grad():
-                out = self.call(p, u, h0)
-            lin = {"p": p, "out": out, "u": u, "h0": h0}
+            lin = DualGraph(lambda q: self.call(q, u, h0), self.params)
             if self.jvp_mode == "linearize":  # J x by a traced JVP of the whole forward
                 # products run inside linear_operator's autograd.Function, where forward-mode
                 # AD is switched off: linearize would trace a zero JVP there
@@ -352,8 +355,8 @@ class JacobianEngine:
                     # torch.fx's constant folding inside linearize warns about its own graph
                     warnings.filterwarnings("ignore", message="Attempted to insert a get_attr",
                                             category=UserWarning)
-                    lin["jvp"] = torch.func.linearize(lambda q: self.call(q, u, h0),
-                                                      self.params)[1]
+                    lin.linearized = torch.func.linearize(lambda q: self.call(q, u, h0),
+                                                          self.params)[1]
         if self.cache:
             self._lin[i] = lin
         return lin
@@ -383,15 +386,7 @@ class JacobianEngine:
                 return sum(lin.rows(sl).vjp(V[:, sl]) for sl in groups)
         if self.jvp_mode in ("structured", "cell"):
             return lin.vjp(V)
-        p = lin["p"]
-        with torch.enable_grad():  # all k cotangents share one (vmapped) reverse pass
-            grads = torch.autograd.grad(lin["out"], list(p.values()), V, retain_graph=True,
-                                        is_grads_batched=True, allow_unused=True)
-        k = V.shape[0]
-        full = {n: (gr.reshape(k, *p[n].shape) if gr is not None else
-                    torch.zeros(k, *p[n].shape, dtype=self.dtype, device=self.device))
-                for n, gr in zip(p, grads)}
-        return self.spec.flatten(full, batch_dims=1)
+        return self.spec.flatten(lin.vjp(V), batch_dims=1)  # all k share one reverse pass
 
     def jvp_chunk(self, i: int, X: torch.Tensor) -> torch.Tensor:
         """``J_i X`` for ``X [k, P]``; returns ``[k, b, T, c]``."""
@@ -414,7 +409,7 @@ class JacobianEngine:
                 return one({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
             return torch.func.vmap(one)(tangents)
         if self.jvp_mode == "linearize":
-            jfn = self._linearization(i)["jvp"]
+            jfn = self._linearization(i).linearized
             with forward_ad._set_fwd_grad_enabled(True):
                 if X.shape[0] == 1:
                     return jfn({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
@@ -423,31 +418,17 @@ class JacobianEngine:
                 return torch.cat([torch.func.vmap(jfn)({n: t[cols] for n, t in tangents.items()})
                                   for cols in self._column_passes(X.shape[0], per,
                                                                   CPU_WORKING_SET)])
-        # VJP of a VJP: Jᵀ v0 is linear in v0, so its VJP along x is J x; all k share one pass
+        # VJP of a VJP: Jᵀ v0 is linear in v0, so its VJP along x is J x; all k share one pass.
+        # The batched double backward carries [k, ...] intermediates through every node of the
+        # graph: on the CPU, past DOUBLE_VJP_WORKING_SET of outputs per pass it turns memory
+        # bound (4x the per-vector cost of single products with 13 MiB of outputs per vector),
+        # so wide blocks go through in column groups
         g = self._linearization(i)
-        with torch.enable_grad():
-            if "dual" not in g:
-                v0 = torch.zeros_like(g["out"], requires_grad=True)
-                names = list(g["p"])
-                grads = torch.autograd.grad(g["out"], [g["p"][n] for n in names], v0,
-                                            create_graph=True, allow_unused=True)
-                keep = [j for j, gr in enumerate(grads) if gr is not None and gr.requires_grad]
-                g["dual"] = (v0, [grads[j] for j in keep], [names[j] for j in keep])
-            v0, grads, names = g["dual"]
-            if not grads:
-                cols = torch.zeros(X.shape[0], *g["out"].shape, dtype=self.dtype, device=self.device)
-            else:
-                # the batched double backward carries [k, ...] intermediates through every node
-                # of the graph: on the CPU, past DOUBLE_VJP_WORKING_SET of outputs per pass it
-                # turns memory bound (4x the per-vector cost of single products with 13 MiB of
-                # outputs per vector), so wide blocks go through in column groups
-                passes = self._column_passes(X.shape[0], g["out"].numel() * self.itemsize,
-                                             DOUBLE_VJP_WORKING_SET)
-                cols = torch.cat([torch.autograd.grad(grads, v0, [tangents[n][c] for n in names],
-                                                      retain_graph=True, is_grads_batched=True)[0]
-                                  for c in passes])
+        passes = self._column_passes(X.shape[0], g.out.numel() * self.itemsize,
+                                     DOUBLE_VJP_WORKING_SET)
+        cols = torch.cat([g.jvp({n: t[c] for n, t in tangents.items()}) for c in passes])
         if not self.cache:
-            g.pop("dual", None)
+            g.release_dual()
         return cols
 
     # -- whole operator ------------------------------------------------------------------------

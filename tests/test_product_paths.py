@@ -97,9 +97,24 @@ def test_torch_rnns_with_two_layers_and_initial_states(cls):
     J = dense_jacobian(model, u, h0=h0)
     for cache in (None, False):
         K = lnk.StateNTK(model, u, h0=h0, chunk_size=3, cache=cache)
-        assert K.plan.path == "cell" and "torch.nn" in K.plan.cell
-        assert K.plan.stored_jacobians == (cache is None)
+        # torch's cell equations have a closed-form linearisation: no state Jacobians stored
+        assert K.plan.path == "cell" and "torch.nn" in K.plan.cell and "closed form" in K.plan.cell
+        assert not K.plan.stored_jacobians and K.plan.cached == (cache is None)
         check_products(K, J)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(nn.LSTM, {"bias": False}), (nn.GRU, {"num_layers": 3}),
+                                         (nn.RNN, {"num_layers": 2, "nonlinearity": "relu"})])
+def test_torch_rnns_closed_form_for_some_parameters(cls, kwargs):
+    """Only some weights differentiated (the others constants of the kernel), no biases, deeper
+    stacks: the closed form against torch's own (fused) forward differentiated densely."""
+    torch.manual_seed(2)
+    model = cls(3, 4, batch_first=True, dtype=F64, **kwargs)
+    u = inputs(B=3, T=6, d=3, seed=7)
+    names = [n for n, _ in model.named_parameters() if "hh_l0" in n or "ih_l1" in n]
+    K = lnk.StateNTK(model, u, params=names)
+    assert "closed form" in K.plan.cell
+    check_products(K, dense_jacobian(model, u, params=names))
 
 
 def test_relu_rnn_and_no_bias():
