@@ -51,7 +51,7 @@ def trial_bytes(kind: str, layers: int, hidden: int, d: int, T: int, itemsize: i
     H, g = hidden, _GATES[kind] * hidden
     inputs = d + (layers - 1) * H
     cached = T * (inputs + layers * (H + _COEFS[kind] * H + g))  # x, h_prev, coefficients, a
-    cotangents = (2 if kind == "gru" else 1) * layers * T * g
+    cotangents = (2 if kind == "gru" else 1) * layers * g
     work = T * (2 * layers * g + cotangents + 2 * H)  # parameter parts, μ, outputs
     return cached * itemsize, work * itemsize
 

@@ -15,6 +15,12 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def seeded(cls, *args, **kwargs):
+    """A torch module built after seeding the global generator (torch's init draws from it)."""
+    torch.manual_seed(3)
+    return cls(*args, **kwargs)
+
+
 def inputs(B=3, T=4, d=2, seed=0):
     return 0.5 * torch.randn(B, T, d, generator=gen(seed), dtype=F64)
 
@@ -130,6 +136,7 @@ def test_relu_rnn_and_no_bias():
     ("ctrnn", lambda: models.CTRNN(4, 2, gain=1.7, seed=1)),
     ("gru", lambda: models.GRU(3, 2, seed=3)),
     ("user", StepModule),
+    ("lstm", lambda: seeded(nn.LSTM, 2, 3, batch_first=True, dtype=F64)),
 ])
 def test_tiny_budget_chunks_and_splits_blocks(name, model):
     model, u = model(), inputs(B=6)
