@@ -68,8 +68,6 @@ class ProductPlan:
     work_bytes_per_vector : estimated transient bytes of one chunk's product, per vector
     block_columns : the most vectors of a block that go through one pass together
     budget_bytes : the memory budget
-    stored_jacobians : cell path only: every step's state Jacobian ``∂F/∂s`` is stored, so a
-        product's time recurrence is batched small matrix products without autodiff
     """
 
     path: str
@@ -83,11 +81,9 @@ class ProductPlan:
     work_bytes_per_vector: int
     block_columns: int
     budget_bytes: int
-    stored_jacobians: bool = False
 
     def __str__(self) -> str:
-        cell = self.cell + (", state Jacobians stored" if self.stored_jacobians else "")
-        how = f"{self.path} path" + (f" ({cell})" if cell else "") + f", J x by {self.jvp}"
+        how = f"{self.path} path" + (f" ({self.cell})" if self.cell else "") + f", J x by {self.jvp}"
         cache = (f"linearisations cached ({_mib(self.cache_bytes)})" if self.cached
                  else "linearisations recomputed per product")
         return (f"{how}; {self.trials} trials in {self.num_chunks} chunk(s) of ≤ {self.chunk_size}; "

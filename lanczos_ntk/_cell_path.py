@@ -6,16 +6,21 @@ the Jacobian of the outputs is a linear recurrence
     δs_t = A_t δs_{t-1} + C_t δθ,      A_t = ∂F/∂s,  C_t = ∂F/∂θ  at  (s_{t-1}, u_t),
 
 so ``J x`` is the direct term ``C_t x`` for every trial and time at once (the VJP of a VJP
-through one cached graph of the cell over ``b·T`` rows) followed by ``T`` state-Jacobian
-products, and ``Jᵀ v`` is the adjoint recurrence ``λ_t = v_t + A_{t+1}ᵀ λ_{t+1}`` followed by
-``Σ_t C_tᵀ λ_t`` (one batched VJP through the same graph). The trajectory is computed once per
-chunk; a block of ``k`` vectors shares every pass (the ``k`` tangents are one batch dimension).
+through one recorded graph of the cell over all ``b·T`` rows) followed by ``T`` products with
+``A_t``, and ``Jᵀ v`` is the adjoint recurrence ``λ_t = v_t + A_{t+1}ᵀ λ_{t+1}`` followed by
+``Σ_t C_tᵀ λ_t`` (one batched VJP through the same graph).
+
+The products with ``A_t`` go through the cell's graph at step ``t`` (``b`` rows, recorded once
+with the trajectory): ``A_tᵀ λ`` is its VJP and ``A_t δ`` the VJP of that VJP. A step then
+costs a few small operations on ``[b, S]`` tensors and reads nothing of size ``b·S²`` (storing
+every ``A_t`` instead costs ``S`` passes over all rows to build and ``b·S²`` numbers read per
+step, which loses at every size measured). A block of ``k`` vectors shares every pass (the
+``k`` tangents are one batch dimension).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.func import jvp, vjp, vmap
 
 from ._dual_graph import DualGraph
 
@@ -33,9 +38,9 @@ class CellLinearization:
     u : inputs ``[b, T, d]``; h0 : the model's initial state or None
     """
 
-    def __init__(self, cell, spec, params, u, h0, materialize: bool = False):
-        # the direct term's graph is built by the first product, so that a linearisation used
-        # to size a chunk does not hold it
+    def __init__(self, cell, spec, params, u, h0):
+        # the graphs are recorded by the first product, so that a linearisation used to size a
+        # chunk holds only the trajectory
         self.cell, self.spec = cell, spec
         self.params = params
         b, T, d = u.shape
@@ -47,40 +52,14 @@ class CellLinearization:
         self.shape = (b, T, cell.state_size)
         flat_s = self.prev.reshape(b * T, -1)
         flat_u = u.reshape(b * T, d)
-        theta = {n: params[n] for n in spec.names}
-        self.theta = theta
+        self.theta = {n: params[n] for n in spec.names}
 
         def direct(th):
             return cell({**params, **th}, flat_s, flat_u)
 
         self._direct = direct
-        self._direct_graph = None  # the direct term's graph, built by the first product
-        self.A = None  # [T, b, S, S]: time-major, so each step's matrices are contiguous
-        if materialize:
-            S = self.shape[2]
-            self.A = self._state_jacobians(self.prev.transpose(0, 1).reshape(T * b, S),
-                                           u.transpose(0, 1).reshape(T * b, d)).reshape(T, b, S, S)
-
-    def _state_jacobians(self, flat_s, flat_u, group_bytes: int = 64 << 20) -> torch.Tensor:
-        """Every step's ``A_t = ∂F/∂s`` ``[b·T, S, S]``, row by row: the cell's graph over all
-        rows is recorded once and ``S`` basis cotangents go back through it in batched reverse
-        passes (as many per pass as keep one cotangent batch under ``group_bytes``), so that a
-        product's recurrence is ``T`` batched small matrix products with no autodiff in the
-        loop. (Reverse passes through one graph cost half of pushing ``S`` tangents forward
-        through ``torch.func.jvp``.)"""
-        N, S = flat_s.shape
-        group = max(1, min(S, group_bytes // max(1, flat_s.numel() * flat_s.element_size())))
-        A = flat_s.new_empty(N, S, S)
-        eye = torch.eye(S, dtype=flat_s.dtype, device=flat_s.device)
-        s = flat_s.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            out = self.cell(self.params, s, flat_u)
-            for j in range(0, S, group):
-                E = eye[j:j + group].unsqueeze(1).expand(-1, N, S)
-                (rows,) = torch.autograd.grad(out, s, E, retain_graph=j + group < S,
-                                              is_grads_batched=True)          # [g, N, S]
-                A[:, j:j + group] = rows.transpose(0, 1)
-        return A
+        self._direct_graph = None
+        self._steps: list[DualGraph] | None = None
 
     def direct(self) -> DualGraph:
         """The direct term ``C x`` (the cell over all ``b·T`` rows at fixed states) as one
@@ -89,52 +68,43 @@ class CellLinearization:
             self._direct_graph = DualGraph(self._direct, self.theta)
         return self._direct_graph
 
-    # -- state Jacobian at step t, on rows [b, k, S] -------------------------------------------
-    def _step(self, t):
-        params, u_t = self.params, self.u[:, t]
-        return lambda s: self.cell(params, s, u_t)
+    def steps(self) -> list[DualGraph]:
+        """The cell's graph at every step ``t >= 1`` as a function of the state (index ``t``;
+        step 0 starts from the fixed initial state and needs none)."""
+        if self._steps is None:
+            cell, params, u = self.cell, self.params, self.u
 
-    def _a(self, t, D):
-        """``A_t D`` for tangents ``D [b, k, S]``."""
-        if self.A is not None:  # one batched row-times-matrix product
-            return torch.bmm(D, self.A[t].transpose(1, 2))
-        f, s = self._step(t), self.prev[:, t]
-        return vmap(lambda d: jvp(f, (s,), (d,))[1], in_dims=1, out_dims=1)(D)
+            def step(t):
+                return DualGraph(lambda th: cell(params, th["s"], u[:, t]), {"s": self.prev[:, t]})
 
-    def _at(self, t, L):
-        """``A_tᵀ L`` for cotangents ``L [b, k, S]``."""
-        if self.A is not None:
-            return torch.bmm(L, self.A[t])
-        _, back = vjp(self._step(t), self.prev[:, t])
-        return vmap(lambda v: back(v)[0], in_dims=1, out_dims=1)(L)
+            self._steps = [None] + [step(t) for t in range(1, self.shape[1])]
+        return self._steps
 
     # -- products ---------------------------------------------------------------------------
     def jvp(self, X: torch.Tensor) -> torch.Tensor:
         """``[k, P] -> [k, b, T, c]``."""
         b, T, S = self.shape
-        C = self.direct().jvp(self.spec.unflatten(X))                   # [k, b·T, S]
-        C = C.reshape(-1, b, T, S).permute(1, 2, 0, 3)                  # [b, T, k, S]
-        out = self.cell.out
-        d = C[:, 0]
+        C = self.direct().jvp(self.spec.unflatten(X)).reshape(-1, b, T, S)    # [k, b, T, S]
+        steps, out = self.steps(), self.cell.out
+        d = C[:, :, 0]
         ys = [d[..., out]]
         for t in range(1, T):
-            d = self._a(t, d) + C[:, t]
+            d = steps[t].jvp({"s": d}) + C[:, :, t]
             ys.append(d[..., out])
-        return torch.stack(ys, 1).permute(2, 0, 1, 3)
+        return torch.stack(ys, 2)
 
     def vjp(self, V: torch.Tensor) -> torch.Tensor:
         """``[k, b, T, c] -> [k, P]``."""
         k = V.shape[0]
         b, T, S = self.shape
-        out = self.cell.out
-        Vt = V.permute(1, 2, 0, 3)                                      # [b, T, k, c]
-        lams = V.new_zeros(b, T, k, S)
-        lam = V.new_zeros(b, k, S)
+        out, steps = self.cell.out, self.steps()
+        lams = V.new_zeros(k, b, T, S)
+        lam = V.new_zeros(k, b, S)
         for t in range(T - 1, -1, -1):
             lam = lam.clone()
-            lam[..., out] += Vt[:, t]
-            lams[:, t] = lam
+            lam[..., out] += V[:, :, t]
+            lams[:, :, t] = lam
             if t > 0:
-                lam = self._at(t, lam)
-        grads = self.direct().vjp(lams.permute(2, 0, 1, 3).reshape(k, b * T, S))
+                lam = steps[t].vjp(lam)["s"]
+        grads = self.direct().vjp(lams.reshape(k, b * T, S))
         return self.spec.flatten(grads, batch_dims=1)

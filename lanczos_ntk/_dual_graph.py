@@ -33,9 +33,10 @@ class DualGraph:
     def vjp(self, V: torch.Tensor) -> dict[str, torch.Tensor]:
         """``Jᵀ V`` for ``V [k, *out.shape]``: ``{name: [k, *shape]}``."""
         k = V.shape[0]
-        with torch.enable_grad():
-            grads = torch.autograd.grad(self.out, list(self.p.values()), V, retain_graph=True,
-                                        is_grads_batched=True, allow_unused=True)
+        with torch.enable_grad():  # one vector: a plain pass (a batched one goes through vmap)
+            grads = torch.autograd.grad(self.out, list(self.p.values()), V[0] if k == 1 else V,
+                                        retain_graph=True, is_grads_batched=k > 1,
+                                        allow_unused=True)
         return {n: (g.reshape(k, *self.p[n].shape) if g is not None else
                     V.new_zeros(k, *self.p[n].shape)) for n, g in zip(self.p, grads)}
 
@@ -53,6 +54,9 @@ class DualGraph:
             k = next(iter(tangents.values())).shape[0]
             if not grads:  # the output does not depend on the parameters
                 return self.out.new_zeros(k, *self.out.shape)
+            if k == 1:
+                return torch.autograd.grad(grads, v0, [tangents[n][0] for n in names],
+                                           retain_graph=True)[0].unsqueeze(0)
             return torch.autograd.grad(grads, v0, [tangents[n] for n in names],
                                        retain_graph=True, is_grads_batched=True)[0]
 

@@ -296,9 +296,11 @@ class JacobianEngine:
         one = graph_bytes(1)
         per = graph_bytes(2) - one if self.batch >= 2 else one
         per = max(per, T * c * isz)
-        if self.jvp_mode == "cell":  # the direct term's graph and the graph of its VJP
+        if self.jvp_mode == "cell":
+            # the direct term's graph and every step's (the same cell evaluations), each with
+            # the graph of its VJP
             S = self._cell.state_size
-            return 2 * per + T * d * isz, per + 3 * T * S * isz
+            return 4 * per + T * d * isz, per + 3 * T * S * isz
         # the dual graph of a VJP of a VJP, or the traced JVP next to the VJP's graph
         factor = 2 if self.jvp_mode in ("double_vjp", "linearize") else 1
         return factor * per + T * d * isz, per + 2 * T * c * isz
@@ -306,12 +308,6 @@ class JacobianEngine:
     def _make_plan(self, budget: int, chunk_size: int | None, cache: bool | None) -> ProductPlan:
         c, w = self._trial_bytes()
         B = self.batch
-        stored = False
-        if self.jvp_mode == "cell" and cache is not False and self._cell.closed_form is None:
-            # the cell path stores every step's state Jacobian when all of them fit the budget
-            jac = self.steps * self._cell.state_size ** 2 * self.itemsize
-            if B * (c + jac) + w * (chunk_size or 1) <= budget:
-                stored, c = True, c + jac
         if budget < c + w:
             raise ValueError(f"memory_budget of {budget / 2**20:.2f} MiB is too small for one trial "
                              f"of this model (about {(c + w) / 2**20:.2f} MiB: "
@@ -330,8 +326,7 @@ class JacobianEngine:
         return ProductPlan(path=_PATHS[self.jvp_mode], jvp=self.jvp_mode, cell=cell, trials=B,
                            chunk_size=chunk_size, num_chunks=chunks, cached=bool(cache),
                            cache_bytes=int(B * c) if cache else 0, work_bytes_per_vector=int(
-                               chunk_size * w), block_columns=columns, budget_bytes=budget,
-                           stored_jacobians=stored)
+                               chunk_size * w), block_columns=columns, budget_bytes=budget)
 
     # -- per chunk -----------------------------------------------------------------------------
     def _linearization(self, i: int):
@@ -344,8 +339,7 @@ class JacobianEngine:
         elif self.jvp_mode == "cell" and self._cell.closed_form is not None:
             lin = self._cell.closed_form(self.spec, self.full, u, h0)
         elif self.jvp_mode == "cell":
-            lin = CellLinearization(self._cell, self.spec, self.full, u, h0,
-                                    materialize=self.plan.stored_jacobians)
+            lin = CellLinearization(self._cell, self.spec, self.full, u, h0)
         else:
             lin = DualGraph(lambda q: self.call(q, u, h0), self.params)
             if self.jvp_mode == "linearize":  # J x by a traced JVP of the whole forward

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -44,6 +46,15 @@ def test_help_lists_every_command():
     for name in ("demo", "spectrum", "density", "sweep", "bifurcate"):
         assert name in out
         assert "Usage" in run([name, "--help"]).output
+
+
+def test_python_dash_m_runs_the_command_line():
+    """``python -m lanczos_ntk`` (and ``python -m lanczos_ntk.cli``) is the ``lanczos-ntk`` command."""
+    for module in ("lanczos_ntk", "lanczos_ntk.cli"):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "Usage: lanczos-ntk" in done.stdout and "spectrum" in done.stdout
 
 
 def test_spectrum_writes_config_results_figures_and_log(tmp_path):
