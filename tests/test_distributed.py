@@ -63,3 +63,48 @@ def test_process_group_needs_an_initialised_backend():
     model, u, _ = _problem()
     with pytest.raises(ValueError, match="init_process_group"):
         lnk.StateNTK(model, u, process_group=object())
+
+
+def _estimates(K):
+    """Every spectral estimator on one operator, each from the same seeded generator."""
+    def g():
+        return torch.Generator().manual_seed(7)
+
+    vecs = lnk.eigsh(K.dual(), k=2, tol=1e-10, return_eigenvectors=True, generator=g())
+    sign = torch.sign(vecs.eigenvectors[0:1])  # eigenvectors up to sign
+    slq = lnk.slq(K, num_probes=4, num_steps=12, generator=g())
+    return {"values": vecs.eigenvalues, "vectors": vecs.eigenvectors * sign,
+            "trace": torch.tensor(lnk.trace(K, num_matvecs=12, generator=g()).estimate),
+            "nodes": slq.nodes, "weights": slq.weights,
+            "rank": torch.tensor(lnk.effective_rank(K, num_probes=4, num_steps=12,
+                                                    generator=g()).value)}
+
+
+def _estimator_worker(rank, world, folder):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
+                            world_size=world)
+    try:
+        model, u, _ = _problem()
+        mine = u[rank * B // world:(rank + 1) * B // world]
+        K = lnk.StateNTK(model, mine, process_group=dist.group.WORLD)
+        torch.save(_estimates(K), os.path.join(folder, f"est{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_estimator_over_ranks_matches_one_process(tmp_path, world):
+    """Eigenvectors (dual side), SLQ, Hutch++ trace and effective rank over 2 and 3 ranks give
+    what one process gives on all trials (identical probes on every rank), to rounding."""
+    mp.spawn(_estimator_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
+    model, u, _ = _problem()
+    one = _estimates(lnk.StateNTK(model, u))
+    G = lnk.testing.dense_gram(model, u)
+    torch.testing.assert_close(one["values"], torch.linalg.eigvalsh(G).flip(0)[:2], rtol=1e-9, atol=0)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"est{rank}.pt", weights_only=True)
+        for key, want in one.items():
+            torch.testing.assert_close(got[key], want, rtol=1e-8, atol=1e-10, msg=key)
