@@ -116,6 +116,11 @@ class JacobianEngine:
         self.chunks = [slice(s, min(s + self.chunk_size, self.batch))
                        for s in range(0, self.batch, self.chunk_size)]
         self._lin: dict[int, object] = {}
+        self.total_M = self.M
+        if self.group is not None:  # the rows of every rank (a collective: all ranks build)
+            total = torch.tensor([self.M], dtype=torch.int64)
+            torch.distributed.all_reduce(total, group=self.group)
+            self.total_M = int(total)
         self.num_vjp_vectors = 0
         self.num_jvp_vectors = 0
         self.num_ntk_vectors = 0

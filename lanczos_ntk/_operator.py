@@ -487,6 +487,13 @@ class StateNTK(_JacobianProductOperator):
         return DualNTK(torch.empty(0, dtype=self.engine.dtype, device=self.engine.device),
                        _engine=self.engine)
 
+    @property
+    def total_states(self) -> int:
+        """``M`` of the whole dataset: this operator's rows, summed over the ranks of its
+        process group (equal to the local ``M`` without one). Results report it as their
+        ``primal_dimension``."""
+        return self.engine.total_M
+
 
 class DualNTK(_JacobianProductOperator):
     r"""The parameter-space Gram ``G = Jᵀ J`` (``P × P``): same nonzero spectrum as ``K``.

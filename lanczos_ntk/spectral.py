@@ -474,12 +474,13 @@ def as_operator(op: Any, side: str = "auto") -> Operator:
                              "spectrum is computed on K.dual() (the same G on every rank); "
                              "pass K.dual() to get parameter-space eigenvectors")
         side = "dual"
+    total = int(getattr(op, "total_states", n))  # M over the ranks of a process group
     if has_dual and side != "primal":
         dual = op.dual()
         dmm, dn, ddtype, ddevice, _ = _coerce_one(dual)
         if side == "dual" or dn < n:
-            return Operator(dmm, dn, ddtype, device=ddevice, side="dual", primal_dimension=n)
-    return Operator(mm, n, dtype, device=device, side="primal", primal_dimension=n, dense=dense)
+            return Operator(dmm, dn, ddtype, device=ddevice, side="dual", primal_dimension=total)
+    return Operator(mm, n, dtype, device=device, side="primal", primal_dimension=total, dense=dense)
 
 
 def _seed_of(generator: torch.Generator | None) -> tuple[torch.Generator, int]:

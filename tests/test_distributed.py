@@ -77,7 +77,10 @@ def _estimates(K):
             "trace": torch.tensor(lnk.trace(K, num_matvecs=12, generator=g()).estimate),
             "nodes": slq.nodes, "weights": slq.weights,
             "rank": torch.tensor(lnk.effective_rank(K, num_probes=4, num_steps=12,
-                                                    generator=g()).value)}
+                                                    generator=g()).value),
+            # M of the whole dataset (zero mass counts M - P zeros), not this rank's rows
+            "M": torch.tensor([K.total_states, lnk.eigsh(K, k=1, generator=g()).primal_dimension,
+                               slq.primal_dimension])}
 
 
 def _estimator_worker(rank, world, folder):
@@ -104,6 +107,7 @@ def test_every_estimator_over_ranks_matches_one_process(tmp_path, world):
     one = _estimates(lnk.StateNTK(model, u))
     G = lnk.testing.dense_gram(model, u)
     torch.testing.assert_close(one["values"], torch.linalg.eigvalsh(G).flip(0)[:2], rtol=1e-9, atol=0)
+    assert one["M"].tolist() == [B * T * 3] * 3  # B·T·n, n = 3 units
     for rank in range(world):
         got = torch.load(tmp_path / f"est{rank}.pt", weights_only=True)
         for key, want in one.items():
