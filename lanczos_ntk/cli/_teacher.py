@@ -45,12 +45,18 @@ def plot_collapse(result, axes=None):
     a1.set_ylabel(r"Re $\lambda_c$", color="C3")
     a2.plot(steps, result.participation.numpy(), "o-", ms=3, label="participation ratio")
     a2.plot(steps, result.entropy.numpy(), "s-", ms=3, label="entropy rank")
-    a2.axvline(result.collapse["min_step"], color="C0", ls=":", lw=1)
+    a2.axvline(result.collapse["min_step"], color="C0", ls=":", lw=1,
+               label="participation minimum")
+    if result.crossing.step is not None:  # the dashed line drawn on every panel below
+        a2.plot([], [], color="0.4", ls="--", lw=1, label=r"crossing (Re $\lambda_c$ = 0)")
     a2.set_ylabel("effective rank of G")
     a2.legend(fontsize=8)
     ev = result.eigenvalues.numpy()
     for j in range(ev.shape[1]):
-        a3.semilogy(steps, ev[:, j], color="0.6" if j else "k", lw=1.5 if j == 0 else 0.8)
+        label = r"$\lambda_1(G)$" if j == 0 else (
+            rf"$\lambda_2 \ldots \lambda_{{{ev.shape[1]}}}$" if j == 1 else None)
+        a3.semilogy(steps, ev[:, j], color="0.6" if j else "k", lw=1.5 if j == 0 else 0.8,
+                    label=label)
     a3.semilogy(steps, result.channel_eigenvalue.numpy(), "--", color="C1",
                 label=r"$\hat g^\top G \hat g$ (static channel)")
     if result.sensitivity_eigenvalue is not None:
@@ -58,7 +64,9 @@ def plot_collapse(result, axes=None):
                     label=r"$\hat d^\top G \hat d$ (unfolding direction, what training uses)")
     a3.set_ylabel("top eigenvalues of G")
     a3.set_xlabel("training step")
-    a3.legend(fontsize=8)
+    lo, hi = a3.get_ylim()  # headroom above the curves (log axis), so the legend hides none
+    a3.set_ylim(lo, hi * (hi / lo) ** 0.9)
+    a3.legend(fontsize=7, loc="upper left", ncol=2)
     c = result.crossing
     cos = float(result.channel_cos[c.index]) if c.index is not None else float("nan")
     for ax in axes:
@@ -85,7 +93,7 @@ def plot_landscape(land, axes=None):
     a0.semilogy(s[order], land.lambda_max.numpy()[order], "x", color="k", ms=4,
                 label=r"$\lambda_{max}(G)$")
     a0.semilogy(s[order], pred[order], "--", color="C1", label="normal form, finite T")
-    a0.axvline(land.s_c, color="0.4", ls="--", lw=1)
+    a0.axvline(land.s_c, color="0.4", ls="--", lw=1, label=r"$s_c$ (bifurcation)")
     a0.set_xlabel(r"offset $s$ along $\hat d = d\lambda_c/d\theta$")
     a0.set_ylabel("eigenvalue")
     a0.legend(fontsize=8)
@@ -107,7 +115,7 @@ def plot_landscape(land, axes=None):
         a0.semilogy(s[order], ld[order], "s-", ms=3, color="C2",
                     label=r"$\|J\hat d\|^2$ (along $d$)")
         a1.loglog(d[stable], ld[stable], "s", ms=3, color="C2",
-                  label=f"along d: exponent {land.exponent_d:.2f}")
+                  label=f"along d (fitted exponent {land.exponent_d:.2f})")
         a1.loglog(d[stable], nf[stable], ":", color="C2",
                   label=f"scalar normal form: exponent {land.normal_form_exponent:.2f}")
         a0.legend(fontsize=7)
@@ -133,7 +141,9 @@ def plot_optimizers(comp, axes=None):
         a1.plot(r.steps.numpy(), r.leading.numpy(), color=color, label=name.upper())
     a0.set_ylabel("loss")
     a0.set_title(f"lr = {comp.lr:g}; LRNG overhead {comp.overhead:.2f}x per step", fontsize=9)
-    a0.legend(fontsize=8)
+    lo, hi = a0.get_ylim()  # headroom above the curves (log axis), so the legend hides none
+    a0.set_ylim(lo, hi * (hi / lo) ** 0.6)
+    a0.legend(fontsize=8, loc="upper center")
     a1.axhline(0, color="0.7", lw=0.8)
     a1.set_ylabel(r"Re $\lambda_c$ (trivial point)")
     a1.set_xlabel("training step")
