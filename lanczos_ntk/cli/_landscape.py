@@ -77,8 +77,9 @@ def _summary(res) -> dict:
               show_default=True, help="Run folder (results/, figures/, summary.json); re-running "
                                       "resumes.")
 @click.option("--kind", type=click.Choice(["map", "flow"]), default="map", show_default=True,
-              help="map: the five discrete normal forms (fold, transcritical, pitchfork, flip, "
-                   "Neimark–Sacker); flow: the four continuous ones, Euler step --dt.")
+              help="map: the five discrete normal forms (saddle_node = fold, transcritical, "
+                   "pitchfork, flip, neimark_sacker; the figure's rows carry these names); "
+                   "flow: the four continuous ones, Euler step --dt.")
 @click.option("--steps", "steps_text", default="5,25", show_default=True, metavar="T1,T2,...",
               help="Trial lengths.")
 @click.option("--mu", "mu_text", default="-0.5,0.5,81", show_default=True, metavar="LO,HI,N",
