@@ -853,12 +853,17 @@ def spectral_density(result: Any, grid: torch.Tensor | None = None,
     through the cut (common for the sNTK of gated models) has no well-defined zero mass; put
     the cut in a gap of the spectrum or add Lanczos steps. No new products.
 
+    On the linear scale the kernel is reflected at ``λ = 0`` (``N(x; λ_i, σ²) + N(-x; λ_i,
+    σ²)`` for ``x >= 0``, zero below): the eigenvalues of the sNTK are nonnegative, and a plain
+    Gaussian would put the mass of the small ones at ``λ < 0``. The mass is the same.
+
     Parameters
     ----------
     result : SLQResult or DeflatedSLQ
     grid : Tensor, optional
         Where to evaluate (in ``log10 λ`` for ``scale="log"``); default ``num_points`` points
-        from ``min(node) - 3σ`` to ``max(node) + 3σ`` over the nonzero nodes.
+        from ``min(node) - 3σ`` (not below 0 on the linear scale) to ``max(node) + 3σ`` over
+        the nonzero nodes.
     sigma : float, optional
         Kernel width; default 1% of the range of the nonzero nodes (of their ``log10`` for
         ``scale="log"``), following Lin, Saad & Yang (2016).
@@ -893,11 +898,19 @@ def spectral_density(result: Any, grid: torch.Tensor | None = None,
         sigma = 0.01 * span if span > 0 else (0.01 * abs(hi) if hi != 0 else 1.0)
     if not sigma > 0:
         raise ValueError(f"expected sigma > 0, got {sigma!r}")
+    linear = scale == "linear"
     if grid is None:
-        grid = torch.linspace(lo - 3 * sigma, hi + 3 * sigma, int(num_points), dtype=torch.float64)
+        start = max(lo - 3 * sigma, 0.0) if linear else lo - 3 * sigma
+        grid = torch.linspace(start, hi + 3 * sigma, int(num_points), dtype=torch.float64)
     grid = torch.as_tensor(grid, dtype=torch.float64)
-    z = (grid[:, None] - x[None, :]) / sigma
-    density = (torch.exp(-0.5 * z * z) * w[None, :]).sum(dim=1) / (sigma * math.sqrt(2 * math.pi))
+
+    def kernel(centres):
+        z = (grid[:, None] - centres[None, :]) / sigma
+        return (torch.exp(-0.5 * z * z) * w[None, :]).sum(dim=1) / (sigma * math.sqrt(2 * math.pi))
+
+    density = kernel(x)
+    if linear:  # reflected at 0: no mass at negative eigenvalues
+        density = torch.where(grid >= 0, density + kernel(-x), torch.zeros_like(density))
     return SpectralDensity(grid=grid, density=density, zero_mass=zero_mass, zero_mass_se=zero_se,
                            zero_threshold=cut, sigma=float(sigma), scale=scale, side=result.side,
                            dimension=result.dimension, primal_dimension=N, zero_mass_bound=bound)

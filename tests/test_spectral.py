@@ -329,3 +329,24 @@ def test_tampered_results_are_refused_naming_the_file(tmp_path):
     npz.write_bytes(good)
     torch.testing.assert_close(load_result(tmp_path / "a").eigenvalues, r.eigenvalues)
     assert b.exists()
+
+
+def test_linear_density_is_reflected_at_zero():
+    """A PSD spectrum smoothed on the linear scale puts no mass below 0. Reference: a diagonal
+    matrix, whose Gauss quadrature from a Rademacher probe is exact (nodes λ_i, weights 1/n),
+    so the density is the closed form (1/n) Σ_i [N(x; λ_i, σ²) + N(-x; λ_i, σ²)] for x >= 0."""
+    lam = torch.linspace(0.01, 1.0, 30, dtype=torch.float64)
+    r = lnk.slq(torch.diag(lam), 2, 30, generator=gen())
+    sigma = 0.2
+    d = lnk.spectral_density(r, sigma=sigma, num_points=2001)
+    assert float(d.grid.min()) >= 0.0 and d.zero_mass == 0.0
+
+    def phi(z):
+        return torch.exp(-0.5 * (z / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+
+    want = (phi(d.grid[:, None] - lam) + phi(d.grid[:, None] + lam)).mean(dim=1)
+    torch.testing.assert_close(d.density, want, rtol=1e-8, atol=1e-10)
+    assert abs(float(torch.trapezoid(d.density, d.grid)) - 1.0) < 1e-4  # no mass lost
+    on = lnk.spectral_density(r, grid=torch.tensor([-0.3, -1e-3, 0.0, 0.5], dtype=torch.float64),
+                              sigma=sigma)
+    assert on.density[:2].tolist() == [0.0, 0.0] and bool((on.density[2:] > 0).all())
