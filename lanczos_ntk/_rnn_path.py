@@ -50,7 +50,7 @@ def trial_bytes(kind: str, layers: int, hidden: int, d: int, T: int, itemsize: i
     """Bytes per trial: (the stored linearisation, the transient work of one vector)."""
     H, g = hidden, _GATES[kind] * hidden
     inputs = d + (layers - 1) * H
-    cached = T * (inputs + layers * (H + _COEFS[kind] * H + g))  # x, h_prev, coefficients, a
+    cached = T * (inputs + layers * (H + _COEFS[kind] * H))  # x, h_prev, coefficients
     cotangents = (2 if kind == "gru" else 1) * layers * g
     work = T * (2 * layers * g + cotangents + 2 * H)  # parameter parts, μ, outputs
     return cached * itemsize, work * itemsize

@@ -22,21 +22,17 @@ def _problem():
     return model, u, X
 
 
-def _worker(rank, world, folder):
+def _on_rank(rank, world, folder, job):
+    """A spawned rank: join the gloo group, build the operator on this rank's share of the
+    trials, run ``job(K, rank, folder)`` (which saves its results), then leave cleanly."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
                             world_size=world)
     try:
-        model, u, X = _problem()
+        model, u, _ = _problem()
         mine = u[rank * B // world:(rank + 1) * B // world]
-        K = lnk.StateNTK(model, mine, process_group=dist.group.WORLD)
-        GX = K.dual().matmul(X)
-        top = lnk.eigsh(K, k=3, tol=1e-10, generator=torch.Generator().manual_seed(0))
-        with pytest.raises(ValueError, match="process group"):
-            lnk.eigsh(K, k=1, return_eigenvectors=True)
-        torch.save({"GX": GX, "top": top.eigenvalues, "side": top.side},
-                   os.path.join(folder, f"rank{rank}.pt"))
-        # both ranks done with their collectives before either tears gloo down: a rank that
+        job(lnk.StateNTK(model, mine, process_group=dist.group.WORLD), rank, folder)
+        # every rank done with its collectives before any tears gloo down: a rank that
         # destroys the group while its peer still talks to it can abort at exit
         dist.barrier()
     finally:
@@ -47,8 +43,18 @@ def _worker(rank, world, folder):
     os._exit(0)
 
 
+def _gram_and_top(K, rank, folder):
+    _, _, X = _problem()
+    GX = K.dual().matmul(X)
+    top = lnk.eigsh(K, k=3, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="process group"):
+        lnk.eigsh(K, k=1, return_eigenvectors=True)
+    torch.save({"GX": GX, "top": top.eigenvalues, "side": top.side},
+               os.path.join(folder, f"rank{rank}.pt"))
+
+
 def test_two_ranks_give_the_global_gram_and_spectrum(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_on_rank, args=(2, str(tmp_path), _gram_and_top), nprocs=2, join=True)
     model, u, X = _problem()
     G = lnk.testing.dense_gram(model, u)
     top = torch.linalg.eigvalsh(G).flip(0)[:3]
@@ -83,26 +89,15 @@ def _estimates(K):
                                slq.primal_dimension])}
 
 
-def _estimator_worker(rank, world, folder):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
-                            world_size=world)
-    try:
-        model, u, _ = _problem()
-        mine = u[rank * B // world:(rank + 1) * B // world]
-        K = lnk.StateNTK(model, mine, process_group=dist.group.WORLD)
-        torch.save(_estimates(K), os.path.join(folder, f"est{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)
+def _save_estimates(K, rank, folder):
+    torch.save(_estimates(K), os.path.join(folder, f"est{rank}.pt"))
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_estimator_over_ranks_matches_one_process(tmp_path, world):
     """Eigenvectors (dual side), SLQ, Hutch++ trace and effective rank over 2 and 3 ranks give
     what one process gives on all trials (identical probes on every rank), to rounding."""
-    mp.spawn(_estimator_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_on_rank, args=(world, str(tmp_path), _save_estimates), nprocs=world, join=True)
     model, u, _ = _problem()
     one = _estimates(lnk.StateNTK(model, u))
     G = lnk.testing.dense_gram(model, u)
