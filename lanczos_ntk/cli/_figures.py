@@ -146,8 +146,12 @@ def spectrum_figure(summary, density):
         r = max(int(summary.bottom.primal_dimension) - int(summary.bottom.null_dim or 0),
                 len(bot) + len(top))
         a.plot(np.arange(r - len(bot) + 1, r + 1), bot, "s", color="tab:red",
-               label=f"smallest nonzero eigenvalues (of r = {r} nonzero)")
+               label=f"smallest eigenvalues above rounding (of r = {r})")
         a.set_xscale("log")
+    # two notions of zero, both drawn: eigsh's null space is rounding (1000 eps λ_max); the
+    # density (right) also counts as zero mass everything below its resolution cut
+    a.axhline(density.zero_threshold, color="0.4", ls="--", lw=0.8,
+              label=f"density's zero cut ({density.zero_mass:.3g} of the mass below)")
     a.set_yscale("log")
     a.set_xlabel("index i of λ_i (1 = largest)")
     a.set_ylabel("eigenvalue λ_i of K")

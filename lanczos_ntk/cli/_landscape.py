@@ -35,8 +35,14 @@ def landscapes_figure(results):
         with np.errstate(divide="ignore", invalid="ignore"):
             # rounding-level values (≤ 1e-12 of the largest) are zeros: grey, like diverged
             logs = np.log10(np.where(amp > 1e-12 * top, amp, np.nan))
-        hi = float(np.nanmax(logs)) if np.isfinite(logs).any() else 1.0
-        lo = max(float(np.nanmin(logs)), hi - 6.0) if np.isfinite(logs).any() else 0.0
+        finite = logs[np.isfinite(logs)]
+        # the colour range follows the bulk of the row: a few cells at an escape boundary may
+        # be orders of magnitude above the rest (they show at the top of the bar, "extend")
+        hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+        lo = max(float(finite.min()), hi - 6.0) if finite.size else 0.0
+        extend = {(False, False): "neither", (True, False): "min", (False, True): "max",
+                  (True, True): "both"}[(bool(finite.size and finite.min() < lo),
+                                         bool(finite.size and finite.max() > hi))]
         mu, al = res.mu.numpy(), res.alpha.numpy()
         for c, t in enumerate(steps):
             ax = axes[r, c]
@@ -49,7 +55,7 @@ def landscapes_figure(results):
                 ax.set_ylabel(f"{res.form}\ninitial state α₀")
             if r == len(results) - 1:
                 ax.set_xlabel("unfolding parameter μ")
-        fig.colorbar(im, ax=axes[r, :].tolist(), label="log10 ‖∂h/∂μ‖", shrink=0.9, extend="min")
+        fig.colorbar(im, ax=axes[r, :].tolist(), label="log10 ‖∂h/∂μ‖", shrink=0.9, extend=extend)
     fig.suptitle(f"‖∂h/∂μ‖ of the {results[0].kind} normal forms over T steps from h₀ = α₀ "
                  f"(dotted: μ = 0; grey: zero, or escaped |h| > {results[0].escape:g})",
                  fontsize=9)
