@@ -86,7 +86,7 @@ ARCHITECTURES = ("ctrnn", "rnn", "gru")
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig(Result):
-    """Every setting of the experiment (defaults: the lead's prototype, about a minute on CPU).
+    """Every setting of the experiment (defaults: the lead's prototype, about 30 seconds on CPU).
 
     Problem: ``state_size`` ``n``, ``trials`` ``B``, ``trial_steps`` ``T``, Euler step ``dt``,
     ``pulse_steps`` input steps, ``noise`` ``σ`` of ``W₀``, gain factors ``teacher_gain`` and

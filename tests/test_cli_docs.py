@@ -16,7 +16,7 @@ def test_quickstart_snippets_run(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     text = (DOCS / "quickstart.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```python[^\n]*\n(.*?)```", text, flags=re.S)
     assert len(blocks) >= 4
     namespace: dict = {"print": lambda *a, **k: None}
     for block in blocks:
