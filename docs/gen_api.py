@@ -66,9 +66,9 @@ def api_page() -> str:
 def cli_page() -> str:
     from click.testing import CliRunner
 
-    from lanczos_ntk._runs import dump_toml
     from lanczos_ntk.cli import main
     from lanczos_ntk.cli._config import DEFAULTS
+    from lanczos_ntk.cli._runs import dump_toml
 
     runner = CliRunner()
     parts = ["# Command reference", "",

@@ -16,9 +16,9 @@ import torch
 from click.testing import CliRunner
 
 import lanczos_ntk as lnk
-from lanczos_ntk._runs import ConfigError, dump_toml, load_config, merge_config, parse_overrides
 from lanczos_ntk.cli import main
 from lanczos_ntk.cli._config import defaults_for
+from lanczos_ntk.cli._runs import ConfigError, dump_toml, load_config, merge_config, parse_overrides
 
 MODEL_TINY = ["--set", "model.state_size=4", "--set", "inputs.trials=2", "--set", "inputs.steps=6"]
 SPEC_TINY = ["--threads", "1", "--set", "spectrum.k=2", "--set", "spectrum.bottom=1",
@@ -323,7 +323,7 @@ def test_example_experiments_are_valid():
 
 def test_printed_ranks_and_trace_match_the_dense_kernel_near_collapse(tmp_path):
     """The numbers the CLI prints, against eigvalsh of the dense kernel it describes."""
-    from lanczos_ntk.cli._main import model_and_inputs
+    from lanczos_ntk.cli._app import model_and_inputs
     from lanczos_ntk.testing import dense_gram
 
     out = tmp_path / "spec"
@@ -471,3 +471,27 @@ def test_run_folder_records_only_the_model_keys_in_use(tmp_path):
     assert bif.exit_code == 0, bif.output
     model = load_config(tmp_path / "b" / "config.toml")["model"]
     assert {"form", "kind", "mu", "dt"} <= set(model) and "gain" not in model
+
+
+@pytest.mark.parametrize("command", [["teacher", "--optimizer", "sgd", "--set", "num_steps=2"],
+                                     ["landscapes", "--steps", "2", "--mu", "-0.1,0.1,3",
+                                      "--alpha", "-0.1,0.1,3"]])
+def test_every_command_shares_the_run_folder_handling(tmp_path, monkeypatch, command):
+    """teacher and landscapes answer an unwritable --out and Ctrl-C as the other commands do."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    res = CliRunner().invoke(main, [*command, "--out", str(blocker / "run")])
+    assert res.exit_code == 2 and "cannot write the run folder" in res.output
+    assert "Traceback" not in res.output and "Usage:" not in res.output
+
+    from lanczos_ntk import landscape, teacher
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(teacher, "run_student_teacher", interrupted)
+    monkeypatch.setattr(landscape, "normal_form_landscape", interrupted)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, [*command, "--out", str(out)])
+    assert res.exit_code == 130 and f"--out {out}" in res.output
+    assert "interrupted" in (out / "run.log").read_text()

@@ -17,7 +17,6 @@ import torch
 from .. import dynamics
 from .._deflated import DeflatedSLQ, deflated_slq
 from .._results import Result
-from .._runs import ConfigError
 from ..spectral import (
     EffectiveRank,
     EigshResult,
@@ -28,6 +27,7 @@ from ..spectral import (
     spectral_density,
     trace_from_slq,
 )
+from ._runs import ConfigError
 
 __all__ = ["SpectralSummary", "SweepPoint", "SweepResult", "collect_sweep", "critical_gain",
            "density_of", "dynamics_at", "euler_line", "model_at", "spectral_summary",

@@ -13,6 +13,9 @@ import math
 import click
 import torch
 
+from ._app import friendly, main, run_folder
+from ._runs import ConfigError, parse_list
+
 __all__ = ["landscapes_command", "landscapes_figure"]
 
 
@@ -78,7 +81,7 @@ def _summary(res) -> dict:
     return out
 
 
-@click.command("landscapes")
+@main.command("landscapes")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/landscapes",
               show_default=True, help="Run folder (results/, figures/, summary.json); re-running "
                                       "resumes.")
@@ -95,12 +98,12 @@ def _summary(res) -> dict:
 @click.option("--dt", type=float, default=0.05, show_default=True, help="Euler step of the flows.")
 @click.option("--fresh", is_flag=True, help="Discard what the run folder holds and start over.")
 @click.option("--quiet", is_flag=True, help="No summary on the terminal.")
+@friendly
 def landscapes_command(out, kind, steps_text, mu_text, alpha_text, dt, fresh, quiet):
     """Finite-T amplification ‖∂h/∂μ‖ of the normal forms over (μ, initial state)."""
     import matplotlib.pyplot as plt
 
     from .. import landscape as L
-    from .._runs import ConfigError, RunFolder, parse_list
     from ..models import CONTINUOUS_FORMS, DISCRETE_FORMS
 
     def grid(text, name):
@@ -126,11 +129,7 @@ def landscapes_command(out, kind, steps_text, mu_text, alpha_text, dt, fresh, qu
     forms = DISCRETE_FORMS if kind == "map" else CONTINUOUS_FORMS
     config = {"kind": kind, "steps": steps, "mu": mu_text, "alpha": alpha_text,
               "dt": dt if kind == "flow" else 1.0}
-    try:
-        run = RunFolder(out, config, fresh=fresh, command="landscapes")
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-    with run:
+    with run_folder("landscapes", config, out, fresh, quiet) as run:
         results = [run.cached(f"{kind}-{form}",
                               lambda form=form: L.normal_form_landscape(
                                   form, kind=kind, mu=mu, alpha=alpha, steps=steps, dt=dt),

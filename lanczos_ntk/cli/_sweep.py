@@ -10,21 +10,7 @@ import click
 import numpy as np
 import torch
 
-from .._runs import ConfigError, load_state_dict, parse_list
-from ._compute import (
-    SweepPoint,
-    check_param,
-    collect_sweep,
-    constant_input,
-    continue_branch,
-    critical_gain,
-    density_of,
-    dynamics_at,
-    euler_line,
-    model_at,
-    spectral_summary,
-)
-from ._main import (
+from ._app import (
     RANK_LEGEND,
     check_spectrum_cfg,
     common_options,
@@ -39,6 +25,20 @@ from ._main import (
     run_folder,
     save_figures,
 )
+from ._compute import (
+    SweepPoint,
+    check_param,
+    collect_sweep,
+    constant_input,
+    continue_branch,
+    critical_gain,
+    density_of,
+    dynamics_at,
+    euler_line,
+    model_at,
+    spectral_summary,
+)
+from ._runs import ConfigError, load_state_dict, parse_list
 
 __all__ = ["demo", "sweep"]
 

@@ -1,7 +1,7 @@
 """``lanczos-ntk teacher``: the student–teacher collapse experiment and the optimizer comparison.
 
 Drives :mod:`lanczos_ntk.teacher`, saves its result objects in a run folder (atomically, through
-:class:`lanczos_ntk._runs.RunFolder`), draws the figures (PNG + PDF) and prints a summary. The
+:class:`lanczos_ntk.cli._runs.RunFolder`), draws the figures (PNG + PDF) and prints a summary. The
 command is ``teacher_command``; the CLI group registers it with ``main.add_command``.
 """
 
@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 import click
+
+from ._app import friendly, main, run_folder
+from ._runs import ConfigError, load_config, merge_config, parse_list, parse_overrides
 
 __all__ = ["plot_collapse", "plot_landscape", "plot_optimizers", "teacher_command"]
 
@@ -153,7 +156,6 @@ def plot_optimizers(comp, axes=None):
 
 # --------------------------------------------------------------------------------- command
 def _config(config_file, overrides, seed, steps, lr, optimizer):
-    from .._runs import ConfigError, load_config, merge_config, parse_overrides
     from ..teacher import TeacherConfig
 
     defaults = dataclasses.asdict(TeacherConfig())
@@ -208,17 +210,13 @@ STUDY_KEYS = (
 def _study_plan(seeds_text, arch_text):
     """``--seeds`` and ``--architectures`` parsed, before anything is written (exit 2 if bad)."""
     from .. import teacher as T
-    from .._runs import ConfigError, parse_list
 
-    try:
-        seeds = parse_list(seeds_text, "seeds", int)
-        archs = parse_list(arch_text, "architectures", str)
-        bad = [a for a in archs if a not in T.ARCHITECTURES]
-        if bad:
-            raise ConfigError(f"--architectures: expected some of {', '.join(T.ARCHITECTURES)}, "
-                              f"got {', '.join(bad)}")
-    except ConfigError as exc:  # a usage error: exit 2, like the other commands' bad input
-        raise click.UsageError(str(exc)) from None
+    seeds = parse_list(seeds_text, "seeds", int)
+    archs = parse_list(arch_text, "architectures", str)
+    bad = [a for a in archs if a not in T.ARCHITECTURES]
+    if bad:
+        raise ConfigError(f"--architectures: expected some of {', '.join(T.ARCHITECTURES)}, "
+                          f"got {', '.join(bad)}")
     return seeds, archs
 
 
@@ -238,13 +236,12 @@ def _seed_study(cfg, run, seeds, archs, optimizer, quiet, out):
                            f"study run: {c.architecture}, seed {c.seed}")
         return saved.summary
 
-    with run:
-        study = T.run_seeds(cfg, seeds=seeds, architectures=archs, compare=optimizer == "both",
-                            run=row, progress=lambda d, _t: (bar.update(d - bar.n), None)[1])
-        bar.close()
-        spread = study.spread()
-        run.write_json("study.json", {"rows": study.rows, "spread": spread})
-        run.log("done")
+    study = T.run_seeds(cfg, seeds=seeds, architectures=archs, compare=optimizer == "both",
+                        run=row, progress=lambda d, _t: (bar.update(d - bar.n), None)[1])
+    bar.close()
+    spread = study.spread()
+    run.write_json("study.json", {"rows": study.rows, "spread": spread})
+    run.log("done")
     if quiet:
         return
     click.echo(f"results in {Path(out)} (study.json: every run, and the spread)")
@@ -262,7 +259,7 @@ def _seed_study(cfg, run, seeds, archs, optimizer, quiet, out):
                 click.echo(f"  seed {r['seed']}: {r['error']}")
 
 
-@click.command("teacher")
+@main.command("teacher")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/teacher", show_default=True,
               help="Run folder (results/, figures/, summary.json); re-running resumes.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
@@ -279,15 +276,16 @@ def _seed_study(cfg, run, seeds, archs, optimizer, quiet, out):
               help="sgd|lrng: one collapse run and its landscape; both: also SGD vs LRNG.")
 @click.option("--fresh", is_flag=True, help="Discard what the run folder holds and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary on the terminal.")
-@click.option("--threads", type=int, default=1, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Torch CPU threads (the problem is small: more threads mostly add overhead).")
 @click.option("--seeds", "seeds_text", metavar="S1,S2,...",
               help="Run the experiment for each seed (and each of --architectures) and report "
                    "the spread; every run is saved and resumed on its own.")
 @click.option("--architectures", "arch_text", metavar="A1,A2,...", default="ctrnn",
               show_default=True, help="With --seeds: ctrnn, rnn, gru (comma-separated).")
+@friendly
 def teacher_command(out, config_file, overrides, seed, steps, lr, optimizer, fresh, quiet,
-                    threads, seeds_text, arch_text):
+                    seeds_text, arch_text):
     """Student learns a teacher's pitchfork: sNTK collapse, channel landscape, SGD vs LRNG."""
     import json
 
@@ -295,24 +293,16 @@ def teacher_command(out, config_file, overrides, seed, steps, lr, optimizer, fre
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
     from tqdm import tqdm
 
     from .. import teacher as T
-    from .._runs import ConfigError, RunFolder
 
-    if threads < 1:
-        raise click.BadParameter(f"expected --threads >= 1, got {threads}")
-    torch.set_num_threads(threads)
     study = _study_plan(seeds_text, arch_text) if seeds_text else None
-    try:
-        cfg = _config(config_file, overrides, seed, steps, lr, optimizer)
-        record = {**dataclasses.asdict(cfg), "command_optimizer": optimizer}
-        run = RunFolder(out, record, fresh=fresh, command="teacher")
-    except ConfigError as exc:  # bad input: exit 2 and one line, like the other commands
-        raise click.UsageError(str(exc)) from None
+    cfg = _config(config_file, overrides, seed, steps, lr, optimizer)
+    record = {**dataclasses.asdict(cfg), "command_optimizer": optimizer}
     if study is not None:
-        _seed_study(cfg, run, *study, optimizer, quiet, out)
+        with run_folder("teacher", record, out, fresh, quiet) as run:
+            _seed_study(cfg, run, *study, optimizer, quiet, out)
         return
     n_land = cfg.landscape_points + max(3, cfg.landscape_points // 3)
     total = cfg.num_steps + n_land + (2 * cfg.compare_steps if optimizer == "both" else 0)
@@ -323,7 +313,7 @@ def teacher_command(out, config_file, overrides, seed, steps, lr, optimizer, fre
         bar.n = offset[0] + done
         bar.refresh()
 
-    with run:
+    with run_folder("teacher", record, out, fresh, quiet) as run:
         collapse = run.cached("collapse", lambda: T.run_student_teacher(cfg, progress=progress),
                               f"collapse run: {cfg.optimizer} lr={cfg.lr} steps={cfg.num_steps}")
         offset[0] = cfg.num_steps

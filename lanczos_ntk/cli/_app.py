@@ -1,10 +1,11 @@
-"""The ``lanczos-ntk`` command group, its shared options, and the spectrum, density and bifurcate
-commands (the sweep and the demo are in :mod:`._sweep`)."""
+"""The ``lanczos-ntk`` command group and what its commands share: options, configuration,
+model and inputs, the run folder, progress bars, the summary and figures, error handling.
+
+Each command lives in its own module and registers itself on :data:`main`."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import sys
 import tempfile
@@ -14,8 +15,8 @@ from pathlib import Path
 import click
 import torch
 
-from .. import dynamics
-from .._runs import (
+from ._config import defaults_for
+from ._runs import (
     ConfigError,
     RunFolder,
     build_model,
@@ -26,9 +27,8 @@ from .._runs import (
     parse_overrides,
     recorded_config,
 )
-from ._config import defaults_for
 
-__all__ = ["main"]
+__all__ = ["CliError", "main"]
 
 
 class CliError(click.ClickException):
@@ -289,208 +289,3 @@ def main():
     --set KEY=VALUE overrides, writes a run folder (config, results as JSON + NPZ, figures as
     PNG + PDF, run.log) and resumes an interrupted run in the same folder.
     """
-
-
-@main.command()
-@common_options
-@inputs_option
-@friendly
-def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet, inputs_file):
-    """Top/bottom eigenvalues, trace, effective ranks and condition number of the sNTK."""
-    from ._compute import SpectralSummary, density_of, spectral_summary
-    from ._figures import spectrum_figure
-
-    cfg = resolve_config("spectrum", config_file, overrides, seed=seed, device=device, dtype=dtype,
-                         model_spec=model_spec, inputs_file=inputs_file)
-    check_spectrum_cfg(cfg)
-    model, inputs = model_and_inputs(cfg)
-    K = make_operator(model, inputs, cfg)
-    with run_folder("spectrum", cfg, out, fresh, quiet) as folder:
-        if folder.has("spectrum"):
-            summary = folder.load("spectrum")
-            folder.log("spectrum: loaded from the previous run")
-        else:
-            with progress(quiet, total=3, desc="spectrum: top, bottom, SLQ") as bar:
-                summary = spectral_summary(K, cfg["spectrum"], torch.Generator().manual_seed(cfg["seed"]),
-                                           progress=lambda stage: bar.update())
-            folder.save("spectrum", summary)
-            folder.log(f"spectrum: computed in {summary.seconds:.2f} s")
-        if not isinstance(summary, SpectralSummary):
-            raise ConfigError(f"{folder.result_path('spectrum')} does not hold a spectrum; use --fresh")
-        density = density_of(summary, cfg["density"])
-        folder.save("density", density)
-        metrics = summary.metrics()
-        folder.write_json("summary.json", metrics)
-        figs = save_figures(folder, {"spectrum": spectrum_figure(summary, density)})
-        folder.log("figures written")
-    top = ", ".join(f"{v:.4g}" for v in metrics["top_eigenvalues"])
-    report(quiet, [f"M = {metrics['dimension_M']} (computed on the {metrics['side']} side)",
-                   f"top eigenvalues: {top}",
-                   f"trace {metrics['trace']:.4g} ± {metrics['trace_se']:.2g}",
-                   f"effective rank: participation {metrics['participation_rank']:.4g} "
-                   f"± {metrics['participation_rank_se']:.2g}, entropy "
-                   f"{metrics['entropy_rank']:.4g} ± {metrics['entropy_rank_se']:.2g} "
-                   f"(top {metrics['deflated_k']} eigenvalues exact, the rest by SLQ)",
-                   f"eigensolver: {metrics['status']} "
-                   f"({sum(metrics['top_converged'])} of {len(metrics['top_converged'])} "
-                   f"eigenpairs to tol)",
-                   f"condition number (nonzero part): {metrics['condition_number']:.4g}",
-                   RANK_LEGEND, f"results: {folder.path}", f"figure: {figs[0]}"], folder)
-
-
-@main.command()
-@common_options
-@inputs_option
-@friendly
-def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet, inputs_file):
-    """Spectral density of the sNTK: the top eigenvalues exactly plus stochastic Lanczos
-    quadrature of the rest (linear and log scale)."""
-    from .. import deflated_slq, spectral_density
-    from ._figures import density_figure
-
-    cfg = resolve_config("density", config_file, overrides, seed=seed, device=device, dtype=dtype,
-                         model_spec=model_spec, inputs_file=inputs_file)
-    check_spectrum_cfg(cfg)
-    model, inputs = model_and_inputs(cfg)
-    K = make_operator(model, inputs, cfg)
-    s_cfg, d_cfg = cfg["spectrum"], cfg["density"]
-    with run_folder("density", cfg, out, fresh, quiet) as folder:
-        if folder.has("slq"):
-            r = folder.load("slq")
-            folder.log("slq: loaded from the previous run")
-        else:
-            with progress(quiet, total=1, desc="SLQ") as bar:
-                r = deflated_slq(K, s_cfg["num_probes"], s_cfg["num_steps"],
-                                 generator=torch.Generator().manual_seed(cfg["seed"]),
-                                 tol=float(s_cfg["tol"]))
-                bar.update()
-            folder.save("slq", r)
-            folder.log(f"slq: {r.num_matvecs} products")
-        sigma = d_cfg["sigma"] or None  # in the units of density.scale; the other is automatic
-        lin = spectral_density(r, sigma=sigma if d_cfg["scale"] == "linear" else None,
-                               num_points=d_cfg["num_points"], scale="linear")
-        log = spectral_density(r, sigma=sigma if d_cfg["scale"] == "log" else None,
-                               num_points=d_cfg["num_points"], scale="log")
-        folder.save("density_linear", lin)
-        folder.save("density_log", log)
-        folder.write_json("summary.json", {"zero_mass": lin.zero_mass, "zero_mass_se": lin.zero_mass_se,
-                                           "dimension_M": r.primal_dimension, "side": r.side,
-                                           "matvecs": r.num_matvecs})
-        figs = save_figures(folder, {"density": density_figure(lin, log)})
-    report(quiet, [f"M = {r.primal_dimension}, zero mass {lin.zero_mass:.4g} ± {lin.zero_mass_se:.2g}",
-                   ZERO_MASS_LEGEND, f"results: {folder.path}", f"figure: {figs[0]}"], folder)
-
-
-# --------------------------------------------------------------------------- bifurcate
-def _on_branch(x: torch.Tensor, p: float, branches, tol: float = 1e-4) -> bool:
-    for br in branches:
-        if len(br) == 0:
-            continue
-        d = (br.points - x).abs().amax(dim=1) + (br.p - p).abs()
-        if float(d.min()) < tol * (1 + float(x.abs().max())):
-            return True
-    return False
-
-
-def _same_event(a, b, width: float) -> bool:
-    return abs(a.p - b.p) <= 1e-4 * width and \
-        float((a.x - b.x).abs().max()) <= 1e-3 * (1 + float(b.x.abs().max()))
-
-
-def _without_folds_at_branch_points(branches, width: float) -> list:
-    """The branches with any fold located at a branch point removed: the same event (the
-    bifurcating branch of a pitchfork, ``p = x²``, turns exactly there), reported as the
-    branch point."""
-    points = [k for br in branches for k in br.bifurcations if k.kind == "branch_point"]
-    return [dataclasses.replace(br, bifurcations=[
-        k for k in br.bifurcations
-        if not (k.kind == "fold" and any(_same_event(o, k, width) for o in points))])
-        for br in branches]
-
-
-def _unique_bifurcations(branches, width: float) -> list:
-    """The branches' bifurcations, each once (branches traced from both ends may share some)."""
-    out = []
-    for br in branches:
-        for k in br.bifurcations:
-            if not any(o.kind == k.kind and _same_event(o, k, width) for o in out):
-                out.append(k)
-    return out
-
-
-@main.command()
-@common_options
-@friendly
-def bifurcate(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet):
-    """Continuation diagram of a model's fixed points in one parameter, bifurcations located.
-
-    Fixed points are searched at both ends of [start, stop] and each is continued into the
-    window (pseudo-arclength), up to max_branches branches. Normal forms: --set model.form=hopf
-    --set model.kind=flow; a CTRNN: --model ctrnn --set bifurcate.param=gain.
-    """
-    from ._compute import euler_line
-    from ._figures import bifurcate_figure
-
-    cfg = resolve_config("bifurcate", config_file, overrides, seed=seed, device=device, dtype=dtype,
-                         model_spec=model_spec)
-    b = cfg["bifurcate"]
-    if not b["start"] < b["stop"]:
-        raise ConfigError(f"bifurcate.start must be < bifurcate.stop, got {b['start']} and {b['stop']}")
-    if b["max_branches"] < 1 or b["seeds"] < 1 or b["max_steps"] < 1:
-        raise ConfigError("bifurcate.max_branches, seeds and max_steps must be >= 1")
-    model, _ = model_and_inputs(cfg)
-    if not hasattr(model, "rhs"):
-        raise ConfigError(f"{type(model).__name__} has no rhs(h, u): bifurcation analysis needs a "
-                          "model of lanczos_ntk.models or one with kind, rhs, state_size, input_size")
-    u = torch.full((model.input_size,), float(b["input"]), dtype=torch.float64)
-    try:
-        system = dynamics.system_from_model(model, b["param"], u)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bifurcate.param: {exc}") from None
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    branches = []
-    with run_folder("bifurcate", cfg, out, fresh, quiet) as folder:
-        starts = [(b["start"], 1), (b["stop"], -1)]
-        with progress(quiet, total=b["max_branches"], desc="branches") as bar:
-            for side, (p, direction) in enumerate(starts):
-                fp = dynamics.find_fixed_points(system, p=p, num_seeds=b["seeds"], generator=gen)
-                folder.log(f"p={p:.6g}: {len(fp)} fixed point(s)")
-                for i in range(len(fp)):
-                    if len(branches) >= b["max_branches"]:
-                        break
-                    x = fp.points[i]
-                    if _on_branch(x, p, branches):
-                        continue
-                    name = f"branch-{side}-{i:02d}"
-                    if folder.has(name):
-                        br = folder.load(name)
-                        folder.log(f"{name}: loaded from the previous run")
-                    else:
-                        br = dynamics.continuation(system, x, p, (b["start"], b["stop"]),
-                                                   max_steps=b["max_steps"], direction=direction)
-                        folder.save(name, br)
-                        folder.log(f"{name}: {len(br)} points, {br.status.value}, bifurcations "
-                                   f"{[(k.kind, round(k.p, 6)) for k in br.bifurcations]}")
-                    if len(br):
-                        branches.append(br)
-                    bar.update()
-        if not branches:
-            raise click.ClickException("no fixed point found at either end of the window; widen "
-                                       "[start, stop] or raise bifurcate.seeds")
-        branches = _without_folds_at_branch_points(branches, b["stop"] - b["start"])
-        unique = _unique_bifurcations(branches, b["stop"] - b["start"])
-        bifs = [{"kind": k.kind, "p": k.p, "x": k.x.tolist(),
-                 "eigenvalue": [k.eigenvalue.real, k.eigenvalue.imag],
-                 "coefficients": k.coefficients} for k in unique]
-        euler, euler_text = euler_line(branches, b["param"])
-        folder.write_json("summary.json", {"branches": len(branches), "bifurcations": bifs,
-                                           "euler_map": euler})
-        figs = save_figures(folder, {"bifurcation": bifurcate_figure(branches, unique, system.kind,
-                                                                     f"parameter {b['param']}")})
-    lines = [f"{len(branches)} branch(es); bifurcations:"]
-    lines += [f"  {d['kind']} at {b['param']} = {0.0 if abs(d['p']) < 1e-12 else d['p']:.6g}"
-              for d in bifs] or ["  none"]
-    if euler_text:
-        lines.append(euler_text)
-    report(quiet, lines + [f"results: {folder.path}", f"figure: {figs[0]}"], folder)
-

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._results import Result, ResultFileError, atomic_write_bytes, atomic_write_text, load_result
+from .._results import Result, ResultFileError, atomic_write_bytes, atomic_write_text, load_result
 
 try:  # Python >= 3.11
     import tomllib
@@ -432,7 +432,7 @@ def recorded_config(cfg: Mapping) -> dict:
 
 def build_model(cfg: Mapping, *, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
     """Build the model described by a ``[model]`` table (a built-in name or a factory spec)."""
-    from . import models
+    from .. import models
 
     name = cfg["name"]
     n, d = int(cfg["state_size"]), int(cfg["input_size"])
