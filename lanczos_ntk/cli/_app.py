@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import re
 import sys
 import tempfile
 import warnings
@@ -15,6 +17,7 @@ from pathlib import Path
 import click
 import torch
 
+from . import _launch
 from ._config import defaults_for
 from ._runs import (
     ConfigError,
@@ -37,25 +40,98 @@ class CliError(click.ClickException):
     exit_code = 2
 
 
+class LostRankError(click.ClickException):
+    """A collective with the other ranks of a launched run failed (a rank died or hangs)."""
+
+    exit_code = 1
+
+
+# the commands that share trials over the ranks of a torchrun-launched run; the others have
+# no trials to share, and rank 0 runs them alone
+SHARDED = ("spectrum", "density", "sweep", "demo")
+
+# this process's launch settings (--backend, --timeout) and, once joined, its Launch
+_SESSION: dict = {"backend": None, "timeout": 600.0, "sharded": False, "launch": None}
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world)`` as ``torchrun`` set them (``(0, 1)`` for a plain process)."""
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def launch_for(cfg: dict) -> _launch.Launch:
+    """This process's :class:`~._launch.Launch`: under ``torchrun`` the first call joins the
+    group (the backend follows ``cfg['device']`` unless ``--backend`` says) and checks that
+    every rank runs the same configuration; a single process, or a command without trials to
+    share, gets :data:`~._launch.SINGLE`."""
+    if _SESSION["launch"] is None:
+        if not _SESSION["sharded"]:
+            _SESSION["launch"] = _launch.SINGLE
+        else:
+            launch = _launch.launch_from_environment(_SESSION["backend"], str(cfg.get("device", "cpu")),
+                                                     _SESSION["timeout"])
+            _SESSION["launch"] = launch
+            _launch.check_same_configuration(launch, recorded_config(cfg))
+    return _SESSION["launch"]
+
+
 def friendly(fn):
-    """Apply ``--threads``; turn :class:`ConfigError` into :class:`CliError` (exit 2, one line)."""
+    """Apply ``--threads``; turn :class:`ConfigError` into :class:`CliError` (exit 2, one line).
+
+    Under ``torchrun`` it also takes ``--backend`` / ``--timeout``, keeps ranks other than 0
+    quiet, lets rank 0 run a command without trials alone, turns a failed collective into one
+    line (exit 1) and leaves the group at the end.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         threads = kwargs.pop("threads", None)
-        if threads is None and fn.__name__ == "demo":
+        name = fn.__name__.removesuffix("_command")
+        _SESSION.update(backend=kwargs.pop("backend", None), timeout=kwargs.pop("timeout", 600.0),
+                        sharded=name in SHARDED, launch=None)
+        rank, world = _world()
+        if world > 1 and not _SESSION["sharded"] and rank != 0:
+            return None  # nothing to share: rank 0 runs it alone
+        if world > 1 and rank != 0 and "quiet" in kwargs:
+            kwargs["quiet"] = True
+        if threads is None and name == "demo":
             threads = 1
         before = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            _leave_group(success=True)
+            return out
         except ConfigError as exc:
+            _leave_group(success=False)
             raise CliError(str(exc)) from None
+        except (RuntimeError, torch.distributed.DistError) as exc:
+            launch = _SESSION["launch"]
+            if launch is None or not launch.distributed:
+                raise
+            _leave_group(success=False)
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = re.sub(r"^\[[^\]]*\]\s*", "", text)  # without the backend's source location
+            raise LostRankError(
+                f"rank {launch.rank}: a collective with the other ranks failed ({first[:160]}); "
+                f"a rank stopped or hangs. Rank 0 wrote only finished results: run the same "
+                f"torchrun command again to resume") from None
         finally:
             torch.set_num_threads(before)
 
     return wrapper
+
+
+def _leave_group(success: bool) -> None:
+    """Leave the process group this command joined (after a barrier when all went well)."""
+    launch = _SESSION["launch"]
+    _SESSION["launch"] = None
+    if launch is None or not launch.distributed or not torch.distributed.is_initialized():
+        return
+    if success:
+        torch.distributed.barrier(group=launch.group)
+    torch.distributed.destroy_process_group()
 
 
 def common_options(fn):
@@ -80,6 +156,13 @@ def common_options(fn):
         click.option("--threads", type=click.IntRange(min=0), default=None,
                      help="CPU threads of torch (0: torch's default; the demo uses 1, which is "
                           "fastest for small problems on a shared machine)."),
+        click.option("--backend", type=click.Choice(["gloo", "nccl"]), default=None,
+                     help="Under torchrun: the process group's backend (default gloo on the "
+                          "CPU, nccl on CUDA devices)."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
+                     show_default=True,
+                     help="Under torchrun: seconds a rank waits for the others in a collective "
+                          "before it stops with an error (a rank died or hangs)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -144,14 +227,16 @@ def torch_settings(cfg: dict) -> tuple[torch.dtype, str]:
 def model_and_inputs(cfg: dict) -> tuple[torch.nn.Module, torch.Tensor | None]:
     """Build the model and its inputs from the config and check they fit (before any writing)."""
     dtype, device = torch_settings(cfg)
+    launch = launch_for(cfg)
     model = build_model(cfg["model"], dtype=dtype, device=device)
     if "inputs" not in cfg:
         return model, None
     d_in = getattr(model, "input_size", None)
     if d_in is None and not cfg["inputs"]["file"]:
         raise ConfigError("the model has no attribute input_size: give the inputs with --inputs FILE")
+    # under torchrun each rank reads (or draws) only its own share of the trials
     inputs = make_inputs(cfg["inputs"], None if d_in is None else int(d_in), dtype=dtype,
-                         seed=cfg["seed"])
+                         seed=cfg["seed"], share=launch.share if launch.distributed else None)
     try:
         with torch.no_grad():
             out = model(inputs[:1].to(device))
@@ -183,15 +268,26 @@ def _first_layer_inputs(model) -> int | None:
 @contextlib.contextmanager
 def run_folder(command: str, cfg: dict, out, fresh: bool, quiet: bool = False):
     """Open the run folder; warnings raised inside go to its log (and a count to stderr)."""
+    launch = launch_for(cfg)
     cfg = recorded_config(cfg)  # what the run depends on: the model's unused keys left out
     path = Path(out) if out else Path("runs") / f"{command}-{config_digest(cfg)}"
-    try:  # a clear one-line error for a place that cannot hold the run, before anything else
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"cannot write the run folder {path}: {exc.strerror or exc}") from None
-    folder = RunFolder(path, cfg, fresh=fresh, command=command)
+    problem, folder = None, None
+    if launch.leader:
+        try:  # a clear one-line error for a place that cannot hold the run, before anything else
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+                pass
+            folder = (_launch.LeaderFolder(path, cfg, fresh=fresh, command=command, launch=launch)
+                      if launch.distributed else RunFolder(path, cfg, fresh=fresh, command=command))
+        except OSError as exc:
+            problem = f"cannot write the run folder {path}: {exc.strerror or exc}"
+        except ConfigError as exc:
+            problem = str(exc)
+    problem = launch.broadcast(problem)  # the other ranks stop with rank 0's message
+    if problem is not None:
+        raise ConfigError(problem)
+    if folder is None:
+        folder = _launch.FollowerFolder(path, launch)
     with folder, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("ignore", DeprecationWarning)  # library internals, not the run's
@@ -230,6 +326,9 @@ ZERO_MASS_LEGEND = ("legend: zero mass = fraction of the M eigenvalues of K that
 
 def report(quiet: bool, lines, folder: RunFolder) -> None:
     """The command's summary on stdout; with ``--quiet`` only the run folder's path."""
+    launch = _SESSION["launch"]
+    if (launch.rank if launch is not None else _world()[0]) != 0:
+        return  # under torchrun rank 0 alone reports
     if quiet:
         click.echo(str(folder.path))
         return
@@ -254,15 +353,16 @@ def make_operator(model, inputs, cfg):
     if outputs not in ("states", "readout"):
         raise ConfigError(f"spectrum.outputs must be 'states' or 'readout', got {outputs!r}")
     try:
-        K = StateNTK(model, inputs, outputs=outputs)
+        K = StateNTK(model, inputs, outputs=outputs, process_group=launch_for(cfg).group)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build the sNTK of this model and inputs: {exc}") from None
-    rank = min(K.shape[0], K.dual().shape[0])  # at most this many nonzero eigenvalues
+    M, P = K.total_states, K.dual().shape[0]  # M over all ranks of a launched run
+    rank = min(M, P)  # at most this many nonzero eigenvalues
     for key in ("k", "bottom"):
         if int(cfg["spectrum"].get(key, 0)) > rank:
             raise ConfigError(f"spectrum.{key}={cfg['spectrum'][key]} exceeds the number of "
                               f"nonzero eigenvalues the sNTK can have, min(M, P) = "
-                              f"min({K.shape[0]}, {K.dual().shape[0]}) = {rank}")
+                              f"min({M}, {P}) = {rank}")
     return K
 
 

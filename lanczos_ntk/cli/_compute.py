@@ -174,12 +174,18 @@ def model_at(model, param: str, value: float, *, state: Mapping | None = None):
     return m
 
 
-def constant_input(inputs: torch.Tensor, how: str) -> torch.Tensor:
-    """The constant input of the autonomous system: zeros or the mean over trials and time."""
+def constant_input(inputs: torch.Tensor, how: str, group=None) -> torch.Tensor:
+    """The constant input of the autonomous system: zeros or the mean over trials and time
+    (over the trials of every rank of ``group``, where each holds its share)."""
     if how == "zero":
         return torch.zeros(inputs.shape[-1], dtype=torch.float64)
     if how == "mean":
-        return inputs.double().mean(dim=(0, 1))
+        x = inputs.double()
+        total = torch.cat([x.sum(dim=(0, 1)), x.new_tensor([x.shape[0] * x.shape[1]])])
+        if group is not None:
+            torch.distributed.all_reduce(total, group=group)
+        total = total.cpu()
+        return total[:-1] / total[-1]
     raise ConfigError(f"dynamics.input must be 'zero' or 'mean', got {how!r}")
 
 

@@ -492,8 +492,14 @@ def _single_array(obj: Any, path: Path) -> Any:
     return obj
 
 
-def load_inputs(path: str | Path, input_size: int | None, *, dtype: torch.dtype) -> torch.Tensor:
-    """Load inputs ``[B, T, d_in]`` from ``.pt`` (no pickles) or ``.npz`` / ``.npy`` (no pickles)."""
+def load_inputs(path: str | Path, input_size: int | None, *, dtype: torch.dtype,
+                share=None) -> torch.Tensor:
+    """Load inputs ``[B, T, d_in]`` from ``.pt`` (no pickles) or ``.npz`` / ``.npy`` (no pickles).
+
+    ``share(B) -> (lo, hi)``: keep only trials ``lo:hi``. A ``.npy`` file is memory-mapped and a
+    ``.pt`` file loaded with ``mmap=True``, so only those trials are read into memory (an
+    ``.npz`` member is read whole, then sliced).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"inputs file not found: {path}")
@@ -504,12 +510,18 @@ def load_inputs(path: str | Path, input_size: int | None, *, dtype: torch.dtype)
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
-                arr = np.array(_single_array({k: data[k] for k in data.files}, path))
-            u = torch.from_numpy(arr)
+                u = _single_array({k: data[k] for k in data.files}, path)
         elif path.suffix == ".npy":
-            u = torch.from_numpy(np.array(np.load(path, allow_pickle=False)))
+            u = np.load(path, allow_pickle=False, mmap_mode="r")
         else:
-            u = _single_array(torch.load(path, map_location="cpu", weights_only=True), path)
+            u = _single_array(torch.load(path, map_location="cpu", weights_only=True, mmap=True),
+                              path)
+        if isinstance(u, np.ndarray):
+            if u.dtype.kind not in "fiu":
+                raise ConfigError(f"{path}: expected numeric inputs, got dtype {u.dtype}")
+            u = torch.from_numpy(np.array(_trials(u, share)))
+        elif isinstance(u, torch.Tensor):
+            u = _trials(u, share).clone()
     except ConfigError:
         raise
     except Exception as exc:
@@ -527,36 +539,64 @@ def load_inputs(path: str | Path, input_size: int | None, *, dtype: torch.dtype)
     return u.to(dtype)
 
 
-def make_inputs(cfg: Mapping, input_size: int | None, *, dtype: torch.dtype, seed: int) -> torch.Tensor:
+def _trials(u, share):
+    """``u[lo:hi]`` for this rank's ``share`` of the trials (all of them without one)."""
+    if share is None or getattr(u, "ndim", 0) != 3:
+        return u
+    lo, hi = share(int(u.shape[0]))
+    return u[lo:hi]
+
+
+# generated inputs are drawn in blocks of this many trials, block j from its own seed (block 0
+# from the run's seed itself), so that the dataset is the same however many ranks share it
+INPUT_BLOCK = 256
+
+
+def _block_seed(seed: int, block: int) -> int:
+    if block == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed) % 2**32, block]).generate_state(1, np.uint64)[0]
+               % 2**63)
+
+
+def make_inputs(cfg: Mapping, input_size: int | None, *, dtype: torch.dtype, seed: int,
+                share=None) -> torch.Tensor:
     """Inputs from an ``[inputs]`` table: a file, or ``trials × steps`` of a built-in signal.
 
     Signals (``kind``): ``"noise"`` (Gaussian, std ``amplitude``), ``"constant"``
     (``amplitude`` everywhere), ``"zeros"``, ``"sine"`` (``amplitude · sin(2πt/steps + phase)``,
-    one random phase per trial and input).
+    one random phase per trial and input). Random signals are drawn in blocks of
+    ``INPUT_BLOCK`` trials, each from its own seed, so ``share(B) -> (lo, hi)`` (a rank's
+    trials) draws only the blocks it needs and gets exactly those trials of the whole dataset.
     """
     if cfg["file"]:
-        return load_inputs(cfg["file"], input_size, dtype=dtype)
+        return load_inputs(cfg["file"], input_size, dtype=dtype, share=share)
     if input_size is None:
         raise ConfigError("the model's input size is unknown: give the inputs with --inputs FILE")
     B, T, amp = int(cfg["trials"]), int(cfg["steps"]), float(cfg["amplitude"])
     if B < 1 or T < 1:
         raise ConfigError(f"inputs.trials and inputs.steps must be >= 1, got {B} and {T}")
-    g = torch.Generator().manual_seed(int(seed))
     kind = cfg["kind"]
-    shape = (B, T, input_size)
-    if kind == "noise":
-        u = amp * torch.randn(shape, generator=g, dtype=torch.float64)
-    elif kind == "constant":
-        u = torch.full(shape, amp, dtype=torch.float64)
-    elif kind == "zeros":
-        u = torch.zeros(shape, dtype=torch.float64)
-    elif kind == "sine":
-        phase = 2 * math.pi * torch.rand(B, 1, input_size, generator=g, dtype=torch.float64)
-        t = torch.arange(T, dtype=torch.float64).reshape(1, T, 1)
-        u = amp * torch.sin(2 * math.pi * t / T + phase)
-    else:
+    if kind not in ("noise", "constant", "zeros", "sine"):
         raise ConfigError(f"unknown inputs.kind {kind!r}; expected noise, constant, zeros or sine")
-    return u.to(dtype)
+    lo, hi = (0, B) if share is None else share(B)
+    blocks = []
+    for j in range(lo // INPUT_BLOCK, (hi - 1) // INPUT_BLOCK + 1):
+        b0, b1 = j * INPUT_BLOCK, min(B, (j + 1) * INPUT_BLOCK)
+        g = torch.Generator().manual_seed(_block_seed(seed, j))
+        shape = (b1 - b0, T, input_size)
+        if kind == "noise":
+            u = amp * torch.randn(shape, generator=g, dtype=torch.float64)
+        elif kind == "constant":
+            u = torch.full(shape, amp, dtype=torch.float64)
+        elif kind == "zeros":
+            u = torch.zeros(shape, dtype=torch.float64)
+        else:
+            phase = 2 * math.pi * torch.rand(b1 - b0, 1, input_size, generator=g, dtype=torch.float64)
+            t = torch.arange(T, dtype=torch.float64).reshape(1, T, 1)
+            u = amp * torch.sin(2 * math.pi * t / T + phase)
+        blocks.append(u[max(lo, b0) - b0:min(hi, b1) - b0])
+    return torch.cat(blocks).to(dtype)
 
 
 def load_state_dict(path: str | Path, model: torch.nn.Module) -> dict:

@@ -16,6 +16,7 @@ from ._app import (
     common_options,
     friendly,
     inputs_option,
+    launch_for,
     main,
     make_operator,
     model_and_inputs,
@@ -105,7 +106,8 @@ def run_sweep(command: str, cfg: dict, out, fresh: bool, quiet: bool, title: str
     values, labels, states, gc = _plan(cfg, model)
     dyn = cfg["dynamics"]
     has_rhs = hasattr(model, "rhs") and hasattr(model, "kind")
-    u_const = constant_input(inputs, dyn["input"]) if has_rhs else None
+    u_const = (constant_input(inputs, dyn["input"], launch_for(cfg).group)
+               if has_rhs else None)
     param = cfg["sweep"]["param"]
     make_operator(model, inputs, cfg)  # validates outputs / model before anything is written
     t_start = time.perf_counter()
