@@ -316,14 +316,19 @@ def channel_report(K: StateNTK, g: torch.Tensor, *, tol: float = 1e-8, generator
     K_bif, K_res = split_kernel(K, g)
     engine = K.engine
     start = engine.num_jvp_vectors + engine.num_vjp_vectors
-    JQ = engine.jvp(K_bif.basis)                                        # [M, r]
-    small = JQ.T @ JQ
+    JQ = engine.jvp(K_bif.basis)                           # [M, r] (this rank's rows)
+    small = _summed(engine, JQ.T @ JQ)                     # (J Q)ᵀ(J Q) over all rows
     lam_bif = float(torch.linalg.eigvalsh(small).max())
     tr_bif = float(small.trace())
     lam_max, u1, tr = _whole or _whole_kernel(K, tol, generator, trace_method)
-    QJ, _ = torch.linalg.qr(JQ)
-    alignment = float(torch.linalg.vector_norm(QJ.T @ u1).clamp(max=1.0))
-    res = eigsh(_Dual(K_res), k=1, tol=tol, generator=generator) if engine.P < engine.M else \
+    # ‖projection of u₁ on span(J Q)‖² = cᵀ small⁺ c with c = (J Q)ᵀ u₁
+    c = _summed(engine, JQ.T @ u1)
+    w, V = torch.linalg.eigh(small)
+    keep = w > 1e-12 * w.max().clamp_min(1e-300)
+    coef = V[:, keep].T @ c
+    alignment = float(((coef ** 2) / w[keep]).sum().clamp(min=0.0).sqrt().clamp(max=1.0))
+    res = eigsh(_Dual(K_res), k=1, tol=tol, generator=generator) \
+        if engine.P < engine.total_M or engine.group is not None else \
         eigsh(K_res, k=1, tol=tol, generator=generator)
     lam_res = float(res.eigenvalues[0])
     used = engine.num_jvp_vectors + engine.num_vjp_vectors - start
@@ -342,12 +347,12 @@ def _whole_kernel(K: StateNTK, tol: float, generator, trace_method: str
     from .spectral import eigsh, trace
 
     engine = K.engine
-    dual = engine.P < engine.M
+    dual = engine.P < engine.total_M or engine.group is not None
     top = eigsh(K.dual() if dual else K, k=1, tol=tol, return_eigenvectors=True,
                 generator=generator)
     vec = top.eigenvectors[:, :1].to(engine.dtype)
     u1 = (engine.jvp(vec) if dual else vec)[:, 0]  # K's eigenvector is J x / ‖J x‖
-    u1 = u1 / torch.linalg.vector_norm(u1).clamp_min(1e-300)
+    u1 = u1 / _summed(engine, (u1 * u1).sum()).sqrt().clamp_min(1e-300)
     tr = _exact_trace(engine) if trace_method == "exact" else \
         float(trace(K, method=trace_method, generator=generator).estimate)
     return float(top.eigenvalues[0]), u1, tr
@@ -376,8 +381,16 @@ def _exact_trace(engine, block: int = 256) -> float:
     for s in range(0, P, block):
         E = torch.zeros(P, min(block, P - s), dtype=engine.dtype, device=engine.device)
         E[s:s + E.shape[1]] = torch.eye(E.shape[1], dtype=engine.dtype, device=engine.device)
-        total += float((engine.jvp(E) ** 2).sum())
+        total += float(_summed(engine, (engine.jvp(E) ** 2).sum()))
     return total
+
+
+def _summed(engine, t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks of the engine's process group (itself without one)."""
+    if engine.group is not None:
+        t = t.clone()
+        torch.distributed.all_reduce(t, group=engine.group)
+    return t
 
 
 def fit_power_law(distance, value) -> tuple[float, float]:

@@ -60,6 +60,16 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         Extra tracked directions beyond ``rank + 1`` (``refresh="track"``).
     track_tol : float
         Relative Ritz residual above which a tracked refresh falls back to Lanczos.
+    process_group : torch.distributed.ProcessGroup, optional
+        Data parallelism: each rank passes its own trials as ``inputs``; ``G`` is the global
+        Gram (as in :class:`lanczos_ntk.StateNTK`), so every rank computes the same
+        eigenpairs, and the gradients are summed over the ranks before the step
+        (``reduce_gradients``), so that every rank takes the same step. Each rank's loss is
+        then its share of a loss summed over trials; with a per-rank mean, scale by
+        ``1 / world_size``.
+    reduce_gradients : bool
+        With ``process_group``: all-reduce (sum) the gradients in :meth:`step`. Pass ``False``
+        when something else already did (e.g. ``DistributedDataParallel``, which averages).
 
     Notes
     -----
@@ -72,7 +82,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
                  damping: float | None = None, refresh_every: int = 10, outputs="states",
                  params=None, h0=None, chunk_size=None, tol: float = 1e-3,
                  generator: torch.Generator | None = None, refresh: str = "track",
-                 oversample: int = 2, track_tol: float = 0.1):
+                 oversample: int = 2, track_tol: float = 0.1, process_group=None,
+                 reduce_gradients: bool = True):
         from ._functional import resolve_params
 
         if lr <= 0:
@@ -98,7 +109,9 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         self.refresh_mode, self.oversample, self.track_tol = refresh, int(oversample), track_tol
         self._V: torch.Tensor | None = None
         self.num_solves = 0
-        self._kw = {"outputs": outputs, "params": names, "h0": h0, "chunk_size": chunk_size}
+        self._kw = {"outputs": outputs, "params": names, "h0": h0, "chunk_size": chunk_size,
+                    "process_group": process_group}
+        self.process_group, self.reduce_gradients = process_group, bool(reduce_gradients)
         self.inputs = inputs
         self.U: torch.Tensor | None = None
         self.eigenvalues: torch.Tensor | None = None
@@ -188,6 +201,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         ps = group["params"]
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in ps])
+        if self.process_group is not None and self.reduce_gradients:
+            torch.distributed.all_reduce(grad, group=self.process_group)
         update = self.precondition(grad)
         offset = 0
         for p in ps:

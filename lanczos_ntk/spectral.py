@@ -529,6 +529,9 @@ def eigsh(op: Any, k: int = 10, which: str = "LA", tol: float = 1e-6, *, ncv: in
         fewer calls, and resolves eigenvalues of multiplicity up to ``b``; worth it when a block
         costs much less than ``b`` products (the sNTK shares its passes over a block).
     return_eigenvectors : bool
+        For a ``StateNTK`` split over a process group (``K`` itself, not ``K.dual()``), the
+        eigenvectors are ``J x / sqrt(λ)`` from those of ``G`` on this rank's rows (each rank
+        its slice of the ``M``-vectors), with residuals ``‖K y − λ y‖`` over all ranks.
     generator : torch.Generator, optional
         Random start and fresh directions; default a generator seeded with 0 (deterministic).
     v0 : Tensor [n] or [n, p], optional
@@ -582,6 +585,13 @@ def eigsh(op: Any, k: int = 10, which: str = "LA", tol: float = 1e-6, *, ncv: in
         raise ValueError(f"expected tol > 0, got {tol!r}")
     if side == "auto" and (return_eigenvectors or v0 is not None):
         side = "primal"
+    if return_eigenvectors and v0 is None and side == "primal" and \
+            getattr(op, "distributed", False) and getattr(op, "_side", "") == "primal":
+        return _split_primal_eigenvectors(
+            op, eigsh(op.dual(), k, which, tol, ncv=ncv, max_restarts=max_restarts,
+                      block_size=block_size, return_eigenvectors=True, generator=generator,
+                      side="primal", null_rtol=null_rtol, dense_max=dense_max,
+                      raise_on_failure=raise_on_failure, verify=verify))
     A = as_operator(op, side)
     if k > A.n:
         warnings.warn(f"eigsh: k={k} exceeds the dimension n={A.n} of the {A.side} side; "
@@ -635,6 +645,22 @@ def eigsh(op: Any, k: int = 10, which: str = "LA", tol: float = 1e-6, *, ncv: in
             f"after {result.num_restarts} restarts ({result.status.value}); raise max_restarts "
             f"or ncv, or loosen tol", result)
     return result
+
+
+def _split_primal_eigenvectors(K: Any, dual: EigshResult) -> EigshResult:
+    """Eigenpairs of a ``K`` split over a process group, from those of ``G = K.dual()``:
+    ``y = J x / sqrt(λ)`` on this rank's rows, with the true residuals ``‖K y − λ y‖`` over all
+    ranks (``K y − λ y = J (G x − λ x) / sqrt(λ)``: one block product on each side)."""
+    lam, X = dual.eigenvalues, dual.eigenvectors
+    scale = lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()
+    Y = K.jvp(X) / scale
+    R = K.jvp(K.dual().matmul(X) - X * lam) / scale
+    sq = (R * R).sum(dim=0)
+    torch.distributed.all_reduce(sq, group=K.engine.group)
+    residuals = sq.sqrt().to(dual.residuals.dtype)
+    return dataclasses.replace(dual, eigenvectors=Y, residuals=residuals, side="primal",
+                               dimension=int(K.total_states),
+                               num_matvecs=dual.num_matvecs + len(lam))
 
 
 def condition_number(op: Any, *, tol: float = 1e-6, side: str = "auto",

@@ -47,9 +47,14 @@ def _gram_and_top(K, rank, folder):
     _, _, X = _problem()
     GX = K.dual().matmul(X)
     top = lnk.eigsh(K, k=3, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    # eigenvectors of K itself: each rank its rows of J x / sqrt(λ)
+    prim = lnk.eigsh(K, k=2, tol=1e-10, return_eigenvectors=True,
+                     generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="process group"):
-        lnk.eigsh(K, k=1, return_eigenvectors=True)
-    torch.save({"GX": GX, "top": top.eigenvalues, "side": top.side},
+        lnk.eigsh(K, k=1, side="primal")
+    torch.save({"GX": GX, "top": top.eigenvalues, "side": top.side, "Y": prim.eigenvectors,
+                "Y_values": prim.eigenvalues, "Y_residuals": prim.residuals,
+                "Y_side": prim.side, "Y_dimension": prim.dimension},
                os.path.join(folder, f"rank{rank}.pt"))
 
 
@@ -58,11 +63,21 @@ def test_two_ranks_give_the_global_gram_and_spectrum(tmp_path):
     model, u, X = _problem()
     G = lnk.testing.dense_gram(model, u)
     top = torch.linalg.eigvalsh(G).flip(0)[:3]
-    for rank in range(2):
-        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    outs = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for out in outs:
         assert torch.linalg.norm(out["GX"] - G @ X) <= 1e-10 * torch.linalg.norm(G @ X)
         torch.testing.assert_close(out["top"], top, rtol=1e-9, atol=0)
         assert out["side"] == "dual"
+        assert out["Y_side"] == "primal" and out["Y_dimension"] == B * T * 3
+    # the ranks' rows, stacked in rank order, are eigenvectors of the dense K of all trials
+    Kd = lnk.testing.dense_ntk(model, u)
+    Y, lam = torch.cat([o["Y"] for o in outs]), outs[0]["Y_values"]
+    assert [o["Y"].shape[0] for o in outs] == [B * T * 3 // 2] * 2
+    torch.testing.assert_close(lam, top[:2], rtol=1e-9, atol=0)
+    torch.testing.assert_close(Y.T @ Y, torch.eye(2, dtype=F64), rtol=0, atol=1e-8)
+    true_res = torch.linalg.norm(Kd @ Y - Y * lam, dim=0)
+    assert float(true_res.max()) <= 1e-8 * float(lam[0])
+    torch.testing.assert_close(outs[0]["Y_residuals"], true_res, rtol=1e-3, atol=1e-9 * float(lam[0]))
 
 
 def test_process_group_needs_an_initialised_backend():
@@ -84,9 +99,19 @@ def _estimates(K):
             "nodes": slq.nodes, "weights": slq.weights,
             "rank": torch.tensor(lnk.effective_rank(K, num_probes=4, num_steps=12,
                                                     generator=g()).value),
+            "channel": _channel_numbers(K),
             # M of the whole dataset (zero mass counts M - P zeros), not this rank's rows
             "M": torch.tensor([K.total_states, lnk.eigsh(K, k=1, generator=g()).primal_dimension,
                                slq.primal_dimension])}
+
+
+def _channel_numbers(K):
+    """A channel report along two fixed parameter directions (a Hopf-like rank-2 channel)."""
+    P = K.dual().shape[0]
+    g = torch.randn(P, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    r = lnk.channels.channel_report(K, g, generator=torch.Generator().manual_seed(7))
+    return torch.tensor([r.lambda_max, r.lambda_bif, r.lambda_res, r.trace, r.trace_bif,
+                         r.alignment], dtype=F64)
 
 
 def _save_estimates(K, rank, folder):
@@ -102,8 +127,58 @@ def test_every_estimator_over_ranks_matches_one_process(tmp_path, world):
     one = _estimates(lnk.StateNTK(model, u))
     G = lnk.testing.dense_gram(model, u)
     torch.testing.assert_close(one["values"], torch.linalg.eigvalsh(G).flip(0)[:2], rtol=1e-9, atol=0)
+    # the channel numbers of one process against the dense Jacobian
+    J = lnk.testing.dense_jacobian(model, u)
+    Q = torch.linalg.qr(torch.randn(G.shape[0], 2, generator=torch.Generator().manual_seed(5),
+                                    dtype=F64)).Q
+    JQ = J @ Q
+    u1 = torch.linalg.eigh(J @ J.T).eigenvectors[:, -1]
+    align = torch.linalg.norm(torch.linalg.qr(JQ).Q.T @ u1)
+    res = torch.linalg.eigvalsh(G - G @ Q @ Q.T - Q @ Q.T @ G + Q @ Q.T @ G @ Q @ Q.T).max()
+    want = torch.stack([torch.linalg.eigvalsh(G).max(), torch.linalg.eigvalsh(JQ.T @ JQ).max(),
+                        res, G.trace(), (JQ ** 2).sum(), align])
+    torch.testing.assert_close(one["channel"], want, rtol=1e-7, atol=1e-9)
     assert one["M"].tolist() == [B * T * 3] * 3  # B·T·n, n = 3 units
     for rank in range(world):
         got = torch.load(tmp_path / f"est{rank}.pt", weights_only=True)
         for key, want in one.items():
             torch.testing.assert_close(got[key], want, rtol=1e-8, atol=1e-10, msg=key)
+
+
+def _lrng_steps(model, u, group=None, steps=4):
+    """A few low-rank natural-gradient steps; the loss sums over this process's trials."""
+    target = torch.randn(B, T, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
+    lo = 0
+    if group is not None:
+        r, n = dist.get_rank(), dist.get_world_size()
+        lo = r * B // n
+    target = target[lo:lo + u.shape[0]]
+    opt = lnk.optim.LowRankNaturalGradient(model, u, lr=0.05, rank=2, refresh_every=2,
+                                           tol=1e-10, process_group=group)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((model(u) - target) ** 2).sum().backward()
+        opt.step()
+    return {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+            "eigenvalues": opt.eigenvalues}
+
+
+def _save_lrng(K, rank, folder):
+    model, u, _ = _problem()
+    n = dist.get_world_size()
+    mine = u[rank * B // n:(rank + 1) * B // n]
+    torch.save(_lrng_steps(model, mine, dist.group.WORLD), os.path.join(folder, f"lrng{rank}.pt"))
+
+
+def test_low_rank_natural_gradient_over_ranks_matches_one_process(tmp_path):
+    """Gradients and preconditioner reduced over the ranks: the same steps as one process on
+    all trials (and every rank holds the same parameters)."""
+    mp.spawn(_on_rank, args=(2, str(tmp_path), _save_lrng), nprocs=2, join=True)
+    model, u, _ = _problem()
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    one = _lrng_steps(model, u)
+    assert float((one["params"] - start).abs().max()) > 1e-3  # it did move
+    for rank in range(2):
+        got = torch.load(tmp_path / f"lrng{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["params"], one["params"], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(got["eigenvalues"], one["eigenvalues"], rtol=1e-8, atol=0)
