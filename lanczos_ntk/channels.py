@@ -584,6 +584,11 @@ def compare_channels(K: StateNTK, direction: CriticalDirection, *, u: torch.Tens
         h0 = model.initial_state(B, dtype=torch.float64) if hasattr(model, "initial_state") \
             else torch.zeros(B, direction.x.numel(), dtype=torch.float64)
     a = kicks(direction, h0)
+    if engine.group is not None:  # every rank's trials: the predictions count all of them
+        parts: list = [None] * torch.distributed.get_world_size(engine.group)
+        torch.distributed.all_gather_object(parts, a.cpu(), group=engine.group)
+        a = torch.cat(parts).to(a.device)
+        B = a.shape[0]
     m, s = _multiplier(direction)
     delta = 1.0 - abs(m)
     uu = torch.zeros(getattr(model, "input_size", 0), dtype=torch.float64) if u is None else \

@@ -182,3 +182,36 @@ def test_low_rank_natural_gradient_over_ranks_matches_one_process(tmp_path):
         got = torch.load(tmp_path / f"lrng{rank}.pt", weights_only=True)
         torch.testing.assert_close(got["params"], one["params"], rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(got["eigenvalues"], one["eigenvalues"], rtol=1e-8, atol=0)
+
+
+def _compare_problem():
+    model = models.CTRNN(3, 1, gain=0.9, seed=0).double()
+    h0 = 0.05 * torch.randn(B, 3, generator=torch.Generator().manual_seed(4), dtype=F64)
+    return model, torch.zeros(B, 40, 1, dtype=F64), h0
+
+
+def _compare_numbers(K, model):
+    cd = lnk.channels.critical_direction(model, torch.zeros(3, dtype=F64))
+    c = lnk.channels.compare_channels(K, cd, generator=torch.Generator().manual_seed(0))
+    return torch.tensor([c.g.lambda_bif, c.d.lambda_bif, c.joint.lambda_bif, c.g.lambda_max,
+                         c.g.trace, c.g.alignment, c.predicted_g, c.predicted_d,
+                         c.predicted_joint, c.static_law, c.transient_law, c.kick,
+                         c.nonlinearity], dtype=F64)
+
+
+def _save_compare(K, rank, folder):
+    model, u, h0 = _compare_problem()
+    n = dist.get_world_size()
+    sl = slice(rank * B // n, (rank + 1) * B // n)
+    K = lnk.StateNTK(model, u[sl], h0=h0[sl], process_group=dist.group.WORLD)
+    torch.save(_compare_numbers(K, model), os.path.join(folder, f"compare{rank}.pt"))
+
+
+def test_compare_channels_over_ranks_matches_one_process(tmp_path):
+    """The channel comparison's measurements and predictions count every rank's trials."""
+    mp.spawn(_on_rank, args=(2, str(tmp_path), _save_compare), nprocs=2, join=True)
+    model, u, h0 = _compare_problem()
+    one = _compare_numbers(lnk.StateNTK(model, u, h0=h0), model)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"compare{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got, one, rtol=1e-7, atol=1e-12)
