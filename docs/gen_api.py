@@ -29,6 +29,7 @@ SECTIONS = [
     ("Normal-form landscapes", "lanczos_ntk.landscape", None),
     ("Student–teacher experiment", "lanczos_ntk.teacher", None),
     ("Optimizers", "lanczos_ntk.optim", None),
+    ("Watching the kernel during training", "lanczos_ntk.track", None),
     ("Plotting", "lanczos_ntk.plotting", None),
     ("Dense references for testing", "lanczos_ntk.testing", None),
     ("Krylov building blocks", "lanczos_ntk.linalg", None),

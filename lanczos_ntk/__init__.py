@@ -9,7 +9,7 @@ with _warnings.catch_warnings():
                              category=DeprecationWarning)
     import linear_operator as _linear_operator  # noqa: F401
 
-from . import channels, dynamics, models, optim, plotting, testing  # plotting: matplotlib lazily
+from . import channels, dynamics, models, optim, plotting, testing, track  # plotting: matplotlib lazily
 from ._budget import ProductPlan
 from ._deflated import DeflatedSLQ, deflated_slq
 from ._operator import DualNTK, NTKPlusNoise, StateNTK
@@ -41,4 +41,4 @@ __all__ += ["DeflatedSLQ", "PartialTrace", "deflated_slq", "partial_trace"]
 __all__ += ["ConditionNumber", "EffectiveRank", "EigshResult", "NoConvergence", "SLQResult",
             "SpectralDensity", "TraceResult", "condition_number", "effective_rank", "eigsh", "slq",
             "spectral_density", "tr_f", "trace", "trace_from_slq"]
-__all__ += ["plotting"]
+__all__ += ["plotting", "track"]

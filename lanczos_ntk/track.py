@@ -1,0 +1,454 @@
+r"""Watch the sNTK during training: early warning of a bifurcation, and subtask interference.
+
+Near a bifurcation of the trained network's dynamics the kernel announces it: the top eigenvalue
+of ``G = Jᵀ J`` grows like ``λ_c⁻²`` (``λ_c`` the distance of the leading Jacobian eigenvalue
+from the stability boundary), the effective rank falls and the top eigenvector turns into the
+bifurcation channel. :class:`KernelTracker` records all of it inside a user's own training loop,
+every ``every`` steps, each record warm-started from the previous one:
+
+* the top-``k`` eigenvalues of ``G`` (:func:`lanczos_ntk.eigsh` from the previous eigenvectors)
+  and the participation rank from deflated SLQ (the top pairs exact, SLQ on the rest);
+* the model's fixed points at a constant input, continued from the previous record (Newton from
+  the previous points; the trials' final states join as seeds), the tracked one's leading
+  eigenvalue ``λ_c`` (``Re λ`` for a flow, ``|μ| − 1`` for a map), its critical directions ``g``
+  and ``d = dλ_c/dθ`` (:func:`lanczos_ntk.channels.critical_direction`), the alignment of the
+  kernel's top eigenvector with them, and the gradient's projection on them;
+* an estimate of the step at which ``λ_c`` reaches 0 (:func:`estimate_crossing`), and a
+  :class:`BifurcationWarning` (a Python warning, and a flag in the record) when it is closer than
+  ``horizon`` steps.
+
+Estimates of the crossing step, from the last ``window`` records (least squares):
+
+* ``linear``: ``λ_c`` linear in the step, exact where the leading eigenvalue moves linearly
+  with the parameters (a branch point of a trivial fixed point: ``λ_c = −1 + w`` for a 1-unit
+  CTRNN);
+* ``fold``: ``λ_c²`` linear in the step, exact at a fold (``λ_c ∝ √(s* − s)``), where the
+  linear estimate is twice too far;
+* ``kernel``: ``λ_top^{−1/2}`` linear in the step (the ``λ_top ∝ λ_c⁻²`` law of a dominant
+  static channel), a cross-check read from the kernel alone.
+
+The warning uses the nearest of ``linear`` and ``fold`` (a fold's true distance is half the
+linear one). Both are extrapolations from the last records: where ``λ_c`` bends towards the
+boundary (a fold approached from far away, where ``λ_c`` is not yet ``∝ √(s* − s)``) they
+are late, by less the closer the records come (for a 1-unit CTRNN driven through a fold, the
+``fold`` estimate is off by 28% of the remaining steps with 5 left, 40% with 13 left); set the
+horizon with that margin.
+
+:func:`interference` predicts how a step on one subtask changes the loss of another,
+``ΔL_b ≈ −η ∇_h L_bᵀ K ∇_h L_a`` (one ``Jᵀ`` product per subtask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._results import Result
+
+__all__ = ["BifurcationWarning", "CrossingEstimate", "Interference", "KernelTracker",
+           "TrackRecords", "estimate_crossing", "interference"]
+
+
+class BifurcationWarning(UserWarning):
+    """Training is estimated to push the dynamics through a bifurcation within the horizon."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossingEstimate(Result):
+    """Where the leading eigenvalue is estimated to reach the stability boundary.
+
+    ``linear``, ``fold``, ``kernel``: estimated crossing steps (module docstring; ``nan`` when
+    the series is not approaching the boundary or too short); ``step``: the nearest of
+    ``linear`` and ``fold`` (what a warning uses); ``steps_left``: ``step`` minus the last
+    recorded step.
+    """
+
+    linear: float
+    fold: float
+    kernel: float
+    step: float
+    steps_left: float
+
+
+def _fit_zero(s: torch.Tensor, y: torch.Tensor) -> float:
+    """The step where the least-squares line through ``(s, y)`` reaches 0, if ``y`` rises
+    towards 0 from below; ``nan`` otherwise."""
+    if s.numel() < 2 or not bool(torch.isfinite(y).all()):
+        return math.nan
+    sm, ym = s.mean(), y.mean()
+    var = ((s - sm) ** 2).sum()
+    if float(var) == 0.0:
+        return math.nan
+    slope = float(((s - sm) * (y - ym)).sum() / var)
+    if not slope > 0 or not float(y[-1]) < 0:
+        return math.nan
+    return float(sm) - float(ym) / slope
+
+
+def estimate_crossing(steps, leading, top_eigenvalue=None, *, window: int = 4) -> CrossingEstimate:
+    """Estimate the training step at which ``leading`` (``λ_c < 0``: stable) reaches 0.
+
+    Parameters
+    ----------
+    steps : sequence of float
+        Recorded training steps.
+    leading : sequence of float
+        ``λ_c`` at each record (``Re λ`` of a flow's leading eigenvalue, ``|μ| − 1`` of a map's).
+    top_eigenvalue : sequence of float, optional
+        ``λ_max(G)`` at each record, for the ``kernel`` estimate.
+    window : int
+        Records used (the last ``window``), at least 2.
+
+    Returns
+    -------
+    CrossingEstimate
+
+    Examples
+    --------
+    >>> e = estimate_crossing([0, 10, 20], [-0.3, -0.2, -0.1])
+    >>> round(e.linear, 6), round(e.steps_left, 6)
+    (30.0, 10.0)
+    """
+    if int(window) < 2:
+        raise ValueError(f"expected window >= 2, got {window}")
+    s = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)
+    y = torch.as_tensor(leading, dtype=torch.float64).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"expected steps and leading of the same length, got {s.numel()} and "
+                         f"{y.numel()}")
+    s, y = s[-int(window):], y[-int(window):]
+    linear = _fit_zero(s, y)
+    fold = _fit_zero(s, -(y ** 2)) if bool((y < 0).all()) else math.nan
+    kernel = math.nan
+    if top_eigenvalue is not None:
+        lam = torch.as_tensor(top_eigenvalue, dtype=torch.float64).reshape(-1)[-int(window):]
+        if lam.shape == s.shape and bool((lam > 0).all()):
+            kernel = _fit_zero(s, -lam.rsqrt())
+    candidates = [v for v in (linear, fold) if math.isfinite(v)]
+    step = min(candidates) if candidates else math.nan
+    last = float(s[-1]) if s.numel() else math.nan
+    return CrossingEstimate(linear=linear, fold=fold, kernel=kernel, step=step,
+                            steps_left=step - last if math.isfinite(step) else math.nan)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackRecords(Result):
+    """What a :class:`KernelTracker` recorded (``R`` records, ``k`` eigenvalues).
+
+    Attributes
+    ----------
+    steps : Tensor ``[R]`` (long)
+    eigenvalues : Tensor ``[R, k]``
+        Top eigenvalues of ``G``, descending.
+    participation : Tensor ``[R]``
+        Participation rank ``(tr G)² / tr G²`` (deflated SLQ), with ``participation_se``.
+    leading : Tensor ``[R]``
+        ``λ_c`` of the tracked fixed point (``nan`` without dynamics or without a fixed point).
+    num_fixed_points, num_stable : Tensor ``[R]`` (long)
+    channel_cos, sensitivity_cos : Tensor ``[R]``
+        ``‖Q_gᵀ u₁‖`` and ``|cos(u₁, d)|``: the top eigenvector ``u₁`` of ``G`` against the
+        critical directions.
+    gradient_channel_cos, gradient_sensitivity_cos : Tensor ``[R]``
+        The same for the loss gradient (``nan`` when no loss was given).
+    estimated_crossing, steps_left : Tensor ``[R]``
+        :class:`CrossingEstimate` ``step`` and ``steps_left`` after each record.
+    estimated_linear, estimated_fold, estimated_kernel : Tensor ``[R]``
+    warned : Tensor ``[R]`` (bool)
+        Whether the record raised a :class:`BifurcationWarning`.
+    horizon : float
+    kind : str
+        ``"flow"`` or ``"map"`` (``""`` without dynamics).
+    num_matvecs : int
+        Products with ``G`` over all records.
+    seconds : float
+        Time spent recording.
+    """
+
+    steps: torch.Tensor
+    eigenvalues: torch.Tensor
+    participation: torch.Tensor
+    participation_se: torch.Tensor
+    leading: torch.Tensor
+    num_fixed_points: torch.Tensor
+    num_stable: torch.Tensor
+    channel_cos: torch.Tensor
+    sensitivity_cos: torch.Tensor
+    gradient_channel_cos: torch.Tensor
+    gradient_sensitivity_cos: torch.Tensor
+    estimated_crossing: torch.Tensor
+    steps_left: torch.Tensor
+    estimated_linear: torch.Tensor
+    estimated_fold: torch.Tensor
+    estimated_kernel: torch.Tensor
+    warned: torch.Tensor
+    horizon: float
+    kind: str
+    num_matvecs: int
+    seconds: float
+
+    @property
+    def first_warning(self) -> int | None:
+        """The first recorded step that raised a warning (``None``: none did)."""
+        hits = torch.nonzero(self.warned).reshape(-1)
+        return int(self.steps[int(hits[0])]) if hits.numel() else None
+
+
+_FIELDS = ("steps", "eig", "pr", "pr_se", "lead", "nfp", "nst", "ccos", "dcos", "gcos", "gdcos",
+           "est", "left", "lin", "fold", "kern", "warned")
+
+
+class KernelTracker:
+    """Record the sNTK's spectrum and the model's dynamics during training (module docstring).
+
+    Call :meth:`step` once per training step (it records every ``every`` steps) or
+    :meth:`record` when you choose; :attr:`records` gives a :class:`TrackRecords`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model being trained (read at each record, never changed).
+    inputs : Tensor ``[B, T, d_in]``
+        Inputs on which ``J`` is evaluated (:meth:`set_inputs` replaces them).
+    every : int
+        Record every ``every`` steps (:meth:`step`).
+    k : int
+        Top eigenvalues of ``G`` per record.
+    horizon : float, optional
+        Warn when the crossing is estimated fewer than ``horizon`` steps ahead (default: no
+        warning, the estimate is still recorded).
+    window : int
+        Records used by :func:`estimate_crossing`.
+    u : Tensor ``[d_in]``, optional
+        Constant input of the dynamics (default zeros); fixed points need a model with
+        ``rhs`` and ``kind`` (:mod:`lanczos_ntk.models`); other models get the kernel alone.
+    dynamics : bool
+        Track fixed points and critical directions (default: when the model has ``rhs``).
+    params, outputs, h0, process_group :
+        As for :class:`lanczos_ntk.StateNTK`.
+    tol : float
+        Relative tolerance of the eigensolver.
+    num_probes, num_steps : int
+        Deflated SLQ for the participation rank.
+    generator : torch.Generator, optional
+        Eigensolver starts, probes and fixed-point seeds (default: seeded with 0).
+    """
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, *, every: int = 10, k: int = 6,
+                 horizon: float | None = None, window: int = 4, u: torch.Tensor | None = None,
+                 dynamics: bool | None = None, params=None, outputs="states", h0=None,
+                 process_group=None, tol: float = 1e-6, num_probes: int = 8, num_steps: int = 30,
+                 generator: torch.Generator | None = None):
+        from ._functional import resolve_params
+
+        if int(every) < 1 or int(k) < 1:
+            raise ValueError(f"expected every >= 1 and k >= 1, got {every} and {k}")
+        if horizon is not None and not horizon > 0:
+            raise ValueError(f"expected a positive horizon (steps), got {horizon}")
+        if int(window) < 2:
+            raise ValueError(f"expected window >= 2, got {window}")
+        self.model, self.inputs = model, inputs
+        self.every, self.k, self.horizon, self.window = int(every), int(k), horizon, int(window)
+        self.names = tuple(resolve_params(model, params))
+        self._kw = {"outputs": outputs, "params": list(self.names), "h0": h0,
+                    "process_group": process_group}
+        has_rhs = hasattr(model, "rhs") and hasattr(model, "kind")
+        self.dynamics = has_rhs if dynamics is None else bool(dynamics)
+        if self.dynamics and not has_rhs:
+            raise ValueError(f"dynamics=True needs a model with rhs(h, u) and kind; "
+                             f"{type(model).__name__} has none")
+        self.kind = str(model.kind) if self.dynamics else ""
+        d_in = int(getattr(model, "input_size", inputs.shape[-1]))
+        self.u = torch.zeros(d_in, dtype=torch.float64) if u is None else \
+            torch.as_tensor(u, dtype=torch.float64).reshape(-1)
+        self.tol, self.num_probes, self.num_steps = float(tol), int(num_probes), int(num_steps)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self._rec: dict[str, list] = {f: [] for f in _FIELDS}
+        self._v0: torch.Tensor | None = None
+        self._tracked: torch.Tensor | None = None
+        self._known: torch.Tensor | None = None
+        self.num_matvecs = 0
+        self.seconds = 0.0
+
+    def set_inputs(self, inputs: torch.Tensor, h0=None) -> None:
+        """Evaluate ``G`` on new inputs from the next record on."""
+        self.inputs = inputs
+        self._kw["h0"] = h0
+
+    def step(self, step: int, loss: torch.Tensor | None = None) -> dict | None:
+        """Record if ``step`` is a multiple of ``every``; returns the record (or ``None``)."""
+        return self.record(step, loss) if int(step) % self.every == 0 else None
+
+    # ------------------------------------------------------------------------------ record
+    def record(self, step: int, loss: torch.Tensor | None = None) -> dict:
+        """Record now. ``loss`` (a scalar still attached to its graph) adds the gradient's
+        projections; its graph is kept (``retain_graph``) for the caller's ``backward``."""
+        import time
+
+        from ._deflated import deflated_slq
+        from ._operator import StateNTK
+        from .spectral import effective_rank, eigsh
+
+        t0 = time.perf_counter()
+        G = StateNTK(self.model, self.inputs, **self._kw).dual()
+        k = min(self.k, G.shape[0])
+        top = eigsh(G, k=k, tol=self.tol, return_eigenvectors=True, v0=self._v0,
+                    generator=self.generator)
+        self._v0 = top.eigenvectors
+        quad = deflated_slq(G, self.num_probes, min(self.num_steps, G.shape[0]),
+                            generator=self.generator, tol=self.tol, eigenpairs=top, side="primal")
+        pr = effective_rank(quad, "participation")
+        self.num_matvecs += int(top.num_matvecs) + int(quad.num_matvecs)
+        u1 = top.eigenvectors[:, 0].to(torch.float64)
+        grad = self._gradient(loss)
+        row: dict[str, Any] = {"steps": int(step), "eig": top.eigenvalues.to(torch.float64),
+                               "pr": float(pr.value), "pr_se": float(pr.standard_error)}
+        row.update(self._dynamics(u1, grad) if self.dynamics else
+                   {"lead": math.nan, "nfp": 0, "nst": 0, "ccos": math.nan, "dcos": math.nan,
+                    "gcos": math.nan, "gdcos": math.nan})
+        for key, v in row.items():
+            self._rec[key].append(v)
+        est = estimate_crossing(self._rec["steps"], self._rec["lead"],
+                                [float(e[0]) for e in self._rec["eig"]], window=self.window)
+        warned = bool(self.horizon is not None and math.isfinite(est.steps_left)
+                      and est.steps_left < self.horizon)
+        more = {"est": est.step, "left": est.steps_left, "lin": est.linear, "fold": est.fold,
+                "kern": est.kernel, "warned": warned}
+        for key, v in more.items():
+            self._rec[key].append(v)
+        row.update(more)
+        self.seconds += time.perf_counter() - t0
+        if warned:
+            warnings.warn(BifurcationWarning(
+                f"step {step}: the leading eigenvalue ({row['lead']:.3g}) is estimated to cross "
+                f"the stability boundary near step {est.step:.1f}, {est.steps_left:.1f} steps "
+                f"ahead (horizon {self.horizon:g}); top eigenvalue of G "
+                f"{float(top.eigenvalues[0]):.4g}, participation rank {pr.value:.3g}"),
+                stacklevel=2)
+        return row
+
+    def _gradient(self, loss) -> torch.Tensor | None:
+        if loss is None:
+            return None
+        named = dict(self.model.named_parameters())
+        grads = torch.autograd.grad(loss, [named[n] for n in self.names], retain_graph=True,
+                                    allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(named[n])).reshape(-1)
+                          for g, n in zip(grads, self.names)]).detach().to(torch.float64)
+        group = self._kw["process_group"]
+        if group is not None:
+            torch.distributed.all_reduce(flat, group=group)
+        return flat / torch.linalg.vector_norm(flat).clamp_min(1e-300)
+
+    def _dynamics(self, u1: torch.Tensor, grad: torch.Tensor | None) -> dict:
+        """Fixed points continued from the last record; the tracked one's critical data."""
+        from .channels import critical_direction
+        from .dynamics import find_fixed_points
+
+        model = self.model
+        n = int(model.state_size)
+        with torch.no_grad():
+            states = model(self.inputs.to(next(model.parameters()).dtype))
+        states = (states[0] if isinstance(states, tuple) else states)[:, -1].to(torch.float64)
+        origin = torch.zeros(1, n, dtype=torch.float64)
+        prev = origin if self._known is None else self._known
+        seeds = torch.cat([prev, origin, states.reshape(-1, n)])
+        fp = find_fixed_points(model, seeds, u=self.u, generator=self.generator, opt_steps=40,
+                               newton_steps=8)
+        nan = {"lead": math.nan, "nfp": len(fp), "nst": int(fp.stable.sum()) if len(fp) else 0,
+               "ccos": math.nan, "dcos": math.nan, "gcos": math.nan, "gdcos": math.nan}
+        if len(fp) == 0:
+            return nan
+        ref = self._tracked if self._tracked is not None else origin[0]
+        i = int(torch.argmin(torch.linalg.vector_norm(fp.points - ref, dim=1)))
+        self._tracked, self._known = fp.points[i].detach(), fp.points.detach()
+        lam = fp.eigenvalues[i, 0]
+        lead = float(lam.real) if self.kind == "flow" else float(lam.abs()) - 1.0
+        out = dict(nan, lead=lead)
+        try:
+            cd = critical_direction(model, self._tracked, self.u, params=list(self.names))
+        except ValueError:
+            return out
+        Q = torch.linalg.qr(cd.g.to(torch.float64)).Q
+        d = cd.d[:, 0].to(torch.float64)
+        d = d / torch.linalg.vector_norm(d).clamp_min(1e-300)
+        out.update(ccos=float(torch.linalg.vector_norm(Q.T @ u1)), dcos=float((d @ u1).abs()))
+        if grad is not None:
+            out.update(gcos=float(torch.linalg.vector_norm(Q.T @ grad)),
+                       gdcos=float((d @ grad).abs()))
+        return out
+
+    # ------------------------------------------------------------------------------ results
+    @property
+    def records(self) -> TrackRecords:
+        """Every record so far, as a result object (save / load / plot)."""
+        r = self._rec
+        f64 = torch.float64
+        width = max([e.numel() for e in r["eig"]], default=0)
+        eig = torch.stack([torch.nn.functional.pad(e, (0, width - e.numel()), value=math.nan)
+                           for e in r["eig"]]) if r["eig"] else torch.zeros(0, 0, dtype=f64)
+
+        def t(key, dtype=f64):
+            return torch.tensor(r[key], dtype=dtype)
+
+        return TrackRecords(
+            steps=t("steps", torch.long), eigenvalues=eig, participation=t("pr"),
+            participation_se=t("pr_se"), leading=t("lead"), num_fixed_points=t("nfp", torch.long),
+            num_stable=t("nst", torch.long), channel_cos=t("ccos"), sensitivity_cos=t("dcos"),
+            gradient_channel_cos=t("gcos"), gradient_sensitivity_cos=t("gdcos"),
+            estimated_crossing=t("est"), steps_left=t("left"), estimated_linear=t("lin"),
+            estimated_fold=t("fold"), estimated_kernel=t("kern"), warned=t("warned", torch.bool),
+            horizon=math.nan if self.horizon is None else float(self.horizon), kind=self.kind,
+            num_matvecs=int(self.num_matvecs), seconds=float(self.seconds))
+
+
+# ---------------------------------------------------------------------------- interference
+@dataclasses.dataclass(frozen=True)
+class Interference(Result):
+    """``matrix[b, a] = ∇_h L_bᵀ K ∇_h L_a``; a gradient step of size ``η`` on subtask ``a``
+    changes the loss of subtask ``b`` by ``predicted(η)[b, a] = −η · matrix[b, a]`` to first
+    order. ``names``: the subtasks."""
+
+    matrix: torch.Tensor
+    names: tuple[str, ...]
+
+    def predicted(self, lr: float) -> torch.Tensor:
+        """First-order loss changes ``ΔL_b`` (rows) of a step of size ``lr`` on ``a`` (columns)."""
+        return -float(lr) * self.matrix
+
+
+def interference(K, state_gradients, names=None) -> Interference:
+    """The subtask interference matrix of the sNTK ``K``.
+
+    Parameters
+    ----------
+    K : StateNTK
+    state_gradients : sequence of Tensor
+        ``∇_h L_a`` for each subtask ``a``, shaped like the states ``[B, T, n]`` (or flat
+        ``[M]``); zero outside the subtask's trials, times or units.
+    names : sequence of str, optional
+
+    Returns
+    -------
+    Interference
+        ``matrix = Vᵀ V`` with ``V = Jᵀ [∇_h L_a]_a``: one block of ``Jᵀ`` products, symmetric
+        positive semi-definite.
+    """
+    grads = [torch.as_tensor(g).reshape(-1) for g in state_gradients]
+    if not grads:
+        raise ValueError("expected at least one subtask gradient")
+    M = K.shape[0]
+    bad = [i for i, g in enumerate(grads) if g.numel() != M]
+    if bad:
+        raise ValueError(f"expected state gradients with M = {M} entries (the states "
+                         f"[B, T, n] of K), got {[grads[i].numel() for i in bad]} for subtask(s) "
+                         f"{bad}")
+    V = K.vjp(torch.stack(grads, dim=1).to(dtype=K.dtype))
+    names = tuple(names) if names is not None else tuple(f"task{i}" for i in range(len(grads)))
+    if len(names) != len(grads):
+        raise ValueError(f"expected {len(grads)} names, got {len(names)}")
+    return Interference(matrix=(V.T @ V).to(torch.float64), names=names)

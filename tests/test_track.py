@@ -1,0 +1,209 @@
+"""The training tracker: records against dense computations, crossing estimates against closed
+forms, the warning, and subtask interference against finite loss differences."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+import lanczos_ntk as lnk
+from lanczos_ntk import models, track
+
+F64 = torch.float64
+
+
+def _one_unit(w: float, b: float):
+    m = models.CTRNN(1, 1, seed=0)
+    with torch.no_grad():
+        m.W.fill_(w)
+        m.b.fill_(b)
+        m.B.fill_(0.5)
+    return m
+
+
+def test_records_match_dense_references(tmp_path):
+    model = models.CTRNN(4, 1, gain=0.8, seed=1)
+    u = 0.3 * torch.randn(3, 15, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
+    target = torch.randn(3, 15, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    tracker = track.KernelTracker(model, u, every=2, k=3, tol=1e-10, num_probes=16, num_steps=40)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    dense = []
+    for step in range(5):
+        opt.zero_grad()
+        loss = ((model(u) - target) ** 2).sum()
+        row = tracker.step(step, loss)
+        assert (row is None) == (step % 2 == 1)
+        if row is not None:
+            J = lnk.testing.dense_jacobian(model, u)
+            G = J.T @ J
+            lam, V = torch.linalg.eigh(G)
+            grad = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+            # the fixed point near 0 at zero input, by scipy from 0, and its leading eigenvalue
+            W, b = model.W.detach().numpy(), model.b.detach().numpy()
+            x = scipy.optimize.fsolve(lambda x, W=W, b=b: -x + W @ np.tanh(x) + b, np.zeros(4))
+            for _ in range(3):  # Newton polish
+                x = x - np.linalg.solve(-np.eye(4) + W * (1 - np.tanh(x) ** 2)[None, :],
+                                        -x + W @ np.tanh(x) + b)
+            A = -np.eye(4) + W * (1 - np.tanh(x) ** 2)[None, :]
+            lead = float(np.linalg.eigvals(A).real.max())
+            dense.append((lam.flip(0), V[:, -1], torch.cat([g.reshape(-1) for g in grad]), lead,
+                          torch.from_numpy(x)))
+        if row is not None:
+            params_at_last = [p.detach().clone() for p in model.parameters()]
+        loss.backward()
+        opt.step()
+    rec = tracker.records
+    assert rec.steps.tolist() == [0, 2, 4]
+    for r, (lam, _, _, lead, _) in enumerate(dense):
+        torch.testing.assert_close(rec.eigenvalues[r], lam[:3], rtol=1e-8, atol=0)
+        pr = float(lam.sum() ** 2 / (lam ** 2).sum())
+        assert abs(rec.participation[r] - pr) <= 3 * rec.participation_se[r] + 1e-6 * pr
+        assert float(rec.leading[r]) == pytest.approx(lead, abs=1e-8)
+        # alignments are cosines of unit vectors: within [0, 1]
+        assert 0.0 <= float(rec.channel_cos[r]) <= 1.0 + 1e-12
+        assert 0.0 <= float(rec.gradient_sensitivity_cos[r]) <= 1.0 + 1e-12
+    # the gradient projection against the dense gradient and d = dλ_c/dθ
+    for p, v in zip(model.parameters(), params_at_last):
+        p.data.copy_(v)
+    cd = lnk.channels.critical_direction(model, dense[-1][4])
+    d = cd.d[:, 0] / torch.linalg.vector_norm(cd.d[:, 0])
+    g = dense[-1][2] / torch.linalg.vector_norm(dense[-1][2])
+    assert float(rec.gradient_sensitivity_cos[-1]) == pytest.approx(float((d @ g).abs()), rel=1e-8)
+    assert float(rec.sensitivity_cos[-1]) == pytest.approx(float((d @ dense[-1][1]).abs()),
+                                                            rel=1e-6)
+    rec.save(tmp_path / "track")
+    again = lnk.load_result(tmp_path / "track")
+    assert torch.equal(again.eigenvalues, rec.eigenvalues) and again.kind == "flow"
+
+
+def test_crossing_step_at_a_branch_point_is_exact():
+    """1-unit CTRNN, b = 0: λ_c = -1 + w at h = 0, so with w = 0.5 + 0.01 s the crossing is at
+    s* = 50 exactly, and the linear estimate finds it from any records."""
+    model = _one_unit(0.5, 0.0)
+    u = torch.zeros(2, 10, 1, dtype=F64)
+    tracker = track.KernelTracker(model, u, k=1, window=3)
+    for s in (0, 10, 20):
+        with torch.no_grad():
+            model.W.fill_(0.5 + 0.01 * s)
+        tracker.record(s)
+    rec = tracker.records
+    torch.testing.assert_close(rec.leading, torch.tensor([-0.5, -0.4, -0.3], dtype=F64),
+                               rtol=0, atol=1e-10)
+    assert float(rec.estimated_linear[-1]) == pytest.approx(50.0, abs=1e-6)
+    assert float(rec.steps_left[-1]) <= 30.0 + 1e-6  # the warning's estimate errs early
+
+
+def test_crossing_step_at_a_fold_from_the_closed_form():
+    """1-unit CTRNN with w = 2 driven by b = -0.8 + 0.01 s: its lower stable branch folds where
+    sech² h = 1/w, h_f = -arccosh(√2), b_f = h_f - w tanh h_f; λ_c ∝ √(s* - s) there, so the
+    fold estimate converges to s* as the records approach it (the linear one to about twice
+    the distance)."""
+    w = 2.0
+    h_f = -math.acosh(math.sqrt(w))
+    b_f = h_f - w * math.tanh(h_f)
+    s_star = (b_f + 0.8) / 0.01
+    model = _one_unit(w, -0.8)
+    u = torch.zeros(2, 10, 1, dtype=F64)
+    tracker = track.KernelTracker(model, u, k=1, window=3, horizon=20.0)
+    errors = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in range(0, int(s_star) - 1, 4):
+            with torch.no_grad():
+                model.b.fill_(-0.8 + 0.01 * s)
+            tracker.record(s)
+            est = tracker.records.estimated_fold[-1]
+            if math.isfinite(float(est)):
+                errors.append((s_star - s, abs(float(est) - s_star)))
+    rec = tracker.records
+    assert bool((rec.leading < 0).all())  # never past the fold: the branch is tracked
+    # the error shrinks faster than the distance: 28% of the 5.3 steps left at the last record
+    # (λ_c bends towards the fold: √ only close to it), against 160% for the linear estimate
+    rel = [e / left for left, e in errors if left < 60]
+    assert all(a > b for a, b in zip(rel, rel[1:])) and rel[-1] < 0.35
+    last_left = s_star - float(rec.steps[-1])
+    assert float(rec.estimated_linear[-1]) - s_star > 1.5 * last_left
+    # the warning (horizon 20) came before the fold
+    hits = [c for c in caught if issubclass(c.category, track.BifurcationWarning)]
+    assert hits and rec.first_warning is not None and rec.first_warning < s_star
+    assert "cross the stability boundary" in str(hits[0].message)
+
+
+def test_no_warning_far_from_a_bifurcation():
+    model = _one_unit(0.2, 0.0)
+    u = torch.zeros(2, 10, 1, dtype=F64)
+    tracker = track.KernelTracker(model, u, k=1, horizon=50.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", track.BifurcationWarning)
+        for s in range(0, 50, 10):
+            with torch.no_grad():
+                model.W.fill_(0.2 - 0.001 * s)  # moving away from the boundary
+            tracker.record(s)
+    assert tracker.records.first_warning is None
+
+
+def test_estimate_crossing_closed_forms_and_input_checks():
+    s = torch.arange(0.0, 40.0, 10.0)
+    e = track.estimate_crossing(s, -0.02 * (50 - s))  # linear: crossing at 50
+    assert e.linear == pytest.approx(50.0) and e.step == pytest.approx(min(e.linear, e.fold))
+    e = track.estimate_crossing(s, -torch.sqrt(0.01 * (80 - s)))  # fold: crossing at 80
+    assert e.fold == pytest.approx(80.0)
+    e = track.estimate_crossing(s, -0.5 * torch.ones(4), 1.0 / (0.01 * (60 - s)) ** 2)
+    assert e.kernel == pytest.approx(60.0) and math.isnan(e.linear)
+    with pytest.raises(ValueError, match="window"):
+        track.estimate_crossing(s, s, window=1)
+    with pytest.raises(ValueError, match="same length"):
+        track.estimate_crossing(s, s[:2])
+
+
+def test_interference_predicts_finite_loss_changes():
+    """Two subtasks (different trials and units): ΔL_b after a small step on L_a, predicted as
+    -η ∇_h L_bᵀ K ∇_h L_a, against the actual change of the loss."""
+    model = models.CTRNN(4, 1, gain=1.1, seed=2)
+    u = 0.5 * torch.randn(4, 12, 1, generator=torch.Generator().manual_seed(3), dtype=F64)
+    target = torch.randn(4, 12, 4, generator=torch.Generator().manual_seed(4), dtype=F64)
+    masks = [torch.zeros(4, 12, 4, dtype=F64), torch.zeros(4, 12, 4, dtype=F64)]
+    masks[0][:2, :, :2] = 1.0
+    masks[1][1:, :, 1:] = 1.0
+
+    def losses(m):
+        h = m(u)
+        return [((h - target) ** 2 * mk).sum() for mk in masks]
+
+    h = model(u).detach()
+    state_grads = [2 * (h - target) * mk for mk in masks]
+    inter = track.interference(lnk.StateNTK(model, u), state_grads, names=["a", "b"])
+    assert torch.allclose(inter.matrix, inter.matrix.T, rtol=1e-10)
+    lr = 1e-6
+    actual = torch.zeros(2, 2, dtype=F64)
+    base = [float(v.detach()) for v in losses(model)]
+    for a in range(2):
+        m = models.CTRNN(4, 1, gain=1.1, seed=2)
+        grads = torch.autograd.grad(losses(m)[a], list(m.parameters()))
+        with torch.no_grad():
+            for p, g in zip(m.parameters(), grads):
+                p.sub_(lr * g)
+        after = losses(m)
+        for b in range(2):
+            actual[b, a] = float(after[b].detach()) - base[b]
+    pred = inter.predicted(lr)
+    assert bool((torch.sign(pred) == torch.sign(actual)).all())
+    torch.testing.assert_close(pred, actual, rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="M = 192"):
+        track.interference(lnk.StateNTK(model, u), [torch.zeros(5)])
+
+
+def test_bad_tracker_input():
+    model = models.CTRNN(2, 1, seed=0)
+    u = torch.zeros(1, 3, 1, dtype=F64)
+    for kw, msg in (({"every": 0}, "every"), ({"horizon": -1.0}, "horizon"),
+                    ({"window": 1}, "window")):
+        with pytest.raises(ValueError, match=msg):
+            track.KernelTracker(model, u, **kw)
+    with pytest.raises(ValueError, match="rhs"):
+        track.KernelTracker(torch.nn.RNN(1, 2, batch_first=True).double(), u, dynamics=True)
