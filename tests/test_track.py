@@ -207,3 +207,15 @@ def test_bad_tracker_input():
             track.KernelTracker(model, u, **kw)
     with pytest.raises(ValueError, match="rhs"):
         track.KernelTracker(torch.nn.RNN(1, 2, batch_first=True).double(), u, dynamics=True)
+
+
+def test_the_warning_precedes_the_students_crossing_and_controls_stay_silent():
+    from lanczos_ntk import teacher
+
+    cfg = teacher.TeacherConfig(num_steps=12, seed=0)
+    run = teacher.run_tracked(cfg, horizon=10.0, every=2)
+    assert run.crossing_step is not None and run.first_warning is not None
+    assert run.first_warning < run.crossing_step and run.lead_time > 0
+    assert abs(run.estimate_at_warning - run.crossing_step) < 0.5 * run.crossing_step
+    control = teacher.run_tracked(cfg, horizon=10.0, every=2, control=True)
+    assert control.crossing_step is None and control.first_warning is None
