@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["BIFURCATION_STYLE", "fmt_param", "plot_bifurcation_diagram", "plot_eigenvalues",
-           "plot_spectral_density", "plot_sweep"]
+           "plot_spectral_density", "plot_sweep", "plot_track"]
 
 #: Marker, colour and label of each bifurcation kind (shared by all figures).
 BIFURCATION_STYLE = {
@@ -378,3 +378,61 @@ def plot_eigenvalues(eigs: Any, ax=None, kind: str = "flow", *, label: str | Non
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     return ax
+
+
+def plot_track(records: Any, axes=None, *, crossing: float | None = None, title: str = ""):
+    """A :class:`lanczos_ntk.track.TrackRecords` time series on four axes.
+
+    Top eigenvalues of ``G`` (log); participation rank; the leading eigenvalue ``λ_c`` with the
+    estimated crossing step at each record and the warnings; the alignments of the top
+    eigenvector and of the gradient with the critical directions. ``crossing`` (the actual
+    crossing step, if known) is a dashed line on every panel. Returns the four axes.
+    """
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        _, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+        axes = axes.ravel()
+    a, b, c, d = axes
+    steps = _np(records.steps).astype(float)
+    eig = _np(records.eigenvalues)
+    for j in range(eig.shape[1] if eig.ndim == 2 else 0):
+        a.plot(steps, eig[:, j], color="tab:blue", alpha=1.0 if j == 0 else 0.35,
+               lw=1.6 if j == 0 else 0.9, label="λ_max(G)" if j == 0 else None)
+    a.set_yscale("log")
+    a.set_ylabel("top eigenvalues of G")
+    pr, se = _np(records.participation), _np(records.participation_se)
+    b.errorbar(steps, pr, yerr=se, fmt="o-", ms=3, color="tab:green")
+    b.set_ylabel("participation rank of G")
+    lead = _np(records.leading)
+    c.plot(steps, lead, "o-", ms=3, color="tab:red", label="λ_c (leading eigenvalue)")
+    c.axhline(0.0, color="0.3", lw=0.8)
+    c.set_ylabel("λ_c  (> 0: unstable)")
+    est = _np(records.estimated_crossing)
+    warned = _np(records.warned).astype(bool)
+    tw = c.twinx()
+    tw.plot(steps, est, "s", ms=3, color="tab:orange", label="estimated crossing step")
+    if warned.any():
+        tw.plot(steps[warned], est[warned], "s", ms=6, mfc="none", color="k",
+                label="warning (within the horizon)")
+    tw.set_ylabel("estimated crossing step", color="tab:orange")
+    lines = c.get_legend_handles_labels()
+    more = tw.get_legend_handles_labels()
+    c.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower right")
+    for key, label, style in (("channel_cos", "‖Q_gᵀ u₁‖ (top eigenvector, g)", "-"),
+                              ("sensitivity_cos", "|cos(u₁, d)|", "--"),
+                              ("gradient_channel_cos", "‖Q_gᵀ ∇L‖/‖∇L‖", ":"),
+                              ("gradient_sensitivity_cos", "|cos(∇L, d)|", "-.")):
+        d.plot(steps, _np(getattr(records, key)), style, label=label)
+    d.set_ylim(-0.02, 1.02)
+    d.set_ylabel("alignment with the critical directions")
+    d.legend(fontsize=7)
+    for ax in (a, b, c, d):
+        if crossing is not None:
+            ax.axvline(crossing, color="tab:red", ls="--", lw=0.9)
+        ax.grid(alpha=0.3)
+    for ax in (c, d):
+        ax.set_xlabel("training step")
+    if title:
+        a.figure.suptitle(title, fontsize=10)
+    return axes

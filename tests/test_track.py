@@ -219,3 +219,25 @@ def test_the_warning_precedes_the_students_crossing_and_controls_stay_silent():
     assert abs(run.estimate_at_warning - run.crossing_step) < 0.5 * run.crossing_step
     control = teacher.run_tracked(cfg, horizon=10.0, every=2, control=True)
     assert control.crossing_step is None and control.first_warning is None
+
+
+def test_track_command_writes_resumes_and_reports(tmp_path):
+    from click.testing import CliRunner
+
+    from lanczos_ntk.cli import main
+
+    out = tmp_path / "track"
+    args = ["track", "--out", str(out), "--set", "num_steps=12", "--every", "3"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "false alarms: 0 of 1 control runs" in res.output
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    row = summary["rows"][0]
+    assert row["run"] == "ctrnn-0" and row["first_warning"] < row["crossing_step"]
+    assert (out / "figures" / "ctrnn-0.png").exists() and (out / "figures" / "ctrnn-0-control.pdf").exists()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "ctrnn-0-control: loaded" not in again.output
+    assert (out / "run.log").read_text().count("tracked run ctrnn-0-control") == 1  # resumed
+    bad = CliRunner().invoke(main, ["track", "--architectures", "lstm", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "expected some of" in bad.output
+    assert not (tmp_path / "b").exists()

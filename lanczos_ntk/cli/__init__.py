@@ -1,5 +1,5 @@
 """The ``lanczos-ntk`` command line: ``demo``, ``spectrum``, ``density``, ``sweep``, ``bifurcate``,
-``teacher``, ``landscapes``.
+``teacher``, ``landscapes``, ``track``.
 
 Only this package prints, shows progress bars (on stderr) and writes files; it drives the
 library's functions, saves their result objects in a run folder and draws the figures with
@@ -8,7 +8,7 @@ the commands share (options, configuration, run folder, errors, progress); each 
 its own module and registers itself on the group when imported here.
 """
 
-from . import _bifurcate, _landscape, _spectrum, _sweep, _teacher  # noqa: F401  (register commands)
+from . import _bifurcate, _landscape, _spectrum, _sweep, _teacher, _track  # noqa: F401  (register)
 from ._app import CliError, main
 
 __all__ = ["CliError", "main"]

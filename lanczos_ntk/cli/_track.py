@@ -1,0 +1,121 @@
+"""``lanczos-ntk track``: train the student–teacher problem with the kernel tracker on.
+
+Each (architecture, seed) run, and its control (a teacher that needs no bifurcation), is saved
+in the run folder as it finishes (re-running resumes), drawn as a time series (top eigenvalues,
+participation rank, the leading eigenvalue with the estimated crossing step and the warnings,
+alignments), and summarised: the actual crossing, the first warning, the lead time, the
+estimate at the warning, the false alarms of the controls and the tracker's overhead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+
+import click
+
+from ._app import friendly, main, run_folder
+from ._runs import ConfigError, parse_list
+from ._teacher import _config
+
+__all__ = ["track_command"]
+
+
+@main.command("track")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/track", show_default=True,
+              help="Run folder (results/, figures/, summary.json); re-running resumes.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML file with TeacherConfig keys (see experiments/teacher.toml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a TeacherConfig key, e.g. --set num_steps=60 (repeatable).")
+@click.option("--seeds", "seeds_text", default="0", show_default=True, metavar="S1,S2,...",
+              help="Seeds of the problem (one run each).")
+@click.option("--architectures", "arch_text", default="ctrnn", show_default=True,
+              metavar="A1,A2,...", help="ctrnn, rnn, gru (comma-separated).")
+@click.option("--horizon", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Warn when the crossing is estimated fewer steps ahead.")
+@click.option("--every", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Training steps between records.")
+@click.option("--controls/--no-controls", default=True, show_default=True,
+              help="Also run each seed with a teacher below the critical gain (false alarms).")
+@click.option("--fresh", is_flag=True, help="Discard what the run folder holds and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no summary on the terminal.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Torch CPU threads (the problem is small: more threads mostly add overhead).")
+@friendly
+def track_command(out, config_file, overrides, seeds_text, arch_text, horizon, every, controls,
+                  fresh, quiet):
+    """Train a student with the kernel tracker on: early warning of its bifurcation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tqdm import tqdm
+
+    from .. import plotting
+    from .. import teacher as T
+
+    seeds = parse_list(seeds_text, "seeds", int)
+    archs = parse_list(arch_text, "architectures", str)
+    bad = [a for a in archs if a not in T.ARCHITECTURES]
+    if bad:
+        raise ConfigError(f"--architectures: expected some of {', '.join(T.ARCHITECTURES)}, "
+                          f"got {', '.join(bad)}")
+    cfg = _config(config_file, overrides, None, None, None, "sgd")
+    record = {**dataclasses.asdict(cfg), "seeds": seeds, "architectures": archs,
+              "horizon": horizon, "every": every, "controls": controls}
+    plan = [(a, s, c) for a in archs for s in seeds for c in ((False, True) if controls else (False,))]
+    rows = []
+    with run_folder("track", record, out, fresh, quiet) as run:
+        bar = tqdm(total=len(plan), disable=quiet, file=sys.stderr, desc="track", unit="run")
+        for arch, seed, control in plan:
+            c = dataclasses.replace(cfg, architecture=arch, seed=seed)
+            name = f"{arch}-{seed}{'-control' if control else ''}"
+            res = run.cached(name, lambda c=c, control=control: T.run_tracked(
+                c, horizon=horizon, every=every, control=control), f"tracked run {name}")
+            axes = plotting.plot_track(res.records, crossing=res.crossing_step,
+                                       title=f"{name}: crossing "
+                                             f"{_fmt(res.crossing_step)}, first warning "
+                                             f"{_fmt(res.first_warning)} (horizon {horizon:g})")
+            fig = axes[0].figure
+            fig.tight_layout()
+            run.save_figure(fig, name)
+            plt.close(fig)
+            rows.append({"run": name, "architecture": arch, "seed": seed, "control": control,
+                         "crossing_step": res.crossing_step, "first_warning": res.first_warning,
+                         "lead_time": res.lead_time, "lead_fraction": res.lead_fraction,
+                         "estimate_at_warning": res.estimate_at_warning,
+                         "overhead": res.overhead})
+            bar.update()
+        bar.close()
+        summary = {"rows": rows, "false_alarms": sum(1 for r in rows if r["control"]
+                                                     and r["first_warning"] is not None),
+                   "controls": sum(1 for r in rows if r["control"]),
+                   "missed": sum(1 for r in rows if not r["control"]
+                                 and r["crossing_step"] is not None
+                                 and (r["lead_time"] is None or r["lead_time"] <= 0))}
+        run.write_json("summary.json", summary)
+        run.log("done")
+        if quiet:
+            return
+        click.echo(f"{'run':22s} {'crossing':>9s} {'warning':>8s} {'lead':>6s} {'lead/run':>8s} "
+                   f"{'estimate':>9s} {'overhead':>8s}")
+        for r in rows:
+            click.echo(f"{r['run']:22s} {_fmt(r['crossing_step']):>9s} "
+                       f"{_fmt(r['first_warning']):>8s} {_fmt(r['lead_time']):>6s} "
+                       f"{_fmt(r['lead_fraction'], '.0%'):>8s} "
+                       f"{_fmt(r['estimate_at_warning']):>9s} {r['overhead']:>7.1f}x")
+        click.echo(f"false alarms: {summary['false_alarms']} of {summary['controls']} control "
+                   f"runs; crossings without an earlier warning: {summary['missed']}")
+        click.echo("legend: crossing = step where the trivial fixed point's leading eigenvalue "
+                   "reaches the stability boundary; lead = crossing - first warning; estimate = "
+                   "the crossing step estimated at the first warning; overhead = (training + "
+                   "recording) / training time")
+        click.echo(f"results: {run.path}")
+
+
+def _fmt(v, spec: str = ".1f") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, spec)
