@@ -411,17 +411,28 @@ class KernelTracker:
 class Interference(Result):
     """``matrix[b, a] = ∇_h L_bᵀ K ∇_h L_a``; a gradient step of size ``η`` on subtask ``a``
     changes the loss of subtask ``b`` by ``predicted(η)[b, a] = −η · matrix[b, a]`` to first
-    order. ``names``: the subtasks."""
+    order. ``names``: the subtasks. ``channel_matrix``: the part that passes through the
+    parameter directions given as ``channel`` (``vᵀ Π v`` with ``v = Jᵀ ∇_h L``, ``Π`` the
+    projector on them; ``None`` without ``channel``), and :attr:`channel_share` its fraction."""
 
     matrix: torch.Tensor
     names: tuple[str, ...]
+    channel_matrix: torch.Tensor | None = None
+
+    @property
+    def channel_share(self) -> torch.Tensor | None:
+        """``channel_matrix / matrix`` entrywise: how much of each interference the channel
+        carries (near a bifurcation, close to 1)."""
+        if self.channel_matrix is None:
+            return None
+        return self.channel_matrix / self.matrix
 
     def predicted(self, lr: float) -> torch.Tensor:
         """First-order loss changes ``ΔL_b`` (rows) of a step of size ``lr`` on ``a`` (columns)."""
         return -float(lr) * self.matrix
 
 
-def interference(K, state_gradients, names=None) -> Interference:
+def interference(K, state_gradients, names=None, *, channel=None) -> Interference:
     """The subtask interference matrix of the sNTK ``K``.
 
     Parameters
@@ -431,6 +442,9 @@ def interference(K, state_gradients, names=None) -> Interference:
         ``∇_h L_a`` for each subtask ``a``, shaped like the states ``[B, T, n]`` (or flat
         ``[M]``); zero outside the subtask's trials, times or units.
     names : sequence of str, optional
+    channel : Tensor ``[P]`` or ``[P, r]``, optional
+        Parameter directions of the bifurcation channel (e.g. ``critical_direction(...).g``):
+        adds the interference carried by their span.
 
     Returns
     -------
@@ -451,4 +465,13 @@ def interference(K, state_gradients, names=None) -> Interference:
     names = tuple(names) if names is not None else tuple(f"task{i}" for i in range(len(grads)))
     if len(names) != len(grads):
         raise ValueError(f"expected {len(grads)} names, got {len(names)}")
-    return Interference(matrix=(V.T @ V).to(torch.float64), names=names)
+    part = None
+    if channel is not None:
+        C = torch.as_tensor(channel).to(V)
+        C = C[:, None] if C.dim() == 1 else C
+        if C.dim() != 2 or C.shape[0] != V.shape[0]:
+            raise ValueError(f"expected channel directions of shape [{V.shape[0]}] or "
+                             f"[{V.shape[0]}, r], got {tuple(torch.as_tensor(channel).shape)}")
+        c = torch.linalg.qr(C).Q.T @ V
+        part = (c.T @ c).to(torch.float64)
+    return Interference(matrix=(V.T @ V).to(torch.float64), names=names, channel_matrix=part)

@@ -241,3 +241,29 @@ def test_track_command_writes_resumes_and_reports(tmp_path):
     bad = CliRunner().invoke(main, ["track", "--architectures", "lstm", "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "expected some of" in bad.output
     assert not (tmp_path / "b").exists()
+
+
+def test_interference_concentrates_in_the_bifurcation_channel():
+    """Two subtasks (the trials with negative and with positive pulses) of a 3-unit CTRNN whose
+    trivial point has λ_c = -0.5, -0.1, -0.02: the share of their interference carried by the
+    static channel g rises towards 1; checked against the dense Jacobian."""
+    shares = []
+    for lc in (-0.5, -0.1, -0.02):
+        m = models.CTRNN(3, 1, seed=0)
+        with torch.no_grad():
+            lead = torch.linalg.eigvals(m.W).real.max()
+            m.W.mul_((1 + lc) / lead)
+        u = torch.zeros(6, 60, 1, dtype=F64)
+        u[:, :3, 0] = 0.2 * torch.linspace(-1, 1, 6, dtype=F64)[:, None]
+        h = m(u).detach()
+        grads = [2 * h * (torch.arange(6)[:, None, None] < 3), 2 * h * (torch.arange(6)[:, None, None] >= 3)]
+        cd = lnk.channels.critical_direction(m, torch.zeros(3, dtype=F64))
+        assert cd.eigenvalue.real == pytest.approx(lc, abs=1e-9)
+        inter = track.interference(lnk.StateNTK(m, u), grads, channel=cd.g)
+        J = lnk.testing.dense_jacobian(m, u)
+        V = J.T @ torch.stack([g.reshape(-1) for g in grads], 1)
+        Q = torch.linalg.qr(cd.g).Q
+        torch.testing.assert_close(inter.matrix, V.T @ V, rtol=1e-9, atol=0)
+        torch.testing.assert_close(inter.channel_matrix, (Q.T @ V).T @ (Q.T @ V), rtol=1e-9, atol=0)
+        shares.append(float(inter.channel_share.min()))
+    assert shares[0] < shares[1] < shares[2] and shares[2] > 0.95
