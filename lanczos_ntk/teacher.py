@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -1174,84 +1173,40 @@ def run_summary(cfg: TeacherConfig, landscape: bool = True, compare: bool = True
 # ----------------------------------------------------------------------------- early warning
 @dataclasses.dataclass(frozen=True)
 class TrackedRun(Result):
-    """A student trained with plain SGD and a :class:`lanczos_ntk.track.KernelTracker` on.
+    """The student trained by SGD with the kernel tracker on (:func:`run_tracked`).
 
-    ``crossing_step``: the actual crossing of the trivial fixed point's leading eigenvalue (from
-    the records, interpolated; ``None``: it did not cross); ``first_warning``: the first record
-    that warned; ``lead_time``: their difference in steps (``None`` without both) and
-    ``lead_fraction`` the same over ``num_steps``; ``estimate_at_warning``: the estimated
-    crossing step at that record. ``control``: the teacher needs no bifurcation (its gain below
-    the critical one), so any warning is a false alarm. ``overhead``: (training + recording) /
-    training time.
+    ``track``: the :class:`lanczos_ntk.track.TrainingTrack` (records, loss, the actual crossing,
+    the first warning, lead time, estimate at the warning, overhead); ``control``: the teacher
+    needs no bifurcation (its gain below the critical one), so any warning is a false alarm;
+    ``lead_fraction``: the lead time over the run's steps.
     """
 
-    records: Any
-    loss: torch.Tensor
+    track: Any
     architecture: str
     seed: int
     control: bool
-    num_steps: int
-    crossing_step: float | None
-    first_warning: int | None
-    lead_time: float | None
     lead_fraction: float | None
-    estimate_at_warning: float | None
-    seconds_train: float
-    seconds_track: float
-    overhead: float
 
 
 def run_tracked(config: TeacherConfig | None = None, *, horizon: float = 10.0, every: int = 2,
                 control: bool = False, control_gain: float = 0.8,
                 progress: Progress = None) -> TrackedRun:
-    """Train the student with SGD while a :class:`~lanczos_ntk.track.KernelTracker` watches.
+    """Train the student with SGD (``config.lr``, ``config.num_steps``) while a
+    :class:`~lanczos_ntk.track.KernelTracker` watches the trivial fixed point at zero input.
 
     ``control=True`` replaces the teacher's gain by ``control_gain`` (below the critical gain
-    1): the student can fit it without a bifurcation, and every warning is a false alarm. The
-    tracker follows the trivial fixed point at zero input, with the given ``horizon`` (steps)
-    and ``every``; its records give the actual crossing too (:func:`detect_crossing`).
+    1): the student can fit it without a bifurcation, and every warning is a false alarm.
     """
-    from .track import KernelTracker
+    from .track import train_tracked
 
     config = config or TeacherConfig()
     if control:
         config = dataclasses.replace(config, teacher_gain=float(control_gain))
     gen = _generator(config, None)
     prob = build_problem(config, gen)
-    student, u, target = prob.student, prob.inputs, prob.targets
-    opt = torch.optim.SGD(student.parameters(), lr=config.lr)
-    tracker = KernelTracker(student, u, every=every, k=min(int(config.top_k), 8),
-                            horizon=horizon, tol=1e-6, generator=gen)
-    losses: list[float] = []
-    t_train = 0.0
-    S = int(config.num_steps)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=Warning)  # the records carry the warnings
-        for step in range(S + 1):
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            loss = ((student(u) - target) ** 2).mean()
-            losses.append(float(loss.detach()))
-            t_train += time.perf_counter() - t0
-            tracker.step(step, loss)
-            if step == S:
-                break
-            t0 = time.perf_counter()
-            loss.backward()
-            opt.step()
-            t_train += time.perf_counter() - t0
-            if progress is not None:
-                progress(step + 1, S)
-    rec = tracker.records
-    crossing = detect_crossing(rec.steps, torch.nan_to_num(rec.leading, nan=-math.inf))
-    warn = rec.first_warning
-    lead = crossing.step - warn if crossing.step is not None and warn is not None else None
-    est = None
-    if warn is not None:
-        est = float(rec.estimated_crossing[int(torch.nonzero(rec.steps == warn)[0])])
-    return TrackedRun(records=rec, loss=torch.tensor(losses, dtype=torch.float64),
-                      architecture=config.architecture, seed=int(config.seed), control=control,
-                      num_steps=S, crossing_step=crossing.step, first_warning=warn,
-                      lead_time=lead, lead_fraction=None if lead is None else lead / S,
-                      estimate_at_warning=est, seconds_train=t_train,
-                      seconds_track=rec.seconds, overhead=(t_train + rec.seconds) / t_train)
+    run = train_tracked(prob.student, prob.inputs, prob.targets, lr=config.lr,
+                        num_steps=config.num_steps, every=every, horizon=horizon, generator=gen,
+                        progress=progress, k=min(int(config.top_k), 8))
+    lead = run.lead_time
+    return TrackedRun(track=run, architecture=config.architecture, seed=int(config.seed),
+                      control=control, lead_fraction=None if lead is None else lead / run.num_steps)

@@ -51,7 +51,7 @@ from torch import nn
 from ._results import Result
 
 __all__ = ["BifurcationWarning", "CrossingEstimate", "Interference", "KernelTracker",
-           "TrackRecords", "estimate_crossing", "interference"]
+           "TrackRecords", "TrainingTrack", "estimate_crossing", "interference", "train_tracked"]
 
 
 class BifurcationWarning(UserWarning):
@@ -233,7 +233,9 @@ class KernelTracker:
     tol : float
         Relative tolerance of the eigensolver.
     num_probes, num_steps : int
-        Deflated SLQ for the participation rank.
+        Deflated SLQ for the participation rank ``(tr G)² / tr G²``: ``num_steps`` Lanczos
+        steps per probe integrate ``λ`` and ``λ²`` exactly from 2 on, so a few suffice; the
+        spread over the probes is the rank's standard error.
     generator : torch.Generator, optional
         Eigensolver starts, probes and fixed-point seeds (default: seeded with 0).
     """
@@ -241,7 +243,7 @@ class KernelTracker:
     def __init__(self, model: nn.Module, inputs: torch.Tensor, *, every: int = 10, k: int = 6,
                  horizon: float | None = None, window: int = 4, u: torch.Tensor | None = None,
                  dynamics: bool | None = None, params=None, outputs="states", h0=None,
-                 process_group=None, tol: float = 1e-6, num_probes: int = 8, num_steps: int = 30,
+                 process_group=None, tol: float = 1e-6, num_probes: int = 8, num_steps: int = 4,
                  generator: torch.Generator | None = None):
         from ._functional import resolve_params
 
@@ -404,6 +406,100 @@ class KernelTracker:
             estimated_fold=t("fold"), estimated_kernel=t("kern"), warned=t("warned", torch.bool),
             horizon=math.nan if self.horizon is None else float(self.horizon), kind=self.kind,
             num_matvecs=int(self.num_matvecs), seconds=float(self.seconds))
+
+
+# ---------------------------------------------------------------------------- a tracked run
+@dataclasses.dataclass(frozen=True)
+class TrainingTrack(Result):
+    """A model trained by SGD with a :class:`KernelTracker` on (:func:`train_tracked`).
+
+    ``loss``: before each step and after the last; ``crossing_step``: where the tracked fixed
+    point's ``λ_c`` first reached 0, interpolated between records (``None``: it did not, or no
+    dynamics); ``first_warning``: the first record that warned; ``lead_time``: crossing minus
+    first warning (``None`` without both); ``estimate_at_warning``: the crossing step estimated
+    at that record; ``overhead``: (training + recording) / training time.
+    """
+
+    records: TrackRecords
+    loss: torch.Tensor
+    num_steps: int
+    crossing_step: float | None
+    first_warning: int | None
+    lead_time: float | None
+    estimate_at_warning: float | None
+    seconds_train: float
+    seconds_track: float
+    overhead: float
+
+
+def first_crossing(steps, leading) -> float | None:
+    """The first step where ``leading`` rises from below 0 to 0 or above, interpolated."""
+    s = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)
+    y = torch.nan_to_num(torch.as_tensor(leading, dtype=torch.float64).reshape(-1), nan=-math.inf)
+    for i in range(1, y.numel()):
+        if float(y[i - 1]) < 0 <= float(y[i]):
+            y0, y1 = float(y[i - 1]), float(y[i])
+            frac = -y0 / (y1 - y0) if math.isfinite(y0) and y1 != y0 else 1.0
+            return float(s[i - 1] + frac * (s[i] - s[i - 1]))
+    return None
+
+
+def train_tracked(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, lr: float,
+                  num_steps: int, every: int = 2, horizon: float | None = 10.0,
+                  generator: torch.Generator | None = None, progress=None,
+                  **tracker_kwargs) -> TrainingTrack:
+    """Train ``model`` by SGD on the mean squared error to ``targets`` (its states
+    ``[B, T, n]``) for ``num_steps`` steps, with a :class:`KernelTracker` recording every
+    ``every`` steps (``tracker_kwargs`` go to it). Warnings are recorded, not raised.
+
+    ``progress(done, total)`` is called after every step. The model is trained in place.
+    """
+    import time
+
+    if not lr > 0 or int(num_steps) < 1:
+        raise ValueError(f"expected lr > 0 and num_steps >= 1, got {lr} and {num_steps}")
+    with torch.no_grad():
+        out = model(inputs)
+    out = out[0] if isinstance(out, tuple) else out
+    if tuple(out.shape) != tuple(targets.shape):
+        raise ValueError(f"expected targets of the states' shape {list(out.shape)} "
+                         f"[trials, steps, n], got {list(targets.shape)}")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=float(lr))
+    tracker = KernelTracker(model, inputs, every=every, horizon=horizon, generator=generator,
+                            **tracker_kwargs)
+    losses: list[float] = []
+    t_train, S = 0.0, int(num_steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BifurcationWarning)  # the records carry them
+        for step in range(S + 1):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            states = model(inputs)
+            states = states[0] if isinstance(states, tuple) else states
+            loss = ((states - targets) ** 2).mean()
+            losses.append(float(loss.detach()))
+            t_train += time.perf_counter() - t0
+            tracker.step(step, loss)
+            if step == S:
+                break
+            t0 = time.perf_counter()
+            loss.backward()
+            opt.step()
+            t_train += time.perf_counter() - t0
+            if progress is not None:
+                progress(step + 1, S)
+    rec = tracker.records
+    crossing = first_crossing(rec.steps, rec.leading)
+    warn = rec.first_warning
+    est = None
+    if warn is not None:
+        est = float(rec.estimated_crossing[int(torch.nonzero(rec.steps == warn)[0])])
+    return TrainingTrack(records=rec, loss=torch.tensor(losses, dtype=torch.float64),
+                         num_steps=S, crossing_step=crossing, first_warning=warn,
+                         lead_time=crossing - warn if crossing is not None and warn is not None
+                         else None, estimate_at_warning=est, seconds_train=t_train,
+                         seconds_track=rec.seconds,
+                         overhead=(t_train + rec.seconds) / max(t_train, 1e-12))
 
 
 # ---------------------------------------------------------------------------- interference

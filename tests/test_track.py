@@ -213,11 +213,14 @@ def test_the_warning_precedes_the_students_crossing_and_controls_stay_silent():
     from lanczos_ntk import teacher
 
     cfg = teacher.TeacherConfig(num_steps=12, seed=0)
-    run = teacher.run_tracked(cfg, horizon=10.0, every=2)
+    run = teacher.run_tracked(cfg, horizon=10.0, every=2).track
     assert run.crossing_step is not None and run.first_warning is not None
     assert run.first_warning < run.crossing_step and run.lead_time > 0
     assert abs(run.estimate_at_warning - run.crossing_step) < 0.5 * run.crossing_step
-    control = teacher.run_tracked(cfg, horizon=10.0, every=2, control=True)
+    # the actual crossing against detect_crossing on the same records
+    want = teacher.detect_crossing(run.records.steps, run.records.leading).step
+    assert run.crossing_step == pytest.approx(want)
+    control = teacher.run_tracked(cfg, horizon=10.0, every=2, control=True).track
     assert control.crossing_step is None and control.first_warning is None
 
 
@@ -267,3 +270,35 @@ def test_interference_concentrates_in_the_bifurcation_channel():
         torch.testing.assert_close(inter.channel_matrix, (Q.T @ V).T @ (Q.T @ V), rtol=1e-9, atol=0)
         shares.append(float(inter.channel_share.min()))
     assert shares[0] < shares[1] < shares[2] and shares[2] > 0.95
+
+
+def test_track_command_on_your_own_model(tmp_path):
+    from click.testing import CliRunner
+
+    from lanczos_ntk.cli import main
+
+    (tmp_path / "mine.py").write_text(
+        "import lanczos_ntk as lnk\n\ndef build():\n    return lnk.models.CTRNN(3, 1, gain=0.5, seed=0)\n")
+    u = torch.zeros(4, 20, 1, dtype=F64)
+    u[:, :3, 0] = torch.linspace(-1, 1, 4, dtype=F64)[:, None]
+    teacher = models.CTRNN(3, 1, gain=1.5, seed=0)
+    with torch.no_grad():
+        y = teacher(u)
+    torch.save(u, tmp_path / "u.pt")
+    np.save(tmp_path / "y.npy", y.numpy())
+    out = tmp_path / "run"
+    args = ["track", "--model", str(tmp_path / "mine.py") + ":build", "--inputs",
+            str(tmp_path / "u.pt"), "--targets", str(tmp_path / "y.npy"), "--set", "num_steps=6",
+            "--every", "3", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    row = __import__("json").loads((out / "summary.json").read_text())["rows"][0]
+    assert row["run"] == "model" and (out / "figures" / "model.png").exists()
+    saved = lnk.load_result(out / "results" / "model")
+    assert saved.records.steps.tolist() == [0, 3, 6] and saved.loss.shape == (7,)
+    bad = CliRunner().invoke(main, args[:3] + ["--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "go together" in bad.output
+    wrong = CliRunner().invoke(main, [*args[:5], "--targets", str(tmp_path / "u.pt"),
+                                      "--out", str(tmp_path / "c")])
+    assert wrong.exit_code == 2 and "targets of the states' shape" in wrong.output
+    assert not (tmp_path / "c").exists()
