@@ -127,7 +127,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
 
     def refresh(self) -> None:
         """Recompute the top eigenpairs of ``G``: tracked, or a warm-started Lanczos solve."""
-        from . import StateNTK
+        from ._operator import StateNTK
 
         G = StateNTK(self.model, self.inputs, **self._kw).dual()
         if self.refresh_mode == "lanczos" or self._V is None or not self._track(G):

@@ -130,3 +130,49 @@ def test_built_in_forward_can_be_traced_by_torch_func():
     _, lin = torch.func.linearize(f, params)
     _, ref = torch.func.jvp(f, (params,), (tangent,))
     torch.testing.assert_close(lin(tangent), ref)
+
+
+def _numpy_trajectory(step, u, n):
+    """States of ``h_{t+1} = step(h_t, u_t)`` from ``h_0 = 0``, in numpy (float64)."""
+    import numpy as np
+
+    B, T, _ = u.shape
+    h = np.zeros((B, n))
+    out = np.zeros((B, T, n))
+    for t in range(T):
+        h = step(h, u[:, t])
+        out[:, t] = h
+    return out
+
+
+def test_gru_and_discrete_rnn_match_their_equations_written_in_numpy():
+    """Independent references: the Cho et al. (2014) GRU (reset applied before the recurrent
+    product, ``h' = (1 - z) h + z h̃``) and ``h' = tanh(W h + U u + b)``, written in numpy."""
+    import numpy as np
+
+    def sig(x):
+        return 1.0 / (1.0 + np.exp(-x))
+
+    u = torch.randn(3, 7, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gru = models.GRU(4, 2, seed=3)
+    with torch.no_grad():
+        gru.b.copy_(0.1 * torch.randn(12, generator=torch.Generator().manual_seed(1),
+                                      dtype=torch.float64))
+    W, U, b = (p.detach().numpy() for p in (gru.W, gru.U, gru.b))
+    n = 4
+
+    def gru_step(h, x):
+        z = sig(W[:n] @ h.T + U[:n] @ x.T + b[:n, None]).T
+        r = sig(W[n:2 * n] @ h.T + U[n:2 * n] @ x.T + b[n:2 * n, None]).T
+        cand = np.tanh(W[2 * n:] @ (r * h).T + U[2 * n:] @ x.T + b[2 * n:, None]).T
+        return (1 - z) * h + z * cand
+
+    want = _numpy_trajectory(gru_step, u.numpy(), n)
+    np.testing.assert_allclose(gru(u).detach().numpy(), want, rtol=1e-12, atol=1e-14)
+
+    rnn = models.DiscreteRNN(4, 2, seed=2)
+    with torch.no_grad():
+        rnn.b.fill_(0.05)
+    W, U, b = (p.detach().numpy() for p in (rnn.W, rnn.U, rnn.b))
+    want = _numpy_trajectory(lambda h, x: np.tanh(h @ W.T + x @ U.T + b), u.numpy(), n)
+    np.testing.assert_allclose(rnn(u).detach().numpy(), want, rtol=1e-12, atol=1e-14)
