@@ -36,6 +36,7 @@ import torch
 
 from . import linalg
 from ._results import Result, Status
+from ._tolerances import ZERO_RTOL
 from .linalg import NumericalWarning
 from .linalg._common import mean_se
 
@@ -864,7 +865,7 @@ def _count_bound(quad: SLQResult, cut: float) -> float:
 
 def spectral_density(result: Any, grid: torch.Tensor | None = None,
                      sigma: float | None = None, *, num_points: int = 512,
-                     zero_rtol: float = 1e-6, scale: str = "linear") -> SpectralDensity:
+                     zero_rtol: float = ZERO_RTOL, scale: str = "linear") -> SpectralDensity:
     """Gaussian-smoothed spectral density ``φ(x) = (1/N) Σ_i N(x; λ_i, σ²)`` from SLQ nodes.
 
     From an :class:`SLQResult`: ``φ(x) ≈ (n / N) (1/s) Σ_p Σ_j w_pj N(x; θ_pj, σ²)``. From a
@@ -1012,7 +1013,7 @@ def _rank_from_quadrature(r: Any, kind: str, rtol: float, lambda_max: float | No
 _RANK_KINDS = ("participation", "entropy", "stable", "numerical")
 
 
-def effective_rank(op_or_result: Any, kind: str = "participation", *, rtol: float = 1e-6,
+def effective_rank(op_or_result: Any, kind: str = "participation", *, rtol: float = ZERO_RTOL,
                    num_probes: int = 32, num_steps: int = 80,
                    generator: torch.Generator | None = None, side: str = "auto",
                    tol: float = 1e-6, deflate: bool = True) -> EffectiveRank:

@@ -383,6 +383,7 @@ def build_problem(config: TeacherConfig, generator: torch.Generator | None = Non
     trivial point's leading eigenvalue crosses the stability boundary at factor 1; the input
     weights of the state (candidate) are ``m``.
     """
+    from .dynamics._critical import is_complex
     from .models import CTRNN, GRU, DiscreteRNN
 
     gen = _generator(config, generator)
@@ -392,7 +393,7 @@ def build_problem(config: TeacherConfig, generator: torch.Generator | None = Non
     W0 = config.noise * torch.randn(n, n, generator=gen, dtype=torch.float64) / math.sqrt(n)
     W0 = W0 + torch.outer(m, m)
     eig = torch.linalg.eigvals(W0)
-    real = eig[eig.imag.abs() < 1e-12].real
+    real = eig[~is_complex(eig)].real
     if real.numel() == 0 or float(real.max()) <= 0:
         raise ValueError("W0 has no positive real eigenvalue; lower config.noise or change the seed")
     lead = float(real.max())

@@ -8,6 +8,7 @@ import click
 import torch
 
 from .. import dynamics
+from .._tolerances import ON_BRANCH_TOL
 from ._app import (
     common_options,
     friendly,
@@ -24,7 +25,7 @@ from ._runs import ConfigError
 __all__ = ["bifurcate"]
 
 
-def _on_branch(x: torch.Tensor, p: float, branches, tol: float = 1e-4) -> bool:
+def _on_branch(x: torch.Tensor, p: float, branches, tol: float = ON_BRANCH_TOL) -> bool:
     for br in branches:
         if len(br) == 0:
             continue

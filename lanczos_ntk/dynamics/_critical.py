@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch.func import jacrev, jvp, vjp
 
+from .._tolerances import IMAG_TOL
 from ._dense import eigvals, solve, svd
 
 __all__ = ["critical_data", "eigen_counts", "eigenvalue_derivatives", "eigvals", "sort_eigenvalues"]
 
-IMAG_TOL = 1e-10
 
 
 def criticality(eigs: torch.Tensor, kind: str) -> torch.Tensor:

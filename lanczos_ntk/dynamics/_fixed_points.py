@@ -14,6 +14,7 @@ import torch
 from torch.func import jacfwd, vmap
 
 from .._results import Status
+from .._tolerances import SAME_POINT_TOL
 from ..linalg._common import default_generator
 from ._critical import criticality, euler_fields, sort_eigenvalues
 from ._dense import eigvals
@@ -51,7 +52,7 @@ def find_fixed_points(system, seeds: torch.Tensor | None = None, p: float | None
                       u: torch.Tensor | None = None, param=None, num_seeds: int = 64,
                       generator: torch.Generator | None = None, seed_scale: float = 1.0,
                       opt_steps: int = 100, newton_steps: int = 8, tol: float = 1e-10,
-                      dedup_tol: float = 1e-6, kind: str | None = None) -> FixedPoints:
+                      dedup_tol: float = SAME_POINT_TOL, kind: str | None = None) -> FixedPoints:
     r"""Find the fixed points of a flow or map from many seeds at once.
 
     Parameters

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._tolerances import NULL_EPS_FACTOR
 from ._common import (
     WORK_DTYPE,
     Matmul,
@@ -209,7 +210,7 @@ def thick_restart_lanczos(
     generator = default_generator(generator)
     device = torch.device(device) if device is not None else torch.device("cpu")
     eps = finfo_eps(dtype)
-    null_rtol = 1000.0 * eps if null_rtol is None else float(null_rtol)
+    null_rtol = NULL_EPS_FACTOR * eps if null_rtol is None else float(null_rtol)
     work = as_work(matmul, dtype, device)
     if ncv is None:
         ncv = max(2 * k + 2 * b, 20 + b, k + 6 * b)
