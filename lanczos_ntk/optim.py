@@ -163,19 +163,18 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
 
     def _track(self, G) -> bool:
         """One subspace-iteration step from the tracked basis; ``False`` if it is not accurate."""
+        from .linalg import subspace_step
+
         V = self._V
-        Y = G.matmul(V)
+        step = subspace_step(G.matmul, V)
         self.num_matvecs += V.shape[1]
-        H = V.T @ Y
-        theta, S = torch.linalg.eigh(0.5 * (H + H.T))
-        theta, S = theta.flip(0), S.flip(1)
+        theta = step.eigenvalues
         k = min(self.rank, theta.numel())
-        resid = torch.linalg.vector_norm(Y @ S[:, :k] - (V @ S[:, :k]) * theta[:k], dim=0)
-        if not bool((resid <= self.track_tol * theta[0].abs()).all()):
-            self.U = V @ S[:, :k]  # best available warm start for the solve
+        if not bool((step.residuals[:k] <= self.track_tol * theta[0].abs()).all()):
+            self.U = step.eigenvectors[:, :k]  # best available warm start for the solve
             return False
-        self._set(theta.to(torch.float64), V @ S, G.dtype)
-        self._V = torch.linalg.qr(Y @ S).Q
+        self._set(theta.to(torch.float64), step.eigenvectors, G.dtype)
+        self._V = step.basis
         return True
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,10 @@ from the stability boundary), the effective rank falls and the top eigenvector t
 bifurcation channel. :class:`KernelTracker` records all of it inside a user's own training loop,
 every ``every`` steps, each record warm-started from the previous one:
 
-* the top-``k`` eigenvalues of ``G`` (:func:`lanczos_ntk.eigsh` from the previous eigenvectors)
-  and the participation rank from deflated SLQ (the top pairs exact, SLQ on the rest);
+* the top-``k`` eigenpairs of ``G``, tracked from the previous record by one step of subspace
+  iteration (one block product; a warm-started :func:`lanczos_ntk.eigsh` when a residual is
+  too large), with their residuals, and the participation rank with the top pairs exact and
+  Hutchinson probes on the rest;
 * the model's fixed points at a constant input, continued from the previous record (Newton from
   the previous points; the trials' final states join as seeds), the tracked one's leading
   eigenvalue ``λ_c`` (``Re λ`` for a flow, ``|μ| − 1`` for a map), its critical directions ``g``
@@ -144,9 +146,10 @@ class TrackRecords(Result):
     ----------
     steps : Tensor ``[R]`` (long)
     eigenvalues : Tensor ``[R, k]``
-        Top eigenvalues of ``G``, descending.
+        Top eigenvalues of ``G``, descending, with their ``residuals`` ``‖G x − θ x‖``.
     participation : Tensor ``[R]``
-        Participation rank ``(tr G)² / tr G²`` (deflated SLQ), with ``participation_se``.
+        Participation rank ``(tr G)² / tr G²`` (the top pairs exact, Hutchinson on the rest),
+        with ``participation_se``.
     leading : Tensor ``[R]``
         ``λ_c`` of the tracked fixed point (``nan`` without dynamics or without a fixed point).
     num_fixed_points, num_stable : Tensor ``[R]`` (long)
@@ -171,6 +174,7 @@ class TrackRecords(Result):
 
     steps: torch.Tensor
     eigenvalues: torch.Tensor
+    residuals: torch.Tensor
     participation: torch.Tensor
     participation_se: torch.Tensor
     leading: torch.Tensor
@@ -198,7 +202,7 @@ class TrackRecords(Result):
         return int(self.steps[int(hits[0])]) if hits.numel() else None
 
 
-_FIELDS = ("steps", "eig", "pr", "pr_se", "lead", "nfp", "nst", "ccos", "dcos", "gcos", "gdcos",
+_FIELDS = ("steps", "eig", "res", "pr", "pr_se", "lead", "nfp", "nst", "ccos", "dcos", "gcos", "gdcos",
            "est", "left", "lin", "fold", "kern", "warned")
 
 
@@ -215,7 +219,9 @@ class KernelTracker:
     inputs : Tensor ``[B, T, d_in]``
         Inputs on which ``J`` is evaluated (:meth:`set_inputs` replaces them).
     every : int
-        Record every ``every`` steps (:meth:`step`).
+        Record every ``every`` steps (:meth:`step`). A record costs about 20 products with
+        ``G`` once the tracking runs (about 20 training steps of a CTRNN; ``bench_track.py``):
+        the default 100 keeps the overhead near 1.2×.
     k : int
         Top eigenvalues of ``G`` per record.
     horizon : float, optional
@@ -231,20 +237,23 @@ class KernelTracker:
     params, outputs, h0, process_group :
         As for :class:`lanczos_ntk.StateNTK`.
     tol : float
-        Relative tolerance of the eigensolver.
-    num_probes, num_steps : int
-        Deflated SLQ for the participation rank ``(tr G)² / tr G²``: ``num_steps`` Lanczos
-        steps per probe integrate ``λ`` and ``λ²`` exactly from 2 on, so a few suffice; the
-        spread over the probes is the rank's standard error.
+        Relative tolerance of the eigensolver (first record, and when tracking falls back).
+    track_tol : float
+        Between records the top pairs are tracked by one step of subspace iteration (one block
+        product of ``k + 2`` vectors); when a pair's residual exceeds ``track_tol · λ₁`` the
+        record falls back to a warm-started Lanczos solve. The residuals are recorded.
+    num_probes : int
+        Hutchinson probes for the participation rank ``(tr G)² / tr G²`` beyond the top pairs
+        (one block product; their spread is the rank's standard error).
     generator : torch.Generator, optional
         Eigensolver starts, probes and fixed-point seeds (default: seeded with 0).
     """
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, *, every: int = 10, k: int = 6,
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, *, every: int = 100, k: int = 6,
                  horizon: float | None = None, window: int = 4, u: torch.Tensor | None = None,
                  dynamics: bool | None = None, params=None, outputs="states", h0=None,
-                 process_group=None, tol: float = 1e-6, num_probes: int = 8, num_steps: int = 4,
-                 generator: torch.Generator | None = None):
+                 process_group=None, tol: float = 1e-6, num_probes: int = 8,
+                 track_tol: float = 1e-2, generator: torch.Generator | None = None):
         from ._functional import resolve_params
 
         if int(every) < 1 or int(k) < 1:
@@ -267,10 +276,12 @@ class KernelTracker:
         d_in = int(getattr(model, "input_size", inputs.shape[-1]))
         self.u = torch.zeros(d_in, dtype=torch.float64) if u is None else \
             torch.as_tensor(u, dtype=torch.float64).reshape(-1)
-        self.tol, self.num_probes, self.num_steps = float(tol), int(num_probes), int(num_steps)
+        self.tol, self.num_probes = float(tol), int(num_probes)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self._rec: dict[str, list] = {f: [] for f in _FIELDS}
         self._v0: torch.Tensor | None = None
+        self._basis: torch.Tensor | None = None
+        self.track_tol = float(track_tol)
         self._tracked: torch.Tensor | None = None
         self._known: torch.Tensor | None = None
         self.num_matvecs = 0
@@ -291,24 +302,16 @@ class KernelTracker:
         projections; its graph is kept (``retain_graph``) for the caller's ``backward``."""
         import time
 
-        from ._deflated import deflated_slq
         from ._operator import StateNTK
-        from .spectral import effective_rank, eigsh
 
         t0 = time.perf_counter()
         G = StateNTK(self.model, self.inputs, **self._kw).dual()
-        k = min(self.k, G.shape[0])
-        top = eigsh(G, k=k, tol=self.tol, return_eigenvectors=True, v0=self._v0,
-                    generator=self.generator)
-        self._v0 = top.eigenvectors
-        quad = deflated_slq(G, self.num_probes, min(self.num_steps, G.shape[0]),
-                            generator=self.generator, tol=self.tol, eigenpairs=top, side="primal")
-        pr = effective_rank(quad, "participation")
-        self.num_matvecs += int(top.num_matvecs) + int(quad.num_matvecs)
-        u1 = top.eigenvectors[:, 0].to(torch.float64)
+        values, vectors, residuals = self._top(G)
+        pr, pr_se = self._participation(G, values, vectors)
+        u1 = vectors[:, 0].to(torch.float64)
         grad = self._gradient(loss)
-        row: dict[str, Any] = {"steps": int(step), "eig": top.eigenvalues.to(torch.float64),
-                               "pr": float(pr.value), "pr_se": float(pr.standard_error)}
+        row: dict[str, Any] = {"steps": int(step), "eig": values, "res": residuals,
+                               "pr": pr, "pr_se": pr_se}
         row.update(self._dynamics(u1, grad) if self.dynamics else
                    {"lead": math.nan, "nfp": 0, "nst": 0, "ccos": math.nan, "dcos": math.nan,
                     "gcos": math.nan, "gdcos": math.nan})
@@ -329,9 +332,66 @@ class KernelTracker:
                 f"step {step}: the leading eigenvalue ({row['lead']:.3g}) is estimated to cross "
                 f"the stability boundary near step {est.step:.1f}, {est.steps_left:.1f} steps "
                 f"ahead (horizon {self.horizon:g}); top eigenvalue of G "
-                f"{float(top.eigenvalues[0]):.4g}, participation rank {pr.value:.3g}"),
+                f"{float(values[0]):.4g}, participation rank {pr:.3g}"),
                 stacklevel=2)
         return row
+
+    def _top(self, G) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-``k`` eigenpairs of ``G`` and their residuals ``‖G x − θ x‖``: one step of
+        subspace iteration from the last record's basis (``k + 2`` vectors, one block
+        product), or a warm-started :func:`~lanczos_ntk.eigsh` when a tracked pair's residual
+        exceeds ``track_tol · θ₁`` (and at the first record)."""
+        from .linalg import subspace_step
+        from .spectral import eigsh
+
+        P = G.shape[0]
+        k = min(self.k, P)
+        if self._basis is not None:
+            step = subspace_step(lambda X: G.matmul(X.to(G.dtype)).to(torch.float64),
+                                 self._basis)
+            self.num_matvecs += self._basis.shape[1]
+            if bool((step.residuals[:k] <= self.track_tol * step.eigenvalues[0].abs()).all()):
+                self._basis = step.basis
+                return step.eigenvalues[:k], step.eigenvectors[:, :k], step.residuals[:k]
+            self._v0 = step.eigenvectors[:, :k]
+        top = eigsh(G, k=k, tol=self.tol, return_eigenvectors=True, v0=self._v0,
+                    generator=self.generator)
+        self.num_matvecs += int(top.num_matvecs)
+        X = top.eigenvectors.to(torch.float64)
+        self._v0 = X
+        width = min(k + 2, P)
+        if width > X.shape[1]:
+            extra = torch.randn(P, width - X.shape[1], dtype=torch.float64,
+                                generator=self.generator).to(X.device)
+            X = torch.cat([X, extra], dim=1)
+        self._basis = torch.linalg.qr(X).Q
+        return (top.eigenvalues.to(torch.float64), top.eigenvectors.to(torch.float64),
+                top.residuals.to(torch.float64))
+
+    def _participation(self, G, values, vectors) -> tuple[float, float]:
+        """``(tr G)² / tr G²`` with the top pairs exact and the rest by Hutchinson:
+        ``R = (I − XXᵀ) G (I − XXᵀ)``, ``tr R = E zᵀRz`` and ``tr R² = E ‖Rz‖²`` from
+        ``num_probes`` Rademacher probes (one block product); the standard error from their
+        spread (delta method)."""
+        X = vectors.to(torch.float64)
+        m = self.num_probes
+        Z = torch.randint(0, 2, (X.shape[0], m), generator=self.generator,
+                          dtype=torch.float64).mul_(2).sub_(1).to(X.device)
+        Z = Z - X @ (X.T @ Z)
+        Y = G.matmul(Z.to(G.dtype)).to(torch.float64)
+        Y = Y - X @ (X.T @ Y)
+        self.num_matvecs += m
+        a, b = (Z * Y).sum(dim=0), (Y * Y).sum(dim=0)
+        s1 = float(values.clamp_min(0).sum() + a.mean())
+        s2 = float((values.clamp_min(0) ** 2).sum() + b.mean())
+        if not s2 > 0:
+            return math.nan, math.nan
+        pr = s1 * s1 / s2
+        if m < 2:
+            return pr, math.inf
+        g = torch.tensor([2 * s1 / s2, -s1 * s1 / (s2 * s2)], dtype=torch.float64)
+        C = torch.cov(torch.stack([a, b])) / m
+        return pr, float((g @ C @ g).clamp_min(0).sqrt())
 
     def _gradient(self, loss) -> torch.Tensor | None:
         if loss is None:
@@ -353,14 +413,18 @@ class KernelTracker:
 
         model = self.model
         n = int(model.state_size)
-        with torch.no_grad():
-            states = model(self.inputs.to(next(model.parameters()).dtype))
-        states = (states[0] if isinstance(states, tuple) else states)[:, -1].to(torch.float64)
         origin = torch.zeros(1, n, dtype=torch.float64)
-        prev = origin if self._known is None else self._known
-        seeds = torch.cat([prev, origin, states.reshape(-1, n)])
-        fp = find_fixed_points(model, seeds, u=self.u, generator=self.generator, opt_steps=40,
-                               newton_steps=8)
+        fp = None
+        if self._known is not None:  # continued: a few steps from the last record's points
+            fp = find_fixed_points(model, torch.cat([self._known, origin]), u=self.u,
+                                   generator=self.generator, opt_steps=5, newton_steps=8)
+        if fp is None or len(fp) == 0:  # first record, or lost: search from the trials too
+            with torch.no_grad():
+                states = model(self.inputs.to(next(model.parameters()).dtype))
+            states = (states[0] if isinstance(states, tuple) else states)[:, -1]
+            seeds = torch.cat([origin, states.reshape(-1, n).to(torch.float64)])
+            fp = find_fixed_points(model, seeds, u=self.u, generator=self.generator,
+                                   opt_steps=40, newton_steps=8)
         nan = {"lead": math.nan, "nfp": len(fp), "nst": int(fp.stable.sum()) if len(fp) else 0,
                "ccos": math.nan, "dcos": math.nan, "gcos": math.nan, "gdcos": math.nan}
         if len(fp) == 0:
@@ -391,14 +455,19 @@ class KernelTracker:
         r = self._rec
         f64 = torch.float64
         width = max([e.numel() for e in r["eig"]], default=0)
-        eig = torch.stack([torch.nn.functional.pad(e, (0, width - e.numel()), value=math.nan)
-                           for e in r["eig"]]) if r["eig"] else torch.zeros(0, 0, dtype=f64)
+
+        def padded(key):
+            return torch.stack([torch.nn.functional.pad(e, (0, width - e.numel()), value=math.nan)
+                                for e in r[key]]) if r[key] else torch.zeros(0, 0, dtype=f64)
+
+        eig = padded("eig")
 
         def t(key, dtype=f64):
             return torch.tensor(r[key], dtype=dtype)
 
         return TrackRecords(
-            steps=t("steps", torch.long), eigenvalues=eig, participation=t("pr"),
+            steps=t("steps", torch.long), eigenvalues=eig, residuals=padded("res"),
+            participation=t("pr"),
             participation_se=t("pr_se"), leading=t("lead"), num_fixed_points=t("nfp", torch.long),
             num_stable=t("nst", torch.long), channel_cos=t("ccos"), sensitivity_cos=t("dcos"),
             gradient_channel_cos=t("gcos"), gradient_sensitivity_cos=t("gdcos"),

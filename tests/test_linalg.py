@@ -387,3 +387,24 @@ def test_matrix_with_spectrum_has_that_spectrum():
     A = matrix_with_spectrum(lam, gen(3))
     assert torch.equal(A, A.T)
     torch.testing.assert_close(torch.linalg.eigvalsh(A), lam.sort().values, atol=1e-13, rtol=0)
+
+
+def test_subspace_step_against_dense():
+    """Ritz pairs and residuals of one step equal the dense Rayleigh–Ritz on the same basis;
+    repeated steps converge to the dominant eigenpairs of a fixed matrix."""
+    from lanczos_ntk.linalg import subspace_step
+
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64)).Q
+    lam = torch.cat([torch.tensor([10.0, 6.0, 3.0]), torch.linspace(1.0, 0.01, 37)]).double()
+    A = Q @ torch.diag(lam) @ Q.T
+    V = torch.linalg.qr(torch.randn(40, 5, generator=g, dtype=torch.float64)).Q
+    step = subspace_step(lambda X: A @ X, V)
+    H = V.T @ A @ V
+    theta = torch.linalg.eigvalsh(H).flip(0)
+    torch.testing.assert_close(step.eigenvalues, theta, rtol=1e-12, atol=1e-12)
+    true_res = torch.linalg.norm(A @ step.eigenvectors - step.eigenvectors * step.eigenvalues, dim=0)
+    torch.testing.assert_close(step.residuals, true_res, rtol=1e-10, atol=1e-12)
+    for _ in range(40):
+        step = subspace_step(lambda X: A @ X, step.basis)
+    torch.testing.assert_close(step.eigenvalues[:3], lam[:3], rtol=1e-8, atol=0)

@@ -30,13 +30,17 @@ def test_records_match_dense_references(tmp_path):
     model = models.CTRNN(4, 1, gain=0.8, seed=1)
     u = 0.3 * torch.randn(3, 15, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
     target = torch.randn(3, 15, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
-    tracker = track.KernelTracker(model, u, every=2, k=3, tol=1e-10, num_probes=16, num_steps=40)
+    # solved at every record (track_tol tiny), and tracked by subspace steps (the default)
+    tracker = track.KernelTracker(model, u, every=2, k=3, tol=1e-10, num_probes=16,
+                                  track_tol=1e-12)
+    tracked = track.KernelTracker(model, u, every=2, k=3, num_probes=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     dense = []
     for step in range(5):
         opt.zero_grad()
         loss = ((model(u) - target) ** 2).sum()
         row = tracker.step(step, loss)
+        tracked.step(step)
         assert (row is None) == (step % 2 == 1)
         if row is not None:
             J = lnk.testing.dense_jacobian(model, u)
@@ -59,8 +63,12 @@ def test_records_match_dense_references(tmp_path):
         opt.step()
     rec = tracker.records
     assert rec.steps.tolist() == [0, 2, 4]
+    fast = tracked.records
     for r, (lam, _, _, lead, _) in enumerate(dense):
         torch.testing.assert_close(rec.eigenvalues[r], lam[:3], rtol=1e-8, atol=0)
+        # a Ritz value lies within its residual of an eigenvalue (here: of its own)
+        assert bool(((fast.eigenvalues[r] - lam[:3]).abs() <= fast.residuals[r] + 1e-9).all())
+        assert bool((fast.residuals[r] <= 1e-2 * lam[0]).all())
         pr = float(lam.sum() ** 2 / (lam ** 2).sum())
         assert abs(rec.participation[r] - pr) <= 3 * rec.participation_se[r] + 1e-6 * pr
         assert float(rec.leading[r]) == pytest.approx(lead, abs=1e-8)

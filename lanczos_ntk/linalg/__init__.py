@@ -8,6 +8,7 @@ from ._common import Matmul, NumericalWarning
 from ._lanczos import LanczosDecomposition, lanczos
 from ._restart import ExtremeEigenpairs, thick_restart_lanczos
 from ._slq import QuadratureNodes, lanczos_quadrature
+from ._subspace import SubspaceStep, subspace_step
 from ._trace import TraceEstimate, hutchinson, hutchpp
 from ._verify import Completed, complete_multiplicities
 
@@ -18,11 +19,13 @@ __all__ = [
     "Matmul",
     "NumericalWarning",
     "QuadratureNodes",
+    "SubspaceStep",
     "complete_multiplicities",
     "TraceEstimate",
     "hutchinson",
     "hutchpp",
     "lanczos",
     "lanczos_quadrature",
+    "subspace_step",
     "thick_restart_lanczos",
 ]
