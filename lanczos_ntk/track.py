@@ -422,7 +422,13 @@ class KernelTracker:
             with torch.no_grad():
                 states = model(self.inputs.to(next(model.parameters()).dtype))
             states = (states[0] if isinstance(states, tuple) else states)[:, -1]
-            seeds = torch.cat([origin, states.reshape(-1, n).to(torch.float64)])
+            states = states.reshape(-1, n).to(torch.float64)
+            group = self._kw["process_group"]
+            if group is not None:  # every rank searches from every rank's trials: same points
+                parts: list = [None] * torch.distributed.get_world_size(group)
+                torch.distributed.all_gather_object(parts, states.cpu(), group=group)
+                states = torch.cat(parts).to(states.device)
+            seeds = torch.cat([origin, states])
             fp = find_fixed_points(model, seeds, u=self.u, generator=self.generator,
                                    opt_steps=40, newton_steps=8)
         nan = {"lead": math.nan, "nfp": len(fp), "nst": int(fp.stable.sum()) if len(fp) else 0,

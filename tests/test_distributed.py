@@ -215,3 +215,45 @@ def test_compare_channels_over_ranks_matches_one_process(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"compare{rank}.pt", weights_only=True)
         torch.testing.assert_close(got, one, rtol=1e-7, atol=1e-12)
+
+
+def _tracker_records(model, u, group=None):
+    target = 0.5 * torch.randn(B, T, 3, generator=torch.Generator().manual_seed(6), dtype=F64)
+    if group is not None:
+        n = dist.get_world_size()
+        r = dist.get_rank()
+        target = target[r * B // n:(r + 1) * B // n]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = lnk.track.KernelTracker(model, u, every=2, k=2, process_group=group)
+    for step in range(5):
+        opt.zero_grad()
+        loss = ((model(u) - target) ** 2).sum()
+        tracker.step(step, loss)
+        loss.backward()
+        if group is not None:
+            for p in model.parameters():
+                dist.all_reduce(p.grad, group=group)
+        opt.step()
+    rec = tracker.records
+    return torch.cat([rec.eigenvalues.reshape(-1), rec.residuals.reshape(-1), rec.participation,
+                      rec.participation_se, rec.leading, rec.channel_cos, rec.sensitivity_cos,
+                      rec.gradient_channel_cos, rec.gradient_sensitivity_cos])
+
+
+def _save_tracker(K, rank, folder):
+    model, u, _ = _problem()
+    n = dist.get_world_size()
+    torch.save(_tracker_records(model, u[rank * B // n:(rank + 1) * B // n], dist.group.WORLD),
+               os.path.join(folder, f"track{rank}.pt"))
+
+
+def test_tracker_over_ranks_matches_one_process(tmp_path):
+    """The kernel tracker over 2 ranks (each its trials, gradients summed) records what one
+    process records on all trials."""
+    mp.spawn(_on_rank, args=(2, str(tmp_path), _save_tracker), nprocs=2, join=True)
+    model, u, _ = _problem()
+    one = _tracker_records(model, u)
+    assert bool(torch.isfinite(one).all())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"track{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got, one, rtol=1e-6, atol=1e-9)
