@@ -113,8 +113,8 @@ def estimate_crossing(steps, leading, top_eigenvalue=None, *, window: int = 4) -
     Examples
     --------
     >>> e = estimate_crossing([0, 10, 20], [-0.3, -0.2, -0.1])
-    >>> round(e.linear, 6), round(e.steps_left, 6)
-    (30.0, 10.0)
+    >>> round(e.linear, 6), round(e.fold, 2), round(e.steps_left, 2)  # the nearer one counts
+    (30.0, 21.67, 1.67)
     """
     if int(window) < 2:
         raise ValueError(f"expected window >= 2, got {window}")
