@@ -19,8 +19,7 @@ import lanczos_ntk as lnk  # noqa: E402
 SECTIONS = [
     ("Operators and results", "lanczos_ntk",
      ["StateNTK", "DualNTK", "NTKPlusNoise", "ProductPlan", "Result", "Status", "load_result"]),
-    ("Spectral estimates", "lanczos_ntk.spectral", None),
-    ("Deflated estimates (the collapsed regime)", "lanczos_ntk", ["DeflatedSLQ", "deflated_slq"]),
+    ("Spectral estimates (deflated ones for the collapsed regime)", "lanczos_ntk.spectral", None),
     ("Partial traces (temporal and spatial ranks)", "lanczos_ntk",
      ["PartialTrace", "partial_trace"]),
     ("Models", "lanczos_ntk.models", None),

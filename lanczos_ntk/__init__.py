@@ -11,12 +11,12 @@ with _warnings.catch_warnings():
 
 from . import channels, dynamics, models, optim, plotting, testing, track  # plotting: matplotlib lazily
 from ._budget import ProductPlan
-from ._deflated import DeflatedSLQ, deflated_slq
 from ._operator import DualNTK, NTKPlusNoise, StateNTK
 from ._partial_trace import PartialTrace, partial_trace
 from ._results import Result, Status, load_result
 from .spectral import (
     ConditionNumber,
+    DeflatedSLQ,
     EffectiveRank,
     EigshResult,
     NoConvergence,
@@ -24,6 +24,7 @@ from .spectral import (
     SpectralDensity,
     TraceResult,
     condition_number,
+    deflated_slq,
     effective_rank,
     eigsh,
     slq,

@@ -553,8 +553,7 @@ class _Spectrum:
         self.probes, self.lanczos_steps = 16, 40
 
     def __call__(self, G) -> tuple[torch.Tensor, torch.Tensor, float, float, Callable]:
-        from ._deflated import deflated_slq
-        from .spectral import effective_rank, eigsh
+        from .spectral import deflated_slq, effective_rank, eigsh
 
         P = G.shape[0]
         if self.method == "dense":

@@ -17,7 +17,7 @@ LAYERS = [
     ("models", ["models"]),
     ("operators", ["_dual_graph", "_rnn_path", "_cells", "_cell_path", "_closed_form",
                    "_engine", "_operator", "_partial_trace"]),
-    ("spectral", ["spectral", "_deflated"]),
+    ("spectral", ["spectral", "_deflated"]),  # _deflated: the old path of DeflatedSLQ
     ("dynamics", ["dynamics"]),
     ("analysis", ["channels", "optim", "landscape", "testing"]),
     ("experiments", ["track", "teacher"]),

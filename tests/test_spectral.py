@@ -350,3 +350,22 @@ def test_linear_density_is_reflected_at_zero():
     on = lnk.spectral_density(r, grid=torch.tensor([-0.3, -1e-3, 0.0, 0.5], dtype=torch.float64),
                               sigma=sigma)
     assert on.density[:2].tolist() == [0.0, 0.0] and bool((on.density[2:] > 0).all())
+
+
+def test_results_are_saved_under_their_public_path_and_old_paths_still_load(tmp_path):
+    """Saved results name ``lanczos_ntk.spectral:<Class>`` whatever file defines the class, and
+    files written when ``DeflatedSLQ`` lived in ``lanczos_ntk._deflated`` still load."""
+    import json
+
+    A = torch.diag(torch.linspace(0.1, 4.0, 30, dtype=torch.float64))
+    top = lnk.eigsh(A, k=2)
+    quad = lnk.deflated_slq(A, num_probes=4, num_steps=10, k=2)
+    for name, res, cls in (("top", top, "EigshResult"), ("quad", quad, "DeflatedSLQ")):
+        res.save(tmp_path / name)
+        meta = json.loads((tmp_path / f"{name}.json").read_text())
+        assert meta["type"] == f"lanczos_ntk.spectral:{cls}"
+    meta = json.loads((tmp_path / "quad.json").read_text())
+    meta["type"] = "lanczos_ntk._deflated:DeflatedSLQ"  # as written before the move
+    (tmp_path / "quad.json").write_text(json.dumps(meta))
+    again = lnk.load_result(tmp_path / "quad")
+    assert isinstance(again, lnk.DeflatedSLQ) and torch.equal(again.top, quad.top)

@@ -15,13 +15,14 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .. import dynamics
-from .._deflated import DeflatedSLQ, deflated_slq
 from .._results import Result
 from ..spectral import (
+    DeflatedSLQ,
     EffectiveRank,
     EigshResult,
     TraceResult,
     as_operator,
+    deflated_slq,
     effective_rank,
     eigsh,
     spectral_density,
