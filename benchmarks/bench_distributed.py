@@ -43,8 +43,7 @@ def _rank(rank, world, port, args, folder):
         dist.init_process_group("gloo", rank=rank, world_size=world)
     dtype = getattr(torch, args.dtype)
     model = lnk.models.CTRNN(args.n, args.inputs, gain=1.5, seed=0, dtype=dtype)
-    u = torch.randn(args.B, args.T, args.inputs, generator=torch.Generator().manual_seed(0),
-                    dtype=dtype)
+    u = torch.randn(args.B, args.T, args.inputs, generator=torch.Generator().manual_seed(0), dtype=dtype)
     lo, hi = rank * args.B // world, (rank + 1) * args.B // world
     group = dist.group.WORLD if world > 1 else None
     K = lnk.StateNTK(model, u[lo:hi], process_group=group)
@@ -61,6 +60,7 @@ def _rank(rank, world, port, args, folder):
         def run():
             sync()
             fn()
+
         return _median(run, args.repeats)
 
     t1 = timed(lambda: G.matmul(x1))
@@ -74,10 +74,21 @@ def _rank(rank, world, port, args, folder):
     sync()
     t_top = time.perf_counter() - t
     if rank == 0:
-        torch.save({"P": P, "M": K.total_states, "t1": t1, "tb": tb, "t_ar": t_ar,
-                    "t_barrier": t_barrier, "t_top": t_top, "products": top.num_matvecs,
-                    "eigenvalues": top.eigenvalues, "itemsize": x1.element_size()},
-                   os.path.join(folder, f"world{world}.pt"))
+        torch.save(
+            {
+                "P": P,
+                "M": K.total_states,
+                "t1": t1,
+                "tb": tb,
+                "t_ar": t_ar,
+                "t_barrier": t_barrier,
+                "t_top": t_top,
+                "products": top.num_matvecs,
+                "eigenvalues": top.eigenvalues,
+                "itemsize": x1.element_size(),
+            },
+            os.path.join(folder, f"world{world}.pt"),
+        )
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -114,22 +125,29 @@ def main():
                 mp.spawn(_rank, args=(world, _free_port(), args, folder), nprocs=world, join=True)
             rows[world] = torch.load(os.path.join(folder, f"world{world}.pt"), weights_only=True)
     first = rows[procs[0]]
-    print(f"CTRNN n={args.n}, T={args.T}, B={args.B}: M = {first['M']:,} states, "
-          f"P = {first['P']:,} parameters, {args.dtype}, {args.threads} thread(s) per process; "
-          f"top-{args.k} at tol {args.tol:g}")
-    print(f"all-reduce per product: P x {first['itemsize']} bytes = "
-          f"{first['P'] * first['itemsize'] / 1024:.1f} KiB per vector")
-    head = (f"{'procs':>5} {'G x (ms)':>9} {'per vec, block (ms)':>20} {'all-reduce (ms)':>16} "
-            f"{'comm share':>10} {'top-k (s)':>9} {'products':>8} {'speed-up':>8} "
-            f"{'max |Δλ|/λ':>11}")
+    print(
+        f"CTRNN n={args.n}, T={args.T}, B={args.B}: M = {first['M']:,} states, "
+        f"P = {first['P']:,} parameters, {args.dtype}, {args.threads} thread(s) per process; "
+        f"top-{args.k} at tol {args.tol:g}"
+    )
+    print(
+        f"all-reduce per product: P x {first['itemsize']} bytes = "
+        f"{first['P'] * first['itemsize'] / 1024:.1f} KiB per vector"
+    )
+    head = (
+        f"{'procs':>5} {'G x (ms)':>9} {'per vec, block (ms)':>20} {'all-reduce (ms)':>16} "
+        f"{'comm share':>10} {'top-k (s)':>9} {'products':>8} {'speed-up':>8} "
+        f"{'max |Δλ|/λ':>11}"
+    )
     print(head)
     for world, r in rows.items():
         share = r["t_ar"] / r["t1"] if r["t1"] > 0 else 0.0
-        dl = float(((r["eigenvalues"] - first["eigenvalues"]).abs() / first["eigenvalues"].abs())
-                   .max())
-        print(f"{world:>5} {1e3 * r['t1']:>9.2f} {1e3 * r['tb']:>20.2f} {1e3 * r['t_ar']:>16.3f} "
-              f"{share:>10.1%} {r['t_top']:>9.2f} {r['products']:>8} "
-              f"{first['t_top'] / r['t_top']:>7.2f}x {dl:>11.1e}")
+        dl = float(((r["eigenvalues"] - first["eigenvalues"]).abs() / first["eigenvalues"].abs()).max())
+        print(
+            f"{world:>5} {1e3 * r['t1']:>9.2f} {1e3 * r['tb']:>20.2f} {1e3 * r['t_ar']:>16.3f} "
+            f"{share:>10.1%} {r['t_top']:>9.2f} {r['products']:>8} "
+            f"{first['t_top'] / r['t_top']:>7.2f}x {dl:>11.1e}"
+        )
 
 
 if __name__ == "__main__":

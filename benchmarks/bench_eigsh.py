@@ -59,8 +59,13 @@ def child(which: str, threads: int, block_size: int) -> dict:
     if which == "lanczos_ntk":
         r = lnk.eigsh(K, k=K_EIG, tol=TOL, block_size=block_size)
         vals = r.eigenvalues.tolist()
-        out.update(side=r.side, status=r.status.value, restarts=r.num_restarts,
-                   calls=r.num_matmuls, block_size=block_size)
+        out.update(
+            side=r.side,
+            status=r.status.value,
+            restarts=r.num_restarts,
+            calls=r.num_matmuls,
+            block_size=block_size,
+        )
     else:
         import numpy as np
         from scipy.sparse.linalg import eigsh as arpack
@@ -76,8 +81,16 @@ def child(which: str, threads: int, block_size: int) -> dict:
 
 
 def run_child(which: str, threads: int, block_size: int = 1) -> dict:
-    cmd = [sys.executable, __file__, "--child", which, "--threads", str(threads),
-           "--block-sizes", str(block_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        "--threads",
+        str(threads),
+        "--block-sizes",
+        str(block_size),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -93,28 +106,34 @@ def main() -> None:
         return
     step = run_child("train_step", args.threads)
     ref = run_child("scipy", args.threads)
-    print(f"CTRNN(64, 2, gain=1.5) float64, inputs [64, 50, 2]: M = {step['M']}, "
-          f"P = {step['P']}, torch threads = {args.threads}")
-    print(f"one training step (forward + MSE on all states + backward): "
-          f"{step['seconds'] * 1e3:.1f} ms")
-    print(f"{'solver':<26}{'side':>6}{'time s':>9}{'steps':>8}{'matvecs':>9}{'calls':>7}"
-          f"{'peak MiB':>10}{'max rel diff':>14}")
+    print(
+        f"CTRNN(64, 2, gain=1.5) float64, inputs [64, 50, 2]: M = {step['M']}, "
+        f"P = {step['P']}, torch threads = {args.threads}"
+    )
+    print(f"one training step (forward + MSE on all states + backward): {step['seconds'] * 1e3:.1f} ms")
+    print(
+        f"{'solver':<26}{'side':>6}{'time s':>9}{'steps':>8}{'matvecs':>9}{'calls':>7}"
+        f"{'peak MiB':>10}{'max rel diff':>14}"
+    )
 
     def row(name, r, diff):
         calls = r.get("calls", r["matvecs"])
-        print(f"{name:<26}{r['side']:>6}{r['seconds']:>9.2f}{r['seconds'] / step['seconds']:>8.0f}"
-              f"{r['matvecs']:>9}{calls:>7}{r['peak_mib']:>10.0f}{diff:>14.2e}")
+        print(
+            f"{name:<26}{r['side']:>6}{r['seconds']:>9.2f}{r['seconds'] / step['seconds']:>8.0f}"
+            f"{r['matvecs']:>9}{calls:>7}{r['peak_mib']:>10.0f}{diff:>14.2e}"
+        )
 
     row("scipy.sparse.linalg.eigsh", ref, 0.0)
     for b in args.block_sizes:
         r = run_child("lanczos_ntk", args.threads, b)
         diff = max(abs(a - c) / abs(c) for a, c in zip(r["eigenvalues"], ref["eigenvalues"]))
         row(f"lanczos_ntk.eigsh b={b}", r, diff)
-        print(f"{'':<26}ratio time lanczos_ntk / scipy = {r['seconds'] / ref['seconds']:.2f}, "
-              f"matvecs = {r['matvecs'] / ref['matvecs']:.2f}, status {r['status']}, "
-              f"restarts {r['restarts']}")
-    print(f"(setup peak before solving: {ref['setup_peak_mib']:.0f} MiB; 'steps' = time in "
-          f"training steps)")
+        print(
+            f"{'':<26}ratio time lanczos_ntk / scipy = {r['seconds'] / ref['seconds']:.2f}, "
+            f"matvecs = {r['matvecs'] / ref['matvecs']:.2f}, status {r['status']}, "
+            f"restarts {r['restarts']}"
+        )
+    print(f"(setup peak before solving: {ref['setup_peak_mib']:.0f} MiB; 'steps' = time in training steps)")
     print("top eigenvalues:", ", ".join(f"{v:.6g}" for v in ref["eigenvalues"]))
 
 

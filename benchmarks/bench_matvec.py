@@ -71,8 +71,10 @@ def main():
         f"K block of {args.block}, per vector": median_time(lambda: K.mv(V), args.repeats) / args.block,
         f"G block of {args.block}, per vector": median_time(lambda: G.mv(X), args.repeats) / args.block,
     }
-    print(f"CTRNN n={args.n} T={args.T} B={args.B} {args.dtype}: M={K.shape[0]:,} P={G.shape[0]:,} "
-          f"jvp={K.engine.jvp_mode} chunks={len(K.engine.chunks)} threads={torch.get_num_threads()}")
+    print(
+        f"CTRNN n={args.n} T={args.T} B={args.B} {args.dtype}: M={K.shape[0]:,} P={G.shape[0]:,} "
+        f"jvp={K.engine.jvp_mode} chunks={len(K.engine.chunks)} threads={torch.get_num_threads()}"
+    )
     print(f"training step: {t_train * 1e3:.2f} ms (unit)")
     print(f"operator set-up incl. first matvec: {t_setup / t_train:.2f} training steps")
     for name, t in rows.items():
@@ -81,15 +83,36 @@ def main():
         return
     peaks = {}
     for what in ("train", "K", "G"):
-        out = subprocess.run([sys.executable, __file__, "--peak-of", what, "--dtype", args.dtype,
-                              "--n", str(args.n), "--T", str(args.T), "--B", str(args.B),
-                              "--inputs", str(args.inputs), "--jvp", args.jvp]
-                             + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else []),
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--peak-of",
+                what,
+                "--dtype",
+                args.dtype,
+                "--n",
+                str(args.n),
+                "--T",
+                str(args.T),
+                "--B",
+                str(args.B),
+                "--inputs",
+                str(args.inputs),
+                "--jvp",
+                args.jvp,
+            ]
+            + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else []),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peaks[what] = float(out.stdout.split()[-1])
-    print(f"peak memory above the model and data (peak-RSS growth, separate processes): "
-          f"training step {peaks['train']:.1f} MiB, K matvec {peaks['K']:.1f} MiB, "
-          f"G matvec {peaks['G']:.1f} MiB; M-vector = {K.shape[0] * v.element_size() / 2**20:.2f} MiB")
+    print(
+        f"peak memory above the model and data (peak-RSS growth, separate processes): "
+        f"training step {peaks['train']:.1f} MiB, K matvec {peaks['K']:.1f} MiB, "
+        f"G matvec {peaks['G']:.1f} MiB; M-vector = {K.shape[0] * v.element_size() / 2**20:.2f} MiB"
+    )
 
 
 def peak_of(args):

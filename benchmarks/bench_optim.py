@@ -57,14 +57,13 @@ def main():
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = dataclasses.replace(T.TeacherConfig(), state_size=args.n, trials=args.B,
-                              trial_steps=args.T)
+    cfg = dataclasses.replace(T.TeacherConfig(), state_size=args.n, trials=args.B, trial_steps=args.T)
     gen = torch.Generator
 
     def lrng(mode, r):
-        return lambda m, u: LowRankNaturalGradient(m, u, lr=args.lr, rank=args.rank,
-                                                   refresh_every=r, refresh=mode,
-                                                   generator=gen().manual_seed(0))
+        return lambda m, u: LowRankNaturalGradient(
+            m, u, lr=args.lr, rank=args.rank, refresh_every=r, refresh=mode, generator=gen().manual_seed(0)
+        )
 
     variants = {"sgd": lambda m, u: torch.optim.SGD(m.parameters(), lr=args.lr)}
     for r in args.refresh:
@@ -83,20 +82,28 @@ def main():
             info[name] = {"final_loss": loss, "matvecs": mv}
     sgd = statistics.median(times["sgd"])
     sgd_cpu = statistics.median(cpus["sgd"])
-    out = {name: {"ms_per_step": 1e3 * statistics.median(ts),
-                  "overhead": statistics.median(ts) / sgd,
-                  "cpu_overhead": statistics.median(cpus[name]) / sgd_cpu, **info[name]}
-           for name, ts in times.items()}
+    out = {
+        name: {
+            "ms_per_step": 1e3 * statistics.median(ts),
+            "overhead": statistics.median(ts) / sgd,
+            "cpu_overhead": statistics.median(cpus[name]) / sgd_cpu,
+            **info[name],
+        }
+        for name, ts in times.items()
+    }
     if args.json:
         print(json.dumps(out, indent=1))
         return
-    print(f"CTRNN n={args.n} B={args.B} T={args.T} P={args.n * args.n + 2 * args.n}, "
-          f"lr={args.lr}, {args.steps} steps x {args.repeats} repeats, {args.threads} thread(s)")
-    print(f"{'optimizer':<18}{'ms/step':>10}{'overhead':>10}{'(cpu)':>8}{'G-products':>12}"
-          f"{'final loss':>12}")
+    print(
+        f"CTRNN n={args.n} B={args.B} T={args.T} P={args.n * args.n + 2 * args.n}, "
+        f"lr={args.lr}, {args.steps} steps x {args.repeats} repeats, {args.threads} thread(s)"
+    )
+    print(f"{'optimizer':<18}{'ms/step':>10}{'overhead':>10}{'(cpu)':>8}{'G-products':>12}{'final loss':>12}")
     for name, row in out.items():
-        print(f"{name:<18}{row['ms_per_step']:>10.2f}{row['overhead']:>9.2f}x"
-              f"{row['cpu_overhead']:>7.2f}x{row['matvecs']:>12d}{row['final_loss']:>12.3e}")
+        print(
+            f"{name:<18}{row['ms_per_step']:>10.2f}{row['overhead']:>9.2f}x"
+            f"{row['cpu_overhead']:>7.2f}x{row['matvecs']:>12d}{row['final_loss']:>12.3e}"
+        )
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ def states_fn(model):
     def f(params, u):
         out = functional_call(model, params, (u,))
         return out[0] if rnn else out
+
     return f
 
 
@@ -167,6 +168,7 @@ def peer_per_product(f, params, u):
             (Jx,) = back2(unflat(x))
         (g,) = back(Jx)
         return torch.cat([g[k].reshape(-1) for k in names])[:, None]
+
     return scipy_top(matvec, sum(sizes), u.dtype)
 
 
@@ -189,6 +191,7 @@ def peer_linearised(f, params, u):
         Jx = jvp_fn(t)
         g = torch.autograd.grad(out, [leaves[k] for k in names], Jx, retain_graph=True)
         return torch.cat([a.reshape(-1) for a in g])[:, None]
+
     return scipy_top(matvec, sum(sizes), u.dtype)
 
 
@@ -198,6 +201,7 @@ def train_step_seconds(model, u, f):
     def step():
         loss = (f(params, u) ** 2).mean()
         torch.autograd.grad(loss, list(params.values()))
+
     step()
     return timed(step, repeat=3)[0]
 
@@ -216,10 +220,17 @@ def lo_slq_seconds(op, num_probes, num_steps, dtype):
         return op.matmul(X)
 
     def run():
-        _, T = lanczos_tridiag(counted, num_steps, dtype=dtype, device=probes.device,
-                               matrix_shape=torch.Size([n, n]),
-                               init_vecs=probes, num_init_vecs=num_probes)
+        _, T = lanczos_tridiag(
+            counted,
+            num_steps,
+            dtype=dtype,
+            device=probes.device,
+            matrix_shape=torch.Size([n, n]),
+            init_vecs=probes,
+            num_init_vecs=num_probes,
+        )
         return torch.linalg.eigh(T)
+
     return timed(run)[0], calls[0]
 
 
@@ -229,15 +240,21 @@ def row_figures(row, n, T, B, dtype, skip_peers=False, skip_slq=False, repeat=2)
     params = {k: v.detach() for k, v in model.named_parameters()}
     fig = {"row": row}
     with PeakRSS() as mem:
-        t_ours, res = timed(lambda: lnk.eigsh(lnk.StateNTK(model, u), k=K_EIG, tol=TOL,
-                                              generator=torch.Generator().manual_seed(0)),
-                            repeat)
+        t_ours, res = timed(
+            lambda: lnk.eigsh(
+                lnk.StateNTK(model, u), k=K_EIG, tol=TOL, generator=torch.Generator().manual_seed(0)
+            ),
+            repeat,
+        )
     fig["ours_s"], fig["ours_mib"] = t_ours, mem.mib
     fig["ours_products"] = res.num_matvecs
     # the same without the check for missed eigenvalues after convergence (ARPACK has none)
-    t_plain, plain = timed(lambda: lnk.eigsh(lnk.StateNTK(model, u), k=K_EIG, tol=TOL,
-                                             generator=torch.Generator().manual_seed(0),
-                                             verify=False), repeat)
+    t_plain, plain = timed(
+        lambda: lnk.eigsh(
+            lnk.StateNTK(model, u), k=K_EIG, tol=TOL, generator=torch.Generator().manual_seed(0), verify=False
+        ),
+        repeat,
+    )
     fig["plain_s"], fig["plain_products"] = t_plain, plain.num_matvecs
     ours = np.sort(res.eigenvalues.double().numpy())
     if not skip_peers:
@@ -260,12 +277,14 @@ def row_figures(row, n, T, B, dtype, skip_peers=False, skip_slq=False, repeat=2)
     t_k = timed(lambda: K.matmul(v), repeat=5)[0]
     t_g = timed(lambda: G.matmul(x), repeat=5)[0]
     t_block = timed(lambda: K.matmul(V), repeat=5)[0]
-    fig.update(train_step_s=step, k_over_step=t_k / step, g_over_step=t_g / step,
-               block_per_vector=t_block / 10 / t_k)
+    fig.update(
+        train_step_s=step, k_over_step=t_k / step, g_over_step=t_g / step, block_per_vector=t_block / 10 / t_k
+    )
     if not skip_slq:
         side = G if G.shape[0] < K.shape[0] else K
-        t_slq = timed(lambda: lnk.slq(side, num_probes=10, num_steps=40,
-                                      generator=torch.Generator().manual_seed(0)))[0]
+        t_slq = timed(
+            lambda: lnk.slq(side, num_probes=10, num_steps=40, generator=torch.Generator().manual_seed(0))
+        )[0]
         t_lo, n_lo = lo_slq_seconds(side, 10, 40, dtype)
         fig["slq_speedup"], fig["slq_lo_products"] = t_lo / t_slq, n_lo
     return fig
@@ -279,18 +298,26 @@ def main():
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--skip-slq", action="store_true")
-    ap.add_argument("--repeat", type=int, default=2,
-                    help="top-10 runs per pipeline (ours and the peers); the fastest is reported")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="top-10 runs per pipeline (ours and the peers); the fastest is reported",
+    )
     ap.add_argument("--scaling", action="store_true", help="time per product for B = 64, 256, 1024")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     n, T, B = SIZES[args.size]
-    print(f"size {args.size}: n={n} T={T} B={B} M={B * T * n:,} {args.dtype} "
-          f"threads={args.threads} torch {torch.__version__}")
-    head = (f"{'row':13s} {'top-10 s':>9s} {'peer s':>8s} {'speed-up':>8s} {'unverif.':>8s} "
-            f"{'products':>9s} {'agree':>8s} "
-            f"{'K/step':>7s} {'G/step':>7s} {'blk/vec':>7s} {'SLQ x':>6s} {'MiB':>7s} {'peer MiB':>8s}")
+    print(
+        f"size {args.size}: n={n} T={T} B={B} M={B * T * n:,} {args.dtype} "
+        f"threads={args.threads} torch {torch.__version__}"
+    )
+    head = (
+        f"{'row':13s} {'top-10 s':>9s} {'peer s':>8s} {'speed-up':>8s} {'unverif.':>8s} "
+        f"{'products':>9s} {'agree':>8s} "
+        f"{'K/step':>7s} {'G/step':>7s} {'blk/vec':>7s} {'SLQ x':>6s} {'MiB':>7s} {'peer MiB':>8s}"
+    )
     print(head)
     for row in args.rows:  # one-time costs of the process (lazy imports, autodiff rules)
         row_figures(row, 8, 5, 4, dtype, args.skip_peers, args.skip_slq)
@@ -300,14 +327,20 @@ def main():
         slq_counts[row] = fg.get("slq_lo_products")
         plans.append(f"  {row}: {fg['plan']}")
         peer = fg.get("peer_s", float("nan"))
-        print(f"{row:13s} {fg['ours_s']:9.3f} {peer:8.3f} {peer / fg['ours_s']:7.2f}x "
-              f"{peer / fg['plain_s']:7.2f}x {fg['ours_products']:4d}/{fg['plain_products']:<4d} "
-              f"{fg.get('agree', float('nan')):8.1e} {fg['k_over_step']:7.2f} {fg['g_over_step']:7.2f} "
-              f"{fg['block_per_vector']:7.2f} {fg.get('slq_speedup', float('nan')):5.2f}x "
-              f"{fg['ours_mib']:7.0f} {fg.get('peer_mib', float('nan')):8.0f}", flush=True)
-    print("SLQ x: linear_operator SLQ time / lanczos_ntk SLQ time, both asked for 10 probes x 40 "
-          "steps; products linear_operator used: "
-          + ", ".join(f"{r}={n}" for r, n in slq_counts.items()) + " (lanczos_ntk: 400)")
+        print(
+            f"{row:13s} {fg['ours_s']:9.3f} {peer:8.3f} {peer / fg['ours_s']:7.2f}x "
+            f"{peer / fg['plain_s']:7.2f}x {fg['ours_products']:4d}/{fg['plain_products']:<4d} "
+            f"{fg.get('agree', float('nan')):8.1e} {fg['k_over_step']:7.2f} {fg['g_over_step']:7.2f} "
+            f"{fg['block_per_vector']:7.2f} {fg.get('slq_speedup', float('nan')):5.2f}x "
+            f"{fg['ours_mib']:7.0f} {fg.get('peer_mib', float('nan')):8.0f}",
+            flush=True,
+        )
+    print(
+        "SLQ x: linear_operator SLQ time / lanczos_ntk SLQ time, both asked for 10 probes x 40 "
+        "steps; products linear_operator used: "
+        + ", ".join(f"{r}={n}" for r, n in slq_counts.items())
+        + " (lanczos_ntk: 400)"
+    )
     print("plans:")
     print("\n".join(plans))
     if args.scaling:
@@ -320,10 +353,12 @@ def main():
                     v = torch.ones(K.shape[0], 1, dtype=dtype)
                     K.matmul(v)
                     t = timed(lambda K=K, v=v: K.matmul(v), repeat=2)[0]
-                print(f"  {row:13s} B={b:5d} M={K.shape[0]:>10,} {t * 1e3:9.1f} ms "
-                      f"{t * 1e3 / b:7.3f} ms/trial  peak {mem.mib:7.0f} MiB "
-                      f"(budget {K.plan.budget_bytes / 2**20:,.0f} MiB, {K.plan.num_chunks} chunk(s))",
-                      flush=True)
+                print(
+                    f"  {row:13s} B={b:5d} M={K.shape[0]:>10,} {t * 1e3:9.1f} ms "
+                    f"{t * 1e3 / b:7.3f} ms/trial  peak {mem.mib:7.0f} MiB "
+                    f"(budget {K.plan.budget_bytes / 2**20:,.0f} MiB, {K.plan.num_chunks} chunk(s))",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -55,17 +55,23 @@ def main():
     t_plain, _ = train(None)
     step_ms = 1e3 * t_plain / args.steps
     M, P = args.B * args.T * args.n, args.n * args.n + 2 * args.n
-    print(f"CTRNN n={args.n}, T={args.T}, B={args.B} (M = {M:,}, P = {P:,}), float64, "
-          f"{args.threads} thread(s); {args.steps} SGD steps: {step_ms:.1f} ms per step")
-    print(f"{'every':>6} {'records':>7} {'s/record':>9} {'products/record':>16} "
-          f"{'record / step':>13} {'overhead':>9}")
+    print(
+        f"CTRNN n={args.n}, T={args.T}, B={args.B} (M = {M:,}, P = {P:,}), float64, "
+        f"{args.threads} thread(s); {args.steps} SGD steps: {step_ms:.1f} ms per step"
+    )
+    print(
+        f"{'every':>6} {'records':>7} {'s/record':>9} {'products/record':>16} "
+        f"{'record / step':>13} {'overhead':>9}"
+    )
     for every in [int(e) for e in args.every.split(",")]:
         t_train, tracker = train(every)
         rec = tracker.records
         n = len(rec.steps)
         per = rec.seconds / n
-        print(f"{every:>6} {n:>7} {per:>9.2f} {rec.num_matvecs / n:>16.0f} "
-              f"{1e3 * per / step_ms:>13.0f} {(t_plain + rec.seconds) / t_plain:>8.2f}x")
+        print(
+            f"{every:>6} {n:>7} {per:>9.2f} {rec.num_matvecs / n:>16.0f} "
+            f"{1e3 * per / step_ms:>13.0f} {(t_plain + rec.seconds) / t_plain:>8.2f}x"
+        )
 
 
 if __name__ == "__main__":

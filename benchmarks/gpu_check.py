@@ -63,11 +63,14 @@ def case(label, row, n, T, B, dtype, eig=True):
         sync()
         top = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"{label}: M={K.shape[0]:,} P={K.dual().shape[0]:,}\n  plan: {K.plan}\n"
-          f"  first product {first:.2f} s, K matvec {t_mv * 1e3:.1f} ms "
-          f"({t_mv / step:.2f} training steps), block of 10 {t_blk * 1e3:.1f} ms/vector "
-          f"({t_blk / t_mv:.2f} of single), top-10 {top:.2f} s, peak {peak:.2f} GiB "
-          f"(budget {K.plan.budget_bytes / 2**30:.1f} GiB)", flush=True)
+    print(
+        f"{label}: M={K.shape[0]:,} P={K.dual().shape[0]:,}\n  plan: {K.plan}\n"
+        f"  first product {first:.2f} s, K matvec {t_mv * 1e3:.1f} ms "
+        f"({t_mv / step:.2f} training steps), block of 10 {t_blk * 1e3:.1f} ms/vector "
+        f"({t_blk / t_mv:.2f} of single), top-10 {top:.2f} s, peak {peak:.2f} GiB "
+        f"(budget {K.plan.budget_bytes / 2**30:.1f} GiB)",
+        flush=True,
+    )
 
 
 def main():

@@ -5,8 +5,9 @@ import warnings as _warnings
 with _warnings.catch_warnings():
     # linear_operator decorates functions with torch.jit.script at import, which torch 2.x
     # deprecates; the warning is about linear_operator, not about the user's code
-    _warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
-                             category=DeprecationWarning)
+    _warnings.filterwarnings(
+        "ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning
+    )
     import linear_operator as _linear_operator  # noqa: F401
 
 from . import channels, dynamics, models, optim, plotting, testing, track  # plotting: matplotlib lazily
@@ -36,10 +37,36 @@ from .spectral import (
 
 __version__ = "0.1.0"
 
-__all__ = ["DualNTK", "NTKPlusNoise", "ProductPlan", "Result", "StateNTK", "Status", "channels", "dynamics",
-           "load_result", "models", "optim", "testing"]
+__all__ = [
+    "DualNTK",
+    "NTKPlusNoise",
+    "ProductPlan",
+    "Result",
+    "StateNTK",
+    "Status",
+    "channels",
+    "dynamics",
+    "load_result",
+    "models",
+    "optim",
+    "testing",
+]
 __all__ += ["DeflatedSLQ", "PartialTrace", "deflated_slq", "partial_trace"]
-__all__ += ["ConditionNumber", "EffectiveRank", "EigshResult", "NoConvergence", "SLQResult",
-            "SpectralDensity", "TraceResult", "condition_number", "effective_rank", "eigsh", "slq",
-            "spectral_density", "tr_f", "trace", "trace_from_slq"]
+__all__ += [
+    "ConditionNumber",
+    "EffectiveRank",
+    "EigshResult",
+    "NoConvergence",
+    "SLQResult",
+    "SpectralDensity",
+    "TraceResult",
+    "condition_number",
+    "effective_rank",
+    "eigsh",
+    "slq",
+    "spectral_density",
+    "tr_f",
+    "trace",
+    "trace_from_slq",
+]
 __all__ += ["plotting", "track"]

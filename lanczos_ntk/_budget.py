@@ -84,8 +84,13 @@ class ProductPlan:
 
     def __str__(self) -> str:
         how = f"{self.path} path" + (f" ({self.cell})" if self.cell else "") + f", J x by {self.jvp}"
-        cache = (f"linearisations cached ({_mib(self.cache_bytes)})" if self.cached
-                 else "linearisations recomputed per product")
-        return (f"{how}; {self.trials} trials in {self.num_chunks} chunk(s) of ≤ {self.chunk_size}; "
-                f"{cache}; ≈ {_mib(self.work_bytes_per_vector)} per vector per chunk, blocks of ≤ "
-                f"{self.block_columns} vectors per pass; budget {_mib(self.budget_bytes)}")
+        cache = (
+            f"linearisations cached ({_mib(self.cache_bytes)})"
+            if self.cached
+            else "linearisations recomputed per product"
+        )
+        return (
+            f"{how}; {self.trials} trials in {self.num_chunks} chunk(s) of ≤ {self.chunk_size}; "
+            f"{cache}; ≈ {_mib(self.work_bytes_per_vector)} per vector per chunk, blocks of ≤ "
+            f"{self.block_columns} vectors per pass; budget {_mib(self.budget_bytes)}"
+        )

@@ -47,7 +47,7 @@ class CellLinearization:
         with torch.no_grad():
             s0 = cell.initial(h0, b, u.dtype, u.device)
             states = cell.states(params, u, h0)
-        self.prev = torch.cat([s0.unsqueeze(1), states[:, :-1]], 1)        # [b, T, S]
+        self.prev = torch.cat([s0.unsqueeze(1), states[:, :-1]], 1)  # [b, T, S]
         self.u = u
         self.shape = (b, T, cell.state_size)
         flat_s = self.prev.reshape(b * T, -1)
@@ -84,7 +84,7 @@ class CellLinearization:
     def jvp(self, X: torch.Tensor) -> torch.Tensor:
         """``[k, P] -> [k, b, T, c]``."""
         b, T, S = self.shape
-        C = self.direct().jvp(self.spec.unflatten(X)).reshape(-1, b, T, S)    # [k, b, T, S]
+        C = self.direct().jvp(self.spec.unflatten(X)).reshape(-1, b, T, S)  # [k, b, T, S]
         steps, out = self.steps(), self.cell.out
         d = C[:, :, 0]
         ys = [d[..., out]]

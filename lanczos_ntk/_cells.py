@@ -45,8 +45,16 @@ class Cell:
         The closed form's memory per trial.
     """
 
-    def __init__(self, fn: Callable, state_size: int, out: slice, initial: Callable, name: str,
-                 closed_form: Callable | None = None, trial_bytes: Callable | None = None):
+    def __init__(
+        self,
+        fn: Callable,
+        state_size: int,
+        out: slice,
+        initial: Callable,
+        name: str,
+        closed_form: Callable | None = None,
+        trial_bytes: Callable | None = None,
+    ):
         self.fn, self.state_size, self.out, self.initial, self.name = fn, state_size, out, initial, name
         self.closed_form, self.trial_bytes = closed_form, trial_bytes
 
@@ -138,18 +146,25 @@ def _torch_rnn_cell(model) -> Cell | None:
     kind = rnn_kind(model)
 
     def closed(spec, params, u, h0):
-        return TorchRNNLinearization(kind, L, H, spec, params, u,
-                                     initial(h0, u.shape[0], u.dtype, u.device))
+        return TorchRNNLinearization(kind, L, H, spec, params, u, initial(h0, u.shape[0], u.dtype, u.device))
 
     def memory(d, T, itemsize):
         return rnn_trial_bytes(kind, L, H, d, T, itemsize)
 
-    return Cell(fn, S, slice((L - 1) * H, L * H), initial,
-                f"torch.nn.{type(model).__name__} cell, closed form", closed, memory)
+    return Cell(
+        fn,
+        S,
+        slice((L - 1) * H, L * H),
+        initial,
+        f"torch.nn.{type(model).__name__} cell, closed form",
+        closed,
+        memory,
+    )
 
 
-def find_cell(model: nn.Module, width: int, params: dict, u: torch.Tensor, h0,
-              reference: torch.Tensor) -> Cell | None:
+def find_cell(
+    model: nn.Module, width: int, params: dict, u: torch.Tensor, h0, reference: torch.Tensor
+) -> Cell | None:
     """The model's one-step cell, if it has one that reproduces ``reference`` (its forward on
     the inputs ``u`` of one trial, with ``params``: every parameter and buffer by name), else
     ``None``."""

@@ -38,7 +38,7 @@ class _Linearization:
                 acts.append(a)
                 dacts.append(da)
                 ds.append(d)
-        self.a = torch.stack(acts, 1)                                   # [b, T, n]
+        self.a = torch.stack(acts, 1)  # [b, T, n]
         self.da = None if dacts[0] is None else torch.stack(dacts, 1)  # [b, T, n]
         self.d = torch.stack(ds, 1) if isinstance(ds[0], torch.Tensor) else ds[0]
         self.psi_h = owner.psi_h
@@ -87,14 +87,14 @@ class _Linearization:
         lam = torch.zeros(k, B, n, dtype=V.dtype, device=V.device)
         mus = [None] * T
         for t in range(T - 1, -1, -1):
-            lam = lam + V[:, :, t]                   # cotangent on h_{t+1}
-            mu = self._d(t) * lam                    # cotangent on z_t
+            lam = lam + V[:, :, t]  # cotangent on h_{t+1}
+            mu = self._d(t) * lam  # cotangent on z_t
             mus[t] = mu
             back = mu @ W
             if self.da is not None:
                 back = back * self.da[:, t]
             lam = back if self.psi_h == 0 else self.psi_h * lam + back
-        mu = torch.stack(mus, 2)                     # [k, b, T, n]
+        mu = torch.stack(mus, 2)  # [k, b, T, n]
         r = self.owner.roles
         grads = {}
         for name in self.spec.names:
@@ -134,8 +134,10 @@ class WeightActivityJacobian:
 
 def _runs_own_dynamics(model, cls) -> bool:
     """Whether ``model`` runs ``cls``'s own dynamics (a subclass may change any of them)."""
-    return all(getattr(type(model), name) is getattr(cls, name)
-               for name in ("rhs", "step", "forward", "initial_state"))
+    return all(
+        getattr(type(model), name) is getattr(cls, name)
+        for name in ("rhs", "step", "forward", "initial_state")
+    )
 
 
 def closed_form(model, spec) -> WeightActivityJacobian | None:
@@ -152,13 +154,16 @@ def closed_form(model, spec) -> WeightActivityJacobian | None:
         def update(h, z):
             return h + dt * (z - h), dt
 
-        return WeightActivityJacobian(model, spec, {"W": "W", "U": "B", "b": "b"},
-                                      activity, update, psi_h=1 - dt)
+        return WeightActivityJacobian(
+            model, spec, {"W": "W", "U": "B", "b": "b"}, activity, update, psi_h=1 - dt
+        )
     if isinstance(model, DiscreteRNN) and _runs_own_dynamics(model, DiscreteRNN):
+
         def update(h, z):
             hn = torch.tanh(z)
             return hn, 1 - hn * hn
 
-        return WeightActivityJacobian(model, spec, {"W": "W", "U": "U", "b": "b"},
-                                      lambda h: (h, None), update, psi_h=0.0)
+        return WeightActivityJacobian(
+            model, spec, {"W": "W", "U": "U", "b": "b"}, lambda h: (h, None), update, psi_h=0.0
+        )
     return None

@@ -34,11 +34,18 @@ class DualGraph:
         """``Jᵀ V`` for ``V [k, *out.shape]``: ``{name: [k, *shape]}``."""
         k = V.shape[0]
         with torch.enable_grad():  # one vector: a plain pass (a batched one goes through vmap)
-            grads = torch.autograd.grad(self.out, list(self.p.values()), V[0] if k == 1 else V,
-                                        retain_graph=True, is_grads_batched=k > 1,
-                                        allow_unused=True)
-        return {n: (g.reshape(k, *self.p[n].shape) if g is not None else
-                    V.new_zeros(k, *self.p[n].shape)) for n, g in zip(self.p, grads)}
+            grads = torch.autograd.grad(
+                self.out,
+                list(self.p.values()),
+                V[0] if k == 1 else V,
+                retain_graph=True,
+                is_grads_batched=k > 1,
+                allow_unused=True,
+            )
+        return {
+            n: (g.reshape(k, *self.p[n].shape) if g is not None else V.new_zeros(k, *self.p[n].shape))
+            for n, g in zip(self.p, grads)
+        }
 
     def jvp(self, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
         """``J X`` for ``X = {name: [k, *shape]}``: ``[k, *out.shape]``."""
@@ -46,8 +53,9 @@ class DualGraph:
             if self._dual is None:
                 v0 = torch.zeros_like(self.out, requires_grad=True)
                 names = list(self.p)
-                grads = torch.autograd.grad(self.out, [self.p[n] for n in names], v0,
-                                            create_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(
+                    self.out, [self.p[n] for n in names], v0, create_graph=True, allow_unused=True
+                )
                 keep = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
                 self._dual = (v0, [grads[j] for j in keep], [names[j] for j in keep])
             v0, grads, names = self._dual
@@ -55,10 +63,12 @@ class DualGraph:
             if not grads:  # the output does not depend on the parameters
                 return self.out.new_zeros(k, *self.out.shape)
             if k == 1:
-                return torch.autograd.grad(grads, v0, [tangents[n][0] for n in names],
-                                           retain_graph=True)[0].unsqueeze(0)
-            return torch.autograd.grad(grads, v0, [tangents[n] for n in names],
-                                       retain_graph=True, is_grads_batched=True)[0]
+                return torch.autograd.grad(grads, v0, [tangents[n][0] for n in names], retain_graph=True)[
+                    0
+                ].unsqueeze(0)
+            return torch.autograd.grad(
+                grads, v0, [tangents[n] for n in names], retain_graph=True, is_grads_batched=True
+            )[0]
 
     def release_dual(self) -> None:
         """Drop the VJP's graph (kept otherwise for the next :meth:`jvp`)."""

@@ -24,8 +24,13 @@ from ._dual_graph import DualGraph
 from ._functional import ModelFunction, ParamSpec, resolve_params
 from .models._base import StateSpaceModel, check_finite, check_inputs
 
-__all__ = ["CPU_WORKING_SET", "DOUBLE_VJP_WORKING_SET", "JacobianEngine", "LINEARIZE_MIN_OUTPUTS",
-           "PROBE_ELEMENTS"]
+__all__ = [
+    "CPU_WORKING_SET",
+    "DOUBLE_VJP_WORKING_SET",
+    "JacobianEngine",
+    "LINEARIZE_MIN_OUTPUTS",
+    "PROBE_ELEMENTS",
+]
 
 #: The no-grad probe of the outputs runs in pieces of about this many output elements.
 PROBE_ELEMENTS = 1 << 20
@@ -40,8 +45,13 @@ DOUBLE_VJP_WORKING_SET = 32 << 20  # outputs per batched double-backward pass on
 LINEARIZE_MIN_OUTPUTS = 1 << 21
 
 _JVP_MODES = ("auto", "structured", "cell", "forward", "double_vjp", "linearize")
-_PATHS = {"structured": "closed_form", "cell": "cell", "forward": "autograd",
-          "double_vjp": "autograd", "linearize": "autograd"}
+_PATHS = {
+    "structured": "closed_form",
+    "cell": "cell",
+    "forward": "autograd",
+    "double_vjp": "autograd",
+    "linearize": "autograd",
+}
 
 
 class JacobianEngine:
@@ -50,39 +60,68 @@ class JacobianEngine:
     See :class:`lanczos_ntk.StateNTK` for the meaning of the arguments.
     """
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, *, h0=None,
-                 outputs: str | Callable = "states", params: Sequence[str] | None = None,
-                 chunk_size: int | None = None, jvp: str = "auto", cache: bool | None = None,
-                 memory_budget: int | None = None, process_group=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        *,
+        h0=None,
+        outputs: str | Callable = "states",
+        params: Sequence[str] | None = None,
+        chunk_size: int | None = None,
+        jvp: str = "auto",
+        cache: bool | None = None,
+        memory_budget: int | None = None,
+        process_group=None,
+    ):
         self.group = process_group
-        self.config = dict(h0=h0, outputs=outputs, params=params, chunk_size=chunk_size,
-                           jvp=jvp, cache=cache, memory_budget=memory_budget)
+        self.config = dict(
+            h0=h0,
+            outputs=outputs,
+            params=params,
+            chunk_size=chunk_size,
+            jvp=jvp,
+            cache=cache,
+            memory_budget=memory_budget,
+        )
         if process_group is not None and not torch.distributed.is_initialized():
-            raise ValueError("process_group was given but torch.distributed is not initialised; "
-                             "call torch.distributed.init_process_group first")
+            raise ValueError(
+                "process_group was given but torch.distributed is not initialised; "
+                "call torch.distributed.init_process_group first"
+            )
         self.fn = ModelFunction(model, outputs)
         # a snapshot: the operator stays the kernel at these parameters even if the model
         # is trained on afterwards (everything not differentiated is a constant of it)
         self.params = {n: t.clone() for n, t in resolve_params(model, params).items()}
-        self.constants = {n: t.detach().clone() for n, t in
-                          [*model.named_parameters(), *model.named_buffers()]
-                          if n not in self.params}
+        self.constants = {
+            n: t.detach().clone()
+            for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if n not in self.params
+        }
         self.spec = ParamSpec(tuple(self.params), tuple(p.shape for p in self.params.values()))
         self.full = {**self.constants, **self.params}  # everything the model reads, by name
         for name, t in self.full.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"the model's {name!r} has {int((~torch.isfinite(t)).sum())} "
-                                 f"non-finite entries (NaN or inf); the sNTK needs finite "
-                                 f"parameters and buffers")
+                raise ValueError(
+                    f"the model's {name!r} has {int((~torch.isfinite(t)).sum())} "
+                    f"non-finite entries (NaN or inf); the sNTK needs finite "
+                    f"parameters and buffers"
+                )
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
         self.itemsize = first.element_size()
         if self.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"expected a float32 or float64 model, got parameters of dtype "
-                            f"{self.dtype}; half precision cannot resolve the spectrum "
-                            "(convert with model.float() or model.double())")
-        check_inputs(inputs, getattr(model, "input_size", None)
-                     if isinstance(model, (StateSpaceModel, nn.RNN, nn.GRU, nn.LSTM)) else None)
+            raise TypeError(
+                f"expected a float32 or float64 model, got parameters of dtype "
+                f"{self.dtype}; half precision cannot resolve the spectrum "
+                "(convert with model.float() or model.double())"
+            )
+        check_inputs(
+            inputs,
+            getattr(model, "input_size", None)
+            if isinstance(model, (StateSpaceModel, nn.RNN, nn.GRU, nn.LSTM))
+            else None,
+        )
         check_finite(inputs)
         self.inputs = inputs
         self.h0 = h0
@@ -92,29 +131,37 @@ class JacobianEngine:
             self._check_h0(h0)
         if jvp not in _JVP_MODES:
             raise ValueError(f"expected jvp to be one of {_JVP_MODES}, got {jvp!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
-                chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"expected chunk_size to be a whole number >= 1 (trials per chunk), "
-                             f"got {chunk_size!r}")
-        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(
-                memory_budget, (int, float)) or not memory_budget > 0):
-            raise ValueError(f"expected memory_budget in bytes (a positive number), "
-                             f"got {memory_budget!r}")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(
+                f"expected chunk_size to be a whole number >= 1 (trials per chunk), got {chunk_size!r}"
+            )
+        if memory_budget is not None and (
+            isinstance(memory_budget, bool)
+            or not isinstance(memory_budget, (int, float))
+            or not memory_budget > 0
+        ):
+            raise ValueError(f"expected memory_budget in bytes (a positive number), got {memory_budget!r}")
         self.width = self._probe_outputs(model)
         self._closed = None
         self._cell = None
         self._forward_fallback = False
         self.jvp_mode = self._choose_jvp(jvp)
-        budget = int(memory_budget) if memory_budget is not None else \
-            int(DEFAULT_BUDGET_FRACTION * available_memory(self.device))
+        budget = (
+            int(memory_budget)
+            if memory_budget is not None
+            else int(DEFAULT_BUDGET_FRACTION * available_memory(self.device))
+        )
         self.plan = self._make_plan(budget, chunk_size, cache)
         if self._forward_fallback and not self.plan.cached:
             self.jvp_mode = "forward"
             self.plan = self._make_plan(budget, chunk_size, cache)
         self.chunk_size = self.plan.chunk_size
         self.cache = self.plan.cached
-        self.chunks = [slice(s, min(s + self.chunk_size, self.batch))
-                       for s in range(0, self.batch, self.chunk_size)]
+        self.chunks = [
+            slice(s, min(s + self.chunk_size, self.batch)) for s in range(0, self.batch, self.chunk_size)
+        ]
         self._lin: dict[int, object] = {}
         self.total_M = self.M
         if self.group is not None:  # the rows of every rank (a collective: all ranks build)
@@ -150,8 +197,10 @@ class JacobianEngine:
     def rebuilt(self, dtype: torch.dtype | None = None) -> JacobianEngine:
         """A new engine over the same model snapshot and inputs, optionally in another dtype."""
         if self.group is not None:
-            raise TypeError("an operator split over a process group cannot be copied or "
-                            "pickled; rebuild it from the model and inputs on every rank")
+            raise TypeError(
+                "an operator split over a process group cannot be copied or "
+                "pickled; rebuild it from the model and inputs on every rank"
+            )
         config = dict(self.config)
         inputs = self.inputs
         if dtype is not None:
@@ -175,25 +224,34 @@ class JacobianEngine:
 
     def __reduce__(self):
         if self.group is not None:
-            raise TypeError("an operator split over a process group cannot be pickled; pickle "
-                            "the model and its trials and rebuild the operator on every rank")
+            raise TypeError(
+                "an operator split over a process group cannot be pickled; pickle "
+                "the model and its trials and rebuild the operator on every rank"
+            )
         return (_rebuild_engine, (self.snapshot_model(), self.inputs, self.config))
 
     def _check_h0(self, h0) -> None:
         tensors = h0 if isinstance(h0, tuple) else (h0,)
         for t in tensors:
-            if not isinstance(t, torch.Tensor) or t.dim() <= self._h0_dim \
-                    or t.shape[self._h0_dim] != self.batch:
-                raise ValueError(f"expected h0 with the trial dimension (dim {self._h0_dim}) of size "
-                                 f"{self.batch}, got {getattr(t, 'shape', type(t).__name__)}")
+            if (
+                not isinstance(t, torch.Tensor)
+                or t.dim() <= self._h0_dim
+                or t.shape[self._h0_dim] != self.batch
+            ):
+                raise ValueError(
+                    f"expected h0 with the trial dimension (dim {self._h0_dim}) of size "
+                    f"{self.batch}, got {getattr(t, 'shape', type(t).__name__)}"
+                )
 
     def chunk_inputs(self, sl: slice):
         u = self.inputs[sl].to(device=self.device, dtype=self.dtype)
         h0 = self.h0
         if h0 is not None:
+
             def take(t):
                 idx = (slice(None),) * self._h0_dim + (sl,)
                 return t[idx].to(device=self.device, dtype=self.dtype)
+
             h0 = tuple(take(t) for t in h0) if isinstance(h0, tuple) else take(h0)
         return u, h0
 
@@ -205,18 +263,21 @@ class JacobianEngine:
                 sl = slice(s, min(s + step, self.batch))
                 u, h0 = self.chunk_inputs(sl)
                 out = self.call(self.params, u, h0)
-                if not isinstance(out, torch.Tensor) or out.dim() != 3 \
-                        or out.shape[:2] != u.shape[:2]:
-                    raise ValueError(f"expected {type(model).__name__} outputs of shape "
-                                     f"[{u.shape[0]}, {self.steps}, c], got "
-                                     f"{getattr(out, 'shape', type(out).__name__)}")
+                if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != u.shape[:2]:
+                    raise ValueError(
+                        f"expected {type(model).__name__} outputs of shape "
+                        f"[{u.shape[0]}, {self.steps}, c], got "
+                        f"{getattr(out, 'shape', type(out).__name__)}"
+                    )
                 bad = ~torch.isfinite(out)
                 if bad.any():
                     trial_time = bad.any(-1).nonzero()
                     first = trial_time[torch.argmin(trial_time[:, 1] * self.batch + trial_time[:, 0])]
-                    raise ValueError(f"non-finite states: first at trial {int(first[0]) + s}, "
-                                     f"time step {int(first[1])}; the dynamics diverge for these "
-                                     "inputs (lower the gain, the step dt or the input scale)")
+                    raise ValueError(
+                        f"non-finite states: first at trial {int(first[0]) + s}, "
+                        f"time step {int(first[1])}; the dynamics diverge for these "
+                        "inputs (lower the gain, the step dt or the input scale)"
+                    )
                 if width is None:
                     self._reference = out[:1].clone()  # trial 0, to validate a cell against
                 width = out.shape[-1]
@@ -228,21 +289,26 @@ class JacobianEngine:
         if jvp in ("auto", "structured") and states:
             self._closed = closed_form(model, self.spec)
         if jvp == "structured" and not states:
-            raise ValueError("jvp='structured' covers outputs='states' only; use jvp='auto' "
-                             "for readouts and callables")
+            raise ValueError(
+                "jvp='structured' covers outputs='states' only; use jvp='auto' for readouts and callables"
+            )
         if jvp == "structured" and self._closed is None:
-            raise ValueError(f"jvp='structured' needs a model with a structured Jacobian "
-                             f"(CTRNN, DiscreteRNN with their own dynamics); got {type(model).__name__}")
+            raise ValueError(
+                f"jvp='structured' needs a model with a structured Jacobian "
+                f"(CTRNN, DiscreteRNN with their own dynamics); got {type(model).__name__}"
+            )
         if self._closed is not None:
             return "structured"
         if jvp in ("auto", "cell") and states:
             u, h0 = self.chunk_inputs(slice(0, 1))
             self._cell = find_cell(model, self.width, self.full, u, h0, self._reference)
         if jvp == "cell" and self._cell is None:
-            raise ValueError(f"jvp='cell' needs outputs='states' and a one-step cell that "
-                             f"reproduces the model's forward (a built-in model, a batch-first "
-                             f"torch RNN/GRU/LSTM, or a module with step(h, u)); "
-                             f"{type(model).__name__} has none")
+            raise ValueError(
+                f"jvp='cell' needs outputs='states' and a one-step cell that "
+                f"reproduces the model's forward (a built-in model, a batch-first "
+                f"torch RNN/GRU/LSTM, or a module with step(h, u)); "
+                f"{type(model).__name__} has none"
+            )
         if self._cell is not None:
             return "cell"
         if jvp not in ("auto", "linearize"):
@@ -254,8 +320,10 @@ class JacobianEngine:
             torch.func.jvp(lambda p: self.call(p, u, h0), (self.params,), (tangents,))
         except (RuntimeError, NotImplementedError):
             if jvp == "linearize":
-                raise ValueError(f"jvp='linearize' needs forward-mode AD through "
-                                 f"{type(model).__name__}'s forward; use jvp='double_vjp'") from None
+                raise ValueError(
+                    f"jvp='linearize' needs forward-mode AD through "
+                    f"{type(model).__name__}'s forward; use jvp='double_vjp'"
+                ) from None
             return "double_vjp"
         if jvp == "linearize":
             return "linearize"
@@ -290,12 +358,14 @@ class JacobianEngine:
                 def direct():
                     with torch.enable_grad():
                         lin._direct(theta)
+
                 return saved_bytes(direct) + lin.prev.numel() * isz
             p = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
 
             def run():
                 with torch.enable_grad():
                     self.call(p, u, h0)
+
             return saved_bytes(run)
 
         one = graph_bytes(1)
@@ -314,10 +384,12 @@ class JacobianEngine:
         c, w = self._trial_bytes()
         B = self.batch
         if budget < c + w:
-            raise ValueError(f"memory_budget of {budget / 2**20:.2f} MiB is too small for one trial "
-                             f"of this model (about {(c + w) / 2**20:.2f} MiB: "
-                             f"{c / 2**20:.2f} MiB linearisation + {w / 2**20:.2f} MiB work); "
-                             "raise memory_budget or use shorter trials")
+            raise ValueError(
+                f"memory_budget of {budget / 2**20:.2f} MiB is too small for one trial "
+                f"of this model (about {(c + w) / 2**20:.2f} MiB: "
+                f"{c / 2**20:.2f} MiB linearisation + {w / 2**20:.2f} MiB work); "
+                "raise memory_budget or use shorter trials"
+            )
         if cache is None:
             cache = B * c + w * (chunk_size or 1) <= budget
         if chunk_size is None:
@@ -328,10 +400,19 @@ class JacobianEngine:
         held = B * c if cache else chunk_size * c
         columns = max(1, int((budget - held) // max(1, chunk_size * w)))
         cell = self._cell.name if self._cell is not None else ""
-        return ProductPlan(path=_PATHS[self.jvp_mode], jvp=self.jvp_mode, cell=cell, trials=B,
-                           chunk_size=chunk_size, num_chunks=chunks, cached=bool(cache),
-                           cache_bytes=int(B * c) if cache else 0, work_bytes_per_vector=int(
-                               chunk_size * w), block_columns=columns, budget_bytes=budget)
+        return ProductPlan(
+            path=_PATHS[self.jvp_mode],
+            jvp=self.jvp_mode,
+            cell=cell,
+            trials=B,
+            chunk_size=chunk_size,
+            num_chunks=chunks,
+            cached=bool(cache),
+            cache_bytes=int(B * c) if cache else 0,
+            work_bytes_per_vector=int(chunk_size * w),
+            block_columns=columns,
+            budget_bytes=budget,
+        )
 
     # -- per chunk -----------------------------------------------------------------------------
     def _linearization(self, i: int):
@@ -352,10 +433,10 @@ class JacobianEngine:
                 # AD is switched off: linearize would trace a zero JVP there
                 with warnings.catch_warnings(), forward_ad._set_fwd_grad_enabled(True):
                     # torch.fx's constant folding inside linearize warns about its own graph
-                    warnings.filterwarnings("ignore", message="Attempted to insert a get_attr",
-                                            category=UserWarning)
-                    lin.linearized = torch.func.linearize(lambda q: self.call(q, u, h0),
-                                                          self.params)[1]
+                    warnings.filterwarnings(
+                        "ignore", message="Attempted to insert a get_attr", category=UserWarning
+                    )
+                    lin.linearized = torch.func.linearize(lambda q: self.call(q, u, h0), self.params)[1]
         if self.cache:
             self._lin[i] = lin
         return lin
@@ -372,8 +453,7 @@ class JacobianEngine:
     def _column_passes(self, k: int, per_column: int, working_set: int) -> list[slice]:
         """Column groups of a block of ``k`` whose outputs (``per_column`` bytes each) stay
         within ``working_set`` per pass on the CPU (one pass on a GPU)."""
-        step = k if torch.device(self.device).type != "cpu" else \
-            max(1, working_set // max(per_column, 1))
+        step = k if torch.device(self.device).type != "cpu" else max(1, working_set // max(per_column, 1))
         return [slice(s, min(s + step, k)) for s in range(0, k, step)]
 
     def vjp_chunk(self, i: int, V: torch.Tensor) -> torch.Tensor:
@@ -414,17 +494,19 @@ class JacobianEngine:
                     return jfn({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
                 sl = self.chunks[i]
                 per = (sl.stop - sl.start) * self.steps * self.width * self.itemsize
-                return torch.cat([torch.func.vmap(jfn)({n: t[cols] for n, t in tangents.items()})
-                                  for cols in self._column_passes(X.shape[0], per,
-                                                                  CPU_WORKING_SET)])
+                return torch.cat(
+                    [
+                        torch.func.vmap(jfn)({n: t[cols] for n, t in tangents.items()})
+                        for cols in self._column_passes(X.shape[0], per, CPU_WORKING_SET)
+                    ]
+                )
         # VJP of a VJP: Jᵀ v0 is linear in v0, so its VJP along x is J x; all k share one pass.
         # The batched double backward carries [k, ...] intermediates through every node of the
         # graph: on the CPU, past DOUBLE_VJP_WORKING_SET of outputs per pass it turns memory
         # bound (4x the per-vector cost of single products with 13 MiB of outputs per vector),
         # so wide blocks go through in column groups
         g = self._linearization(i)
-        passes = self._column_passes(X.shape[0], g.out.numel() * self.itemsize,
-                                     DOUBLE_VJP_WORKING_SET)
+        passes = self._column_passes(X.shape[0], g.out.numel() * self.itemsize, DOUBLE_VJP_WORKING_SET)
         cols = torch.cat([g.jvp({n: t[c] for n, t in tangents.items()}) for c in passes])
         if not self.cache:
             g.release_dual()
@@ -434,7 +516,7 @@ class JacobianEngine:
     def _split(self, V: torch.Tensor, i: int) -> torch.Tensor:
         sl = self.chunks[i]
         n_per = self.steps * self.width
-        block = V[sl.start * n_per: sl.stop * n_per]
+        block = V[sl.start * n_per : sl.stop * n_per]
         return block.T.reshape(V.shape[1], sl.stop - sl.start, self.steps, self.width)
 
     def _columns(self, k: int):
@@ -459,7 +541,7 @@ class JacobianEngine:
         for cols in self._columns(X.shape[1]):
             for i, sl in enumerate(self.chunks):
                 part = self.jvp_chunk(i, Xt[cols])
-                out[sl.start * n_per: sl.stop * n_per, cols] = part.reshape(part.shape[0], -1).T
+                out[sl.start * n_per : sl.stop * n_per, cols] = part.reshape(part.shape[0], -1).T
         self.num_jvp_vectors += X.shape[1]
         return out
 

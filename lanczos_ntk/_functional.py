@@ -63,16 +63,17 @@ def resolve_params(model: nn.Module, params: Sequence[str] | None) -> dict[str, 
     if params is None:
         chosen = [n for n, p in named.items() if p.requires_grad]
         if not chosen:
-            raise ValueError(f"{type(model).__name__} has no trainable parameters "
-                             "(none with requires_grad=True); the sNTK would be zero")
+            raise ValueError(
+                f"{type(model).__name__} has no trainable parameters "
+                "(none with requires_grad=True); the sNTK would be zero"
+            )
     else:
         if isinstance(params, str):
             params = [params]
         chosen = list(dict.fromkeys(params))
         unknown = [n for n in chosen if n not in named]
         if unknown:
-            raise ValueError(f"unknown parameter name(s) {unknown}; expected names from "
-                             f"{list(named)}")
+            raise ValueError(f"unknown parameter name(s) {unknown}; expected names from {list(named)}")
         if not chosen:
             raise ValueError("expected at least one parameter name in params, got an empty list")
     return {n: named[n].detach() for n in chosen}
@@ -95,18 +96,24 @@ class ModelFunction:
     def __init__(self, model: nn.Module, outputs: str | Callable = "states"):
         self.model = model
         if isinstance(model, _TORCH_RNNS) and not model.batch_first:
-            raise ValueError(f"expected a batch-first {type(model).__name__} "
-                             "(construct it with batch_first=True), got batch_first=False")
+            raise ValueError(
+                f"expected a batch-first {type(model).__name__} "
+                "(construct it with batch_first=True), got batch_first=False"
+            )
         if isinstance(outputs, str):
             if outputs not in ("states", "readout"):
                 raise ValueError(f"expected outputs='states', 'readout' or a callable, got {outputs!r}")
-            if outputs == "readout" and not (callable(getattr(model, "read", None))
-                                             or isinstance(getattr(model, "readout", None), nn.Module)):
-                raise ValueError(f"outputs='readout' needs a model with a readout; "
-                                 f"{type(model).__name__} has none")
+            if outputs == "readout" and not (
+                callable(getattr(model, "read", None))
+                or isinstance(getattr(model, "readout", None), nn.Module)
+            ):
+                raise ValueError(
+                    f"outputs='readout' needs a model with a readout; {type(model).__name__} has none"
+                )
         elif not callable(outputs):
-            raise TypeError(f"expected outputs to be 'states', 'readout' or a callable, "
-                            f"got {type(outputs).__name__}")
+            raise TypeError(
+                f"expected outputs to be 'states', 'readout' or a callable, got {type(outputs).__name__}"
+            )
         self.outputs = outputs
 
     def states(self, u: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
@@ -121,8 +128,9 @@ class ModelFunction:
             return read(states) if callable(read) else self.model.readout(states)
         return self.outputs(states)
 
-    def __call__(self, params: dict[str, torch.Tensor], u: torch.Tensor,
-                 h0: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, params: dict[str, torch.Tensor], u: torch.Tensor, h0: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Outputs with ``params`` substituted (other parameters and buffers as they are)."""
         prefixed = {"model." + k: v for k, v in params.items()}
         return functional_call(self._wrapper, prefixed, (u, h0))

@@ -41,8 +41,7 @@ class _JacobianProductOperator(LinearOperator):
         vector = rhs.dim() == 1
         X = rhs.unsqueeze(-1) if vector else rhs
         if X.dim() < 2 or X.shape[-2] != n:
-            raise ValueError(f"expected a vector [{n}] or a block [..., {n}, k], got "
-                             f"{tuple(rhs.shape)}")
+            raise ValueError(f"expected a vector [{n}] or a block [..., {n}, k], got {tuple(rhs.shape)}")
         batch, k = X.shape[:-2], X.shape[-1]
         flat = X.movedim(-2, 0).reshape(n, -1)
         out = self._apply(flat.to(device=self.engine.device, dtype=self.engine.dtype))
@@ -77,8 +76,7 @@ class _JacobianProductOperator(LinearOperator):
         linear_operator's functions expect, and gives zero gradients). The kernel's dependence
         on the model's parameters is not differentiated: it is a fixed kernel at the
         parameters it was built at. Gradients with respect to right-hand sides are exact."""
-        return tuple(torch.zeros_like(a) if a.requires_grad else None
-                     for a in self.representation())
+        return tuple(torch.zeros_like(a) if a.requires_grad else None for a in self.representation())
 
     def add_diagonal(self, diag: torch.Tensor):
         """``A + diag``. A constant ``σ² > 0`` on a parameter count ``P <= 4096`` gives
@@ -111,8 +109,7 @@ class _JacobianProductOperator(LinearOperator):
     def _get_indices(self, row_index, col_index, *batch_indices) -> torch.Tensor:
         """Entries ``A[row_index, col_index]`` (broadcast tensor indices): one product per
         distinct column asked for."""
-        rows, cols = torch.broadcast_tensors(torch.as_tensor(row_index),
-                                             torch.as_tensor(col_index))
+        rows, cols = torch.broadcast_tensors(torch.as_tensor(row_index), torch.as_tensor(col_index))
         wanted, where = torch.unique(cols.reshape(-1), return_inverse=True)
         n, e = self.shape[-1], self.engine
         E = torch.zeros(n, wanted.numel(), dtype=e.dtype, device=e.device)
@@ -127,23 +124,25 @@ class _JacobianProductOperator(LinearOperator):
         if dtype == self.engine.dtype:
             return self
         if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"this operator computes in float32 or float64 only, got {dtype}; "
-                            "half precision cannot resolve the spectrum of the sNTK")
+            raise TypeError(
+                f"this operator computes in float32 or float64 only, got {dtype}; "
+                "half precision cannot resolve the spectrum of the sNTK"
+            )
         return self._over(self.engine.rebuilt(dtype))
 
     def _over(self, engine: JacobianEngine):
-        return type(self)(torch.empty(0, dtype=engine.dtype, device=engine.device),
-                          _engine=engine)
+        return type(self)(torch.empty(0, dtype=engine.dtype, device=engine.device), _engine=engine)
 
     def to(self, *args, **kwargs):
         """Only no-op conversions are allowed (see :meth:`type`)."""
         for a in (*args, *kwargs.values()):
             if isinstance(a, torch.dtype) and a != self.engine.dtype:
                 return self.type(a)
-            if isinstance(a, (torch.device, str)) and torch.device(a) != torch.device(
-                    self.engine.device):
-                raise TypeError(f"this operator lives on the model's device {self.engine.device}; "
-                                "move the model and build a new operator")
+            if isinstance(a, (torch.device, str)) and torch.device(a) != torch.device(self.engine.device):
+                raise TypeError(
+                    f"this operator lives on the model's device {self.engine.device}; "
+                    "move the model and build a new operator"
+                )
         return self
 
     # -- conveniences -----------------------------------------------------------------------
@@ -180,8 +179,9 @@ class _JacobianProductOperator(LinearOperator):
 
         def mm(x):
             x = np.asarray(x)
-            out = self._matmul(torch.as_tensor(x.reshape(n, -1), dtype=self.engine.dtype,
-                                               device=self.engine.device))
+            out = self._matmul(
+                torch.as_tensor(x.reshape(n, -1), dtype=self.engine.dtype, device=self.engine.device)
+            )
             return out.detach().cpu().numpy().astype(np.float64).reshape(x.shape[0], *x.shape[1:])
 
         return ScipyOperator(shape=(n, n), matvec=mm, matmat=mm, rmatvec=mm, dtype=np.float64)
@@ -203,9 +203,11 @@ class _JacobianProductOperator(LinearOperator):
 
     def __repr__(self) -> str:
         e = self.engine
-        return (f"{type(self).__name__}(shape={tuple(self.shape)}, M={e.M}, P={e.P}, "
-                f"chunks={len(e.chunks)}, path={e.plan.path!r}, jvp={e.jvp_mode!r}, "
-                f"dtype={e.dtype})")
+        return (
+            f"{type(self).__name__}(shape={tuple(self.shape)}, M={e.M}, P={e.P}, "
+            f"chunks={len(e.chunks)}, path={e.plan.path!r}, jvp={e.jvp_mode!r}, "
+            f"dtype={e.dtype})"
+        )
 
 
 DENSE_GRAM_MAX = 4096  # parameters up to which G is formed (P products, 8 P² bytes) for solves
@@ -258,8 +260,7 @@ class NTKPlusNoise(LinearOperator):
     def _factor(self) -> torch.Tensor:
         e = self.base.engine
         G = e.dense_gram().to(self.noise.dtype)
-        return torch.linalg.cholesky(G + self.noise * torch.eye(e.P, dtype=G.dtype,
-                                                                device=G.device))
+        return torch.linalg.cholesky(G + self.noise * torch.eye(e.P, dtype=G.dtype, device=G.device))
 
     def solve(self, right_tensor: torch.Tensor, left_tensor: torch.Tensor | None = None):
         """``(A + σ² I)⁻¹ right_tensor`` (times ``left_tensor`` on the left if given), exact."""
@@ -373,8 +374,7 @@ class _BatchView(LinearOperator):
 
     def _get_indices(self, row_index, col_index, *batch_indices) -> torch.Tensor:
         vals = self.base._get_indices(row_index, col_index)
-        shape = torch.broadcast_shapes(vals.shape, *(torch.as_tensor(b).shape
-                                                      for b in batch_indices))
+        shape = torch.broadcast_shapes(vals.shape, *(torch.as_tensor(b).shape for b in batch_indices))
         return vals.expand(shape)
 
     def _getitem(self, row_index, col_index, *batch_indices):
@@ -454,17 +454,36 @@ class StateNTK(_JacobianProductOperator):
 
     _side = "primal"
 
-    def __init__(self, model: nn.Module | torch.Tensor, inputs: torch.Tensor | None = None, *,
-                 h0=None, outputs: str | Callable = "states", params: Sequence[str] | None = None,
-                 chunk_size: int | None = None, jvp: str = "auto", cache: bool | None = None,
-                 memory_budget: int | None = None, process_group=None,
-                 _engine: JacobianEngine | None = None):
+    def __init__(
+        self,
+        model: nn.Module | torch.Tensor,
+        inputs: torch.Tensor | None = None,
+        *,
+        h0=None,
+        outputs: str | Callable = "states",
+        params: Sequence[str] | None = None,
+        chunk_size: int | None = None,
+        jvp: str = "auto",
+        cache: bool | None = None,
+        memory_budget: int | None = None,
+        process_group=None,
+        _engine: JacobianEngine | None = None,
+    ):
         if _engine is None:
             if inputs is None:
                 raise TypeError("StateNTK(model, inputs): inputs [B, T, d_in] are required")
-            _engine = JacobianEngine(model, inputs, h0=h0, outputs=outputs, params=params,
-                                     chunk_size=chunk_size, jvp=jvp, cache=cache,
-                                     memory_budget=memory_budget, process_group=process_group)
+            _engine = JacobianEngine(
+                model,
+                inputs,
+                h0=h0,
+                outputs=outputs,
+                params=params,
+                chunk_size=chunk_size,
+                jvp=jvp,
+                cache=cache,
+                memory_budget=memory_budget,
+                process_group=process_group,
+            )
         if isinstance(model, torch.Tensor) and model.numel() == 0:
             anchor = model  # rebuilt by linear_operator from its representation
         else:
@@ -484,8 +503,9 @@ class StateNTK(_JacobianProductOperator):
 
     def dual(self) -> DualNTK:
         """The ``(P, P)`` parameter-space Gram ``G = Jᵀ J`` over the same engine."""
-        return DualNTK(torch.empty(0, dtype=self.engine.dtype, device=self.engine.device),
-                       _engine=self.engine)
+        return DualNTK(
+            torch.empty(0, dtype=self.engine.dtype, device=self.engine.device), _engine=self.engine
+        )
 
     @property
     def total_states(self) -> int:

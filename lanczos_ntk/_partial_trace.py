@@ -45,8 +45,10 @@ class PartialTrace:
         self.group = max(1, int(group))
 
     def __repr__(self) -> str:
-        return (f"PartialTrace(keep={self.keep!r}, shape={tuple(self.shape)}, trials="
-                f"{self.trials}, steps={self.steps}, units={self.width})")
+        return (
+            f"PartialTrace(keep={self.keep!r}, shape={tuple(self.shape)}, trials="
+            f"{self.trials}, steps={self.steps}, units={self.width})"
+        )
 
     def matmul(self, X: torch.Tensor) -> torch.Tensor:
         vec = X.dim() == 1
@@ -63,11 +65,13 @@ class PartialTrace:
             # V[b, t, i, c, j]: column (c, j) holds x_c placed on traced index idx[j]
             V = torch.zeros(B, T, n, k, g, dtype=self.dtype, device=self.device)
             if self.keep == "time":
-                V[:, :, idx, :, torch.arange(g)] = X.reshape(B, T, k)[:, :, None, :].expand(
-                    B, T, g, k).permute(2, 0, 1, 3)
+                V[:, :, idx, :, torch.arange(g)] = (
+                    X.reshape(B, T, k)[:, :, None, :].expand(B, T, g, k).permute(2, 0, 1, 3)
+                )
             else:
-                V[:, idx, :, :, torch.arange(g)] = X.reshape(B, n, k)[:, None, :, :].expand(
-                    B, g, n, k).permute(1, 0, 2, 3)
+                V[:, idx, :, :, torch.arange(g)] = (
+                    X.reshape(B, n, k)[:, None, :, :].expand(B, g, n, k).permute(1, 0, 2, 3)
+                )
             Y = self.K.matmul(V.reshape(B * T * n, k * g)).reshape(B, T, n, k, g)
             if self.keep == "time":
                 out += Y[:, :, idx, :, torch.arange(g)].sum(dim=0).reshape(B * T, k)

@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Result", "ResultFileError", "Status", "atomic_write_bytes", "atomic_write_text",
-           "load_result"]
+__all__ = ["Result", "ResultFileError", "Status", "atomic_write_bytes", "atomic_write_text", "load_result"]
 
 _FORMAT = "lanczos_ntk.result/1"
 
@@ -76,8 +75,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def _encode(value: Any, arrays: dict[str, np.ndarray], key: str) -> Any:
     if isinstance(value, Result):
-        return {"__result__": f"{type(value).__module__}:{type(value).__qualname__}",
-                "fields": value._encode_fields(arrays, key + ".")}
+        return {
+            "__result__": f"{type(value).__module__}:{type(value).__qualname__}",
+            "fields": value._encode_fields(arrays, key + "."),
+        }
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu()
         arrays[key] = t.numpy() if t.dtype != torch.bfloat16 else t.float().numpy()
@@ -88,8 +89,7 @@ def _encode(value: Any, arrays: dict[str, np.ndarray], key: str) -> Any:
         arrays[key] = value
         return {"__ndarray__": key}
     if isinstance(value, enum.Enum):
-        return {"__enum__": f"{type(value).__module__}:{type(value).__qualname__}",
-                "value": value.value}
+        return {"__enum__": f"{type(value).__module__}:{type(value).__qualname__}", "value": value.value}
     if isinstance(value, (list, tuple)):
         items = [_encode(v, arrays, f"{key}.{i}") for i, v in enumerate(value)]
         return items if isinstance(value, list) else {"__tuple__": items}
@@ -130,8 +130,7 @@ def _decode(value: Any, arrays: Any) -> Any:
         cls = _resolve(value["__result__"])
         return cls(**{k: _decode(v, arrays) for k, v in value["fields"].items()})
     if "__tensor__" in value:
-        return torch.from_numpy(np.array(arrays[value["__tensor__"]])).to(
-            getattr(torch, value["dtype"]))
+        return torch.from_numpy(np.array(arrays[value["__tensor__"]])).to(getattr(torch, value["dtype"]))
     if "__ndarray__" in value:
         return np.array(arrays[value["__ndarray__"]])
     if "__enum__" in value:
@@ -157,8 +156,9 @@ class Result:
     """Base class of all result objects: frozen, with ``to_dict``, ``save`` and ``load``."""
 
     def _encode_fields(self, arrays: dict[str, np.ndarray], prefix: str = "") -> dict:
-        return {f.name: _encode(getattr(self, f.name), arrays, prefix + f.name)
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: _encode(getattr(self, f.name), arrays, prefix + f.name) for f in dataclasses.fields(self)
+        }
 
     def to_dict(self) -> dict:
         """Plain-Python view: tensors become nested lists, enums their values."""
@@ -224,8 +224,9 @@ def load_result(path: str | os.PathLike) -> Result:
     try:
         doc = json.loads(json_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ResultFileError(f"{json_path} is not a readable result (truncated or not JSON: "
-                              f"{exc})") from None
+        raise ResultFileError(
+            f"{json_path} is not a readable result (truncated or not JSON: {exc})"
+        ) from None
     if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
         fmt = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise ResultFileError(f"{json_path} is not a lanczos_ntk result (format {fmt!r})")
@@ -234,17 +235,22 @@ def load_result(path: str | os.PathLike) -> Result:
     raw = npz_path.read_bytes()
     digest = doc.get("npz_sha256")
     if digest is not None and hashlib.sha256(raw).hexdigest() != digest:
-        raise ResultFileError(f"{npz_path} is not the array file saved with {json_path.name} "
-                              "(its SHA-256 differs: truncated, replaced or edited)")
+        raise ResultFileError(
+            f"{npz_path} is not the array file saved with {json_path.name} "
+            "(its SHA-256 differs: truncated, replaced or edited)"
+        )
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as arrays:
             data = {k: arrays[k] for k in arrays.files}
     except Exception as exc:  # numpy's advice would be to allow pickles: never
-        raise ResultFileError(f"{npz_path} is not a readable array file ({type(exc).__name__}); "
-                              "results hold plain arrays only and are never loaded with "
-                              "pickles") from None
+        raise ResultFileError(
+            f"{npz_path} is not a readable array file ({type(exc).__name__}); "
+            "results hold plain arrays only and are never loaded with "
+            "pickles"
+        ) from None
     try:
         return _decode({"__result__": doc["type"], "fields": doc["fields"]}, data)
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ResultFileError(f"{json_path} does not describe a valid result "
-                              f"({type(exc).__name__}: {exc})") from None
+        raise ResultFileError(
+            f"{json_path} does not describe a valid result ({type(exc).__name__}: {exc})"
+        ) from None

@@ -78,7 +78,7 @@ class TorchRNNLinearization:
         hs = list(s0.split(H, dim=-1))
         cs = hs[L:]
         hs = hs[:L]
-        x_seq = u.transpose(0, 1)                                      # [T, b, d] time-major
+        x_seq = u.transpose(0, 1)  # [T, b, d] time-major
         # per layer, time-major [T, b, ·]: the layer's input, its previous state, coefficients
         self.x = [None] * L
         self.h_prev = [None] * L
@@ -87,7 +87,7 @@ class TorchRNNLinearization:
             for l in range(L):
                 w_ih, w_hh = self.w_ih[l], self.w_hh[l]
                 b_ih, b_hh = bias[l]
-                a_all = x_seq @ w_ih.T                                 # [T, b, gH] in one product
+                a_all = x_seq @ w_ih.T  # [T, b, gH] in one product
                 if b_ih is not None:
                     a_all = a_all + b_ih
                 h = hs[l]
@@ -104,7 +104,7 @@ class TorchRNNLinearization:
                 self.x[l] = x_seq
                 self.h_prev[l] = torch.stack(prev)
                 self.coef[l] = {key: torch.stack([k[key] for k in coefs]) for key in coefs[0]}
-                x_seq = torch.stack(outs)                               # the next layer's input
+                x_seq = torch.stack(outs)  # the next layer's input
 
     # -- products ---------------------------------------------------------------------------
     def _param_parts(self, tang: dict, k: int):
@@ -113,16 +113,19 @@ class TorchRNNLinearization:
         parts = []
         for l in range(self.L):
             layer = []
-            for src, w, bname in ((self.x[l], f"weight_ih_l{l}", f"bias_ih_l{l}"),
-                                  (self.h_prev[l], f"weight_hh_l{l}", f"bias_hh_l{l}")):
+            for src, w, bname in (
+                (self.x[l], f"weight_ih_l{l}", f"bias_ih_l{l}"),
+                (self.h_prev[l], f"weight_hh_l{l}", f"bias_hh_l{l}"),
+            ):
                 part = None
                 if w in tang:  # one product for all rows and columns: [T·b, in] @ [in, k·gH]
-                    dw = tang[w]                                       # [k, gH, in]
+                    dw = tang[w]  # [k, gH, in]
                     T, b, n_in = src.shape
-                    part = (src.reshape(T * b, n_in) @ dw.permute(2, 0, 1).reshape(n_in, -1)
-                            ).view(T, b, k, -1)
+                    part = (src.reshape(T * b, n_in) @ dw.permute(2, 0, 1).reshape(n_in, -1)).view(
+                        T, b, k, -1
+                    )
                 if bname in tang:
-                    db = tang[bname].unsqueeze(0).unsqueeze(0)         # [1, 1, k, gH]
+                    db = tang[bname].unsqueeze(0).unsqueeze(0)  # [1, 1, k, gH]
                     part = db if part is None else part + db
                 layer.append(part)
             parts.append(layer)
@@ -147,20 +150,28 @@ class TorchRNNLinearization:
                 g = pg[t] if pg is not None else None
                 if dh[l] is not None:
                     g = dh[l] @ self.w_hh[l].T if g is None else g + dh[l] @ self.w_hh[l].T
-                dh[l], dc[l] = _tangent(self.kind, {key: v[t] for key, v in self.coef[l].items()},
-                                        a, g, dh[l], dc[l], (b, k, H), X)
+                dh[l], dc[l] = _tangent(
+                    self.kind,
+                    {key: v[t] for key, v in self.coef[l].items()},
+                    a,
+                    g,
+                    dh[l],
+                    dc[l],
+                    (b, k, H),
+                    X,
+                )
                 dx = dh[l]
             ys.append(dh[L - 1])
-        return torch.stack(ys).permute(2, 1, 0, 3)                     # [T, b, k, H] -> [k, b, T, H]
+        return torch.stack(ys).permute(2, 1, 0, 3)  # [T, b, k, H] -> [k, b, T, H]
 
     def vjp(self, V: torch.Tensor) -> torch.Tensor:
         """``[k, b, T, H] -> [k, P]``."""
         k = V.shape[0]
         b, T = self.shape
         H, L = self.H, self.L
-        Vt = V.permute(2, 1, 0, 3)                                     # [T, b, k, H]
+        Vt = V.permute(2, 1, 0, 3)  # [T, b, k, H]
         gates = _GATES[self.kind]
-        mu_a = [V.new_empty(T, b, k, gates * H) for _ in range(L)]     # input-part cotangents
+        mu_a = [V.new_empty(T, b, k, gates * H) for _ in range(L)]  # input-part cotangents
         mu_g = mu_a if self.kind != "gru" else [V.new_empty(T, b, k, gates * H) for _ in range(L)]
         lh = [V.new_zeros(b, k, H) for _ in range(L)]  # cotangents of each layer's new state
         lc = [V.new_zeros(b, k, H) for _ in range(L)] if self.kind == "lstm" else [None] * L
@@ -169,9 +180,9 @@ class TorchRNNLinearization:
             lx = None
             for l in range(L - 1, -1, -1):
                 lam = lh[l] if lx is None else lh[l] + lx
-                ma, mg, keep_h, lc[l] = _adjoint(self.kind,
-                                                 {key: v[t] for key, v in self.coef[l].items()},
-                                                 lam, lc[l])
+                ma, mg, keep_h, lc[l] = _adjoint(
+                    self.kind, {key: v[t] for key, v in self.coef[l].items()}, lam, lc[l]
+                )
                 mu_a[l][t] = ma
                 if mg is not ma:
                     mu_g[l][t] = mg
@@ -181,10 +192,11 @@ class TorchRNNLinearization:
                 lx = ma @ self.w_ih[l] if l > 0 else None
         grads = {}
         for l in range(L):
-            for mu, src, w, bname in ((mu_a[l], self.x[l], f"weight_ih_l{l}", f"bias_ih_l{l}"),
-                                      (mu_g[l], self.h_prev[l], f"weight_hh_l{l}",
-                                       f"bias_hh_l{l}")):
-                flat = mu.reshape(T * b, -1)                           # [T·b, k·gH]
+            for mu, src, w, bname in (
+                (mu_a[l], self.x[l], f"weight_ih_l{l}", f"bias_ih_l{l}"),
+                (mu_g[l], self.h_prev[l], f"weight_hh_l{l}", f"bias_hh_l{l}"),
+            ):
+                flat = mu.reshape(T * b, -1)  # [T·b, k·gH]
                 if w in self.spec.names:
                     n_in = src.shape[-1]
                     grads[w] = (flat.T @ src.reshape(T * b, n_in)).view(k, -1, n_in)
@@ -201,8 +213,12 @@ def _step(kind, a, g, h, c):
         c_new = f * c + i * gg
         tc = torch.tanh(c_new)
         h_new = o * tc
-        coef = {"ifg": torch.cat([gg * i * (1 - i), c * f * (1 - f), i * (1 - gg * gg)], -1),
-                "o": tc * o * (1 - o), "beta": o * (1 - tc * tc), "f": f}
+        coef = {
+            "ifg": torch.cat([gg * i * (1 - i), c * f * (1 - f), i * (1 - gg * gg)], -1),
+            "o": tc * o * (1 - o),
+            "beta": o * (1 - tc * tc),
+            "f": f,
+        }
         return h_new, c_new, coef
     if kind == "gru":
         ar, az, an = a.chunk(3, dim=-1)
@@ -213,8 +229,7 @@ def _step(kind, a, g, h, c):
         cn = (1 - z) * (1 - n * n)
         cr = cn * gn * r * (1 - r)
         cz = (h - n) * z * (1 - z)
-        return h_new, None, {"a": torch.cat([cr, cz, cn], -1), "g": torch.cat([cr, cz, cn * r], -1),
-                             "z": z}
+        return h_new, None, {"a": torch.cat([cr, cz, cn], -1), "g": torch.cat([cr, cz, cn * r], -1), "z": z}
     pre = a + g
     if kind == "rnn_tanh":
         h_new = torch.tanh(pre)
@@ -241,10 +256,10 @@ def _tangent(kind, k, a, g, dh, dc, shape, like):
     if kind == "lstm":
         if p is None:
             p = like.new_zeros(b, kk, 4 * H)
-        dc_new = (p[..., :3 * H] * k["ifg"].unsqueeze(1)).view(b, kk, 3, H).sum(2)
+        dc_new = (p[..., : 3 * H] * k["ifg"].unsqueeze(1)).view(b, kk, 3, H).sum(2)
         if dc is not None:
             dc_new = dc_new + k["f"].unsqueeze(1) * dc
-        return k["o"].unsqueeze(1) * p[..., 3 * H:] + k["beta"].unsqueeze(1) * dc_new, dc_new
+        return k["o"].unsqueeze(1) * p[..., 3 * H :] + k["beta"].unsqueeze(1) * dc_new, dc_new
     if p is None:
         return like.new_zeros(b, kk, H), None
     return k["d"].unsqueeze(1) * p, None

@@ -112,9 +112,15 @@ class ChannelReport(Result):
     num_matvecs: int
 
 
-def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
-                       params=None, eigenvalue: complex | None = None,
-                       derivative: str = "total") -> CriticalDirection:
+def critical_direction(
+    model,
+    x: torch.Tensor,
+    u: torch.Tensor | None = None,
+    *,
+    params=None,
+    eigenvalue: complex | None = None,
+    derivative: str = "total",
+) -> CriticalDirection:
     """The critical mode at a fixed point ``x`` of ``model.rhs(·, u)``, ``g = (∂f/∂θ)ᵀ w`` and
     the eigenvalue's parameter gradient ``d``.
 
@@ -139,8 +145,9 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
 
     kind = getattr(model, "kind", None)
     if kind not in ("flow", "map") or not callable(getattr(model, "rhs", None)):
-        raise TypeError(f"expected a model with kind 'flow' or 'map' and rhs(h, u), "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"expected a model with kind 'flow' or 'map' and rhs(h, u), got {type(model).__name__}"
+        )
     p = {k: t.detach() for k, t in resolve_params(model, params).items()}
     spec = ParamSpec(tuple(p), tuple(t.shape for t in p.values()))
     x = torch.as_tensor(x, dtype=next(iter(p.values())).dtype).reshape(-1)
@@ -160,7 +167,7 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
         i = int(torch.argmax(score + 1e-12 * lam.imag.clamp_min(0)))
     else:
         i = int(torch.argmin((lam - complex(eigenvalue)).abs()))
-    real = not bool(is_complex(lam[i:i + 1])[0])
+    real = not bool(is_complex(lam[i : i + 1])[0])
     lam_c = complex(lam[i].real, 0.0) if real else complex(lam[i])
     # the dynamics' normalisation: ‖v‖ = 1, largest entry real and positive, wᴴ v = 1
     v, w = critical_vectors(A, lam_c, real)
@@ -171,9 +178,10 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
     partial, total = eigenvalue_derivatives(lambda xx, q: f(q, xx), x, p, v, w, kind)
 
     def columns(sens):  # [P, r]: ∂ Re λ_c / ∂θ (and ∂ Im λ_c / ∂θ for a complex mode)
-        parts = (torch.real, torch.imag)[:len(cols)]
-        return torch.stack([spec.flatten({n: part(t).to(x.dtype) for n, t in sens.items()})
-                            for part in parts], dim=1)
+        parts = (torch.real, torch.imag)[: len(cols)]
+        return torch.stack(
+            [spec.flatten({n: part(t).to(x.dtype) for n, t in sens.items()}) for part in parts], dim=1
+        )
 
     d_partial = columns(partial)
     if derivative == "partial":
@@ -182,12 +190,23 @@ def critical_direction(model, x: torch.Tensor, u: torch.Tensor | None = None, *,
         raise ValueError(
             "dλ_c/dθ along the branch does not exist at this point: A - cI is singular (a fold "
             "or a transcritical branch point, where the branch turns or crosses another); pass "
-            "derivative='partial' for ∂λ_c/∂θ at fixed x")
+            "derivative='partial' for ∂λ_c/∂θ at fixed x"
+        )
     else:
         d = columns(total)
-    return CriticalDirection(g=g, d=d, d_partial=d_partial, derivative=derivative,
-                             eigenvalue=lam_c, v=v, w=w, x=x.detach().clone(), kind=kind,
-                             param_names=spec.names, dt=float(getattr(model, "dt", 1.0)))
+    return CriticalDirection(
+        g=g,
+        d=d,
+        d_partial=d_partial,
+        derivative=derivative,
+        eigenvalue=lam_c,
+        v=v,
+        w=w,
+        x=x.detach().clone(),
+        kind=kind,
+        param_names=spec.names,
+        dt=float(getattr(model, "dt", 1.0)),
+    )
 
 
 def _rhs_with(model, q, x, u):
@@ -230,21 +249,25 @@ def split_kernel(K: StateNTK, g: torch.Tensor) -> tuple[ChannelNTK, ChannelNTK]:
     G = g[:, None] if g.dim() == 1 else g
     P = K.engine.P
     if G.dim() != 2 or G.shape[0] != P:
-        raise ValueError(f"expected parameter directions of shape [{P}] or [{P}, r], "
-                         f"got {tuple(g.shape)}")
+        raise ValueError(f"expected parameter directions of shape [{P}] or [{P}, r], got {tuple(g.shape)}")
     G = G.to(dtype=K.engine.dtype, device=K.engine.device)
     U, S, _ = torch.linalg.svd(G, full_matrices=False)
     if not bool(S.max() > 0):
-        raise ValueError("the critical parameter direction is zero: the parameters do not move "
-                         "the critical mode (e.g. a symmetric branch point with zero input)")
+        raise ValueError(
+            "the critical parameter direction is zero: the parameters do not move "
+            "the critical mode (e.g. a symmetric branch point with zero input)"
+        )
     Q = U[:, S > 1e-12 * S.max()]  # an orthonormal basis of span(g), whatever its columns
     anchor = torch.empty(0, dtype=K.engine.dtype, device=K.engine.device)
-    return (ChannelNTK(anchor, _engine=K.engine, basis=Q, part="bif"),
-            ChannelNTK(anchor, _engine=K.engine, basis=Q, part="res"))
+    return (
+        ChannelNTK(anchor, _engine=K.engine, basis=Q, part="bif"),
+        ChannelNTK(anchor, _engine=K.engine, basis=Q, part="res"),
+    )
 
 
-def predicted_channel_eigenvalue(direction: CriticalDirection, *, trials: int, steps: int,
-                                 dt: float | None = None) -> float:
+def predicted_channel_eigenvalue(
+    direction: CriticalDirection, *, trials: int, steps: int, dt: float | None = None
+) -> float:
     """Linear-response prediction of ``λ_max(K_bif)`` (module docstring), states at ``x*``.
 
     Uses the top eigenvalue of the ``r × r`` Gram of the predicted columns
@@ -269,9 +292,16 @@ def _top(cols: torch.Tensor) -> float:
     return float(torch.linalg.eigvalsh(Jq.T @ Jq).max())
 
 
-def _response_columns(direction: CriticalDirection, kick: torch.Tensor, steps: int,
-                      Q: torch.Tensor, dt: float | None = None, *, static: bool = True,
-                      transient: bool = True) -> torch.Tensor:
+def _response_columns(
+    direction: CriticalDirection,
+    kick: torch.Tensor,
+    steps: int,
+    Q: torch.Tensor,
+    dt: float | None = None,
+    *,
+    static: bool = True,
+    transient: bool = True,
+) -> torch.Tensor:
     """Predicted ``J q`` ``[B, T, n, r]`` for the orthonormal parameter directions ``Q``.
 
     The critical coordinate's first-order response to a constant step ``q``, for trials
@@ -284,7 +314,7 @@ def _response_columns(direction: CriticalDirection, kick: torch.Tensor, steps: i
     mt = torch.tensor(m, dtype=torch.complex128) ** t
     g, d = direction.g.to(torch.float64), direction.d.to(torch.float64)
     real = direction.is_real
-    a = torch.as_tensor(kick).to(torch.complex128).reshape(-1)              # [B]
+    a = torch.as_tensor(kick).to(torch.complex128).reshape(-1)  # [B]
     resp = torch.zeros(a.numel(), steps, Q.shape[1], dtype=torch.complex128)
     if static:
         gain = s * (1 - mt) / (1 - m) if abs(1 - m) > 1e-300 else s * t.to(torch.complex128)
@@ -292,17 +322,27 @@ def _response_columns(direction: CriticalDirection, kick: torch.Tensor, steps: i
         resp = resp + gain[None, :, None] * drive[None, None, :]
     if transient:
         dm = (d[:, 0] @ Q).to(torch.complex128) if real else (d[:, 0] @ Q) + 1j * (d[:, 1] @ Q)
-        rate = s * t.to(torch.complex128) * mt / torch.tensor(m, dtype=torch.complex128) \
-            if abs(m) > 0 else torch.zeros_like(mt)
+        rate = (
+            s * t.to(torch.complex128) * mt / torch.tensor(m, dtype=torch.complex128)
+            if abs(m) > 0
+            else torch.zeros_like(mt)
+        )
         resp = resp + a[:, None, None] * rate[None, :, None] * dm[None, None, :]
     v = direction.v.to(torch.complex128)
     cols = resp[:, :, None, :] * v[None, None, :, None]
     return cols.real if real else 2 * cols.real
 
 
-def channel_report(K: StateNTK, g: torch.Tensor, *, tol: float = 1e-8, generator=None,
-                   prediction: float | None = None, trace_method: str = "exact",
-                   _whole: tuple | None = None) -> ChannelReport:
+def channel_report(
+    K: StateNTK,
+    g: torch.Tensor,
+    *,
+    tol: float = 1e-8,
+    generator=None,
+    prediction: float | None = None,
+    trace_method: str = "exact",
+    _whole: tuple | None = None,
+) -> ChannelReport:
     """Amplification ``λ_max(K_bif)/λ_max(K_res)``, trace share and alignment of the channel.
 
     ``λ_max(K_bif)`` and ``tr K_bif = ‖J Q‖²_F`` are exact from ``r`` JVPs; ``λ_max(K)`` and
@@ -316,8 +356,8 @@ def channel_report(K: StateNTK, g: torch.Tensor, *, tol: float = 1e-8, generator
     K_bif, K_res = split_kernel(K, g)
     engine = K.engine
     start = engine.num_jvp_vectors + engine.num_vjp_vectors
-    JQ = engine.jvp(K_bif.basis)                           # [M, r] (this rank's rows)
-    small = _summed(engine, JQ.T @ JQ)                     # (J Q)ᵀ(J Q) over all rows
+    JQ = engine.jvp(K_bif.basis)  # [M, r] (this rank's rows)
+    small = _summed(engine, JQ.T @ JQ)  # (J Q)ᵀ(J Q) over all rows
     lam_bif = float(torch.linalg.eigvalsh(small).max())
     tr_bif = float(small.trace())
     lam_max, u1, tr = _whole or _whole_kernel(K, tol, generator, trace_method)
@@ -326,35 +366,45 @@ def channel_report(K: StateNTK, g: torch.Tensor, *, tol: float = 1e-8, generator
     w, V = torch.linalg.eigh(small)
     keep = w > 1e-12 * w.max().clamp_min(1e-300)
     coef = V[:, keep].T @ c
-    alignment = float(((coef ** 2) / w[keep]).sum().clamp(min=0.0).sqrt().clamp(max=1.0))
-    res = eigsh(_Dual(K_res), k=1, tol=tol, generator=generator) \
-        if engine.P < engine.total_M or engine.group is not None else \
-        eigsh(K_res, k=1, tol=tol, generator=generator)
+    alignment = float(((coef**2) / w[keep]).sum().clamp(min=0.0).sqrt().clamp(max=1.0))
+    res = (
+        eigsh(_Dual(K_res), k=1, tol=tol, generator=generator)
+        if engine.P < engine.total_M or engine.group is not None
+        else eigsh(K_res, k=1, tol=tol, generator=generator)
+    )
     lam_res = float(res.eigenvalues[0])
     used = engine.num_jvp_vectors + engine.num_vjp_vectors - start
-    return ChannelReport(rank=int(K_bif.basis.shape[1]), lambda_max=lam_max, lambda_bif=lam_bif,
-                         lambda_res=lam_res,
-                         amplification=lam_bif / lam_res if lam_res > 0 else math.inf,
-                         trace=tr, trace_bif=tr_bif, trace_share=tr_bif / tr if tr > 0 else 0.0,
-                         alignment=alignment, predicted_lambda_bif=prediction,
-                         num_matvecs=int(used))
+    return ChannelReport(
+        rank=int(K_bif.basis.shape[1]),
+        lambda_max=lam_max,
+        lambda_bif=lam_bif,
+        lambda_res=lam_res,
+        amplification=lam_bif / lam_res if lam_res > 0 else math.inf,
+        trace=tr,
+        trace_bif=tr_bif,
+        trace_share=tr_bif / tr if tr > 0 else 0.0,
+        alignment=alignment,
+        predicted_lambda_bif=prediction,
+        num_matvecs=int(used),
+    )
 
 
-def _whole_kernel(K: StateNTK, tol: float, generator, trace_method: str
-                  ) -> tuple[float, torch.Tensor, float]:
+def _whole_kernel(K: StateNTK, tol: float, generator, trace_method: str) -> tuple[float, torch.Tensor, float]:
     """What every channel report of one kernel shares: ``λ_max(K)``, the top eigenvector ``u₁``
     of ``K`` (unit, ``[M]``) and ``tr K``."""
     from .spectral import eigsh, trace
 
     engine = K.engine
     dual = engine.P < engine.total_M or engine.group is not None
-    top = eigsh(K.dual() if dual else K, k=1, tol=tol, return_eigenvectors=True,
-                generator=generator)
+    top = eigsh(K.dual() if dual else K, k=1, tol=tol, return_eigenvectors=True, generator=generator)
     vec = top.eigenvectors[:, :1].to(engine.dtype)
     u1 = (engine.jvp(vec) if dual else vec)[:, 0]  # K's eigenvector is J x / ‖J x‖
     u1 = u1 / _summed(engine, (u1 * u1).sum()).sqrt().clamp_min(1e-300)
-    tr = _exact_trace(engine) if trace_method == "exact" else \
-        float(trace(K, method=trace_method, generator=generator).estimate)
+    tr = (
+        _exact_trace(engine)
+        if trace_method == "exact"
+        else float(trace(K, method=trace_method, generator=generator).estimate)
+    )
     return float(top.eigenvalues[0]), u1, tr
 
 
@@ -380,7 +430,7 @@ def _exact_trace(engine, block: int = 256) -> float:
     P = engine.P
     for s in range(0, P, block):
         E = torch.zeros(P, min(block, P - s), dtype=engine.dtype, device=engine.device)
-        E[s:s + E.shape[1]] = torch.eye(E.shape[1], dtype=engine.dtype, device=engine.device)
+        E[s : s + E.shape[1]] = torch.eye(E.shape[1], dtype=engine.dtype, device=engine.device)
         total += float(_summed(engine, (engine.jvp(E) ** 2).sum()))
     return total
 
@@ -414,7 +464,7 @@ def _multiplier(direction: CriticalDirection, dt: float | None = None) -> tuple[
     """``(m, s)``: the critical multiplier per step and the drive scale (``dt`` or 1)."""
     lam = direction.eigenvalue
     dt = direction.dt if dt is None else float(dt)
-    return ((1 + dt * lam, dt) if direction.kind == "flow" else (lam, 1.0))
+    return (1 + dt * lam, dt) if direction.kind == "flow" else (lam, 1.0)
 
 
 def kicks(direction: CriticalDirection, h0: torch.Tensor) -> torch.Tensor:
@@ -423,8 +473,9 @@ def kicks(direction: CriticalDirection, h0: torch.Tensor) -> torch.Tensor:
     return dev.to(torch.complex128) @ direction.w.to(torch.complex128).conj()
 
 
-def predicted_transient_eigenvalue(direction: CriticalDirection, kick: torch.Tensor, *,
-                                   steps: int, dt: float | None = None) -> float:
+def predicted_transient_eigenvalue(
+    direction: CriticalDirection, kick: torch.Tensor, *, steps: int, dt: float | None = None
+) -> float:
     r"""Linear-response prediction of ``λ_max(J Π_d Jᵀ)``: the transient channel along ``d``.
 
     Trials that start off the fixed point with critical coordinate ``a_b`` relax as
@@ -505,18 +556,21 @@ class ChannelComparison(Result):
 
     def summary(self) -> str:
         """One paragraph: which channel dominates, by how much, and under which conditions."""
+
         def fmt(r):
             return "zero" if r is None else f"{r.lambda_bif:.4g}"
+
         cond = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in self.conditions.items())
-        return (f"static channel g: λ_bif {fmt(self.g)} (predicted {self.predicted_g:.4g}); "
-                f"transient channel d: λ_bif {fmt(self.d)} (predicted {self.predicted_d:.4g}); "
-                f"the {self.dominant} channel dominates (λ_d/λ_g = {self.ratio:.3g}); "
-                f"δ = 1 - |m| = {self.delta:.3g}, T δ = {self.saturation:.3g}, kick "
-                f"{self.kick:.3g}, nonlinearity {self.nonlinearity:.3g} ({cond})")
+        return (
+            f"static channel g: λ_bif {fmt(self.g)} (predicted {self.predicted_g:.4g}); "
+            f"transient channel d: λ_bif {fmt(self.d)} (predicted {self.predicted_d:.4g}); "
+            f"the {self.dominant} channel dominates (λ_d/λ_g = {self.ratio:.3g}); "
+            f"δ = 1 - |m| = {self.delta:.3g}, T δ = {self.saturation:.3g}, kick "
+            f"{self.kick:.3g}, nonlinearity {self.nonlinearity:.3g} ({cond})"
+        )
 
 
-def real_mode_coefficients(model, direction: CriticalDirection, u: torch.Tensor
-                           ) -> tuple[float, float]:
+def real_mode_coefficients(model, direction: CriticalDirection, u: torch.Tensor) -> tuple[float, float]:
     """``(a₂, k₃) = (½ wᵀ D²f[v,v], ⅙ wᵀ D³f[v,v,v])``: the quadratic and cubic coefficients of
     a real critical mode's normal form ``c ↦ c + s(μ c + a₂ c² + k₃ c³)`` at ``direction.x``
     under the constant input ``u``."""
@@ -532,8 +586,9 @@ def real_mode_coefficients(model, direction: CriticalDirection, u: torch.Tensor
     return float(w @ bilinear(f, x, v, v)) / 2, float(w @ trilinear(f, x, v, v, v)) / 6
 
 
-def _nonlinearity(model, direction: CriticalDirection, u: torch.Tensor, kick: float,
-                  delta: float, s: float) -> float:
+def _nonlinearity(
+    model, direction: CriticalDirection, u: torch.Tensor, kick: float, delta: float, s: float
+) -> float:
     from .dynamics._critical import bilinear, trilinear
 
     if direction.is_real:
@@ -548,14 +603,21 @@ def _nonlinearity(model, direction: CriticalDirection, u: torch.Tensor, kick: fl
 
         def dot(a):
             return complex(w.conj() @ a.to(torch.complex128))
+
         q2 = abs(dot(bilinear(f, x, v, v))) / 2 + abs(dot(bilinear(f, x, v, v.conj())))
         q3 = abs(dot(trilinear(f, x, v, v, v.conj()))) / 2
     return s * (q2 * kick + q3 * kick**2) / delta if delta > 0 else math.inf
 
 
-def compare_channels(K: StateNTK, direction: CriticalDirection, *, u: torch.Tensor | None = None,
-                     tol: float = 1e-8, generator=None,
-                     trace_method: str = "exact") -> ChannelComparison:
+def compare_channels(
+    K: StateNTK,
+    direction: CriticalDirection,
+    *,
+    u: torch.Tensor | None = None,
+    tol: float = 1e-8,
+    generator=None,
+    trace_method: str = "exact",
+) -> ChannelComparison:
     """Measure and predict both bifurcation channels of ``K`` at a critical mode.
 
     Near a bifurcation a parameter step reaches the states in two ways: it shifts the fixed point
@@ -581,8 +643,11 @@ def compare_channels(K: StateNTK, direction: CriticalDirection, *, u: torch.Tens
     if engine.h0 is not None:
         h0 = engine.h0
     else:
-        h0 = model.initial_state(B, dtype=torch.float64) if hasattr(model, "initial_state") \
+        h0 = (
+            model.initial_state(B, dtype=torch.float64)
+            if hasattr(model, "initial_state")
             else torch.zeros(B, direction.x.numel(), dtype=torch.float64)
+        )
     a = kicks(direction, h0)
     if engine.group is not None:  # every rank's trials: the predictions count all of them
         parts: list = [None] * torch.distributed.get_world_size(engine.group)
@@ -591,8 +656,11 @@ def compare_channels(K: StateNTK, direction: CriticalDirection, *, u: torch.Tens
         B = a.shape[0]
     m, s = _multiplier(direction)
     delta = 1.0 - abs(m)
-    uu = torch.zeros(getattr(model, "input_size", 0), dtype=torch.float64) if u is None else \
-        torch.as_tensor(u, dtype=torch.float64).reshape(-1)
+    uu = (
+        torch.zeros(getattr(model, "input_size", 0), dtype=torch.float64)
+        if u is None
+        else torch.as_tensor(u, dtype=torch.float64).reshape(-1)
+    )
     kick = float(a.abs().max())
 
     whole = _whole_kernel(K, tol, generator, trace_method)  # shared by the three reports
@@ -600,8 +668,7 @@ def compare_channels(K: StateNTK, direction: CriticalDirection, *, u: torch.Tens
     def report(D):
         if float(D.abs().max()) == 0.0:
             return None
-        return channel_report(K, D, tol=tol, generator=generator, trace_method=trace_method,
-                              _whole=whole)
+        return channel_report(K, D, tol=tol, generator=generator, trace_method=trace_method, _whole=whole)
 
     g_rep, d_rep = report(direction.g), report(direction.d)
     joint = report(torch.cat([direction.g, direction.d], dim=1))
@@ -613,14 +680,24 @@ def compare_channels(K: StateNTK, direction: CriticalDirection, *, u: torch.Tens
         return _top(_response_columns(direction, a, T, _basis(D)))
 
     return ChannelComparison(
-        g=g_rep, d=d_rep, joint=joint, predicted_g=predicted(direction.g),
+        g=g_rep,
+        d=d_rep,
+        joint=joint,
+        predicted_g=predicted(direction.g),
         predicted_d=predicted(direction.d),
         predicted_joint=predicted(torch.cat([direction.g, direction.d], dim=1)),
         static_law=predicted_channel_eigenvalue(direction, trials=B, steps=T),
         transient_law=predicted_transient_eigenvalue(direction, a, steps=T),
-        multiplier=complex(m), delta=float(delta), saturation=float(T * delta), kick=kick,
+        multiplier=complex(m),
+        delta=float(delta),
+        saturation=float(T * delta),
+        kick=kick,
         nonlinearity=float(nonlin),
         dominant="none" if lam_g == lam_d == 0.0 else ("d" if lam_d > lam_g else "g"),
         ratio=lam_d / lam_g if lam_g > 0 else math.inf,
-        conditions={"stable": bool(delta > 0), "linear": bool(nonlin <= 0.1),
-                    "saturated": bool(T * delta >= 10)})
+        conditions={
+            "stable": bool(delta > 0),
+            "linear": bool(nonlin <= 0.1),
+            "saturated": bool(T * delta >= 10),
+        },
+    )

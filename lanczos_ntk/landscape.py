@@ -53,9 +53,16 @@ class NormalFormLandscape(Result):
     escape: float = 10.0
 
 
-def normal_form_landscape(form: str, *, kind: str = "map", mu=None, alpha=None,
-                          steps=(5, 25), dt: float = 0.05,
-                          escape: float = 10.0) -> NormalFormLandscape:
+def normal_form_landscape(
+    form: str,
+    *,
+    kind: str = "map",
+    mu=None,
+    alpha=None,
+    steps=(5, 25),
+    dt: float = 0.05,
+    escape: float = 10.0,
+) -> NormalFormLandscape:
     """``‖∂h_{1:T}/∂μ‖`` over a ``(μ, α₀)`` grid for one normal form and each ``T`` in ``steps``.
 
     Parameters
@@ -84,18 +91,23 @@ def normal_form_landscape(form: str, *, kind: str = "map", mu=None, alpha=None,
     forms = DISCRETE_FORMS if kind == "map" else CONTINUOUS_FORMS
     if form not in forms:
         raise ValueError(f"unknown {kind} normal form {form!r}; expected one of {', '.join(forms)}")
-    mu = torch.linspace(-0.5, 0.5, 81, dtype=torch.float64) if mu is None else \
-        torch.as_tensor(mu, dtype=torch.float64).reshape(-1)
-    alpha = torch.linspace(-1.0, 1.0, 61, dtype=torch.float64) if alpha is None else \
-        torch.as_tensor(alpha, dtype=torch.float64).reshape(-1)
+    mu = (
+        torch.linspace(-0.5, 0.5, 81, dtype=torch.float64)
+        if mu is None
+        else torch.as_tensor(mu, dtype=torch.float64).reshape(-1)
+    )
+    alpha = (
+        torch.linspace(-1.0, 1.0, 61, dtype=torch.float64)
+        if alpha is None
+        else torch.as_tensor(alpha, dtype=torch.float64).reshape(-1)
+    )
     steps_t = torch.as_tensor(list(steps), dtype=torch.long).reshape(-1)
     if steps_t.numel() == 0 or int(steps_t.min()) < 1:
         raise ValueError(f"expected trial lengths >= 1, got {list(steps)}")
     if mu.numel() == 0 or alpha.numel() == 0:
         raise ValueError("expected a non-empty grid of mu and alpha")
     T = int(steps_t.max())
-    model = (DiscreteNormalForm(form, mu=0.0) if kind == "map"
-             else ContinuousNormalForm(form, mu=0.0, dt=dt))
+    model = DiscreteNormalForm(form, mu=0.0) if kind == "map" else ContinuousNormalForm(form, mu=0.0, dt=dt)
     n = model.state_size
     h0 = torch.zeros(alpha.numel(), n, dtype=torch.float64)
     h0[:, 0] = alpha
@@ -105,20 +117,29 @@ def normal_form_landscape(form: str, *, kind: str = "map", mu=None, alpha=None,
     def states(m):
         return functional_call(model, {**fixed, "mu": m}, (u, h0))
 
-    amp = torch.full((steps_t.numel(), mu.numel(), alpha.numel()), float("nan"),
-                     dtype=torch.float64)
+    amp = torch.full((steps_t.numel(), mu.numel(), alpha.numel()), float("nan"), dtype=torch.float64)
     bad = torch.zeros(amp.shape, dtype=torch.bool)
     for j, m in enumerate(mu.tolist()):
         with torch.no_grad():
-            h, dh = jvp(states, (torch.tensor(m, dtype=torch.float64),),
-                        (torch.tensor(1.0, dtype=torch.float64),))
-        sq = (dh**2).sum(dim=2)                                            # [A, T]
+            h, dh = jvp(
+                states, (torch.tensor(m, dtype=torch.float64),), (torch.tensor(1.0, dtype=torch.float64),)
+            )
+        sq = (dh**2).sum(dim=2)  # [A, T]
         big = ~torch.isfinite(h).all(dim=2) | (h.abs() > escape).any(dim=2)  # [A, T]
         for i, t in enumerate(steps_t.tolist()):
             gone = big[:, :t].any(dim=1)
-            amp[i, j] = torch.where(gone, torch.tensor(float("nan"), dtype=torch.float64),
-                                    sq[:, :t].sum(dim=1).sqrt())
+            amp[i, j] = torch.where(
+                gone, torch.tensor(float("nan"), dtype=torch.float64), sq[:, :t].sum(dim=1).sqrt()
+            )
             bad[i, j] = gone
-    return NormalFormLandscape(form=form, kind=kind, dt=float(dt) if kind == "flow" else 1.0,
-                               steps=steps_t, mu=mu, alpha=alpha, amplification=amp,
-                               diverged=bad, escape=float(escape))
+    return NormalFormLandscape(
+        form=form,
+        kind=kind,
+        dt=float(dt) if kind == "flow" else 1.0,
+        steps=steps_t,
+        mu=mu,
+        alpha=alpha,
+        amplification=amp,
+        diverged=bad,
+        escape=float(escape),
+    )

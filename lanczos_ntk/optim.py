@@ -78,12 +78,27 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
     was spent.
     """
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, *, lr: float, rank: int = 4,
-                 damping: float | None = None, refresh_every: int = 10, outputs="states",
-                 params=None, h0=None, chunk_size=None, tol: float = 1e-3,
-                 generator: torch.Generator | None = None, refresh: str = "track",
-                 oversample: int = 2, track_tol: float = 0.1, process_group=None,
-                 reduce_gradients: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        *,
+        lr: float,
+        rank: int = 4,
+        damping: float | None = None,
+        refresh_every: int = 10,
+        outputs="states",
+        params=None,
+        h0=None,
+        chunk_size=None,
+        tol: float = 1e-3,
+        generator: torch.Generator | None = None,
+        refresh: str = "track",
+        oversample: int = 2,
+        track_tol: float = 0.1,
+        process_group=None,
+        reduce_gradients: bool = True,
+    ):
         from ._functional import resolve_params
 
         if lr <= 0:
@@ -95,8 +110,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         if refresh not in ("track", "lanczos"):
             raise ValueError(f"expected refresh 'track' or 'lanczos', got {refresh!r}")
         if int(oversample) < 0 or not track_tol > 0:
-            raise ValueError(f"expected oversample >= 0 and track_tol > 0, got {oversample}, "
-                             f"{track_tol}")
+            raise ValueError(f"expected oversample >= 0 and track_tol > 0, got {oversample}, {track_tol}")
         if damping is not None and damping <= 0:
             raise ValueError(f"expected a positive damping, got {damping}")
         names = list(resolve_params(model, params))
@@ -109,8 +123,13 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         self.refresh_mode, self.oversample, self.track_tol = refresh, int(oversample), track_tol
         self._V: torch.Tensor | None = None
         self.num_solves = 0
-        self._kw = {"outputs": outputs, "params": names, "h0": h0, "chunk_size": chunk_size,
-                    "process_group": process_group}
+        self._kw = {
+            "outputs": outputs,
+            "params": names,
+            "h0": h0,
+            "chunk_size": chunk_size,
+            "process_group": process_group,
+        }
         self.process_group, self.reduce_gradients = process_group, bool(reduce_gradients)
         self.inputs = inputs
         self.U: torch.Tensor | None = None
@@ -148,16 +167,16 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         from .spectral import eigsh
 
         k = min(self.rank + 1, G.shape[0])
-        res = eigsh(G, k=k, which="LA", tol=self.tol, return_eigenvectors=True,
-                    v0=self.U, generator=self.generator)
+        res = eigsh(
+            G, k=k, which="LA", tol=self.tol, return_eigenvectors=True, v0=self.U, generator=self.generator
+        )
         self._set(res.eigenvalues.to(torch.float64), res.eigenvectors, G.dtype)
         self.num_matvecs += int(res.num_matvecs)
         self.num_solves += 1
         width = min(self.rank + 1 + self.oversample, G.shape[0])
         V = res.eigenvectors.to(G.dtype)
         if V.shape[1] < width:
-            extra = torch.randn(V.shape[0], width - V.shape[1], dtype=G.dtype,
-                                generator=self.generator)
+            extra = torch.randn(V.shape[0], width - V.shape[1], dtype=G.dtype, generator=self.generator)
             V = torch.cat([V, extra.to(V.device)], dim=1)
         self._V = torch.linalg.qr(V).Q
 
@@ -198,14 +217,13 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         self._steps += 1
         group = self.param_groups[0]
         ps = group["params"]
-        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in ps])
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
         if self.process_group is not None and self.reduce_gradients:
             torch.distributed.all_reduce(grad, group=self.process_group)
         update = self.precondition(grad)
         offset = 0
         for p in ps:
             n = p.numel()
-            p.add_(update[offset:offset + n].view_as(p), alpha=-group["lr"])
+            p.add_(update[offset : offset + n].view_as(p), alpha=-group["lr"])
             offset += n
         return loss

@@ -20,8 +20,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BIFURCATION_STYLE", "fmt_param", "plot_bifurcation_diagram", "plot_eigenvalues",
-           "plot_spectral_density", "plot_sweep", "plot_track"]
+__all__ = [
+    "BIFURCATION_STYLE",
+    "fmt_param",
+    "plot_bifurcation_diagram",
+    "plot_eigenvalues",
+    "plot_spectral_density",
+    "plot_sweep",
+    "plot_track",
+]
 
 #: Marker, colour and label of each bifurcation kind (shared by all figures).
 BIFURCATION_STYLE = {
@@ -75,15 +82,18 @@ def _density_arrays(density: Any) -> tuple[np.ndarray, np.ndarray, float, str]:
     grid = _get(density, "grid", "x", "support")
     values = _get(density, "density", "values", "y")
     if grid is None or values is None:
-        raise TypeError(f"expected a spectral density result (grid and density) or a tuple "
-                        f"(grid, density[, zero_mass]), got {type(density).__name__}")
+        raise TypeError(
+            f"expected a spectral density result (grid and density) or a tuple "
+            f"(grid, density[, zero_mass]), got {type(density).__name__}"
+        )
     zero = _get(density, "zero_mass", default=0.0)
     scale = _get(density, "scale", default="linear")
     return _np(grid), _np(values), float(zero or 0.0), str(scale)
 
 
-def plot_spectral_density(density: Any, ax=None, log: bool = False, *, label: str | None = None,
-                          color=None, annotate: bool = True):
+def plot_spectral_density(
+    density: Any, ax=None, log: bool = False, *, label: str | None = None, color=None, annotate: bool = True
+):
     r"""Draw a spectral density ``φ(λ)`` of the sNTK.
 
     Parameters
@@ -107,7 +117,7 @@ def plot_spectral_density(density: Any, ax=None, log: bool = False, *, label: st
     ax = _axes(ax)
     grid, values, zero, scale = _density_arrays(density)
     if scale == "log":  # smoothed in log10 λ: a density per decade
-        grid = 10.0 ** grid
+        grid = 10.0**grid
     if log:
         floor = values.max() * 1e-4 if values.size and values.max() > 0 else 0.0
         keep = grid > 0
@@ -128,8 +138,16 @@ def plot_spectral_density(density: Any, ax=None, log: bool = False, *, label: st
     per = "per decade of λ" if scale == "log" else "per unit λ"
     ax.set_ylabel(f"density ({per}, fraction of M)")
     if annotate and zero > 0:
-        ax.text(0.98, 0.95, f"zero mass {zero:.3g}", transform=ax.transAxes, ha="right", va="top",
-                fontsize=8, bbox={"boxstyle": "round", "fc": "white", "alpha": 0.7})
+        ax.text(
+            0.98,
+            0.95,
+            f"zero mass {zero:.3g}",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=8,
+            bbox={"boxstyle": "round", "fc": "white", "alpha": 0.7},
+        )
     if label is not None:
         ax.legend(fontsize=8)
     return ax
@@ -157,8 +175,15 @@ def _mark_bifurcations(ax, bifurcations: Sequence, *, labelled: set | None = Non
         labelled.add(kind)
 
 
-def plot_sweep(sweep: Any, ax=None, quantity: str = "eigenvalues", *, bifurcations: Sequence | None = None,
-               param: str | None = None, log: bool | None = None):
+def plot_sweep(
+    sweep: Any,
+    ax=None,
+    quantity: str = "eigenvalues",
+    *,
+    bifurcations: Sequence | None = None,
+    param: str | None = None,
+    log: bool | None = None,
+):
     r"""Draw one spectral or dynamical quantity against the swept parameter.
 
     Parameters
@@ -188,12 +213,21 @@ def plot_sweep(sweep: Any, ax=None, quantity: str = "eigenvalues", *, bifurcatio
         eig = _np(_get(sweep, "eigenvalues"))
         eig = eig.reshape(len(x), -1)
         for j in range(eig.shape[1]):
-            ax.plot(x, eig[:, j], marker="o", ms=3, lw=1.4 if j == 0 else 0.9,
-                    color="tab:blue", alpha=1.0 if j == 0 else max(0.25, 0.8 - 0.12 * j),
-                    label="λ₁ (largest)" if j == 0 else ("λ₂…λ_k" if j == 1 else None))
+            ax.plot(
+                x,
+                eig[:, j],
+                marker="o",
+                ms=3,
+                lw=1.4 if j == 0 else 0.9,
+                color="tab:blue",
+                alpha=1.0 if j == 0 else max(0.25, 0.8 - 0.12 * j),
+                label="λ₁ (largest)" if j == 0 else ("λ₂…λ_k" if j == 1 else None),
+            )
     elif quantity == "effective_rank":
-        for key, name, color in (("participation", "participation (tr K)²/tr K²", "tab:green"),
-                                 ("entropy", "entropy exp(−Σ p log p)", "tab:olive")):
+        for key, name, color in (
+            ("participation", "participation (tr K)²/tr K²", "tab:green"),
+            ("entropy", "entropy exp(−Σ p log p)", "tab:olive"),
+        ):
             y = _get(sweep, key)
             if y is not None:
                 y = _np(y)
@@ -237,8 +271,15 @@ def _coordinate(points: np.ndarray, coordinate) -> tuple[np.ndarray, str]:
     return points[:, i], f"x*[{i}]" if points.shape[1] > 1 else "x*"
 
 
-def plot_bifurcation_diagram(branch: Any, ax=None, *, coordinate: int | str | None = None,
-                             param: str | None = None, color=None, label_points: bool = True):
+def plot_bifurcation_diagram(
+    branch: Any,
+    ax=None,
+    *,
+    coordinate: int | str | None = None,
+    param: str | None = None,
+    color=None,
+    label_points: bool = True,
+):
     r"""Draw fixed-point branches against the continuation parameter.
 
     Stable stretches are solid, unstable dashed; the branch's bifurcations are marked and
@@ -301,16 +342,31 @@ def plot_bifurcation_diagram(branch: Any, ax=None, *, coordinate: int | str | No
         c = color or "black"
         for rx, ry, st in runs:
             name = "stable" if st else "unstable"
-            ax.plot(rx, ry, color=c, ls="-" if st else "--", lw=1.6 if st else 1.2,
-                    label=None if name in seen else name)
+            ax.plot(
+                rx,
+                ry,
+                color=c,
+                ls="-" if st else "--",
+                lw=1.6 if st else 1.2,
+                label=None if name in seen else name,
+            )
             seen.add(name)
         for b in bifs:
             kind = _get(b, "kind")
             marker, mcolor, name = BIFURCATION_STYLE.get(kind, BIFURCATION_STYLE["stability_change"])
             by, _ = _coordinate(_np(_get(b, "x")).reshape(1, -1), coordinate)
             bp = float(_get(b, "p"))
-            ax.plot([bp], [by[0]], marker=marker, color=mcolor, ms=9, ls="none",
-                    markeredgecolor="black", zorder=5, label=None if kind in seen else name)
+            ax.plot(
+                [bp],
+                [by[0]],
+                marker=marker,
+                color=mcolor,
+                ms=9,
+                ls="none",
+                markeredgecolor="black",
+                zorder=5,
+                label=None if kind in seen else name,
+            )
             seen.add(kind)
             key = (round(bp, 3), round(float(by[0]), 3))
             names = annotated.setdefault(key, [mcolor])
@@ -318,8 +374,14 @@ def plot_bifurcation_diagram(branch: Any, ax=None, *, coordinate: int | str | No
                 names.append(f"{name} p={fmt_param(bp)}")
     if label_points:
         for (bp, by), (mcolor, *texts) in annotated.items():
-            ax.annotate("\n".join(texts), (bp, by), textcoords="offset points", xytext=(6, 8),
-                        fontsize=7, color=mcolor)
+            ax.annotate(
+                "\n".join(texts),
+                (bp, by),
+                textcoords="offset points",
+                xytext=(6, 8),
+                fontsize=7,
+                color=mcolor,
+            )
     ax.set_xlabel(param or "parameter p")
     ax.set_ylabel(ylabel)
     if seen:
@@ -362,15 +424,25 @@ def plot_eigenvalues(eigs: Any, ax=None, kind: str = "flow", *, label: str | Non
         ax.axvline(0.0, color="gray", lw=1, label="imaginary axis Re λ = 0")
         ax.set_xlabel("Re λ")
         ax.set_ylabel("Im λ")
-    ax.scatter(z.real[~unstable], z.imag[~unstable], s=18, color="tab:blue" if label is None else None,
-               label=label or "stable")
+    ax.scatter(
+        z.real[~unstable],
+        z.imag[~unstable],
+        s=18,
+        color="tab:blue" if label is None else None,
+        label=label or "stable",
+    )
     if unstable.any():
-        ax.scatter(z.real[unstable], z.imag[unstable], s=24, color="tab:red", marker="x",
-                   label=f"{label} (unstable)" if label else "unstable")
+        ax.scatter(
+            z.real[unstable],
+            z.imag[unstable],
+            s=24,
+            color="tab:red",
+            marker="x",
+            label=f"{label} (unstable)" if label else "unstable",
+        )
     ax.axhline(0.0, color="gray", lw=0.5)
     if kind == "flow":  # keep the boundary in view and avoid a zoom on round-off
-        pts = np.concatenate([np.asarray(c.get_offsets()) for c in ax.collections]
-                             or [np.zeros((1, 2))])
+        pts = np.concatenate([np.asarray(c.get_offsets()) for c in ax.collections] or [np.zeros((1, 2))])
         span = max(float(np.abs(pts).max()), 1.0) * 1.15
         lo, hi = pts.min(axis=0) - 0.05 * span, pts.max(axis=0) + 0.05 * span
         ax.set_xlim(min(-0.5 * span, lo[0]), max(0.5 * span, hi[0]))
@@ -397,8 +469,14 @@ def plot_track(records: Any, axes=None, *, crossing: float | None = None, title:
     steps = _np(records.steps).astype(float)
     eig = _np(records.eigenvalues)
     for j in range(eig.shape[1] if eig.ndim == 2 else 0):
-        a.plot(steps, eig[:, j], color="tab:blue", alpha=1.0 if j == 0 else 0.35,
-               lw=1.6 if j == 0 else 0.9, label="λ_max(G)" if j == 0 else None)
+        a.plot(
+            steps,
+            eig[:, j],
+            color="tab:blue",
+            alpha=1.0 if j == 0 else 0.35,
+            lw=1.6 if j == 0 else 0.9,
+            label="λ_max(G)" if j == 0 else None,
+        )
     a.set_yscale("log")
     a.set_ylabel("top eigenvalues of G")
     pr, se = _np(records.participation), _np(records.participation_se)
@@ -413,16 +491,19 @@ def plot_track(records: Any, axes=None, *, crossing: float | None = None, title:
     tw = c.twinx()
     tw.plot(steps, est, "s", ms=3, color="tab:orange", label="estimated crossing step")
     if warned.any():
-        tw.plot(steps[warned], est[warned], "s", ms=6, mfc="none", color="k",
-                label="warning (within the horizon)")
+        tw.plot(
+            steps[warned], est[warned], "s", ms=6, mfc="none", color="k", label="warning (within the horizon)"
+        )
     tw.set_ylabel("estimated crossing step", color="tab:orange")
     lines = c.get_legend_handles_labels()
     more = tw.get_legend_handles_labels()
     c.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower right")
-    for key, label, style in (("channel_cos", "‖Q_gᵀ u₁‖ (top eigenvector, g)", "-"),
-                              ("sensitivity_cos", "|cos(u₁, d)|", "--"),
-                              ("gradient_channel_cos", "‖Q_gᵀ ∇L‖/‖∇L‖", ":"),
-                              ("gradient_sensitivity_cos", "|cos(∇L, d)|", "-.")):
+    for key, label, style in (
+        ("channel_cos", "‖Q_gᵀ u₁‖ (top eigenvector, g)", "-"),
+        ("sensitivity_cos", "|cos(u₁, d)|", "--"),
+        ("gradient_channel_cos", "‖Q_gᵀ ∇L‖/‖∇L‖", ":"),
+        ("gradient_sensitivity_cos", "|cos(∇L, d)|", "-."),
+    ):
         d.plot(steps, _np(getattr(records, key)), style, label=label)
     d.set_ylim(-0.02, 1.02)
     d.set_ylabel("alignment with the critical directions")

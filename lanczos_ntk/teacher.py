@@ -149,8 +149,18 @@ class TeacherConfig(Result):
             raise ValueError(f"expected optimizer 'sgd' or 'lrng', got {self.optimizer!r}")
         if self.spectrum not in ("auto", "dense", "lanczos"):
             raise ValueError(f"expected spectrum 'auto', 'dense' or 'lanczos', got {self.spectrum!r}")
-        for name in ("state_size", "trials", "trial_steps", "num_steps", "record_every", "top_k",
-                     "rank", "refresh_every", "compare_steps", "compare_record_every"):
+        for name in (
+            "state_size",
+            "trials",
+            "trial_steps",
+            "num_steps",
+            "record_every",
+            "top_k",
+            "rank",
+            "refresh_every",
+            "compare_steps",
+            "compare_record_every",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
         if not 0 <= self.pulse_steps <= self.trial_steps:
@@ -410,8 +420,8 @@ def build_problem(config: TeacherConfig, generator: torch.Generator | None = Non
             for p in model.parameters():
                 p.zero_()
             if arch == "gru":
-                model.W[2 * n:].copy_(W0 * 2 * factor / lead)
-                model.U[2 * n:].copy_(m[:, None])
+                model.W[2 * n :].copy_(W0 * 2 * factor / lead)
+                model.U[2 * n :].copy_(m[:, None])
             else:
                 model.W.copy_(W0 * factor / lead)
                 (model.B if arch == "ctrnn" else model.U).copy_(m[:, None])
@@ -476,11 +486,16 @@ def collapse_steps(steps, rank) -> dict:
     s = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)
     r = torch.as_tensor(rank, dtype=torch.float64).reshape(-1)
     i_min = int(torch.argmin(r))
-    out = {"min_step": int(s[i_min]), "min_value": float(r[i_min]), "initial": float(r[0]),
-           "steepest_step": float(s[0]), "half_step": float(s[0])}
+    out = {
+        "min_step": int(s[i_min]),
+        "min_value": float(r[i_min]),
+        "initial": float(r[0]),
+        "steepest_step": float(s[0]),
+        "half_step": float(s[0]),
+    }
     if i_min == 0:
         return out
-    slope = (r[1:i_min + 1] - r[:i_min]) / (s[1:i_min + 1] - s[:i_min])
+    slope = (r[1 : i_min + 1] - r[:i_min]) / (s[1 : i_min + 1] - s[:i_min])
     j = int(torch.argmin(slope))
     out["steepest_step"] = float(0.5 * (s[j] + s[j + 1]))
     half = 0.5 * (float(r[0]) + float(r[i_min]))
@@ -499,7 +514,7 @@ def spike_onsets(loss, *, factor: float = 10.0, start: int = 0) -> list[int]:
     >>> spike_onsets([1.0, 0.1, 0.01, 1.0, 0.5, 0.01, 0.001, 1.0])
     [3, 7]
     """
-    y = torch.as_tensor(loss, dtype=torch.float64).reshape(-1)[int(start):]
+    y = torch.as_tensor(loss, dtype=torch.float64).reshape(-1)[int(start) :]
     if y.numel() < 2:
         return []
     run = torch.cummin(y, dim=0).values
@@ -530,7 +545,7 @@ def _load_flat(model, names, theta):
     with torch.no_grad():
         for n in names:
             p = named[n]
-            p.copy_(theta[offset:offset + p.numel()].view_as(p))
+            p.copy_(theta[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
 
@@ -568,17 +583,36 @@ class _Spectrum:
             p = pos / pos.sum()
             p = p[p > 0]
             ent = float(torch.exp(-(p * p.log()).sum()))
-            return lam[:self.k], V[:, :self.k], pr, ent, lambda X: Gd @ X
-        res = eigsh(G, k=self.k, which="LA", tol=self.tol, return_eigenvectors=True, v0=self.v0,
-                    generator=self.generator)
+            return lam[: self.k], V[:, : self.k], pr, ent, lambda X: Gd @ X
+        res = eigsh(
+            G,
+            k=self.k,
+            which="LA",
+            tol=self.tol,
+            return_eigenvectors=True,
+            v0=self.v0,
+            generator=self.generator,
+        )
         self.v0 = res.eigenvectors
         # the top eigenpairs just found, exactly, and SLQ on the rest: both ranks from one run
-        quad = deflated_slq(G, self.probes, min(self.lanczos_steps, P), generator=self.generator,
-                            tol=self.tol, eigenpairs=res, side="primal")
+        quad = deflated_slq(
+            G,
+            self.probes,
+            min(self.lanczos_steps, P),
+            generator=self.generator,
+            tol=self.tol,
+            eigenpairs=res,
+            side="primal",
+        )
         ranks = [effective_rank(quad, kind=kind) for kind in ("participation", "entropy")]
         self.num_matvecs += int(res.num_matvecs) + int(quad.num_matvecs)
-        return (res.eigenvalues, res.eigenvectors, float(ranks[0].value), float(ranks[1].value),
-                lambda X: G.matmul(X.to(G.dtype)).to(torch.float64))
+        return (
+            res.eigenvalues,
+            res.eigenvectors,
+            float(ranks[0].value),
+            float(ranks[1].value),
+            lambda X: G.matmul(X.to(G.dtype)).to(torch.float64),
+        )
 
 
 def _critical(student, x, names):
@@ -596,8 +630,7 @@ def _trivial_point(student, prev: torch.Tensor, seeds: torch.Tensor, generator):
     from .dynamics import find_fixed_points
 
     u = torch.zeros(student.input_size, dtype=torch.float64)
-    fp = find_fixed_points(student, seeds, u=u, generator=generator, opt_steps=40,
-                           newton_steps=8)
+    fp = find_fixed_points(student, seeds, u=u, generator=generator, opt_steps=40, newton_steps=8)
     if len(fp) == 0:
         return fp, None
     i = int(torch.argmin(torch.linalg.vector_norm(fp.points - prev, dim=1)))
@@ -610,15 +643,23 @@ def _make_optimizer(config, student, inputs, optimizer, lr, generator):
         return torch.optim.SGD(student.parameters(), lr=lr)
     from .optim import LowRankNaturalGradient
 
-    return LowRankNaturalGradient(student, inputs, lr=lr, rank=config.rank,
-                                  refresh_every=config.refresh_every,
-                                  damping=config.damping if config.damping > 0 else None,
-                                  generator=generator)
+    return LowRankNaturalGradient(
+        student,
+        inputs,
+        lr=lr,
+        rank=config.rank,
+        refresh_every=config.refresh_every,
+        damping=config.damping if config.damping > 0 else None,
+        generator=generator,
+    )
 
 
-def run_student_teacher(config: TeacherConfig | None = None, *,
-                        generator: torch.Generator | None = None,
-                        progress: Progress = None) -> StudentTeacherResult:
+def run_student_teacher(
+    config: TeacherConfig | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    progress: Progress = None,
+) -> StudentTeacherResult:
     """Train the student on the teacher's states and record spectra and dynamics.
 
     Parameters
@@ -658,9 +699,29 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
     S, every = int(config.num_steps), int(config.record_every)
 
     losses: list[float] = []
-    rec: dict[str, list] = {k: [] for k in ("steps", "eig", "pr", "ent", "lead", "fpl", "nfp",
-                                            "nst", "ccos", "dcos", "cval", "theta", "u1",
-                                            "dval", "gg", "gd", "bcos", "bpr")}
+    rec: dict[str, list] = {
+        k: []
+        for k in (
+            "steps",
+            "eig",
+            "pr",
+            "ent",
+            "lead",
+            "fpl",
+            "nfp",
+            "nst",
+            "ccos",
+            "dcos",
+            "cval",
+            "theta",
+            "u1",
+            "dval",
+            "gg",
+            "gd",
+            "bcos",
+            "bpr",
+        )
+    }
     trivial = torch.zeros(n, dtype=torch.float64)
     known = torch.zeros(0, n, dtype=torch.float64)
     t_train = t_rec = 0.0
@@ -678,14 +739,16 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
         nonlocal trivial, known
         G = StateNTK(student, u).dual()
         lam, V, pr, ent, apply = spectrum(G)
-        grads = torch.autograd.grad(loss, [dict(student.named_parameters())[k] for k in names],
-                                    retain_graph=True)
+        grads = torch.autograd.grad(
+            loss, [dict(student.named_parameters())[k] for k in names], retain_graph=True
+        )
         grad = torch.cat([t.reshape(-1) for t in grads]).detach().to(torch.float64)
         grad = grad / torch.linalg.vector_norm(grad).clamp_min(1e-300)
         pairs = torch.combinations(torch.arange(known.shape[0]), 2)
         mids = 0.5 * (known[pairs[:, 0]] + known[pairs[:, 1]]) if len(pairs) else known[:0]
-        seeds = torch.cat([trivial[None], torch.zeros(1, n, dtype=torch.float64), known, mids,
-                           states[:, -1].detach()])  # midpoints: saddles between two nodes
+        seeds = torch.cat(
+            [trivial[None], torch.zeros(1, n, dtype=torch.float64), known, mids, states[:, -1].detach()]
+        )  # midpoints: saddles between two nodes
         fp, i = _trivial_point(student, trivial, seeds, gen)
         rec["steps"].append(step)
         rec["eig"].append(lam.to(torch.float64))
@@ -751,8 +814,9 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
         opt.step()
         t_train += (t1 - t0) + (time.perf_counter() - t2)
         delta = _flat_params(student, names) - before
-        shares.append(float(torch.linalg.vector_norm(delta[bias])
-                            / torch.linalg.vector_norm(delta).clamp_min(1e-300)))
+        shares.append(
+            float(torch.linalg.vector_norm(delta[bias]) / torch.linalg.vector_norm(delta).clamp_min(1e-300))
+        )
         if progress is not None:
             progress(step + 1, S)
 
@@ -768,25 +832,42 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
     start = int(math.ceil(crossing.step)) if crossing.step is not None else S
     after = loss_t[start:]
     fitted = torch.nonzero(loss_t < 1e-2 * loss_t[0]).reshape(-1)
-    after_fit = loss_t[int(fitted[0]):] if fitted.numel() else loss_t[:0]
+    after_fit = loss_t[int(fitted[0]) :] if fitted.numel() else loss_t[:0]
     onsets = spike_onsets(loss_t, factor=config.spike_factor, start=start)
     status = Status.CONVERGED if crossing.step is not None else Status.PARTIAL
-    message = (f"crossing at step {crossing.step:.2f}" if crossing.step is not None
-               else "the student did not cross the bifurcation; train longer or raise lr")
+    message = (
+        f"crossing at step {crossing.step:.2f}"
+        if crossing.step is not None
+        else "the student did not cross the bifurcation; train longer or raise lr"
+    )
     k = spectrum.k
-    eigs = torch.stack([torch.nn.functional.pad(e, (0, k - e.numel()), value=float("nan"))
-                        for e in rec["eig"]])
+    eigs = torch.stack(
+        [torch.nn.functional.pad(e, (0, k - e.numel()), value=float("nan")) for e in rec["eig"]]
+    )
     num_matvecs = spectrum.num_matvecs + int(getattr(opt, "num_matvecs", 0))
     return StudentTeacherResult(
-        config=config, optimizer=config.optimizer, lr=float(config.lr), loss=loss_t, steps=steps,
-        eigenvalues=eigs, participation=pr, entropy=torch.tensor(rec["ent"], dtype=torch.float64),
-        leading=lead, fixed_point_leading=tuple(rec["fpl"]),
-        num_fixed_points=torch.tensor(rec["nfp"], dtype=torch.long), num_stable=nst,
+        config=config,
+        optimizer=config.optimizer,
+        lr=float(config.lr),
+        loss=loss_t,
+        steps=steps,
+        eigenvalues=eigs,
+        participation=pr,
+        entropy=torch.tensor(rec["ent"], dtype=torch.float64),
+        leading=lead,
+        fixed_point_leading=tuple(rec["fpl"]),
+        num_fixed_points=torch.tensor(rec["nfp"], dtype=torch.long),
+        num_stable=nst,
         channel_cos=torch.tensor(rec["ccos"], dtype=torch.float64),
         sensitivity_cos=torch.tensor(rec["dcos"], dtype=torch.float64),
-        channel_eigenvalue=torch.tensor(rec["cval"], dtype=torch.float64), crossing=crossing,
-        collapse=collapse, theta_ref=rec["theta"][max(ref, 0)], top_vector_at_crossing=rec["u1"][top],
-        param_names=names, spikes=len(onsets), spike_onsets=tuple(onsets),
+        channel_eigenvalue=torch.tensor(rec["cval"], dtype=torch.float64),
+        crossing=crossing,
+        collapse=collapse,
+        theta_ref=rec["theta"][max(ref, 0)],
+        top_vector_at_crossing=rec["u1"][top],
+        param_names=names,
+        spikes=len(onsets),
+        spike_onsets=tuple(onsets),
         sensitivity_eigenvalue=torch.tensor(rec["dval"], dtype=torch.float64),
         gradient_channel_cos=torch.tensor(rec["gg"], dtype=torch.float64),
         gradient_sensitivity_cos=torch.tensor(rec["gd"], dtype=torch.float64),
@@ -795,9 +876,15 @@ def run_student_teacher(config: TeacherConfig | None = None, *,
         update_bias_share=torch.tensor(shares, dtype=torch.float64),
         max_loss_after_crossing=float(after.max()) if after.numel() else float("nan"),
         max_loss_after_fit=float(after_fit.max()) if after_fit.numel() else float("nan"),
-        final_loss=float(loss_t[-1]), spectrum_method=spectrum.method, num_matvecs=num_matvecs,
-        seconds_train=t_train, seconds_record=t_rec, seed=int(config.seed), status=status,
-        message=message)
+        final_loss=float(loss_t[-1]),
+        spectrum_method=spectrum.method,
+        num_matvecs=num_matvecs,
+        seconds_train=t_train,
+        seconds_record=t_rec,
+        seed=int(config.seed),
+        status=status,
+        message=message,
+    )
 
 
 # ----------------------------------------------------------------------------- landscape
@@ -819,8 +906,8 @@ def normal_form_response(model, cd, inputs: torch.Tensor, *, dt: float) -> tuple
     params = {k: t.detach() for k, t in model.named_parameters()}
     u0 = torch.zeros(model.input_size, dtype=torch.float64)
     a2, k3 = real_mode_coefficients(model, cd, u0)
-    fu = torch.func.jacrev(lambda uu: _rhs_with(model, params, x, uu))(u0)     # [n, d_in]
-    beta = inputs.to(torch.float64) @ (fu.T @ w)                                # [B, T]
+    fu = torch.func.jacrev(lambda uu: _rhs_with(model, params, x, uu))(u0)  # [n, d_in]
+    beta = inputs.to(torch.float64) @ (fu.T @ w)  # [B, T]
     flow = cd.kind == "flow"
     s = float(dt) if flow else 1.0
     mu = float(cd.eigenvalue.real) - (0.0 if flow else 1.0)
@@ -828,18 +915,26 @@ def normal_form_response(model, cd, inputs: torch.Tensor, *, dt: float) -> tuple
     e = torch.zeros_like(c)
     total = nonlin = 0.0
     for t in range(beta.shape[1]):
-        c, e = (c + s * (mu * c + a2 * c**2 + k3 * c**3 + beta[:, t]),
-                e + s * (c + (mu + 2 * a2 * c + 3 * k3 * c**2) * e))
+        c, e = (
+            c + s * (mu * c + a2 * c**2 + k3 * c**3 + beta[:, t]),
+            e + s * (c + (mu + 2 * a2 * c + 3 * k3 * c**2) * e),
+        )
         total += float((e**2).sum())
         nonlin = max(nonlin, float((2 * abs(a2) * c.abs() + 3 * abs(k3) * c**2).max()))
-    return (float(torch.linalg.vector_norm(cd.d[:, 0])) ** 2 * total,
-            nonlin / abs(mu) if mu != 0 else math.inf)
+    return (
+        float(torch.linalg.vector_norm(cd.d[:, 0])) ** 2 * total,
+        nonlin / abs(mu) if mu != 0 else math.inf,
+    )
 
 
-def channel_landscape(config: TeacherConfig, theta: torch.Tensor, *,
-                      offsets: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None,
-                      progress: Progress = None) -> ChannelLandscape:
+def channel_landscape(
+    config: TeacherConfig,
+    theta: torch.Tensor,
+    *,
+    offsets: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    progress: Progress = None,
+) -> ChannelLandscape:
     r"""``ĝᵀ G ĝ`` along the unfolding line ``θ(s) = θ_ref + s d̂`` through the pitchfork.
 
     ``d̂ = ∂λ_c/∂θ / ‖·‖`` at ``θ_ref`` (the trivial point's eigenvalue sensitivity), so
@@ -871,11 +966,17 @@ def channel_landscape(config: TeacherConfig, theta: torch.Tensor, *,
     mu0 = float(cd0.eigenvalue.real) - shift
     if offsets is None:
         npts = int(config.landscape_points)
-        mus = torch.cat([-torch.logspace(math.log10(config.landscape_mu_max),
-                                         math.log10(config.landscape_mu_min), npts,
-                                         dtype=torch.float64),
-                         torch.linspace(config.landscape_mu_min, 0.3, max(3, npts // 3),
-                                        dtype=torch.float64)])
+        mus = torch.cat(
+            [
+                -torch.logspace(
+                    math.log10(config.landscape_mu_max),
+                    math.log10(config.landscape_mu_min),
+                    npts,
+                    dtype=torch.float64,
+                ),
+                torch.linspace(config.landscape_mu_min, 0.3, max(3, npts // 3), dtype=torch.float64),
+            ]
+        )
         offsets = (mus - mu0) / slope
     offsets = torch.as_tensor(offsets, dtype=torch.float64).reshape(-1)
     u = pulse_inputs(config.trials, config.landscape_steps, config.pulse_steps)
@@ -893,15 +994,20 @@ def channel_landscape(config: TeacherConfig, theta: torch.Tensor, *,
         lam_bif.append(float(torch.linalg.eigvalsh(JQ.T @ JQ).max()))
         Jd = K.engine.jvp((ds / torch.linalg.vector_norm(ds))[:, None].to(K.engine.dtype))
         lam_d.append(float((Jd.to(torch.float64) ** 2).sum()))
-        nf_val, nf_nl = normal_form_response(student, cd, u, dt=config.dt) \
-            if mu[-1] < 0 and cd.is_real else (float("nan"), float("nan"))
+        nf_val, nf_nl = (
+            normal_form_response(student, cd, u, dt=config.dt)
+            if mu[-1] < 0 and cd.is_real
+            else (float("nan"), float("nan"))
+        )
         nform.append(nf_val)
         nform_nl.append(nf_nl)
         lam, *_ = spec(K.dual())
         lam_max.append(float(lam[0]))
-        pred.append(predicted_channel_eigenvalue(cd, trials=config.trials,
-                                                 steps=config.landscape_steps, dt=config.dt)
-                    if mu[-1] < 0 else float("nan"))
+        pred.append(
+            predicted_channel_eigenvalue(cd, trials=config.trials, steps=config.landscape_steps, dt=config.dt)
+            if mu[-1] < 0
+            else float("nan")
+        )
         if progress is not None:
             progress(j + 1, offsets.numel())
     mu_t = torch.tensor(mu, dtype=torch.float64)
@@ -931,20 +1037,34 @@ def channel_landscape(config: TeacherConfig, theta: torch.Tensor, *,
         exp_d, _ = fit_power_law(dist[both], ld[both])
         nf_exp, _ = fit_power_law(dist[both], nf[both])
         ratio_d = float((ld[both] / nf[both]).median())
-    return ChannelLandscape(s=offsets, mu=mu_t, s_c=s_c, slope=slope, lambda_bif=lb,
-                            lambda_max=torch.tensor(lam_max, dtype=torch.float64),
-                            predicted=pr_t, fit_mask=mask,
-                            exponent=exp, exponent_se=exp_se, predicted_exponent=pexp,
-                            ratio=ratio, trial_steps=int(config.landscape_steps),
-                            seed=int(config.seed), lambda_d=ld, normal_form=nf,
-                            exponent_d=exp_d, normal_form_exponent=nf_exp, ratio_d=ratio_d,
-                            normal_form_nonlinearity=torch.tensor(nform_nl, dtype=torch.float64))
+    return ChannelLandscape(
+        s=offsets,
+        mu=mu_t,
+        s_c=s_c,
+        slope=slope,
+        lambda_bif=lb,
+        lambda_max=torch.tensor(lam_max, dtype=torch.float64),
+        predicted=pr_t,
+        fit_mask=mask,
+        exponent=exp,
+        exponent_se=exp_se,
+        predicted_exponent=pexp,
+        ratio=ratio,
+        trial_steps=int(config.landscape_steps),
+        seed=int(config.seed),
+        lambda_d=ld,
+        normal_form=nf,
+        exponent_d=exp_d,
+        normal_form_exponent=nf_exp,
+        ratio_d=ratio_d,
+        normal_form_nonlinearity=torch.tensor(nform_nl, dtype=torch.float64),
+    )
 
 
 # ---------------------------------------------------------------------------- comparison
-def compare_optimizers(config: TeacherConfig | None = None, *,
-                       generator_seed: int | None = None,
-                       progress: Progress = None) -> OptimizerComparison:
+def compare_optimizers(
+    config: TeacherConfig | None = None, *, generator_seed: int | None = None, progress: Progress = None
+) -> OptimizerComparison:
     """Train SGD and LRNG from the same student at ``config.compare_lr`` for ``compare_steps``.
 
     Each run draws the problem from a fresh generator seeded with ``generator_seed`` (default
@@ -956,22 +1076,34 @@ def compare_optimizers(config: TeacherConfig | None = None, *,
     total = 2 * int(config.compare_steps)
     runs = {}
     for j, name in enumerate(("sgd", "lrng")):
-        cfg = dataclasses.replace(config, optimizer=name, lr=config.compare_lr,
-                                  num_steps=config.compare_steps,
-                                  record_every=config.compare_record_every)
+        cfg = dataclasses.replace(
+            config,
+            optimizer=name,
+            lr=config.compare_lr,
+            num_steps=config.compare_steps,
+            record_every=config.compare_record_every,
+        )
         gen = torch.Generator()
         gen.manual_seed(seed)
         offset = j * int(config.compare_steps)
         cb = None if progress is None else (lambda d, _t, o=offset: progress(o + d, total))
         runs[name] = run_student_teacher(cfg, generator=gen, progress=cb)
     per = {k: r.seconds_train / max(1, r.config.num_steps) for k, r in runs.items()}
-    return OptimizerComparison(sgd=runs["sgd"], lrng=runs["lrng"], lr=float(config.compare_lr),
-                               seconds_per_step=per, overhead=per["lrng"] / per["sgd"])
+    return OptimizerComparison(
+        sgd=runs["sgd"],
+        lrng=runs["lrng"],
+        lr=float(config.compare_lr),
+        seconds_per_step=per,
+        overhead=per["lrng"] / per["sgd"],
+    )
 
 
-def run_experiment(config: TeacherConfig | None = None, *, progress: Progress = None,
-                   which: tuple[str, ...] = ("collapse", "landscape", "comparison")
-                   ) -> TeacherExperiment:
+def run_experiment(
+    config: TeacherConfig | None = None,
+    *,
+    progress: Progress = None,
+    which: tuple[str, ...] = ("collapse", "landscape", "comparison"),
+) -> TeacherExperiment:
     """The collapse run (``config.optimizer`` at ``config.lr``), the landscape through its
     crossing, and the optimizer comparison, with a summary of the numbers.
 
@@ -993,13 +1125,16 @@ def run_experiment(config: TeacherConfig | None = None, *, progress: Progress = 
     done[0] = int(config.num_steps)
     gen = torch.Generator()
     gen.manual_seed(int(config.seed))
-    landscape = channel_landscape(config, collapse.theta_ref, generator=gen,
-                                  progress=sub(done[0]))
+    landscape = channel_landscape(config, collapse.theta_ref, generator=gen, progress=sub(done[0]))
     done[0] += n_land
     comparison = compare_optimizers(config, progress=sub(done[0]))
-    return TeacherExperiment(config=config, collapse=collapse, landscape=landscape,
-                             comparison=comparison, summary=summarize(collapse, landscape,
-                                                                      comparison))
+    return TeacherExperiment(
+        config=config,
+        collapse=collapse,
+        landscape=landscape,
+        comparison=comparison,
+        summary=summarize(collapse, landscape, comparison),
+    )
 
 
 def _finite(x) -> float | None:
@@ -1029,8 +1164,7 @@ def _direction_summary(r: StudentTeacherResult) -> dict:
         "block_sensitivity_cos_before_crossing": _finite(r.block_sensitivity_cos[last]),
         "block_participation_initial": _finite(r.block_participation[0]),
         "block_participation_before_crossing": _finite(r.block_participation[last]),
-        "bias_share_median": (float(r.update_bias_share.median())
-                              if r.update_bias_share.numel() else None),
+        "bias_share_median": (float(r.update_bias_share.median()) if r.update_bias_share.numel() else None),
     }
 
 
@@ -1040,12 +1174,15 @@ def spike_bias_share(r: StudentTeacherResult) -> float | None:
     if r.update_bias_share is None or not r.spike_onsets:
         return None
     shares = r.update_bias_share
-    vals = [float(shares[max(0, t - 3):t].max()) for t in r.spike_onsets if t > 0]
+    vals = [float(shares[max(0, t - 3) : t].max()) for t in r.spike_onsets if t > 0]
     return float(torch.tensor(vals).median()) if vals else None
 
 
-def summarize(collapse: StudentTeacherResult, landscape: ChannelLandscape | None = None,
-              comparison: OptimizerComparison | None = None) -> dict:
+def summarize(
+    collapse: StudentTeacherResult,
+    landscape: ChannelLandscape | None = None,
+    comparison: OptimizerComparison | None = None,
+) -> dict:
     """The headline numbers as a flat dictionary of floats and ints."""
     c = collapse.crossing
     out = {
@@ -1058,32 +1195,40 @@ def summarize(collapse: StudentTeacherResult, landscape: ChannelLandscape | None
         "pr_half_step": collapse.collapse["half_step"],
         "entropy_initial": float(collapse.entropy[0]),
         "entropy_min": float(collapse.entropy.min()),
-        "channel_cos_at_crossing": (float(collapse.channel_cos[c.index])
-                                    if c.index is not None else None),
-        "sensitivity_cos_at_crossing": (float(collapse.sensitivity_cos[c.index])
-                                        if c.index is not None else None),
+        "channel_cos_at_crossing": (float(collapse.channel_cos[c.index]) if c.index is not None else None),
+        "sensitivity_cos_at_crossing": (
+            float(collapse.sensitivity_cos[c.index]) if c.index is not None else None
+        ),
         "collapse_final_loss": collapse.final_loss,
     }
     out.update(_direction_summary(collapse))
     if landscape is not None:
-        out.update({"landscape_exponent": landscape.exponent,
-                    "landscape_exponent_se": landscape.exponent_se,
-                    "landscape_predicted_exponent": landscape.predicted_exponent,
-                    "landscape_ratio_to_prediction": landscape.ratio,
-                    "landscape_exponent_d": landscape.exponent_d,
-                    "landscape_normal_form_exponent": landscape.normal_form_exponent,
-                    "landscape_ratio_d_to_normal_form": landscape.ratio_d})
+        out.update(
+            {
+                "landscape_exponent": landscape.exponent,
+                "landscape_exponent_se": landscape.exponent_se,
+                "landscape_predicted_exponent": landscape.predicted_exponent,
+                "landscape_ratio_to_prediction": landscape.ratio,
+                "landscape_exponent_d": landscape.exponent_d,
+                "landscape_normal_form_exponent": landscape.normal_form_exponent,
+                "landscape_ratio_d_to_normal_form": landscape.ratio_d,
+            }
+        )
     if comparison is not None:
         for name in ("sgd", "lrng"):
             r = getattr(comparison, name)
-            out.update({f"{name}_final_loss": r.final_loss,
-                        f"{name}_max_loss_after_crossing": r.max_loss_after_crossing,
-                        f"{name}_max_loss_after_fit": r.max_loss_after_fit,
-                        f"{name}_spikes": r.spikes,
-                        f"{name}_spike_bias_share": spike_bias_share(r),
-                        f"{name}_crossing_step": r.crossing.step,
-                        f"{name}_recrossings": r.crossing.recrossings,
-                        f"{name}_seconds_per_step": comparison.seconds_per_step[name]})
+            out.update(
+                {
+                    f"{name}_final_loss": r.final_loss,
+                    f"{name}_max_loss_after_crossing": r.max_loss_after_crossing,
+                    f"{name}_max_loss_after_fit": r.max_loss_after_fit,
+                    f"{name}_spikes": r.spikes,
+                    f"{name}_spike_bias_share": spike_bias_share(r),
+                    f"{name}_crossing_step": r.crossing.step,
+                    f"{name}_recrossings": r.crossing.recrossings,
+                    f"{name}_seconds_per_step": comparison.seconds_per_step[name],
+                }
+            )
         out["lrng_overhead"] = comparison.overhead
     return out
 
@@ -1116,15 +1261,26 @@ class SeedStudy(Result):
         for table in out.values():
             for k, vals in table.items():
                 t = torch.tensor(vals, dtype=torch.float64)
-                table[k] = {"mean": float(t.mean()),
-                            "std": float(t.std()) if t.numel() > 1 else 0.0,
-                            "min": float(t.min()), "max": float(t.max()), "n": int(t.numel())}
+                table[k] = {
+                    "mean": float(t.mean()),
+                    "std": float(t.std()) if t.numel() > 1 else 0.0,
+                    "min": float(t.min()),
+                    "max": float(t.max()),
+                    "n": int(t.numel()),
+                }
         return out
 
 
-def run_seeds(config: TeacherConfig | None = None, *, seeds=(0, 1, 2, 3, 4),
-              architectures=ARCHITECTURES, landscape: bool = True, compare: bool = True,
-              progress: Progress = None, run=None) -> SeedStudy:
+def run_seeds(
+    config: TeacherConfig | None = None,
+    *,
+    seeds=(0, 1, 2, 3, 4),
+    architectures=ARCHITECTURES,
+    landscape: bool = True,
+    compare: bool = True,
+    progress: Progress = None,
+    run=None,
+) -> SeedStudy:
     """:func:`run_student_teacher` (and optionally the landscape and the optimizer comparison)
     for every architecture and seed, summarised per run.
 
@@ -1188,9 +1344,15 @@ class TrackedRun(Result):
     lead_fraction: float | None
 
 
-def run_tracked(config: TeacherConfig | None = None, *, horizon: float = 10.0, every: int = 2,
-                control: bool = False, control_gain: float = 0.8,
-                progress: Progress = None) -> TrackedRun:
+def run_tracked(
+    config: TeacherConfig | None = None,
+    *,
+    horizon: float = 10.0,
+    every: int = 2,
+    control: bool = False,
+    control_gain: float = 0.8,
+    progress: Progress = None,
+) -> TrackedRun:
     """Train the student with SGD (``config.lr``, ``config.num_steps``) while a
     :class:`~lanczos_ntk.track.KernelTracker` watches the trivial fixed point at zero input.
 
@@ -1204,9 +1366,23 @@ def run_tracked(config: TeacherConfig | None = None, *, horizon: float = 10.0, e
         config = dataclasses.replace(config, teacher_gain=float(control_gain))
     gen = _generator(config, None)
     prob = build_problem(config, gen)
-    run = train_tracked(prob.student, prob.inputs, prob.targets, lr=config.lr,
-                        num_steps=config.num_steps, every=every, horizon=horizon, generator=gen,
-                        progress=progress, k=min(int(config.top_k), 8))
+    run = train_tracked(
+        prob.student,
+        prob.inputs,
+        prob.targets,
+        lr=config.lr,
+        num_steps=config.num_steps,
+        every=every,
+        horizon=horizon,
+        generator=gen,
+        progress=progress,
+        k=min(int(config.top_k), 8),
+    )
     lead = run.lead_time
-    return TrackedRun(track=run, architecture=config.architecture, seed=int(config.seed),
-                      control=control, lead_fraction=None if lead is None else lead / run.num_steps)
+    return TrackedRun(
+        track=run,
+        architecture=config.architecture,
+        seed=int(config.seed),
+        control=control,
+        lead_fraction=None if lead is None else lead / run.num_steps,
+    )

@@ -14,13 +14,24 @@ from torch import nn
 
 from ._functional import ModelFunction, ParamSpec, resolve_params
 
-__all__ = ["assert_operator_close", "dense_gram", "dense_jacobian", "dense_ntk", "dense_operator",
-           "matrix_with_spectrum"]
+__all__ = [
+    "assert_operator_close",
+    "dense_gram",
+    "dense_jacobian",
+    "dense_ntk",
+    "dense_operator",
+    "matrix_with_spectrum",
+]
 
 
-def dense_jacobian(model: nn.Module, inputs: torch.Tensor, *, h0=None,
-                   outputs: str | Callable = "states",
-                   params: Sequence[str] | None = None) -> torch.Tensor:
+def dense_jacobian(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    h0=None,
+    outputs: str | Callable = "states",
+    params: Sequence[str] | None = None,
+) -> torch.Tensor:
     """``J = ∂ vec(outputs) / ∂θ`` as a dense ``[M, P]`` tensor (float64), by ``jacrev``.
 
     Rows are ordered ``(trial, time, unit)``; columns follow ``model.named_parameters()``
@@ -57,7 +68,7 @@ def dense_operator(op, block: int = 64) -> torch.Tensor:
     cols = []
     for s in range(0, n, block):
         eye = torch.zeros(n, min(block, n - s), dtype=torch.float64)
-        eye[s:s + eye.shape[1]].copy_(torch.eye(eye.shape[1], dtype=torch.float64))
+        eye[s : s + eye.shape[1]].copy_(torch.eye(eye.shape[1], dtype=torch.float64))
         cols.append(op.matmul(eye.to(op.dtype)).to(torch.float64))
     return torch.cat(cols, dim=1)
 
@@ -69,13 +80,13 @@ def assert_operator_close(op, dense: torch.Tensor, *, rtol: float = 1e-10, block
     """
     got = dense_operator(op, block=block)
     if got.shape != dense.shape:
-        raise AssertionError(f"shape mismatch: operator {tuple(got.shape)}, reference "
-                             f"{tuple(dense.shape)}")
+        raise AssertionError(f"shape mismatch: operator {tuple(got.shape)}, reference {tuple(dense.shape)}")
     scale = dense.norm().clamp_min(torch.finfo(torch.float64).tiny)
     err = float(((got - dense.to(torch.float64)).norm() / scale).detach())
     if not err <= rtol:
-        raise AssertionError(f"operator differs from the dense reference: relative error "
-                             f"{err:.3e} > {rtol:.1e}")
+        raise AssertionError(
+            f"operator differs from the dense reference: relative error {err:.3e} > {rtol:.1e}"
+        )
     return err
 
 

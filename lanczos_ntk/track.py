@@ -52,8 +52,17 @@ from torch import nn
 
 from ._results import Result
 
-__all__ = ["BifurcationWarning", "CrossingEstimate", "Interference", "KernelTracker",
-           "TrackRecords", "TrainingTrack", "estimate_crossing", "interference", "train_tracked"]
+__all__ = [
+    "BifurcationWarning",
+    "CrossingEstimate",
+    "Interference",
+    "KernelTracker",
+    "TrackRecords",
+    "TrainingTrack",
+    "estimate_crossing",
+    "interference",
+    "train_tracked",
+]
 
 
 class BifurcationWarning(UserWarning):
@@ -121,21 +130,25 @@ def estimate_crossing(steps, leading, top_eigenvalue=None, *, window: int = 4) -
     s = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)
     y = torch.as_tensor(leading, dtype=torch.float64).reshape(-1)
     if s.shape != y.shape:
-        raise ValueError(f"expected steps and leading of the same length, got {s.numel()} and "
-                         f"{y.numel()}")
-    s, y = s[-int(window):], y[-int(window):]
+        raise ValueError(f"expected steps and leading of the same length, got {s.numel()} and {y.numel()}")
+    s, y = s[-int(window) :], y[-int(window) :]
     linear = _fit_zero(s, y)
-    fold = _fit_zero(s, -(y ** 2)) if bool((y < 0).all()) else math.nan
+    fold = _fit_zero(s, -(y**2)) if bool((y < 0).all()) else math.nan
     kernel = math.nan
     if top_eigenvalue is not None:
-        lam = torch.as_tensor(top_eigenvalue, dtype=torch.float64).reshape(-1)[-int(window):]
+        lam = torch.as_tensor(top_eigenvalue, dtype=torch.float64).reshape(-1)[-int(window) :]
         if lam.shape == s.shape and bool((lam > 0).all()):
             kernel = _fit_zero(s, -lam.rsqrt())
     candidates = [v for v in (linear, fold) if math.isfinite(v)]
     step = min(candidates) if candidates else math.nan
     last = float(s[-1]) if s.numel() else math.nan
-    return CrossingEstimate(linear=linear, fold=fold, kernel=kernel, step=step,
-                            steps_left=step - last if math.isfinite(step) else math.nan)
+    return CrossingEstimate(
+        linear=linear,
+        fold=fold,
+        kernel=kernel,
+        step=step,
+        steps_left=step - last if math.isfinite(step) else math.nan,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +215,26 @@ class TrackRecords(Result):
         return int(self.steps[int(hits[0])]) if hits.numel() else None
 
 
-_FIELDS = ("steps", "eig", "res", "pr", "pr_se", "lead", "nfp", "nst", "ccos", "dcos", "gcos", "gdcos",
-           "est", "left", "lin", "fold", "kern", "warned")
+_FIELDS = (
+    "steps",
+    "eig",
+    "res",
+    "pr",
+    "pr_se",
+    "lead",
+    "nfp",
+    "nst",
+    "ccos",
+    "dcos",
+    "gcos",
+    "gdcos",
+    "est",
+    "left",
+    "lin",
+    "fold",
+    "kern",
+    "warned",
+)
 
 
 class KernelTracker:
@@ -249,11 +280,26 @@ class KernelTracker:
         Eigensolver starts, probes and fixed-point seeds (default: seeded with 0).
     """
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, *, every: int = 100, k: int = 6,
-                 horizon: float | None = None, window: int = 4, u: torch.Tensor | None = None,
-                 dynamics: bool | None = None, params=None, outputs="states", h0=None,
-                 process_group=None, tol: float = 1e-6, num_probes: int = 8,
-                 track_tol: float = 1e-2, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        *,
+        every: int = 100,
+        k: int = 6,
+        horizon: float | None = None,
+        window: int = 4,
+        u: torch.Tensor | None = None,
+        dynamics: bool | None = None,
+        params=None,
+        outputs="states",
+        h0=None,
+        process_group=None,
+        tol: float = 1e-6,
+        num_probes: int = 8,
+        track_tol: float = 1e-2,
+        generator: torch.Generator | None = None,
+    ):
         from ._functional import resolve_params
 
         if int(every) < 1 or int(k) < 1:
@@ -265,17 +311,20 @@ class KernelTracker:
         self.model, self.inputs = model, inputs
         self.every, self.k, self.horizon, self.window = int(every), int(k), horizon, int(window)
         self.names = tuple(resolve_params(model, params))
-        self._kw = {"outputs": outputs, "params": list(self.names), "h0": h0,
-                    "process_group": process_group}
+        self._kw = {"outputs": outputs, "params": list(self.names), "h0": h0, "process_group": process_group}
         has_rhs = hasattr(model, "rhs") and hasattr(model, "kind")
         self.dynamics = has_rhs if dynamics is None else bool(dynamics)
         if self.dynamics and not has_rhs:
-            raise ValueError(f"dynamics=True needs a model with rhs(h, u) and kind; "
-                             f"{type(model).__name__} has none")
+            raise ValueError(
+                f"dynamics=True needs a model with rhs(h, u) and kind; {type(model).__name__} has none"
+            )
         self.kind = str(model.kind) if self.dynamics else ""
         d_in = int(getattr(model, "input_size", inputs.shape[-1]))
-        self.u = torch.zeros(d_in, dtype=torch.float64) if u is None else \
-            torch.as_tensor(u, dtype=torch.float64).reshape(-1)
+        self.u = (
+            torch.zeros(d_in, dtype=torch.float64)
+            if u is None
+            else torch.as_tensor(u, dtype=torch.float64).reshape(-1)
+        )
         self.tol, self.num_probes = float(tol), int(num_probes)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self._rec: dict[str, list] = {f: [] for f in _FIELDS}
@@ -310,30 +359,50 @@ class KernelTracker:
         pr, pr_se = self._participation(G, values, vectors)
         u1 = vectors[:, 0].to(torch.float64)
         grad = self._gradient(loss)
-        row: dict[str, Any] = {"steps": int(step), "eig": values, "res": residuals,
-                               "pr": pr, "pr_se": pr_se}
-        row.update(self._dynamics(u1, grad) if self.dynamics else
-                   {"lead": math.nan, "nfp": 0, "nst": 0, "ccos": math.nan, "dcos": math.nan,
-                    "gcos": math.nan, "gdcos": math.nan})
+        row: dict[str, Any] = {"steps": int(step), "eig": values, "res": residuals, "pr": pr, "pr_se": pr_se}
+        row.update(
+            self._dynamics(u1, grad)
+            if self.dynamics
+            else {
+                "lead": math.nan,
+                "nfp": 0,
+                "nst": 0,
+                "ccos": math.nan,
+                "dcos": math.nan,
+                "gcos": math.nan,
+                "gdcos": math.nan,
+            }
+        )
         for key, v in row.items():
             self._rec[key].append(v)
-        est = estimate_crossing(self._rec["steps"], self._rec["lead"],
-                                [float(e[0]) for e in self._rec["eig"]], window=self.window)
-        warned = bool(self.horizon is not None and math.isfinite(est.steps_left)
-                      and est.steps_left < self.horizon)
-        more = {"est": est.step, "left": est.steps_left, "lin": est.linear, "fold": est.fold,
-                "kern": est.kernel, "warned": warned}
+        est = estimate_crossing(
+            self._rec["steps"], self._rec["lead"], [float(e[0]) for e in self._rec["eig"]], window=self.window
+        )
+        warned = bool(
+            self.horizon is not None and math.isfinite(est.steps_left) and est.steps_left < self.horizon
+        )
+        more = {
+            "est": est.step,
+            "left": est.steps_left,
+            "lin": est.linear,
+            "fold": est.fold,
+            "kern": est.kernel,
+            "warned": warned,
+        }
         for key, v in more.items():
             self._rec[key].append(v)
         row.update(more)
         self.seconds += time.perf_counter() - t0
         if warned:
-            warnings.warn(BifurcationWarning(
-                f"step {step}: the leading eigenvalue ({row['lead']:.3g}) is estimated to cross "
-                f"the stability boundary near step {est.step:.1f}, {est.steps_left:.1f} steps "
-                f"ahead (horizon {self.horizon:g}); top eigenvalue of G "
-                f"{float(values[0]):.4g}, participation rank {pr:.3g}"),
-                stacklevel=2)
+            warnings.warn(
+                BifurcationWarning(
+                    f"step {step}: the leading eigenvalue ({row['lead']:.3g}) is estimated to cross "
+                    f"the stability boundary near step {est.step:.1f}, {est.steps_left:.1f} steps "
+                    f"ahead (horizon {self.horizon:g}); top eigenvalue of G "
+                    f"{float(values[0]):.4g}, participation rank {pr:.3g}"
+                ),
+                stacklevel=2,
+            )
         return row
 
     def _top(self, G) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -347,26 +416,28 @@ class KernelTracker:
         P = G.shape[0]
         k = min(self.k, P)
         if self._basis is not None:
-            step = subspace_step(lambda X: G.matmul(X.to(G.dtype)).to(torch.float64),
-                                 self._basis)
+            step = subspace_step(lambda X: G.matmul(X.to(G.dtype)).to(torch.float64), self._basis)
             self.num_matvecs += self._basis.shape[1]
             if bool((step.residuals[:k] <= self.track_tol * step.eigenvalues[0].abs()).all()):
                 self._basis = step.basis
                 return step.eigenvalues[:k], step.eigenvectors[:, :k], step.residuals[:k]
             self._v0 = step.eigenvectors[:, :k]
-        top = eigsh(G, k=k, tol=self.tol, return_eigenvectors=True, v0=self._v0,
-                    generator=self.generator)
+        top = eigsh(G, k=k, tol=self.tol, return_eigenvectors=True, v0=self._v0, generator=self.generator)
         self.num_matvecs += int(top.num_matvecs)
         X = top.eigenvectors.to(torch.float64)
         self._v0 = X
         width = min(k + 2, P)
         if width > X.shape[1]:
-            extra = torch.randn(P, width - X.shape[1], dtype=torch.float64,
-                                generator=self.generator).to(X.device)
+            extra = torch.randn(P, width - X.shape[1], dtype=torch.float64, generator=self.generator).to(
+                X.device
+            )
             X = torch.cat([X, extra], dim=1)
         self._basis = torch.linalg.qr(X).Q
-        return (top.eigenvalues.to(torch.float64), top.eigenvectors.to(torch.float64),
-                top.residuals.to(torch.float64))
+        return (
+            top.eigenvalues.to(torch.float64),
+            top.eigenvectors.to(torch.float64),
+            top.residuals.to(torch.float64),
+        )
 
     def _participation(self, G, values, vectors) -> tuple[float, float]:
         """``(tr G)² / tr G²`` with the top pairs exact and the rest by Hutchinson:
@@ -375,8 +446,12 @@ class KernelTracker:
         spread (delta method)."""
         X = vectors.to(torch.float64)
         m = self.num_probes
-        Z = torch.randint(0, 2, (X.shape[0], m), generator=self.generator,
-                          dtype=torch.float64).mul_(2).sub_(1).to(X.device)
+        Z = (
+            torch.randint(0, 2, (X.shape[0], m), generator=self.generator, dtype=torch.float64)
+            .mul_(2)
+            .sub_(1)
+            .to(X.device)
+        )
         Z = Z - X @ (X.T @ Z)
         Y = G.matmul(Z.to(G.dtype)).to(torch.float64)
         Y = Y - X @ (X.T @ Y)
@@ -397,10 +472,19 @@ class KernelTracker:
         if loss is None:
             return None
         named = dict(self.model.named_parameters())
-        grads = torch.autograd.grad(loss, [named[n] for n in self.names], retain_graph=True,
-                                    allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(named[n])).reshape(-1)
-                          for g, n in zip(grads, self.names)]).detach().to(torch.float64)
+        grads = torch.autograd.grad(
+            loss, [named[n] for n in self.names], retain_graph=True, allow_unused=True
+        )
+        flat = (
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(named[n])).reshape(-1)
+                    for g, n in zip(grads, self.names)
+                ]
+            )
+            .detach()
+            .to(torch.float64)
+        )
         group = self._kw["process_group"]
         if group is not None:
             torch.distributed.all_reduce(flat, group=group)
@@ -416,8 +500,14 @@ class KernelTracker:
         origin = torch.zeros(1, n, dtype=torch.float64)
         fp = None
         if self._known is not None:  # continued: a few steps from the last record's points
-            fp = find_fixed_points(model, torch.cat([self._known, origin]), u=self.u,
-                                   generator=self.generator, opt_steps=5, newton_steps=8)
+            fp = find_fixed_points(
+                model,
+                torch.cat([self._known, origin]),
+                u=self.u,
+                generator=self.generator,
+                opt_steps=5,
+                newton_steps=8,
+            )
         if fp is None or len(fp) == 0:  # first record, or lost: search from the trials too
             with torch.no_grad():
                 states = model(self.inputs.to(next(model.parameters()).dtype))
@@ -429,10 +519,18 @@ class KernelTracker:
                 torch.distributed.all_gather_object(parts, states.cpu(), group=group)
                 states = torch.cat(parts).to(states.device)
             seeds = torch.cat([origin, states])
-            fp = find_fixed_points(model, seeds, u=self.u, generator=self.generator,
-                                   opt_steps=40, newton_steps=8)
-        nan = {"lead": math.nan, "nfp": len(fp), "nst": int(fp.stable.sum()) if len(fp) else 0,
-               "ccos": math.nan, "dcos": math.nan, "gcos": math.nan, "gdcos": math.nan}
+            fp = find_fixed_points(
+                model, seeds, u=self.u, generator=self.generator, opt_steps=40, newton_steps=8
+            )
+        nan = {
+            "lead": math.nan,
+            "nfp": len(fp),
+            "nst": int(fp.stable.sum()) if len(fp) else 0,
+            "ccos": math.nan,
+            "dcos": math.nan,
+            "gcos": math.nan,
+            "gdcos": math.nan,
+        }
         if len(fp) == 0:
             return nan
         ref = self._tracked if self._tracked is not None else origin[0]
@@ -450,8 +548,7 @@ class KernelTracker:
         d = d / torch.linalg.vector_norm(d).clamp_min(1e-300)
         out.update(ccos=float(torch.linalg.vector_norm(Q.T @ u1)), dcos=float((d @ u1).abs()))
         if grad is not None:
-            out.update(gcos=float(torch.linalg.vector_norm(Q.T @ grad)),
-                       gdcos=float((d @ grad).abs()))
+            out.update(gcos=float(torch.linalg.vector_norm(Q.T @ grad)), gdcos=float((d @ grad).abs()))
         return out
 
     # ------------------------------------------------------------------------------ results
@@ -463,8 +560,13 @@ class KernelTracker:
         width = max([e.numel() for e in r["eig"]], default=0)
 
         def padded(key):
-            return torch.stack([torch.nn.functional.pad(e, (0, width - e.numel()), value=math.nan)
-                                for e in r[key]]) if r[key] else torch.zeros(0, 0, dtype=f64)
+            return (
+                torch.stack(
+                    [torch.nn.functional.pad(e, (0, width - e.numel()), value=math.nan) for e in r[key]]
+                )
+                if r[key]
+                else torch.zeros(0, 0, dtype=f64)
+            )
 
         eig = padded("eig")
 
@@ -472,15 +574,29 @@ class KernelTracker:
             return torch.tensor(r[key], dtype=dtype)
 
         return TrackRecords(
-            steps=t("steps", torch.long), eigenvalues=eig, residuals=padded("res"),
+            steps=t("steps", torch.long),
+            eigenvalues=eig,
+            residuals=padded("res"),
             participation=t("pr"),
-            participation_se=t("pr_se"), leading=t("lead"), num_fixed_points=t("nfp", torch.long),
-            num_stable=t("nst", torch.long), channel_cos=t("ccos"), sensitivity_cos=t("dcos"),
-            gradient_channel_cos=t("gcos"), gradient_sensitivity_cos=t("gdcos"),
-            estimated_crossing=t("est"), steps_left=t("left"), estimated_linear=t("lin"),
-            estimated_fold=t("fold"), estimated_kernel=t("kern"), warned=t("warned", torch.bool),
-            horizon=math.nan if self.horizon is None else float(self.horizon), kind=self.kind,
-            num_matvecs=int(self.num_matvecs), seconds=float(self.seconds))
+            participation_se=t("pr_se"),
+            leading=t("lead"),
+            num_fixed_points=t("nfp", torch.long),
+            num_stable=t("nst", torch.long),
+            channel_cos=t("ccos"),
+            sensitivity_cos=t("dcos"),
+            gradient_channel_cos=t("gcos"),
+            gradient_sensitivity_cos=t("gdcos"),
+            estimated_crossing=t("est"),
+            steps_left=t("left"),
+            estimated_linear=t("lin"),
+            estimated_fold=t("fold"),
+            estimated_kernel=t("kern"),
+            warned=t("warned", torch.bool),
+            horizon=math.nan if self.horizon is None else float(self.horizon),
+            kind=self.kind,
+            num_matvecs=int(self.num_matvecs),
+            seconds=float(self.seconds),
+        )
 
 
 # ---------------------------------------------------------------------------- a tracked run
@@ -519,10 +635,19 @@ def first_crossing(steps, leading) -> float | None:
     return None
 
 
-def train_tracked(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, lr: float,
-                  num_steps: int, every: int = 2, horizon: float | None = 10.0,
-                  generator: torch.Generator | None = None, progress=None,
-                  **tracker_kwargs) -> TrainingTrack:
+def train_tracked(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    lr: float,
+    num_steps: int,
+    every: int = 2,
+    horizon: float | None = 10.0,
+    generator: torch.Generator | None = None,
+    progress=None,
+    **tracker_kwargs,
+) -> TrainingTrack:
     """Train ``model`` by SGD on the mean squared error to ``targets`` (its states
     ``[B, T, n]``) for ``num_steps`` steps, with a :class:`KernelTracker` recording every
     ``every`` steps (``tracker_kwargs`` go to it). Warnings are recorded, not raised.
@@ -537,11 +662,14 @@ def train_tracked(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         out = model(inputs)
     out = out[0] if isinstance(out, tuple) else out
     if tuple(out.shape) != tuple(targets.shape):
-        raise ValueError(f"expected targets of the states' shape {list(out.shape)} "
-                         f"[trials, steps, n], got {list(targets.shape)}")
+        raise ValueError(
+            f"expected targets of the states' shape {list(out.shape)} "
+            f"[trials, steps, n], got {list(targets.shape)}"
+        )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=float(lr))
-    tracker = KernelTracker(model, inputs, every=every, horizon=horizon, generator=generator,
-                            **tracker_kwargs)
+    tracker = KernelTracker(
+        model, inputs, every=every, horizon=horizon, generator=generator, **tracker_kwargs
+    )
     losses: list[float] = []
     t_train, S = 0.0, int(num_steps)
     with warnings.catch_warnings():
@@ -569,12 +697,18 @@ def train_tracked(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     est = None
     if warn is not None:
         est = float(rec.estimated_crossing[int(torch.nonzero(rec.steps == warn)[0])])
-    return TrainingTrack(records=rec, loss=torch.tensor(losses, dtype=torch.float64),
-                         num_steps=S, crossing_step=crossing, first_warning=warn,
-                         lead_time=crossing - warn if crossing is not None and warn is not None
-                         else None, estimate_at_warning=est, seconds_train=t_train,
-                         seconds_track=rec.seconds,
-                         overhead=(t_train + rec.seconds) / max(t_train, 1e-12))
+    return TrainingTrack(
+        records=rec,
+        loss=torch.tensor(losses, dtype=torch.float64),
+        num_steps=S,
+        crossing_step=crossing,
+        first_warning=warn,
+        lead_time=crossing - warn if crossing is not None and warn is not None else None,
+        estimate_at_warning=est,
+        seconds_train=t_train,
+        seconds_track=rec.seconds,
+        overhead=(t_train + rec.seconds) / max(t_train, 1e-12),
+    )
 
 
 # ---------------------------------------------------------------------------- interference
@@ -629,9 +763,11 @@ def interference(K, state_gradients, names=None, *, channel=None) -> Interferenc
     M = K.shape[0]
     bad = [i for i, g in enumerate(grads) if g.numel() != M]
     if bad:
-        raise ValueError(f"expected state gradients with M = {M} entries (the states "
-                         f"[B, T, n] of K), got {[grads[i].numel() for i in bad]} for subtask(s) "
-                         f"{bad}")
+        raise ValueError(
+            f"expected state gradients with M = {M} entries (the states "
+            f"[B, T, n] of K), got {[grads[i].numel() for i in bad]} for subtask(s) "
+            f"{bad}"
+        )
     V = K.vjp(torch.stack(grads, dim=1).to(dtype=K.dtype))
     names = tuple(names) if names is not None else tuple(f"task{i}" for i in range(len(grads)))
     if len(names) != len(grads):
@@ -641,8 +777,10 @@ def interference(K, state_gradients, names=None, *, channel=None) -> Interferenc
         C = torch.as_tensor(channel).to(V)
         C = C[:, None] if C.dim() == 1 else C
         if C.dim() != 2 or C.shape[0] != V.shape[0]:
-            raise ValueError(f"expected channel directions of shape [{V.shape[0]}] or "
-                             f"[{V.shape[0]}, r], got {tuple(torch.as_tensor(channel).shape)}")
+            raise ValueError(
+                f"expected channel directions of shape [{V.shape[0]}] or "
+                f"[{V.shape[0]}, r], got {tuple(torch.as_tensor(channel).shape)}"
+            )
         c = torch.linalg.qr(C).Q.T @ V
         part = (c.T @ c).to(torch.float64)
     return Interference(matrix=(V.T @ V).to(torch.float64), names=names, channel_matrix=part)

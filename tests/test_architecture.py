@@ -15,8 +15,19 @@ ROOT = Path(__file__).resolve().parents[1] / "lanczos_ntk"
 LAYERS = [
     ("base", ["_tolerances", "_results", "_functional", "_budget", "linalg", "plotting"]),
     ("models", ["models"]),
-    ("operators", ["_dual_graph", "_rnn_path", "_cells", "_cell_path", "_closed_form",
-                   "_engine", "_operator", "_partial_trace"]),
+    (
+        "operators",
+        [
+            "_dual_graph",
+            "_rnn_path",
+            "_cells",
+            "_cell_path",
+            "_closed_form",
+            "_engine",
+            "_operator",
+            "_partial_trace",
+        ],
+    ),
     ("spectral", ["spectral", "_deflated"]),  # _deflated: the old path of DeflatedSLQ
     ("dynamics", ["dynamics"]),
     ("analysis", ["channels", "optim", "landscape", "testing"]),
@@ -38,7 +49,7 @@ def _imports(path: Path, parts: list[str]):
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - (node.level - 1)]
+                base = package[: len(package) - (node.level - 1)]
                 target = base + (node.module.split(".") if node.module else [])
             elif (node.module or "").startswith("lanczos_ntk"):
                 target = node.module.split(".")[1:]
@@ -78,11 +89,12 @@ def test_imports_run_down_the_layers():
             is_module = (ROOT / target[0]).is_dir() or (ROOT / f"{target[0]}.py").exists()
             if not is_module:  # a name from the package root, which imports nearly everything
                 if LAYERS[mine][0] != "cli":
-                    upward.append(f"{'/'.join(parts)}.py:{line} imports {target[0]} from the "
-                                  f"package root")
+                    upward.append(f"{'/'.join(parts)}.py:{line} imports {target[0]} from the package root")
             elif theirs > mine:
-                upward.append(f"{'/'.join(parts)}.py:{line} ({LAYERS[mine][0]}) imports "
-                              f"{'.'.join(target)} ({LAYERS[theirs][0]})")
+                upward.append(
+                    f"{'/'.join(parts)}.py:{line} ({LAYERS[mine][0]}) imports "
+                    f"{'.'.join(target)} ({LAYERS[theirs][0]})"
+                )
     assert not upward, "imports against the data flow:\n" + "\n".join(upward)
 
 
@@ -91,16 +103,26 @@ def test_the_library_never_prints_and_linalg_needs_only_torch():
     for path, parts in _modules():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         if parts and parts[0] not in ("cli", "__main__"):
-            printing += [f"{'/'.join(parts)}:{n.lineno}" for n in ast.walk(tree)
-                         if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-                         and n.func.id == "print"]
+            printing += [
+                f"{'/'.join(parts)}:{n.lineno}"
+                for n in ast.walk(tree)
+                if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
+            ]
         if parts and parts[0] == "linalg":
             for n in ast.walk(tree):
-                names = [a.name for a in n.names] if isinstance(n, ast.Import) else \
-                    [n.module] if isinstance(n, ast.ImportFrom) and not n.level else []
-                foreign += [f"{'/'.join(parts)}:{n.lineno} {m}" for m in names
-                            if m.split(".")[0] not in ("torch", "math", "warnings", "typing",
-                                                       "collections", "__future__", "dataclasses")]
+                names = (
+                    [a.name for a in n.names]
+                    if isinstance(n, ast.Import)
+                    else [n.module]
+                    if isinstance(n, ast.ImportFrom) and not n.level
+                    else []
+                )
+                foreign += [
+                    f"{'/'.join(parts)}:{n.lineno} {m}"
+                    for m in names
+                    if m.split(".")[0]
+                    not in ("torch", "math", "warnings", "typing", "collections", "__future__", "dataclasses")
+                ]
     assert not printing, f"print() in the library: {printing}"
     assert not foreign, f"linalg imports beyond torch: {foreign}"
 

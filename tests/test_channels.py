@@ -41,7 +41,7 @@ def test_split_rejects_bad_directions():
 def test_critical_direction_saddle_node_closed_form():
     mu = 0.09
     m = models.ContinuousNormalForm("saddle_node", mu=mu, input_size=1)
-    x = torch.tensor([math.sqrt(mu)], dtype=F64)       # stable node of mu - x^2
+    x = torch.tensor([math.sqrt(mu)], dtype=F64)  # stable node of mu - x^2
     d = channels.critical_direction(m, x)
     assert abs(d.eigenvalue - (-2 * math.sqrt(mu))) < 1e-12
     # g = (df/dmu, df/dB)^T w = (1, u = 0)
@@ -86,7 +86,7 @@ def test_branch_point_exponent_is_minus_two_for_a_ctrnn():
     base = models.CTRNN(6, 1, gain=1.0, dt=0.2, seed=3)
     W0 = base.W.detach().clone()
     lead = float(torch.linalg.eigvals(W0).real.max())
-    g_star = 1.0 / lead                                 # -I + g W0 loses stability
+    g_star = 1.0 / lead  # -I + g W0 loses stability
     dists, sizes = [0.02, 0.04, 0.08, 0.16], []
     for dist in dists:
         m = models.CTRNN(6, 1, gain=1.0, dt=0.2, seed=3)
@@ -162,26 +162,78 @@ def _at_fixed_point(mu, xstar):
 # upper branch), δ² (transcritical, upper branch); transient channel d = ∂λ_c/∂θ (trials start
 # off x* along the critical mode): λ ∝ Σ t² |m|^{2t} ∝ δ^-3 for every type.
 SCALING = {
-    "fold flow": (lambda mu: models.ContinuousNormalForm("saddle_node", mu=mu, dt=0.25), _sqrt,
-                  _at_fixed_point, [0.04, 0.08, 0.16, 0.32], "g", -2.0),
-    "fold map": (lambda mu: models.DiscreteNormalForm("saddle_node", mu=mu), _sqrt,
-                 _at_fixed_point, [0.0025, 0.005, 0.01, 0.02], "g", -2.0),
-    "pitchfork flow": (lambda mu: models.ContinuousNormalForm("pitchfork", mu=mu, dt=0.25), _sqrt,
-                       _at_fixed_point, [0.1, 0.2, 0.4, 0.8], "g", -1.0),
-    "pitchfork map": (lambda mu: models.DiscreteNormalForm("pitchfork", mu=mu), _sqrt,
-                      _at_fixed_point, [0.025, 0.05, 0.1, 0.2], "g", -1.0),
-    "transcritical flow": (lambda mu: models.ContinuousNormalForm("transcritical", mu=mu, dt=0.25),
-                           lambda mu: torch.tensor([mu], dtype=F64), _at_fixed_point,
-                           [0.2, 0.4, 0.8, 1.6], "g", 0.0),
-    "hopf flow": (lambda mu: models.ContinuousNormalForm("hopf", mu=mu, dt=0.1), _zero(2),
-                  _kick(0.02, 0.0), [-0.45, -0.65, -0.95, -1.4], "d", -3.0),
-    "neimark-sacker map": (lambda mu: models.DiscreteNormalForm("neimark_sacker", mu=mu), _zero(2),
-                           _kick(0.02, 0.0), [-0.04, -0.06, -0.09, -0.14], "d", -3.0),
-    "flip map": (lambda mu: models.DiscreteNormalForm("flip", mu=mu), _zero(1), _kick(0.02),
-                 [-0.04, -0.06, -0.09, -0.14], "d", -3.0),
+    "fold flow": (
+        lambda mu: models.ContinuousNormalForm("saddle_node", mu=mu, dt=0.25),
+        _sqrt,
+        _at_fixed_point,
+        [0.04, 0.08, 0.16, 0.32],
+        "g",
+        -2.0,
+    ),
+    "fold map": (
+        lambda mu: models.DiscreteNormalForm("saddle_node", mu=mu),
+        _sqrt,
+        _at_fixed_point,
+        [0.0025, 0.005, 0.01, 0.02],
+        "g",
+        -2.0,
+    ),
+    "pitchfork flow": (
+        lambda mu: models.ContinuousNormalForm("pitchfork", mu=mu, dt=0.25),
+        _sqrt,
+        _at_fixed_point,
+        [0.1, 0.2, 0.4, 0.8],
+        "g",
+        -1.0,
+    ),
+    "pitchfork map": (
+        lambda mu: models.DiscreteNormalForm("pitchfork", mu=mu),
+        _sqrt,
+        _at_fixed_point,
+        [0.025, 0.05, 0.1, 0.2],
+        "g",
+        -1.0,
+    ),
+    "transcritical flow": (
+        lambda mu: models.ContinuousNormalForm("transcritical", mu=mu, dt=0.25),
+        lambda mu: torch.tensor([mu], dtype=F64),
+        _at_fixed_point,
+        [0.2, 0.4, 0.8, 1.6],
+        "g",
+        0.0,
+    ),
+    "hopf flow": (
+        lambda mu: models.ContinuousNormalForm("hopf", mu=mu, dt=0.1),
+        _zero(2),
+        _kick(0.02, 0.0),
+        [-0.45, -0.65, -0.95, -1.4],
+        "d",
+        -3.0,
+    ),
+    "neimark-sacker map": (
+        lambda mu: models.DiscreteNormalForm("neimark_sacker", mu=mu),
+        _zero(2),
+        _kick(0.02, 0.0),
+        [-0.04, -0.06, -0.09, -0.14],
+        "d",
+        -3.0,
+    ),
+    "flip map": (
+        lambda mu: models.DiscreteNormalForm("flip", mu=mu),
+        _zero(1),
+        _kick(0.02),
+        [-0.04, -0.06, -0.09, -0.14],
+        "d",
+        -3.0,
+    ),
     "pitchfork flow, trivial branch": (
-        lambda mu: models.ContinuousNormalForm("pitchfork", mu=mu, dt=0.25), _zero(1), _kick(0.02),
-        [-0.16, -0.24, -0.36, -0.54], "d", -3.0),
+        lambda mu: models.ContinuousNormalForm("pitchfork", mu=mu, dt=0.25),
+        _zero(1),
+        _kick(0.02),
+        [-0.16, -0.24, -0.36, -0.54],
+        "d",
+        -3.0,
+    ),
 }
 
 
@@ -270,6 +322,7 @@ def _hopf_ctrnn(eps, dt=0.05):
 
         def f(x):
             return -x + torch.tanh(x) @ (r * R).T + b
+
         x = torch.zeros(2, dtype=F64)
         for _ in range(60):
             x = x - torch.linalg.solve(jacrev(f)(x), f(x))
@@ -292,17 +345,18 @@ def test_hopf_network_keeps_the_static_channel_and_the_transient_grows_like_delt
         assert abs(lam[0].imag) > 0.5 and float(lam.real.max()) < 0
         for kick in (0.02, 0.3):
             e = torch.tensor([1.0, 0.0], dtype=F64)
-            K = lnk.StateNTK(model, torch.zeros(2, 2000, 1, dtype=F64),
-                             h0=torch.stack([x + kick * e, x - kick * e]))
-            c = channels.compare_channels(K, channels.critical_direction(model, x),
-                                          generator=torch.Generator().manual_seed(0))
+            K = lnk.StateNTK(
+                model, torch.zeros(2, 2000, 1, dtype=F64), h0=torch.stack([x + kick * e, x - kick * e])
+            )
+            c = channels.compare_channels(
+                K, channels.critical_direction(model, x), generator=torch.Generator().manual_seed(0)
+            )
             assert c.conditions["stable"] and c.conditions["saturated"]
             assert c.dominant == "g" and c.g.alignment > 0.99 and c.g.rank == 2
             assert c.g.lambda_bif == pytest.approx(c.g.lambda_max, rel=1e-3)
             if kick == 0.02:
                 assert c.conditions["linear"]
-                for rep, pred in ((c.g, c.predicted_g), (c.d, c.predicted_d),
-                                  (c.joint, c.predicted_joint)):
+                for rep, pred in ((c.g, c.predicted_g), (c.d, c.predicted_d), (c.joint, c.predicted_joint)):
                     assert rep.lambda_bif == pytest.approx(pred, rel=2e-3)
             else:
                 assert not c.conditions["linear"]
@@ -317,10 +371,15 @@ def test_hopf_network_keeps_the_static_channel_and_the_transient_grows_like_delt
     with torch.no_grad():
         model.b.zero_()
     x0 = torch.zeros(2, dtype=F64)
-    K = lnk.StateNTK(model, torch.zeros(2, 2000, 1, dtype=F64), params=["W"],
-                     h0=torch.tensor([[0.02, 0.0], [-0.02, 0.0]], dtype=F64))
-    c = channels.compare_channels(K, channels.critical_direction(model, x0, params=["W"]),
-                                  generator=torch.Generator().manual_seed(0))
+    K = lnk.StateNTK(
+        model,
+        torch.zeros(2, 2000, 1, dtype=F64),
+        params=["W"],
+        h0=torch.tensor([[0.02, 0.0], [-0.02, 0.0]], dtype=F64),
+    )
+    c = channels.compare_channels(
+        K, channels.critical_direction(model, x0, params=["W"]), generator=torch.Generator().manual_seed(0)
+    )
     assert c.g is None and c.dominant == "d" and c.d.rank == 2
     assert c.d.lambda_bif == pytest.approx(c.predicted_d, rel=1e-2)
 
@@ -333,8 +392,7 @@ def _map_network(kind, r, n=4):
     D = 0.3 * torch.eye(n, dtype=F64)
     if kind == "ns":
         th = 2 * math.pi / 7
-        D[:2, :2] = r * torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]],
-                                     dtype=F64)
+        D[:2, :2] = r * torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]], dtype=F64)
     else:
         D[0, 0] = -r
     with torch.no_grad():
@@ -360,10 +418,10 @@ def test_network_near_neimark_sacker_or_flip_collapses_onto_the_transient_channe
         assert c.g is None and c.d.rank == rank and c.dominant == "d"
         assert all(c.conditions.values())
         assert c.d.lambda_bif == pytest.approx(c.predicted_d, rel=2e-3)
-        lam = torch.linalg.eigvalsh(dense_operator(K.dual())).flip(0)       # independent truth
+        lam = torch.linalg.eigvalsh(dense_operator(K.dual())).flip(0)  # independent truth
         assert float(lam[0]) == pytest.approx(c.d.lambda_max, rel=1e-6)
         assert c.d.lambda_bif > 0.99 * float(lam[0])
-        gaps.append(float(lam[rank] / lam[rank - 1]))                       # the gap after rank
+        gaps.append(float(lam[rank] / lam[rank - 1]))  # the gap after rank
         assert c.d.alignment > 0.999
         prs.append(float(lam.sum() ** 2 / (lam**2).sum()))
         lams.append(float(lam[0]))
@@ -373,12 +431,12 @@ def test_network_near_neimark_sacker_or_flip_collapses_onto_the_transient_channe
     assert exponent == pytest.approx(-3.0, abs=0.15)
 
 
-@pytest.mark.parametrize("form, a2, k3", [("pitchfork", 0.0, -1.0), ("transcritical", -1.0, 0.0),
-                                          ("saddle_node", -1.0, 0.0)])
+@pytest.mark.parametrize(
+    "form, a2, k3", [("pitchfork", 0.0, -1.0), ("transcritical", -1.0, 0.0), ("saddle_node", -1.0, 0.0)]
+)
 def test_real_mode_coefficients_of_the_normal_forms(form, a2, k3):
     """x ↦ x + μx - x³ (or - x², or x + μ - x²) at x* = 0: the coefficients in closed form."""
     model = models.DiscreteNormalForm(form, mu=-0.2 if form != "saddle_node" else 0.0)
-    cd = channels.critical_direction(model, torch.zeros(1, dtype=F64),
-                                     derivative="partial")
+    cd = channels.critical_direction(model, torch.zeros(1, dtype=F64), derivative="partial")
     got = channels.real_mode_coefficients(model, cd, torch.zeros(1, dtype=F64))
     assert got == pytest.approx((a2, k3), abs=1e-12)

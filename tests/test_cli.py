@@ -21,13 +21,35 @@ from lanczos_ntk.cli._config import defaults_for
 from lanczos_ntk.cli._runs import ConfigError, dump_toml, load_config, merge_config, parse_overrides
 
 MODEL_TINY = ["--set", "model.state_size=4", "--set", "inputs.trials=2", "--set", "inputs.steps=6"]
-SPEC_TINY = ["--threads", "1", "--set", "spectrum.k=2", "--set", "spectrum.bottom=1",
-             "--set", "spectrum.num_probes=2", "--set", "spectrum.num_steps=5",
-             "--set", "density.num_points=50"]
+SPEC_TINY = [
+    "--threads",
+    "1",
+    "--set",
+    "spectrum.k=2",
+    "--set",
+    "spectrum.bottom=1",
+    "--set",
+    "spectrum.num_probes=2",
+    "--set",
+    "spectrum.num_steps=5",
+    "--set",
+    "density.num_points=50",
+]
 TINY = MODEL_TINY + SPEC_TINY
-TINY_SWEEP = TINY + ["--set", "dynamics.seeds=4", "--set", "dynamics.max_steps=30",
-                     "--set", "sweep.num=3", "--set", "sweep.start=0.5", "--set", "sweep.stop=1.5",
-                     "--set", "sweep.densities=2"]
+TINY_SWEEP = TINY + [
+    "--set",
+    "dynamics.seeds=4",
+    "--set",
+    "dynamics.max_steps=30",
+    "--set",
+    "sweep.num=3",
+    "--set",
+    "sweep.start=0.5",
+    "--set",
+    "sweep.stop=1.5",
+    "--set",
+    "sweep.densities=2",
+]
 
 
 def run(args, expect=0):
@@ -51,8 +73,9 @@ def test_help_lists_every_command():
 def test_python_dash_m_runs_the_command_line():
     """``python -m lanczos_ntk`` (and ``python -m lanczos_ntk.cli``) is the ``lanczos-ntk`` command."""
     for module in ("lanczos_ntk", "lanczos_ntk.cli"):
-        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         assert "Usage: lanczos-ntk" in done.stdout and "spectrum" in done.stdout
 
@@ -86,8 +109,9 @@ def test_density_linear_and_log(tmp_path):
 
 def test_bifurcate_pitchfork_normal_form(tmp_path):
     out = tmp_path / "bif"
-    res = run(["bifurcate", "--set", "bifurcate.seeds=8", "--set", "bifurcate.max_steps=200",
-               "--out", str(out)])
+    res = run(
+        ["bifurcate", "--set", "bifurcate.seeds=8", "--set", "bifurcate.max_steps=200", "--out", str(out)]
+    )
     assert "branch_point" in res.output
     summary = json.loads((out / "summary.json").read_text())
     kinds = [b["kind"] for b in summary["bifurcations"]]
@@ -103,8 +127,19 @@ def test_bifurcate_says_where_the_euler_map_loses_stability(tmp_path):
     """Hopf normal form simulated with dt = 0.2: the flow's Hopf point is at μ = 0, the Euler
     map's (|1 + dt(μ + i)| = 1) at μ = (√(1 - dt²) - 1)/dt ≈ -0.101, where the kernel sees it."""
     out = tmp_path / "hopf"
-    res = run(["bifurcate", "--set", "model.form=hopf", "--set", "model.dt=0.2",
-               "--set", "bifurcate.seeds=8", "--out", str(out)])
+    res = run(
+        [
+            "bifurcate",
+            "--set",
+            "model.form=hopf",
+            "--set",
+            "model.dt=0.2",
+            "--set",
+            "bifurcate.seeds=8",
+            "--out",
+            str(out),
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert [b["kind"] for b in summary["bifurcations"]] == ["hopf"]
     assert abs(summary["bifurcations"][0]["p"]) < 1e-8
@@ -116,8 +151,18 @@ def test_bifurcate_says_where_the_euler_map_loses_stability(tmp_path):
 
 def test_sweep_gain_marks_the_bifurcation(tmp_path):
     out = tmp_path / "sw"
-    res = run(["sweep", *TINY_SWEEP, "--set", "sweep.relative_to_critical=true",
-               "--set", "dynamics.input=zero", "--out", str(out)])
+    res = run(
+        [
+            "sweep",
+            *TINY_SWEEP,
+            "--set",
+            "sweep.relative_to_critical=true",
+            "--set",
+            "dynamics.input=zero",
+            "--out",
+            str(out),
+        ]
+    )
     sweep = lnk.load_result(out / "results" / "sweep")
     assert sweep.values.shape == (3,) and sweep.eigenvalues.shape == (3, 2)
     assert abs(sweep.values[1] / sweep.critical_value - 1.0) < 1e-12
@@ -127,8 +172,9 @@ def test_sweep_gain_marks_the_bifurcation(tmp_path):
     # one event, one number: the change between sweep points is the located bifurcation
     assert "stability_change" not in kinds, sweep.bifurcations
     located = [b for b in sweep.bifurcations if "sweep_interval" in b]
-    assert located and all(b["sweep_interval"][0] - 1e-9 <= b["p"] <= b["sweep_interval"][1] + 1e-9
-                           for b in located)
+    assert located and all(
+        b["sweep_interval"][0] - 1e-9 <= b["p"] <= b["sweep_interval"][1] + 1e-9 for b in located
+    )
     assert "between sweep points" not in res.output
     assert "overview.png" in figures(out) and "bifurcation.pdf" in figures(out)
     points = [lnk.load_result(out / "results" / f"point-{i:03d}") for i in range(3)]
@@ -138,8 +184,7 @@ def test_sweep_gain_marks_the_bifurcation(tmp_path):
 def test_demo_on_tiny_settings(tmp_path):
     out = tmp_path / "demo"
     threads = torch.get_num_threads()
-    res = run(["demo", *TINY_SWEEP, "--set", "sweep.start=0.8", "--set", "sweep.stop=1.2",
-               "--out", str(out)])
+    res = run(["demo", *TINY_SWEEP, "--set", "sweep.start=0.8", "--set", "sweep.stop=1.2", "--out", str(out)])
     assert torch.get_num_threads() == threads  # the demo's single thread is not left behind
     assert "λ_max grows" in res.output and "overview.png" in res.output
     assert {"overview.png", "overview.pdf", "densities.png", "bifurcation.png"} <= set(figures(out))
@@ -210,8 +255,19 @@ def test_sweep_over_checkpoints(tmp_path):
         paths.append(tmp_path / f"ck{i}.pt")
         torch.save(state, paths[-1])
     out = tmp_path / "ck"
-    run(["sweep", *TINY_SWEEP, "--checkpoints", str(paths[0]), "--checkpoints", str(paths[1]),
-         "--quiet", "--out", str(out)])
+    run(
+        [
+            "sweep",
+            *TINY_SWEEP,
+            "--checkpoints",
+            str(paths[0]),
+            "--checkpoints",
+            str(paths[1]),
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     sweep = lnk.load_result(out / "results" / "sweep")
     assert sweep.param == "checkpoints" and sweep.labels == ["ck0.pt", "ck1.pt"]
     assert sweep.branch is None
@@ -219,22 +275,57 @@ def test_sweep_over_checkpoints(tmp_path):
 
 def test_user_factory_and_inputs_file(tmp_path):
     (tmp_path / "mymodel.py").write_text(
-        "import lanczos_ntk as lnk\n"
-        "def build(n=3):\n    return lnk.models.DiscreteRNN(n, 2, seed=1)\n")
+        "import lanczos_ntk as lnk\ndef build(n=3):\n    return lnk.models.DiscreteRNN(n, 2, seed=1)\n"
+    )
     u = np.random.default_rng(0).normal(size=(2, 5, 2))
     np.savez(tmp_path / "u.npz", inputs=u)
     out = tmp_path / "user"
-    run(["spectrum", "--model", f"{tmp_path / 'mymodel.py'}:build", "--set", "model.kwargs.n=3",
-         "--inputs", str(tmp_path / "u.npz"), *SPEC_TINY, "--quiet", "--out", str(out)])
+    run(
+        [
+            "spectrum",
+            "--model",
+            f"{tmp_path / 'mymodel.py'}:build",
+            "--set",
+            "model.kwargs.n=3",
+            "--inputs",
+            str(tmp_path / "u.npz"),
+            *SPEC_TINY,
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads((out / "summary.json").read_text())["dimension_M"] == 2 * 5 * 3
     torch.save(torch.as_tensor(u), tmp_path / "u.pt")
-    run(["density", "--model", f"{tmp_path / 'mymodel.py'}:build", "--inputs", str(tmp_path / "u.pt"),
-         *SPEC_TINY, "--quiet", "--out", str(tmp_path / "user2")])
+    run(
+        [
+            "density",
+            "--model",
+            f"{tmp_path / 'mymodel.py'}:build",
+            "--inputs",
+            str(tmp_path / "u.pt"),
+            *SPEC_TINY,
+            "--quiet",
+            "--out",
+            str(tmp_path / "user2"),
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("case", ["unknown_key", "missing_inputs", "wrong_shape", "bad_model",
-                                  "bad_type", "bad_set", "missing_checkpoint", "unknown_param"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown_key",
+        "missing_inputs",
+        "wrong_shape",
+        "bad_model",
+        "bad_type",
+        "bad_set",
+        "missing_checkpoint",
+        "unknown_param",
+    ],
+)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
     out = tmp_path / "run"
     args = ["spectrum", *TINY]
@@ -299,8 +390,12 @@ def test_non_run_folder_is_not_overwritten(tmp_path):
 # ------------------------------------------------------------------------------- config
 def test_config_round_trip_and_overrides(tmp_path):
     cfg = defaults_for("sweep")
-    cfg = merge_config(cfg, parse_overrides(["model.gain=1.5", "sweep.values=[1, 2.5]",
-                                             "model.name=pkg.mod:f", "model.kwargs.width=3"]))
+    cfg = merge_config(
+        cfg,
+        parse_overrides(
+            ["model.gain=1.5", "sweep.values=[1, 2.5]", "model.name=pkg.mod:f", "model.kwargs.width=3"]
+        ),
+    )
     assert cfg["model"]["gain"] == 1.5 and cfg["sweep"]["values"] == [1, 2.5]
     assert cfg["model"]["kwargs"] == {"width": 3}
     (tmp_path / "c.toml").write_text(dump_toml(cfg))
@@ -327,17 +422,41 @@ def test_printed_ranks_and_trace_match_the_dense_kernel_near_collapse(tmp_path):
     from lanczos_ntk.testing import dense_gram
 
     out = tmp_path / "spec"
-    args = ["spectrum", "--threads", "1", "--set", "model.state_size=8", "--set", "model.gain=2.5",
-            "--set", "inputs.trials=2", "--set", "inputs.steps=40", "--set", "spectrum.k=3",
-            "--set", "spectrum.bottom=0", "--set", "spectrum.num_probes=8",
-            "--set", "spectrum.num_steps=20", "--set", "density.points=50", "--out", str(out)]
+    args = [
+        "spectrum",
+        "--threads",
+        "1",
+        "--set",
+        "model.state_size=8",
+        "--set",
+        "model.gain=2.5",
+        "--set",
+        "inputs.trials=2",
+        "--set",
+        "inputs.steps=40",
+        "--set",
+        "spectrum.k=3",
+        "--set",
+        "spectrum.bottom=0",
+        "--set",
+        "spectrum.num_probes=8",
+        "--set",
+        "spectrum.num_steps=20",
+        "--set",
+        "density.points=50",
+        "--out",
+        str(out),
+    ]
     res = run(args)
     m = json.loads((out / "summary.json").read_text())
     model, inputs = model_and_inputs(json.loads((out / "config.json").read_text()))
     lam = torch.linalg.eigvalsh(dense_gram(model, inputs)).clamp_min(0)
     p = lam[lam > 0] / lam.sum()
-    truth = {"participation_rank": float(lam.sum() ** 2 / (lam**2).sum()),
-             "entropy_rank": float(torch.exp(-(p * p.log()).sum())), "trace": float(lam.sum())}
+    truth = {
+        "participation_rank": float(lam.sum() ** 2 / (lam**2).sum()),
+        "entropy_rank": float(torch.exp(-(p * p.log()).sum())),
+        "trace": float(lam.sum()),
+    }
     assert truth["participation_rank"] < 2.5  # the collapsed regime
     for key, value in truth.items():
         se = m["trace_se" if key == "trace" else key + "_se"]
@@ -347,8 +466,7 @@ def test_printed_ranks_and_trace_match_the_dense_kernel_near_collapse(tmp_path):
 
 def test_bad_run_settings_exit_2_with_one_line_and_write_nothing(tmp_path):
     out = tmp_path / "spec"
-    res = CliRunner().invoke(main, ["spectrum", *TINY, "--set", "spectrum.k=100000",
-                                    "--out", str(out)])
+    res = CliRunner().invoke(main, ["spectrum", *TINY, "--set", "spectrum.k=100000", "--out", str(out)])
     assert res.exit_code == 2 and "spectrum.k=100000 exceeds" in res.output
     assert not out.exists()
     blocker = tmp_path / "a_file"
@@ -401,11 +519,22 @@ def test_a_model_with_the_wrong_input_size_names_what_it_expects(tmp_path):
         "    def forward(self, u):\n"
         "        return self.rnn(u)[0]\n"
         "def build():\n"
-        "    return M()\n")
+        "    return M()\n"
+    )
     np.save(tmp_path / "u.npy", np.zeros((2, 4, 3)))
-    res = CliRunner().invoke(main, ["spectrum", "--model", f"{tmp_path / 'wrongsize.py'}:build",
-                                    *SPEC_TINY, "--inputs", str(tmp_path / "u.npy"),
-                                    "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "spectrum",
+            "--model",
+            f"{tmp_path / 'wrongsize.py'}:build",
+            *SPEC_TINY,
+            "--inputs",
+            str(tmp_path / "u.npy"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 2, res.output
     assert "takes 5 input features" in res.output
 
@@ -428,7 +557,8 @@ def test_model_package_in_the_working_directory_and_text_inputs(tmp_path, monkey
     (pkg / "models.py").write_text(
         "import lanczos_ntk as lnk\n"
         "def build(state_size=4, input_size=1, **kwargs):\n"
-        "    return lnk.models.CTRNN(state_size, input_size, seed=0)\n")
+        "    return lnk.models.CTRNN(state_size, input_size, seed=0)\n"
+    )
     monkeypatch.chdir(tmp_path)  # importable from here, as `python -m` would have it
     run(["spectrum", "--model", "mypkg.models:build", *TINY, "--quiet", "--out", "out"])
     res = CliRunner().invoke(main, ["spectrum", "--model", "nopkg.models:build", "--out", "o2"])
@@ -440,17 +570,29 @@ def test_model_package_in_the_working_directory_and_text_inputs(tmp_path, monkey
 
 
 def test_old_configuration_key_names_are_still_read(tmp_path):
-    old = ["spectrum", *MODEL_TINY, "--threads", "1", "--set", "spectrum.k=2",
-           "--set", "spectrum.bottom=0", "--set", "spectrum.probes=2",
-           "--set", "spectrum.lanczos_steps=5", "--set", "density.points=50"]
+    old = [
+        "spectrum",
+        *MODEL_TINY,
+        "--threads",
+        "1",
+        "--set",
+        "spectrum.k=2",
+        "--set",
+        "spectrum.bottom=0",
+        "--set",
+        "spectrum.probes=2",
+        "--set",
+        "spectrum.lanczos_steps=5",
+        "--set",
+        "density.points=50",
+    ]
     res = CliRunner().invoke(main, [*old, "--out", str(tmp_path / "old")])
     assert res.exit_code == 0, res.output
     assert "spectrum.probes is now called spectrum.num_probes" in res.output
     cfg = load_config(tmp_path / "old" / "config.toml")
     assert cfg["spectrum"]["num_probes"] == 2 and cfg["density"]["num_points"] == 50
     assert "probes" not in cfg["spectrum"]
-    both = CliRunner().invoke(main, [*old, "--set", "spectrum.num_probes=3",
-                                     "--out", str(tmp_path / "both")])
+    both = CliRunner().invoke(main, [*old, "--set", "spectrum.num_probes=3", "--out", str(tmp_path / "both")])
     assert both.exit_code == 2 and "same key" in both.output
     assert not (tmp_path / "both").exists()
 
@@ -462,20 +604,34 @@ def test_run_folder_records_only_the_model_keys_in_use(tmp_path):
     assert model["name"] == "ctrnn" and "gain" in model and "dt" in model
     assert not {"form", "mu", "kind", "kwargs"} & set(model)
     # the recorded file runs again as a configuration, into the same folder (a resume)
-    again = CliRunner().invoke(main, ["spectrum", "--config", str(tmp_path / "c" / "config.toml"),
-                                      "--out", str(tmp_path / "c")])
+    again = CliRunner().invoke(
+        main, ["spectrum", "--config", str(tmp_path / "c" / "config.toml"), "--out", str(tmp_path / "c")]
+    )
     assert again.exit_code == 0, again.output
-    bif = CliRunner().invoke(main, ["bifurcate", "--set", "bifurcate.seeds=4",
-                                    "--set", "bifurcate.max_steps=50",
-                                    "--out", str(tmp_path / "b")])
+    bif = CliRunner().invoke(
+        main,
+        [
+            "bifurcate",
+            "--set",
+            "bifurcate.seeds=4",
+            "--set",
+            "bifurcate.max_steps=50",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
     assert bif.exit_code == 0, bif.output
     model = load_config(tmp_path / "b" / "config.toml")["model"]
     assert {"form", "kind", "mu", "dt"} <= set(model) and "gain" not in model
 
 
-@pytest.mark.parametrize("command", [["teacher", "--optimizer", "sgd", "--set", "num_steps=2"],
-                                     ["landscapes", "--steps", "2", "--mu", "-0.1,0.1,3",
-                                      "--alpha", "-0.1,0.1,3"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["teacher", "--optimizer", "sgd", "--set", "num_steps=2"],
+        ["landscapes", "--steps", "2", "--mu", "-0.1,0.1,3", "--alpha", "-0.1,0.1,3"],
+    ],
+)
 def test_every_command_shares_the_run_folder_handling(tmp_path, monkeypatch, command):
     """teacher and landscapes answer an unwritable --out and Ctrl-C as the other commands do."""
     blocker = tmp_path / "a_file"

@@ -30,6 +30,9 @@ def test_import_is_free_of_deprecation_warnings():
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c",
-                          "import lanczos_ntk"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", "import lanczos_ntk"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-500:]

@@ -17,8 +17,9 @@ B, T = 6, 5
 def _problem():
     model = models.GRU(3, 2, seed=0)
     u = torch.randn(B, T, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
-    X = torch.randn(sum(p.numel() for p in model.parameters()), 3,
-                    generator=torch.Generator().manual_seed(2), dtype=F64)
+    X = torch.randn(
+        sum(p.numel() for p in model.parameters()), 3, generator=torch.Generator().manual_seed(2), dtype=F64
+    )
     return model, u, X
 
 
@@ -26,11 +27,10 @@ def _on_rank(rank, world, folder, job):
     """A spawned rank: join the gloo group, build the operator on this rank's share of the
     trials, run ``job(K, rank, folder)`` (which saves its results), then leave cleanly."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
     try:
         model, u, _ = _problem()
-        mine = u[rank * B // world:(rank + 1) * B // world]
+        mine = u[rank * B // world : (rank + 1) * B // world]
         job(lnk.StateNTK(model, mine, process_group=dist.group.WORLD), rank, folder)
         # every rank done with its collectives before any tears gloo down: a rank that
         # destroys the group while its peer still talks to it can abort at exit
@@ -48,14 +48,22 @@ def _gram_and_top(K, rank, folder):
     GX = K.dual().matmul(X)
     top = lnk.eigsh(K, k=3, tol=1e-10, generator=torch.Generator().manual_seed(0))
     # eigenvectors of K itself: each rank its rows of J x / sqrt(λ)
-    prim = lnk.eigsh(K, k=2, tol=1e-10, return_eigenvectors=True,
-                     generator=torch.Generator().manual_seed(0))
+    prim = lnk.eigsh(K, k=2, tol=1e-10, return_eigenvectors=True, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="process group"):
         lnk.eigsh(K, k=1, side="primal")
-    torch.save({"GX": GX, "top": top.eigenvalues, "side": top.side, "Y": prim.eigenvectors,
-                "Y_values": prim.eigenvalues, "Y_residuals": prim.residuals,
-                "Y_side": prim.side, "Y_dimension": prim.dimension},
-               os.path.join(folder, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "GX": GX,
+            "top": top.eigenvalues,
+            "side": top.side,
+            "Y": prim.eigenvectors,
+            "Y_values": prim.eigenvalues,
+            "Y_residuals": prim.residuals,
+            "Y_side": prim.side,
+            "Y_dimension": prim.dimension,
+        },
+        os.path.join(folder, f"rank{rank}.pt"),
+    )
 
 
 def test_two_ranks_give_the_global_gram_and_spectrum(tmp_path):
@@ -88,21 +96,26 @@ def test_process_group_needs_an_initialised_backend():
 
 def _estimates(K):
     """Every spectral estimator on one operator, each from the same seeded generator."""
+
     def g():
         return torch.Generator().manual_seed(7)
 
     vecs = lnk.eigsh(K.dual(), k=2, tol=1e-10, return_eigenvectors=True, generator=g())
     sign = torch.sign(vecs.eigenvectors[0:1])  # eigenvectors up to sign
     slq = lnk.slq(K, num_probes=4, num_steps=12, generator=g())
-    return {"values": vecs.eigenvalues, "vectors": vecs.eigenvectors * sign,
-            "trace": torch.tensor(lnk.trace(K, num_matvecs=12, generator=g()).estimate),
-            "nodes": slq.nodes, "weights": slq.weights,
-            "rank": torch.tensor(lnk.effective_rank(K, num_probes=4, num_steps=12,
-                                                    generator=g()).value),
-            "channel": _channel_numbers(K),
-            # M of the whole dataset (zero mass counts M - P zeros), not this rank's rows
-            "M": torch.tensor([K.total_states, lnk.eigsh(K, k=1, generator=g()).primal_dimension,
-                               slq.primal_dimension])}
+    return {
+        "values": vecs.eigenvalues,
+        "vectors": vecs.eigenvectors * sign,
+        "trace": torch.tensor(lnk.trace(K, num_matvecs=12, generator=g()).estimate),
+        "nodes": slq.nodes,
+        "weights": slq.weights,
+        "rank": torch.tensor(lnk.effective_rank(K, num_probes=4, num_steps=12, generator=g()).value),
+        "channel": _channel_numbers(K),
+        # M of the whole dataset (zero mass counts M - P zeros), not this rank's rows
+        "M": torch.tensor(
+            [K.total_states, lnk.eigsh(K, k=1, generator=g()).primal_dimension, slq.primal_dimension]
+        ),
+    }
 
 
 def _channel_numbers(K):
@@ -110,8 +123,9 @@ def _channel_numbers(K):
     P = K.dual().shape[0]
     g = torch.randn(P, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
     r = lnk.channels.channel_report(K, g, generator=torch.Generator().manual_seed(7))
-    return torch.tensor([r.lambda_max, r.lambda_bif, r.lambda_res, r.trace, r.trace_bif,
-                         r.alignment], dtype=F64)
+    return torch.tensor(
+        [r.lambda_max, r.lambda_bif, r.lambda_res, r.trace, r.trace_bif, r.alignment], dtype=F64
+    )
 
 
 def _save_estimates(K, rank, folder):
@@ -129,14 +143,21 @@ def test_every_estimator_over_ranks_matches_one_process(tmp_path, world):
     torch.testing.assert_close(one["values"], torch.linalg.eigvalsh(G).flip(0)[:2], rtol=1e-9, atol=0)
     # the channel numbers of one process against the dense Jacobian
     J = lnk.testing.dense_jacobian(model, u)
-    Q = torch.linalg.qr(torch.randn(G.shape[0], 2, generator=torch.Generator().manual_seed(5),
-                                    dtype=F64)).Q
+    Q = torch.linalg.qr(torch.randn(G.shape[0], 2, generator=torch.Generator().manual_seed(5), dtype=F64)).Q
     JQ = J @ Q
     u1 = torch.linalg.eigh(J @ J.T).eigenvectors[:, -1]
     align = torch.linalg.norm(torch.linalg.qr(JQ).Q.T @ u1)
     res = torch.linalg.eigvalsh(G - G @ Q @ Q.T - Q @ Q.T @ G + Q @ Q.T @ G @ Q @ Q.T).max()
-    want = torch.stack([torch.linalg.eigvalsh(G).max(), torch.linalg.eigvalsh(JQ.T @ JQ).max(),
-                        res, G.trace(), (JQ ** 2).sum(), align])
+    want = torch.stack(
+        [
+            torch.linalg.eigvalsh(G).max(),
+            torch.linalg.eigvalsh(JQ.T @ JQ).max(),
+            res,
+            G.trace(),
+            (JQ**2).sum(),
+            align,
+        ]
+    )
     torch.testing.assert_close(one["channel"], want, rtol=1e-7, atol=1e-9)
     assert one["M"].tolist() == [B * T * 3] * 3  # B·T·n, n = 3 units
     for rank in range(world):
@@ -152,21 +173,24 @@ def _lrng_steps(model, u, group=None, steps=4):
     if group is not None:
         r, n = dist.get_rank(), dist.get_world_size()
         lo = r * B // n
-    target = target[lo:lo + u.shape[0]]
-    opt = lnk.optim.LowRankNaturalGradient(model, u, lr=0.05, rank=2, refresh_every=2,
-                                           tol=1e-10, process_group=group)
+    target = target[lo : lo + u.shape[0]]
+    opt = lnk.optim.LowRankNaturalGradient(
+        model, u, lr=0.05, rank=2, refresh_every=2, tol=1e-10, process_group=group
+    )
     for _ in range(steps):
         opt.zero_grad()
         ((model(u) - target) ** 2).sum().backward()
         opt.step()
-    return {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
-            "eigenvalues": opt.eigenvalues}
+    return {
+        "params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+        "eigenvalues": opt.eigenvalues,
+    }
 
 
 def _save_lrng(K, rank, folder):
     model, u, _ = _problem()
     n = dist.get_world_size()
-    mine = u[rank * B // n:(rank + 1) * B // n]
+    mine = u[rank * B // n : (rank + 1) * B // n]
     torch.save(_lrng_steps(model, mine, dist.group.WORLD), os.path.join(folder, f"lrng{rank}.pt"))
 
 
@@ -193,10 +217,24 @@ def _compare_problem():
 def _compare_numbers(K, model):
     cd = lnk.channels.critical_direction(model, torch.zeros(3, dtype=F64))
     c = lnk.channels.compare_channels(K, cd, generator=torch.Generator().manual_seed(0))
-    return torch.tensor([c.g.lambda_bif, c.d.lambda_bif, c.joint.lambda_bif, c.g.lambda_max,
-                         c.g.trace, c.g.alignment, c.predicted_g, c.predicted_d,
-                         c.predicted_joint, c.static_law, c.transient_law, c.kick,
-                         c.nonlinearity], dtype=F64)
+    return torch.tensor(
+        [
+            c.g.lambda_bif,
+            c.d.lambda_bif,
+            c.joint.lambda_bif,
+            c.g.lambda_max,
+            c.g.trace,
+            c.g.alignment,
+            c.predicted_g,
+            c.predicted_d,
+            c.predicted_joint,
+            c.static_law,
+            c.transient_law,
+            c.kick,
+            c.nonlinearity,
+        ],
+        dtype=F64,
+    )
 
 
 def _save_compare(K, rank, folder):
@@ -222,7 +260,7 @@ def _tracker_records(model, u, group=None):
     if group is not None:
         n = dist.get_world_size()
         r = dist.get_rank()
-        target = target[r * B // n:(r + 1) * B // n]
+        target = target[r * B // n : (r + 1) * B // n]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     tracker = lnk.track.KernelTracker(model, u, every=2, k=2, process_group=group)
     for step in range(5):
@@ -235,16 +273,28 @@ def _tracker_records(model, u, group=None):
                 dist.all_reduce(p.grad, group=group)
         opt.step()
     rec = tracker.records
-    return torch.cat([rec.eigenvalues.reshape(-1), rec.residuals.reshape(-1), rec.participation,
-                      rec.participation_se, rec.leading, rec.channel_cos, rec.sensitivity_cos,
-                      rec.gradient_channel_cos, rec.gradient_sensitivity_cos])
+    return torch.cat(
+        [
+            rec.eigenvalues.reshape(-1),
+            rec.residuals.reshape(-1),
+            rec.participation,
+            rec.participation_se,
+            rec.leading,
+            rec.channel_cos,
+            rec.sensitivity_cos,
+            rec.gradient_channel_cos,
+            rec.gradient_sensitivity_cos,
+        ]
+    )
 
 
 def _save_tracker(K, rank, folder):
     model, u, _ = _problem()
     n = dist.get_world_size()
-    torch.save(_tracker_records(model, u[rank * B // n:(rank + 1) * B // n], dist.group.WORLD),
-               os.path.join(folder, f"track{rank}.pt"))
+    torch.save(
+        _tracker_records(model, u[rank * B // n : (rank + 1) * B // n], dist.group.WORLD),
+        os.path.join(folder, f"track{rank}.pt"),
+    )
 
 
 def test_tracker_over_ranks_matches_one_process(tmp_path):

@@ -31,13 +31,21 @@ def _one(kinds, branch):
 
 
 # ---------------------------------------------------------------------- normal forms
-@pytest.mark.parametrize("form,expected", [("saddle_node", "fold"), ("transcritical", "branch_point"),
-                                           ("pitchfork", "branch_point"), ("hopf", "hopf")])
+@pytest.mark.parametrize(
+    "form,expected",
+    [
+        ("saddle_node", "fold"),
+        ("transcritical", "branch_point"),
+        ("pitchfork", "branch_point"),
+        ("hopf", "hopf"),
+    ],
+)
 def test_continuous_normal_forms(form, expected):
     if form == "saddle_node":
         m = models.ContinuousNormalForm(form, mu=0.5)
-        br = continuation(m, torch.tensor([math.sqrt(0.5)], dtype=F64), None, (-1, 1), param="mu",
-                          direction=-1)
+        br = continuation(
+            m, torch.tensor([math.sqrt(0.5)], dtype=F64), None, (-1, 1), param="mu", direction=-1
+        )
     else:
         m = models.ContinuousNormalForm(form, mu=-0.5)
         br = continuation(m, _zeros(m.state_size), None, (-1, 1), param="mu")
@@ -60,14 +68,22 @@ def test_continuous_normal_forms(form, expected):
         assert b.eigenvalue.imag == pytest.approx(1.0, abs=1e-10)
 
 
-@pytest.mark.parametrize("form,expected", [("saddle_node", "fold"), ("transcritical", "branch_point"),
-                                           ("pitchfork", "branch_point"), ("flip", "flip"),
-                                           ("neimark_sacker", "neimark_sacker")])
+@pytest.mark.parametrize(
+    "form,expected",
+    [
+        ("saddle_node", "fold"),
+        ("transcritical", "branch_point"),
+        ("pitchfork", "branch_point"),
+        ("flip", "flip"),
+        ("neimark_sacker", "neimark_sacker"),
+    ],
+)
 def test_discrete_normal_forms(form, expected):
     if form == "saddle_node":
         m = models.DiscreteNormalForm(form, mu=0.5)
-        br = continuation(m, torch.tensor([math.sqrt(0.5)], dtype=F64), None, (-1, 1), param="mu",
-                          direction=-1)
+        br = continuation(
+            m, torch.tensor([math.sqrt(0.5)], dtype=F64), None, (-1, 1), param="mu", direction=-1
+        )
     else:
         m = models.DiscreteNormalForm(form, mu=-0.5)
         br = continuation(m, _zeros(m.state_size), None, (-1, 1), param="mu")
@@ -235,8 +251,9 @@ def test_random_ctrnn_200_loses_stability_at_predicted_gain():
     first = br.bifurcations[0]
     assert first.kind == ("hopf" if abs(float(lead.imag)) > 1e-12 else "branch_point")
     assert first.p == pytest.approx(g_star, rel=1e-10)
-    crossings = sorted(g0 / float(v.real) for v in nu
-                       if v.real > 0 and v.imag >= 0 and lo < g0 / float(v.real) < hi)
+    crossings = sorted(
+        g0 / float(v.real) for v in nu if v.real > 0 and v.imag >= 0 and lo < g0 / float(v.real) < hi
+    )
     assert len(br.bifurcations) == len(crossings)
     for b, c in zip(br.bifurcations, crossings):
         assert b.p == pytest.approx(c, rel=1e-9)
@@ -255,8 +272,9 @@ def test_random_discrete_rnn_loses_stability_at_predicted_gain():
     first = br.bifurcations[0]
     if abs(float(lead.imag)) > 1e-12:
         assert first.kind == "neimark_sacker"
-        assert first.coefficients["theta"] == pytest.approx(abs(math.atan2(float(lead.imag),
-                                                                           float(lead.real))))
+        assert first.coefficients["theta"] == pytest.approx(
+            abs(math.atan2(float(lead.imag), float(lead.real)))
+        )
     else:
         assert first.kind == ("branch_point" if float(lead.real) > 0 else "flip")
     assert first.p == pytest.approx(g_star, rel=1e-10)
@@ -307,8 +325,7 @@ def test_euler_map_loses_stability_before_the_flow():
     μ = (√(1 - dt²ω²) - 1)/dt."""
     dt, mu = 0.2, -0.05
     model = models.ContinuousNormalForm("hopf", mu=mu, dt=dt)
-    fp = find_fixed_points(model, p=mu, param="mu", num_seeds=8,
-                           generator=torch.Generator().manual_seed(0))
+    fp = find_fixed_points(model, p=mu, param="mu", num_seeds=8, generator=torch.Generator().manual_seed(0))
     i = int(fp.points.norm(dim=1).argmin())
     assert float(fp.points[i].norm()) < 1e-10 and bool(fp.stable[i])
     m = math.hypot(1 + dt * mu, dt)
@@ -319,14 +336,18 @@ def test_euler_map_loses_stability_before_the_flow():
     with torch.no_grad():
         traj = model(torch.zeros(1, 400, 1, dtype=F64), h0=h0)[0]
     growth = float(traj[-1].norm() / h0.norm())
-    assert growth == pytest.approx(m ** 400, rel=1e-3)
+    assert growth == pytest.approx(m**400, rel=1e-3)
     br = continuation(model, torch.zeros(2, dtype=F64), -0.5, (-0.5, 0.3), param="mu")
     (mu_e,) = br.euler_stability_changes()
     assert mu_e == pytest.approx((math.sqrt(1 - dt**2) - 1) / dt, abs=1e-3)
     assert [b.kind for b in br.bifurcations] == ["hopf"]
     assert bool(br.euler_stable[0]) and not bool(br.euler_stable[-1])
     # maps have no Euler step
-    assert find_fixed_points(models.DiscreteNormalForm("pitchfork", mu=-0.5), p=-0.5,
-                             param="mu", num_seeds=4).euler_stable is None
+    assert (
+        find_fixed_points(
+            models.DiscreteNormalForm("pitchfork", mu=-0.5), p=-0.5, param="mu", num_seeds=4
+        ).euler_stable
+        is None
+    )
     with pytest.raises(ValueError, match="Euler step of a flow"):
         System(lambda x, p: x, n=1, kind="map", dt=0.1)

@@ -41,8 +41,7 @@ def test_lorenz_hopf_and_pitchfork():
     s, beta = 10.0, 8.0 / 3.0
 
     def f(x, rho):
-        return torch.stack([s * (x[1] - x[0]), rho * x[0] - x[1] - x[0] * x[2],
-                            x[0] * x[1] - beta * x[2]])
+        return torch.stack([s * (x[1] - x[0]), rho * x[0] - x[1] - x[0] * x[2], x[0] * x[1] - beta * x[2]])
 
     rho0 = 10.0
     c = math.sqrt(beta * (rho0 - 1))

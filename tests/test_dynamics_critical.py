@@ -44,8 +44,10 @@ def _check_sensitivities(system, x, p, bif):
         got = data["sensitivities"][name].reshape(-1).to(torch.complex128)
         torch.testing.assert_close(got, fd, atol=1e-6, rtol=1e-5)
     # ∂λ/∂p at fixed x
-    fd_p = (_nearest(torch.linalg.eigvals(system.jacobian(x, p + eps)), lam)
-            - _nearest(torch.linalg.eigvals(system.jacobian(x, p - eps)), lam)) / (2 * eps)
+    fd_p = (
+        _nearest(torch.linalg.eigvals(system.jacobian(x, p + eps)), lam)
+        - _nearest(torch.linalg.eigvals(system.jacobian(x, p - eps)), lam)
+    ) / (2 * eps)
     assert data["eigenvalue_dp"] == pytest.approx(fd_p, abs=1e-6)
     # g = (∂f/∂θ)ᵀ w against the explicit parameter Jacobian
     names = data["param_names"]
@@ -97,7 +99,8 @@ def test_diagonal_ssm_and_gru_fixed_points():
     assert len(fp) == 1 and float(fp.points.abs().max()) < 1e-12
     A = jacrev(lambda h: gru.rhs(h, torch.zeros(2, dtype=F64)))(torch.zeros(4, dtype=F64)).detach()
     assert float(fp.eigenvalues[0].abs().max()) == pytest.approx(
-        float(torch.linalg.eigvals(A).abs().max()), abs=1e-10)
+        float(torch.linalg.eigvals(A).abs().max()), abs=1e-10
+    )
 
 
 def test_fixed_points_save_load(tmp_path):
@@ -117,15 +120,17 @@ def test_start_not_near_a_fixed_point():
     assert "not near a fixed point" in br.message
     with pytest.raises(RuntimeError, match="failed"):
         br.raise_for_status()
-    fp = find_fixed_points(lambda x, p: 1 + x**2, torch.randn(4, 1, dtype=F64,
-                                                           generator=torch.Generator().manual_seed(0)))
+    fp = find_fixed_points(
+        lambda x, p: 1 + x**2, torch.randn(4, 1, dtype=F64, generator=torch.Generator().manual_seed(0))
+    )
     assert fp.status == Status.FAILED and len(fp) == 0 and "no seed converged" in fp.message
 
 
 def test_non_finite_values_stop_with_the_points_so_far():
     # x = √p: the branch reaches p = 0, beyond which f is NaN
-    br = continuation(lambda x, p: torch.sqrt(p) - x, torch.ones(1, dtype=F64), 1.0, (-1.0, 2.0),
-                      direction=-1)
+    br = continuation(
+        lambda x, p: torch.sqrt(p) - x, torch.ones(1, dtype=F64), 1.0, (-1.0, 2.0), direction=-1
+    )
     assert br.status == Status.PARTIAL and len(br) > 2
     assert bool(torch.isfinite(br.points).all()) and bool((br.p >= 0).all())
     assert "ds_min" in br.message
@@ -138,8 +143,9 @@ def test_non_finite_values_stop_with_the_points_so_far():
 def test_window_without_solutions_and_skipped_critical_data(tmp_path):
     br = continuation(lambda x, p: p - x**2, torch.zeros(1, dtype=F64), -1.5, (-2.0, -1.0))
     assert br.status == Status.FAILED and len(br) == 0
-    br = continuation(lambda x, p: p - x**2, torch.ones(1, dtype=F64), 1.0, (-1.0, 2.0),
-                      direction=-1, critical=False)
+    br = continuation(
+        lambda x, p: p - x**2, torch.ones(1, dtype=F64), 1.0, (-1.0, 2.0), direction=-1, critical=False
+    )
     b = br.bifurcations[0]
     assert b.kind == "fold" and abs(b.p) < 1e-12 and b.eigenvalue_dp is None and b.v.numel() == 0
     br.save(tmp_path / "b")
@@ -163,8 +169,7 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="direction"):
         continuation(f, x0, 1.0, (0.0, 2.0), direction=0)
     with pytest.raises(ValueError, match="kind"):
-        continuation(models.ContinuousNormalForm("pitchfork"), x0, None, (-1, 1), kind="map",
-                     param="mu")
+        continuation(models.ContinuousNormalForm("pitchfork"), x0, None, (-1, 1), kind="map", param="mu")
     with pytest.raises(ValueError, match="kind"):
         System(f, 1, "ode")
     with pytest.raises(ValueError, match="param="):
@@ -179,16 +184,19 @@ def test_invalid_arguments():
 
 
 # ---------------------------------------------------------------- dλ/dθ along the branch
-@pytest.mark.parametrize("model_cls, form, mu, partial, total", [
-    # ẋ = μx - x³ at x* = √μ: λ = μ - 3x*² = -2μ; at fixed x ∂λ/∂μ = 1
-    (models.ContinuousNormalForm, "pitchfork", 0.25, 1.0, -2.0),
-    # ẋ = μ - x² at x* = √μ: λ = -2x* = -2√μ; ∂λ/∂μ = 0 at fixed x, dλ/dμ = -1/√μ
-    (models.ContinuousNormalForm, "saddle_node", 0.25, 0.0, -2.0),
-    # x ↦ x + μx - x³ at x* = √μ: multiplier 1 + μ - 3x*² = 1 - 2μ
-    (models.DiscreteNormalForm, "pitchfork", 0.16, 1.0, -2.0),
-    # x ↦ x + μ - x² at x* = √μ: multiplier 1 - 2√μ, d/dμ = -1/√μ
-    (models.DiscreteNormalForm, "saddle_node", 0.16, 0.0, -2.5),
-])
+@pytest.mark.parametrize(
+    "model_cls, form, mu, partial, total",
+    [
+        # ẋ = μx - x³ at x* = √μ: λ = μ - 3x*² = -2μ; at fixed x ∂λ/∂μ = 1
+        (models.ContinuousNormalForm, "pitchfork", 0.25, 1.0, -2.0),
+        # ẋ = μ - x² at x* = √μ: λ = -2x* = -2√μ; ∂λ/∂μ = 0 at fixed x, dλ/dμ = -1/√μ
+        (models.ContinuousNormalForm, "saddle_node", 0.25, 0.0, -2.0),
+        # x ↦ x + μx - x³ at x* = √μ: multiplier 1 + μ - 3x*² = 1 - 2μ
+        (models.DiscreteNormalForm, "pitchfork", 0.16, 1.0, -2.0),
+        # x ↦ x + μ - x² at x* = √μ: multiplier 1 - 2√μ, d/dμ = -1/√μ
+        (models.DiscreteNormalForm, "saddle_node", 0.16, 0.0, -2.5),
+    ],
+)
 def test_total_derivative_along_the_branch_in_closed_form(model_cls, form, mu, partial, total):
     from lanczos_ntk.channels import critical_direction
 
@@ -197,7 +205,8 @@ def test_total_derivative_along_the_branch_in_closed_form(model_cls, form, mu, p
     system = system_from_model(model, param="mu")
     data = critical_data(system, x, mu, "fold")
     assert data["eigenvalue"].real == pytest.approx(
-        (-2 * mu if form == "pitchfork" else -2 * math.sqrt(mu)) + (model.kind == "map"), abs=1e-12)
+        (-2 * mu if form == "pitchfork" else -2 * math.sqrt(mu)) + (model.kind == "map"), abs=1e-12
+    )
     assert float(data["sensitivities"]["mu"]) == pytest.approx(partial, abs=1e-12)
     assert float(data["sensitivities_total"]["mu"]) == pytest.approx(total, abs=1e-10)
     assert data["eigenvalue_dp"].real == pytest.approx(partial, abs=1e-12)  # p is μ: at fixed x
@@ -229,8 +238,7 @@ def test_total_derivative_matches_finite_differences_of_the_moving_fixed_point(g
     model = models.CTRNN(n, 1, gain=gain, seed=4)
     with torch.no_grad():
         if complex_mode:  # a rotation block in W: a complex leading pair
-            model.W.copy_(torch.tensor([[1.2, -2.0, 0.1], [2.0, 1.2, 0.0], [0.0, 0.3, -0.5]],
-                                       dtype=F64))
+            model.W.copy_(torch.tensor([[1.2, -2.0, 0.1], [2.0, 1.2, 0.0], [0.0, 0.3, -0.5]], dtype=F64))
         model.b.copy_(0.4 * torch.randn(n, generator=g, dtype=F64))
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     u = torch.zeros(1, dtype=F64)
@@ -280,8 +288,12 @@ def test_total_derivative_does_not_exist_at_a_fold():
     data = critical_data(system_from_model(model, param="mu"), x, 0.0, "fold")
     assert data["sensitivities_total"] is None
     # at the symmetric pitchfork's branch point ∇_x λ = 0: the total exists and equals the partial
-    pf = critical_data(system_from_model(models.ContinuousNormalForm("pitchfork", mu=0.0),
-                                         param="mu"), x, 0.0, "branch_point")
+    pf = critical_data(
+        system_from_model(models.ContinuousNormalForm("pitchfork", mu=0.0), param="mu"),
+        x,
+        0.0,
+        "branch_point",
+    )
     assert float(pf["sensitivities_total"]["mu"]) == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ValueError, match="expected derivative"):
         critical_direction(model, x, derivative="full")

@@ -34,8 +34,9 @@ def test_multivariate_normal_on_the_sntk_matches_dense(big):
     K, _, _, _ = big
     M, s2 = K.shape[0], 0.1
     D = _dense_K(K) + s2 * torch.eye(M, dtype=F64)
-    mvn = gpytorch.distributions.MultivariateNormal(torch.zeros(M, dtype=F64),
-                                                    K.add_diagonal(torch.tensor(s2, dtype=F64)))
+    mvn = gpytorch.distributions.MultivariateNormal(
+        torch.zeros(M, dtype=F64), K.add_diagonal(torch.tensor(s2, dtype=F64))
+    )
     ref = torch.distributions.MultivariateNormal(torch.zeros(M, dtype=F64), covariance_matrix=D)
     y = torch.randn(M, dtype=F64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(mvn.variance, torch.diagonal(D), rtol=1e-12, atol=1e-12)
@@ -45,8 +46,9 @@ def test_multivariate_normal_on_the_sntk_matches_dense(big):
     assert abs(lp - lp_ref) < 1e-10 * abs(lp_ref)  # exact through the P × P Gram (Woodbury)
     # the gradient in the noise level, as GP training needs it
     noise = torch.tensor(s2, dtype=F64, requires_grad=True)
-    gpytorch.distributions.MultivariateNormal(
-        torch.zeros(M, dtype=F64), K.add_diagonal(noise)).log_prob(y).backward()
+    gpytorch.distributions.MultivariateNormal(torch.zeros(M, dtype=F64), K.add_diagonal(noise)).log_prob(
+        y
+    ).backward()
     ref_noise = torch.tensor(s2, dtype=F64, requires_grad=True)
     torch.distributions.MultivariateNormal(
         torch.zeros(M, dtype=F64), covariance_matrix=D + (ref_noise - s2) * torch.eye(M, dtype=F64)
@@ -66,8 +68,12 @@ def test_exact_gp_solve_with_default_settings(big):
     G = K.dual()  # the dual side: (G + σ²I)⁻¹ directly
     DG = dense_operator(G, block=130) + s2 * torch.eye(G.shape[0], dtype=F64)
     c = torch.randn(G.shape[0], dtype=F64, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(torch.linalg.solve(G.add_diagonal(torch.tensor(s2, dtype=F64)), c),
-                               torch.linalg.solve(DG, c), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        torch.linalg.solve(G.add_diagonal(torch.tensor(s2, dtype=F64)), c),
+        torch.linalg.solve(DG, c),
+        rtol=1e-8,
+        atol=1e-10,
+    )
 
 
 def test_kernel_regression_page_agrees_with_training_the_linearised_model():

@@ -19,7 +19,6 @@ from lanczos_ntk.testing import matrix_with_spectrum
 F64 = torch.float64
 
 
-
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -33,8 +32,12 @@ def spectra(n=120):
     g = gen(1)
     X = torch.randn(n, 2 * n, dtype=F64, generator=g)
     wishart = torch.linalg.eigh(X @ X.T / n).eigenvalues
-    clustered = torch.cat([1 + 1e-3 * torch.rand(n // 2, dtype=F64, generator=g),
-                           5 + 1e-3 * torch.arange(n - n // 2, dtype=F64)])
+    clustered = torch.cat(
+        [
+            1 + 1e-3 * torch.rand(n // 2, dtype=F64, generator=g),
+            5 + 1e-3 * torch.arange(n - n // 2, dtype=F64),
+        ]
+    )
     outlier = torch.rand(n, dtype=F64, generator=g)
     outlier[0] = 1e6
     rankdef = torch.linspace(1, 10, n, dtype=F64)
@@ -72,8 +75,9 @@ def test_krylov_relation_and_orthogonality(b):
     assert float((Q.T @ Q - torch.eye(m, dtype=F64)).abs().max()) < 1e-13
     torch.testing.assert_close(T, T.T)
     if b == 1:
-        torch.testing.assert_close(T, torch.diag(dec.alpha) + torch.diag(dec.beta, 1)
-                                   + torch.diag(dec.beta, -1))
+        torch.testing.assert_close(
+            T, torch.diag(dec.alpha) + torch.diag(dec.beta, 1) + torch.diag(dec.beta, -1)
+        )
         assert math.isclose(dec.beta_last, float(dec.residual.norm()), rel_tol=1e-12)
 
 
@@ -109,8 +113,9 @@ def test_breakdown_finds_repeated_and_zero_eigenvalues():
 
 
 def test_all_zero_operator_has_no_nans():
-    dec = lanczos(lambda X: torch.zeros_like(X), torch.randn(30, dtype=F64, generator=gen()), 30,
-                  generator=gen(2))
+    dec = lanczos(
+        lambda X: torch.zeros_like(X), torch.randn(30, dtype=F64, generator=gen()), 30, generator=gen(2)
+    )
     assert torch.equal(dec.T, torch.zeros(30, 30, dtype=F64))
     assert float((dec.basis.T @ dec.basis - torch.eye(30, dtype=F64)).abs().max()) < 1e-12
 
@@ -141,8 +146,9 @@ def test_thick_restart_matches_eigh(name, which):
         lam = lam - lam.min() + 0.5  # SA is for PSD operators
     A = with_spectrum(lam)
     n, k = A.shape[0], 5
-    out = thick_restart_lanczos(mm(A), n, k, which=which, tol=1e-10, generator=gen(),
-                                ncv=30, return_eigenvectors=True, dense_max=0)
+    out = thick_restart_lanczos(
+        mm(A), n, k, which=which, tol=1e-10, generator=gen(), ncv=30, return_eigenvectors=True, dense_max=0
+    )
     assert out.status == "converged" and bool(out.converged.all())
     exact = torch.sort(lam, descending=True).values
     if which == "LA":
@@ -161,8 +167,7 @@ def test_thick_restart_matches_eigh(name, which):
 
 def test_largest_magnitude_on_an_indefinite_spectrum():
     lam = torch.linspace(-9, 5, 120, dtype=F64)
-    out = thick_restart_lanczos(mm(with_spectrum(lam)), 120, 3, which="LM", tol=1e-10,
-                                generator=gen())
+    out = thick_restart_lanczos(mm(with_spectrum(lam)), 120, 3, which="LM", tol=1e-10, generator=gen())
     assert out.status == "converged"
     ref = lam[torch.argsort(lam.abs(), descending=True)[:3]]
     assert relerr(out.eigenvalues, torch.sort(ref, descending=True).values) < 1e-8
@@ -189,10 +194,10 @@ def test_block_sizes_agree(b):
 def test_warm_start_saves_products():
     lam = spectra()["wishart"]
     A = with_spectrum(lam)
-    cold = thick_restart_lanczos(mm(A), 120, 5, tol=1e-8, generator=gen(),
-                                 return_eigenvectors=True)
-    warm = thick_restart_lanczos(mm(A + 1e-6 * torch.eye(120, dtype=F64)), 120, 5, tol=1e-8,
-                                 generator=gen(), v0=cold.eigenvectors)
+    cold = thick_restart_lanczos(mm(A), 120, 5, tol=1e-8, generator=gen(), return_eigenvectors=True)
+    warm = thick_restart_lanczos(
+        mm(A + 1e-6 * torch.eye(120, dtype=F64)), 120, 5, tol=1e-8, generator=gen(), v0=cold.eigenvectors
+    )
     assert warm.status == "converged"
     assert warm.num_matvecs < cold.num_matvecs
 
@@ -210,16 +215,15 @@ def test_kept_products_give_the_true_residuals_without_another_product(ncv, monk
         return A @ X
 
     k = 5
-    kept = thick_restart_lanczos(mv, 300, k, tol=1e-10, ncv=ncv, generator=gen(2),
-                                 return_eigenvectors=True)
+    kept = thick_restart_lanczos(mv, 300, k, tol=1e-10, ncv=ncv, generator=gen(2), return_eigenvectors=True)
     assert sum(calls) == kept.num_matvecs and kept.status == "converged"
     monkeypatch.setattr(restart, "KEEP_PRODUCTS_BYTES", 0)
     calls.clear()
-    fresh = thick_restart_lanczos(mv, 300, k, tol=1e-10, ncv=ncv, generator=gen(2),
-                                  return_eigenvectors=True)
+    fresh = thick_restart_lanczos(mv, 300, k, tol=1e-10, ncv=ncv, generator=gen(2), return_eigenvectors=True)
     assert sum(calls) == fresh.num_matvecs == kept.num_matvecs + k
-    assert kept.num_restarts == fresh.num_restarts and (ncv == 40) == (kept.num_restarts == 0), \
+    assert kept.num_restarts == fresh.num_restarts and (ncv == 40) == (kept.num_restarts == 0), (
         kept.num_restarts
+    )
     for out in (kept, fresh):
         Y = out.eigenvectors
         true = torch.linalg.vector_norm(A @ Y - Y * out.eigenvalues, dim=0)
@@ -291,8 +295,7 @@ def test_quadrature_is_exact_for_polynomials_on_a_diagonal():
     assert torch.allclose(q.weights.sum(1), torch.ones(3, dtype=F64))
     for p in range(12):  # exact up to degree 2m - 1 (Rademacher probes on a diagonal matrix)
         est = 40 * (q.weights * q.nodes**p).sum(1)
-        torch.testing.assert_close(est, torch.full((3,), float((lam**p).sum()), dtype=F64),
-                                   rtol=1e-9, atol=0)
+        torch.testing.assert_close(est, torch.full((3,), float((lam**p).sum()), dtype=F64), rtol=1e-9, atol=0)
 
 
 def test_slq_measure_converges_in_wasserstein():
@@ -333,8 +336,10 @@ def test_trace_estimators_within_standard_error(fn):
     lam = spectra(100)["wishart"]
     A = with_spectrum(lam)
     exact = float(lam.sum())
-    z = [abs(t.estimate - exact) / t.standard_error
-         for t in (fn(mm(A), 100, 30, generator=gen(s)) for s in range(10))]
+    z = [
+        abs(t.estimate - exact) / t.standard_error
+        for t in (fn(mm(A), 100, 30, generator=gen(s)) for s in range(10))
+    ]
     assert sum(x < 3 for x in z) >= 8 and max(z) < 6
 
 

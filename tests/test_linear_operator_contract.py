@@ -25,13 +25,13 @@ from lanczos_ntk.testing import dense_operator
 pytestmark = pytest.mark.filterwarnings(
     "ignore::linear_operator.utils.warnings.PerformanceWarning",
     "ignore::linear_operator.utils.warnings.NumericalWarning",
-    "ignore:Sparse invariant checks:UserWarning")  # torch, inside linear_operator's indexing
+    "ignore:Sparse invariant checks:UserWarning",
+)  # torch, inside linear_operator's indexing
 
 
 def _kernel(trials=2, steps=3):
     model = lnk.models.CTRNN(3, 1, seed=0).double()
-    u = torch.randn(trials, steps, 1, dtype=torch.float64,
-                    generator=torch.Generator().manual_seed(1))
+    u = torch.randn(trials, steps, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     return lnk.StateNTK(model, u)
 
 
@@ -60,13 +60,26 @@ class TestStateNTKContract(_Contract, unittest.TestCase):
 
 
 # a singular matrix: these fail on linear_operator's dense operator of the same K as well
-for _name in ("test_add_low_rank", "test_cat_rows", "test_eigh", "test_eigvalsh",
-              "test_inv_quad_logdet", "test_inv_quad_logdet_no_reduce",
-              "test_inv_quad_logdet_no_reduce_cholesky", "test_root_decomposition_cholesky",
-              "test_solve_matrix", "test_solve_matrix_broadcast", "test_solve_matrix_cholesky",
-              "test_solve_matrix_with_left", "test_solve_vector", "test_solve_vector_with_left",
-              "test_solve_vector_with_left_cholesky", "test_sqrt_inv_matmul",
-              "test_sqrt_inv_matmul_no_lhs", "test_svd"):
+for _name in (
+    "test_add_low_rank",
+    "test_cat_rows",
+    "test_eigh",
+    "test_eigvalsh",
+    "test_inv_quad_logdet",
+    "test_inv_quad_logdet_no_reduce",
+    "test_inv_quad_logdet_no_reduce_cholesky",
+    "test_root_decomposition_cholesky",
+    "test_solve_matrix",
+    "test_solve_matrix_broadcast",
+    "test_solve_matrix_cholesky",
+    "test_solve_matrix_with_left",
+    "test_solve_vector",
+    "test_solve_vector_with_left",
+    "test_solve_vector_with_left_cholesky",
+    "test_sqrt_inv_matmul",
+    "test_sqrt_inv_matmul_no_lhs",
+    "test_svd",
+):
     setattr(TestStateNTKContract, _name, None)
 
 

@@ -17,8 +17,7 @@ ALL = [
 @pytest.mark.parametrize("make", ALL)
 def test_forward_iterates_step(make):
     m = make()
-    u = 0.3 * torch.randn(2, 4, m.input_size, dtype=torch.float64,
-                          generator=torch.Generator().manual_seed(0))
+    u = 0.3 * torch.randn(2, 4, m.input_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     h = m(u)
     assert h.shape == (2, 4, m.state_size)
     x = torch.zeros(2, m.state_size, dtype=torch.float64)
@@ -52,12 +51,15 @@ def test_ssm_eigenvalues_match_step():
     torch.testing.assert_close(torch.complex(out[:3], out[3:]), lam * z)
 
 
-@pytest.mark.parametrize("bad, err", [
-    (torch.zeros(2, 3), ValueError),
-    (torch.zeros(2, 3, 5, dtype=torch.float64), ValueError),
-    (torch.zeros(2, 3, 2, dtype=torch.int64), TypeError),
-    ([[0.0]], TypeError),
-])
+@pytest.mark.parametrize(
+    "bad, err",
+    [
+        (torch.zeros(2, 3), ValueError),
+        (torch.zeros(2, 3, 5, dtype=torch.float64), ValueError),
+        (torch.zeros(2, 3, 2, dtype=torch.int64), TypeError),
+        ([[0.0]], TypeError),
+    ],
+)
 def test_bad_inputs(bad, err):
     with pytest.raises(err, match="expected"):
         models.CTRNN(4, 2)(bad)
@@ -72,11 +74,16 @@ def test_result_roundtrip(tmp_path):
     """Tensors (real and complex), complex scalars, tuples and nested values survive save/load."""
     from lanczos_ntk.channels import CriticalDirection
 
-    r = CriticalDirection(g=torch.randn(5, 2, dtype=torch.float64), d=torch.randn(5, 2, dtype=torch.float64),
-                          eigenvalue=complex(-0.1, 2.0),
-                          v=torch.randn(3, dtype=torch.complex128),
-                          w=torch.randn(3, dtype=torch.complex128), x=torch.zeros(3),
-                          kind="flow", param_names=("W", "b"))
+    r = CriticalDirection(
+        g=torch.randn(5, 2, dtype=torch.float64),
+        d=torch.randn(5, 2, dtype=torch.float64),
+        eigenvalue=complex(-0.1, 2.0),
+        v=torch.randn(3, dtype=torch.complex128),
+        w=torch.randn(3, dtype=torch.complex128),
+        x=torch.zeros(3),
+        kind="flow",
+        param_names=("W", "b"),
+    )
     path = r.save(tmp_path / "sub" / "crit")
     back = lnk.load_result(path)
     assert isinstance(back, CriticalDirection) and back.param_names == ("W", "b")
@@ -156,15 +163,14 @@ def test_gru_and_discrete_rnn_match_their_equations_written_in_numpy():
     u = torch.randn(3, 7, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     gru = models.GRU(4, 2, seed=3)
     with torch.no_grad():
-        gru.b.copy_(0.1 * torch.randn(12, generator=torch.Generator().manual_seed(1),
-                                      dtype=torch.float64))
+        gru.b.copy_(0.1 * torch.randn(12, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     W, U, b = (p.detach().numpy() for p in (gru.W, gru.U, gru.b))
     n = 4
 
     def gru_step(h, x):
         z = sig(W[:n] @ h.T + U[:n] @ x.T + b[:n, None]).T
-        r = sig(W[n:2 * n] @ h.T + U[n:2 * n] @ x.T + b[n:2 * n, None]).T
-        cand = np.tanh(W[2 * n:] @ (r * h).T + U[2 * n:] @ x.T + b[2 * n:, None]).T
+        r = sig(W[n : 2 * n] @ h.T + U[n : 2 * n] @ x.T + b[n : 2 * n, None]).T
+        cand = np.tanh(W[2 * n :] @ (r * h).T + U[2 * n :] @ x.T + b[2 * n :, None]).T
         return (1 - z) * h + z * cand
 
     want = _numpy_trajectory(gru_step, u.numpy(), n)

@@ -50,10 +50,14 @@ MODELS = {
     "rnn": lambda: models.DiscreteRNN(4, 2, gain=1.2, seed=2, readout_size=2),
     "gru": lambda: models.GRU(3, 2, seed=3),
     "ssm": lambda: models.DiagonalSSM(2, 2, seed=4, readout_size=2),
-    **{f"flow_{f}": (lambda f=f: models.ContinuousNormalForm(f, mu=-0.3, input_size=2))
-       for f in models.CONTINUOUS_FORMS},
-    **{f"map_{f}": (lambda f=f: models.DiscreteNormalForm(f, mu=-0.3, input_size=2))
-       for f in models.DISCRETE_FORMS},
+    **{
+        f"flow_{f}": (lambda f=f: models.ContinuousNormalForm(f, mu=-0.3, input_size=2))
+        for f in models.CONTINUOUS_FORMS
+    },
+    **{
+        f"map_{f}": (lambda f=f: models.DiscreteNormalForm(f, mu=-0.3, input_size=2))
+        for f in models.DISCRETE_FORMS
+    },
     "user": UserModel,
     "torch_rnn": lambda: torch_rnn(nn.RNN),
     "torch_gru": lambda: torch_rnn(nn.GRU),
@@ -109,8 +113,11 @@ def test_chunked_equals_unchunked(name):
 @pytest.mark.parametrize("name", ["ctrnn", "rnn", "gru", "ssm", "map_flip", "user"])
 def test_jvp_modes_agree(name):
     model, u = MODELS[name](), inputs()
-    modes = ["forward", "double_vjp"] + (["structured"] if name in ("ctrnn", "rnn") else []) \
+    modes = (
+        ["forward", "double_vjp"]
+        + (["structured"] if name in ("ctrnn", "rnn") else [])
         + (["cell"] if name != "user" else [])
+    )
     ops = [lnk.StateNTK(model, u, jvp=m) for m in modes]
     X = torch.randn(ops[0].dual().shape[0], 3, generator=gen(4), dtype=F64)
     V = torch.randn(ops[0].shape[0], 3, generator=gen(5), dtype=F64)
@@ -150,9 +157,16 @@ def test_readout_and_callable_outputs(name):
     assert_operator_close(K2, dense_ntk(model, u, outputs=energy))
 
 
-@pytest.mark.parametrize("name, params", [("ctrnn", ["W"]), ("ctrnn", ["b", "B"]),
-                                           ("gru", ["U"]), ("map_pitchfork", ["mu"]),
-                                           ("torch_gru", ["weight_hh_l0"])])
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("ctrnn", ["W"]),
+        ("ctrnn", ["b", "B"]),
+        ("gru", ["U"]),
+        ("map_pitchfork", ["mu"]),
+        ("torch_gru", ["weight_hh_l0"]),
+    ],
+)
 def test_parameter_subsets(name, params):
     model, u = MODELS[name](), inputs()
     K = lnk.StateNTK(model, u, params=params)
@@ -165,8 +179,7 @@ def test_parameter_subsets(name, params):
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for _, p in model.named_parameters()]
     offsets = dict(zip(names, np.cumsum([0] + sizes[:-1])))
-    cols = torch.cat([torch.arange(offsets[n], offsets[n] + dict(zip(names, sizes))[n])
-                      for n in params])
+    cols = torch.cat([torch.arange(offsets[n], offsets[n] + dict(zip(names, sizes))[n]) for n in params])
     torch.testing.assert_close(J, full[:, cols])
 
 
@@ -212,12 +225,15 @@ def test_float_inputs_are_cast_and_on_demand():
     assert_operator_close(K, dense_ntk(model, inputs().float().double()))
 
 
-@pytest.mark.parametrize("bad, match, err", [
-    (torch.zeros(3, 4), "rank 3", ValueError),
-    (torch.zeros(3, 4, 5, dtype=F64), "features", ValueError),
-    (torch.zeros(3, 4, 2, dtype=torch.int32), "floating", TypeError),
-    ("data", "torch.Tensor", TypeError),
-])
+@pytest.mark.parametrize(
+    "bad, match, err",
+    [
+        (torch.zeros(3, 4), "rank 3", ValueError),
+        (torch.zeros(3, 4, 5, dtype=F64), "features", ValueError),
+        (torch.zeros(3, 4, 2, dtype=torch.int32), "floating", TypeError),
+        ("data", "torch.Tensor", TypeError),
+    ],
+)
 def test_bad_inputs(bad, match, err):
     with pytest.raises(err, match=match):
         lnk.StateNTK(MODELS["ctrnn"](), bad)

@@ -47,8 +47,9 @@ def test_step_matches_dense_formula(damping):
     grad = _loss_grad(model, u, target)
     expected = _dense_step(model, u, grad, lr, rank, damping)
     before = _flat(model)
-    opt = LowRankNaturalGradient(model, u, lr=lr, rank=rank, damping=damping, tol=1e-12,
-                                 generator=torch.Generator().manual_seed(0))
+    opt = LowRankNaturalGradient(
+        model, u, lr=lr, rank=rank, damping=damping, tol=1e-12, generator=torch.Generator().manual_seed(0)
+    )
     opt.step()
     torch.testing.assert_close(_flat(model) - before, expected, rtol=1e-8, atol=1e-12)
     assert opt.num_refreshes == 1 and opt.num_matvecs > 0
@@ -62,8 +63,9 @@ def test_precondition_is_damped_inverse():
     opt.refresh()
     U, lam, lam0 = opt.U.to(torch.float64), opt.eigenvalues, opt.lambda0
     M = U @ torch.diag(lam) @ U.T + lam0 * torch.eye(U.shape[0], dtype=torch.float64)
-    torch.testing.assert_close(opt.precondition(grad), lam0 * torch.linalg.solve(M, grad),
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        opt.precondition(grad), lam0 * torch.linalg.solve(M, grad), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_refresh_schedule_and_sgd_limit():
@@ -98,8 +100,9 @@ def test_tracked_refresh_is_accurate_and_falls_back():
     """Tracked Ritz pairs: each Ritz value lies within its residual of an eigenvalue of the dense
     G, and the update uses exactly those pairs; an unreachable track_tol forces Lanczos."""
     model, u, target = _problem(3)
-    opt = LowRankNaturalGradient(model, u, lr=0.05, rank=2, refresh_every=1, tol=1e-10,
-                                 generator=torch.Generator().manual_seed(0))
+    opt = LowRankNaturalGradient(
+        model, u, lr=0.05, rank=2, refresh_every=1, tol=1e-10, generator=torch.Generator().manual_seed(0)
+    )
     for _ in range(4):
         _loss_grad(model, u, target)
         opt.step()
@@ -115,8 +118,15 @@ def test_tracked_refresh_is_accurate_and_falls_back():
         assert float((lam - t).abs().min()) <= float(r) + 1e-9 * float(lam[0])
     torch.testing.assert_close(U.T @ U, torch.eye(2, dtype=torch.float64), atol=1e-10, rtol=0)
 
-    strict = LowRankNaturalGradient(model, u, lr=0.05, rank=2, refresh_every=1, track_tol=1e-300,
-                                    generator=torch.Generator().manual_seed(0))
+    strict = LowRankNaturalGradient(
+        model,
+        u,
+        lr=0.05,
+        rank=2,
+        refresh_every=1,
+        track_tol=1e-300,
+        generator=torch.Generator().manual_seed(0),
+    )
     for _ in range(3):
         _loss_grad(model, u, target)
         strict.step()

@@ -45,8 +45,13 @@ def test_temporal_and_spatial_ranks_against_dense_eigenvalues():
     for keep, ref in (("time", time), ("units", units)):
         lam = torch.linalg.eigvalsh(ref).clamp_min(0)
         pr = float(lam.sum() ** 2 / (lam**2).sum())
-        r = lnk.effective_rank(lnk.partial_trace(K, keep), kind="participation", num_probes=20,
-                               num_steps=ref.shape[0], generator=torch.Generator().manual_seed(1))
+        r = lnk.effective_rank(
+            lnk.partial_trace(K, keep),
+            kind="participation",
+            num_probes=20,
+            num_steps=ref.shape[0],
+            generator=torch.Generator().manual_seed(1),
+        )
         # deflated SLQ: the top eigenvalues exactly, the rest estimated from probes
         assert abs(r.value - pr) <= 4 * r.standard_error + 1e-9 * pr, (keep, r, pr)
         assert r.standard_error <= 0.05 * pr

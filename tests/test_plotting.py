@@ -32,12 +32,17 @@ def test_importing_the_package_does_not_import_matplotlib():
 
 def _branch(p, x, stable, bifurcations=()):
     n = len(p)
-    return Branch(points=torch.as_tensor(x, dtype=torch.float64).reshape(n, -1),
-                  p=torch.as_tensor(p, dtype=torch.float64),
-                  stable=torch.as_tensor(stable), n_unstable=(~torch.as_tensor(stable)).long(),
-                  leading_eigenvalues=torch.zeros(n, 1, dtype=torch.complex128),
-                  tangents=torch.zeros(n, 2, dtype=torch.float64), bifurcations=list(bifurcations),
-                  kind="flow", status=Status.CONVERGED)
+    return Branch(
+        points=torch.as_tensor(x, dtype=torch.float64).reshape(n, -1),
+        p=torch.as_tensor(p, dtype=torch.float64),
+        stable=torch.as_tensor(stable),
+        n_unstable=(~torch.as_tensor(stable)).long(),
+        leading_eigenvalues=torch.zeros(n, 1, dtype=torch.complex128),
+        tangents=torch.zeros(n, 2, dtype=torch.float64),
+        bifurcations=list(bifurcations),
+        kind="flow",
+        status=Status.CONVERGED,
+    )
 
 
 class _Bif:  # the fields plot_bifurcation_diagram reads from a Bifurcation
@@ -75,12 +80,14 @@ def test_bifurcation_diagram_several_branches_and_coordinates():
 
 
 def test_sweep_plot_lines_and_bifurcation_markers():
-    sweep = {"values": np.linspace(0.5, 1.5, 5), "eigenvalues": np.abs(np.random.default_rng(0)
-                                                                       .normal(size=(5, 3))) + 1,
-             "participation": np.linspace(5, 1, 5), "entropy": np.linspace(7, 2, 5),
-             "param": "gain",
-             "bifurcations": [{"kind": "branch_point", "p": 1.0},
-                              {"kind": "stability_change", "p": 0.9}]}
+    sweep = {
+        "values": np.linspace(0.5, 1.5, 5),
+        "eigenvalues": np.abs(np.random.default_rng(0).normal(size=(5, 3))) + 1,
+        "participation": np.linspace(5, 1, 5),
+        "entropy": np.linspace(7, 2, 5),
+        "param": "gain",
+        "bifurcations": [{"kind": "branch_point", "p": 1.0}, {"kind": "stability_change", "p": 0.9}],
+    }
     ax = plotting.plot_sweep(sweep)
     data = [ln for ln in ax.lines if len(ln.get_xdata()) == 5]
     assert len(data) == 3 and ax.get_yscale() == "log"

@@ -108,8 +108,14 @@ def test_torch_rnns_with_two_layers_and_initial_states(cls):
         check_products(K, J)
 
 
-@pytest.mark.parametrize("cls, kwargs", [(nn.LSTM, {"bias": False}), (nn.GRU, {"num_layers": 3}),
-                                         (nn.RNN, {"num_layers": 2, "nonlinearity": "relu"})])
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (nn.LSTM, {"bias": False}),
+        (nn.GRU, {"num_layers": 3}),
+        (nn.RNN, {"num_layers": 2, "nonlinearity": "relu"}),
+    ],
+)
 def test_torch_rnns_closed_form_for_some_parameters(cls, kwargs):
     """Only some weights differentiated (the others constants of the kernel), no biases, deeper
     stacks: the closed form against torch's own (fused) forward differentiated densely."""
@@ -131,12 +137,15 @@ def test_relu_rnn_and_no_bias():
     check_products(K, dense_jacobian(model, u))
 
 
-@pytest.mark.parametrize("name, model", [
-    ("ctrnn", lambda: models.CTRNN(4, 2, gain=1.7, seed=1)),
-    ("gru", lambda: models.GRU(3, 2, seed=3)),
-    ("user", StepModule),
-    ("lstm", lambda: seeded(nn.LSTM, 2, 3, batch_first=True, dtype=F64)),
-])
+@pytest.mark.parametrize(
+    "name, model",
+    [
+        ("ctrnn", lambda: models.CTRNN(4, 2, gain=1.7, seed=1)),
+        ("gru", lambda: models.GRU(3, 2, seed=3)),
+        ("user", StepModule),
+        ("lstm", lambda: seeded(nn.LSTM, 2, 3, batch_first=True, dtype=F64)),
+    ],
+)
 def test_tiny_budget_chunks_and_splits_blocks(name, model):
     model, u = model(), inputs(B=6)
     big = lnk.StateNTK(model, u)
@@ -205,10 +214,15 @@ def test_opaque_blocks_share_one_pass():
     torch.testing.assert_close(got, dense_jacobian(model, u) @ X, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"chunk_size": 2.5}, "whole number"), ({"chunk_size": True}, "whole number"),
-    ({"memory_budget": -1}, "memory_budget"), ({"memory_budget": "1GB"}, "memory_budget"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"chunk_size": 2.5}, "whole number"),
+        ({"chunk_size": True}, "whole number"),
+        ({"memory_budget": -1}, "memory_budget"),
+        ({"memory_budget": "1GB"}, "memory_budget"),
+    ],
+)
 def test_bad_plan_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lnk.StateNTK(models.CTRNN(3, 2, seed=0), inputs(), **kwargs)
@@ -264,10 +278,8 @@ def test_linearized_forward_against_dense(chunk_size):
     K = lnk.StateNTK(model, u, jvp="linearize", chunk_size=chunk_size)
     V = torch.randn(J.shape[0], 2, generator=gen(7), dtype=F64)
     torch.testing.assert_close(K.matmul(V), J @ (J.T @ V), rtol=1e-11, atol=1e-11)
-    top = lnk.eigsh(lnk.StateNTK(model, u, jvp="linearize", chunk_size=chunk_size), k=2,
-                    generator=gen(0))
-    torch.testing.assert_close(top.eigenvalues, torch.linalg.eigvalsh(J.T @ J).flip(0)[:2],
-                               rtol=1e-9, atol=0)
+    top = lnk.eigsh(lnk.StateNTK(model, u, jvp="linearize", chunk_size=chunk_size), k=2, generator=gen(0))
+    torch.testing.assert_close(top.eigenvalues, torch.linalg.eigvalsh(J.T @ J).flip(0)[:2], rtol=1e-9, atol=0)
     K = lnk.StateNTK(model, u, jvp="linearize", chunk_size=chunk_size)
     assert K.plan.jvp == "linearize" and K.plan.path == "autograd" and K.plan.cached
     check_products(K, J, full=False)

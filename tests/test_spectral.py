@@ -14,7 +14,6 @@ from lanczos_ntk.testing import matrix_with_spectrum
 F64 = torch.float64
 
 
-
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -137,8 +136,7 @@ def test_float32_operator():
     r = lnk.eigsh(A.float(), k=3, tol=1e-5)
     assert r.dtype == "float32" and r.status == Status.CONVERGED
     assert r.eigenvalues.dtype == F64
-    torch.testing.assert_close(r.eigenvalues, torch.sort(lam, descending=True).values[:3],
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(r.eigenvalues, torch.sort(lam, descending=True).values[:3], rtol=1e-5, atol=0)
     t = lnk.trace(A.float(), "hutch++", 30)
     assert abs(t.estimate - float(lam.sum())) < 5 * t.standard_error + 1e-4 * float(lam.sum())
 
@@ -202,8 +200,10 @@ def test_trace_and_tr_f_within_standard_errors():
             hits += abs(t.estimate - truths[key]) < 3 * t.standard_error
     assert hits >= 13
     for method in ("hutchinson", "hutch++"):
-        z = [abs(t.estimate - truths["tr"]) / t.standard_error
-             for t in (lnk.trace(A, method, 30, generator=gen(s)) for s in range(8))]
+        z = [
+            abs(t.estimate - truths["tr"]) / t.standard_error
+            for t in (lnk.trace(A, method, 30, generator=gen(s)) for s in range(8))
+        ]
         assert sum(x < 3 for x in z) >= 6, (method, z)
     assert lnk.trace(A, "exact").estimate == pytest.approx(truths["tr"], rel=1e-12)
     ex = lnk.trace((lambda X: A @ X, 100), "exact")
@@ -347,8 +347,7 @@ def test_linear_density_is_reflected_at_zero():
     want = (phi(d.grid[:, None] - lam) + phi(d.grid[:, None] + lam)).mean(dim=1)
     torch.testing.assert_close(d.density, want, rtol=1e-8, atol=1e-10)
     assert abs(float(torch.trapezoid(d.density, d.grid)) - 1.0) < 1e-4  # no mass lost
-    on = lnk.spectral_density(r, grid=torch.tensor([-0.3, -1e-3, 0.0, 0.5], dtype=torch.float64),
-                              sigma=sigma)
+    on = lnk.spectral_density(r, grid=torch.tensor([-0.3, -1e-3, 0.0, 0.5], dtype=torch.float64), sigma=sigma)
     assert on.density[:2].tolist() == [0.0, 0.0] and bool((on.density[2:] > 0).all())
 
 

@@ -12,8 +12,9 @@ import torch
 from lanczos_ntk import teacher as T
 from lanczos_ntk.testing import dense_gram
 
-TINY = T.TeacherConfig(state_size=4, trials=4, trial_steps=10, num_steps=1, top_k=4,
-                       landscape_points=4, landscape_steps=30)
+TINY = T.TeacherConfig(
+    state_size=4, trials=4, trial_steps=10, num_steps=1, top_k=4, landscape_points=4, landscape_steps=30
+)
 
 
 def test_detect_crossing_hand_made():
@@ -63,8 +64,9 @@ def test_problem_is_a_pitchfork_pair():
     assert torch.equal(prob.W0, again.W0)  # same seed, same numbers
 
 
-@pytest.mark.parametrize("architecture, student, teacher", [
-    ("ctrnn", -0.4, 1.0), ("rnn", 0.6, 2.0), ("gru", 0.8, 1.5)])
+@pytest.mark.parametrize(
+    "architecture, student, teacher", [("ctrnn", -0.4, 1.0), ("rnn", 0.6, 2.0), ("gru", 0.8, 1.5)]
+)
 def test_every_architecture_puts_the_pitchfork_at_factor_one(architecture, student, teacher):
     """The trivial point's leading eigenvalue (flow) or multiplier (map) from a jacrev of the
     one-step update written out here, independently of the models' rhs."""
@@ -81,7 +83,7 @@ def test_every_architecture_puts_the_pitchfork_at_factor_one(architecture, stude
         elif architecture == "rnn":
             A = jacrev(lambda h, W=W: torch.tanh(W @ h))(x)
         else:  # zero gates: z = r = 1/2, h' = h/2 + tanh(W_h h / 2)/2
-            A = jacrev(lambda h, W=W: 0.5 * h + 0.5 * torch.tanh(W[2 * n:] @ (0.5 * h)))(x)
+            A = jacrev(lambda h, W=W: 0.5 * h + 0.5 * torch.tanh(W[2 * n :] @ (0.5 * h)))(x)
         ev = torch.linalg.eigvals(A)
         top = ev[int(torch.argmax(ev.real))]
         assert abs(top.imag) < 1e-12 and float(top.real) == pytest.approx(want, abs=1e-9)
@@ -93,10 +95,9 @@ def test_maps_record_against_dense_gram(architecture):
     res = T.run_student_teacher(cfg)
     prob = T.build_problem(cfg)
     lam = torch.linalg.eigvalsh(dense_gram(prob.student, prob.inputs)).flip(0)
-    torch.testing.assert_close(res.eigenvalues[0], lam[:cfg.top_k], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(res.eigenvalues[0], lam[: cfg.top_k], rtol=1e-7, atol=1e-9)
     # a map's leading value is |μ| - 1 at the trivial point: the multiplier 0.6 or 0.8
-    assert float(res.leading[0]) == pytest.approx(-0.4 if architecture == "rnn" else -0.2,
-                                                  abs=1e-9)
+    assert float(res.leading[0]) == pytest.approx(-0.4 if architecture == "rnn" else -0.2, abs=1e-9)
 
 
 def test_recorded_directions_against_dense_truth():
@@ -112,21 +113,19 @@ def test_recorded_directions_against_dense_truth():
     d = cd.d[:, 0] / cd.d[:, 0].norm()
     assert float(res.sensitivity_eigenvalue[0]) == pytest.approx(float(d @ G @ d), rel=1e-9)
     loss = ((prob.student(prob.inputs) - prob.targets) ** 2).mean()
-    grad = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(
-        prob.student.parameters()))])
+    grad = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(prob.student.parameters()))])
     grad = grad / grad.norm()
     g = cd.g[:, 0] / cd.g[:, 0].norm()
-    assert float(res.gradient_sensitivity_cos[0]) == pytest.approx(float((d @ grad).abs()),
-                                                                   rel=1e-9)
+    assert float(res.gradient_sensitivity_cos[0]) == pytest.approx(float((d @ grad).abs()), rel=1e-9)
     assert float(res.gradient_channel_cos[0]) == pytest.approx(float((g @ grad).abs()), abs=1e-12)
     nb = cfg.state_size * (cfg.state_size + 1)  # W and B lead the parameter vector
     GB = G[:nb, :nb]
     lb, VB = torch.linalg.eigh(GB)
-    assert float(res.block_participation[0]) == pytest.approx(
-        float(lb.sum() ** 2 / (lb**2).sum()), rel=1e-9)
+    assert float(res.block_participation[0]) == pytest.approx(float(lb.sum() ** 2 / (lb**2).sum()), rel=1e-9)
     db = cd.d[:nb, 0]
     assert float(res.block_sensitivity_cos[0]) == pytest.approx(
-        float((db @ VB[:, -1]).abs() / db.norm()), rel=1e-9)
+        float((db @ VB[:, -1]).abs() / db.norm()), rel=1e-9
+    )
     assert res.update_bias_share.shape == (cfg.num_steps,)
 
 
@@ -137,7 +136,7 @@ def test_recorded_eigenvalues_match_dense_gram(spectrum):
     prob = T.build_problem(cfg)  # the student at step 0
     G = dense_gram(prob.student, prob.inputs)
     lam = torch.linalg.eigvalsh(G).flip(0)
-    torch.testing.assert_close(res.eigenvalues[0], lam[:cfg.top_k], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(res.eigenvalues[0], lam[: cfg.top_k], rtol=1e-7, atol=1e-9)
     pos = lam.clamp_min(0)
     pr = float(pos.sum() ** 2 / (pos**2).sum())
     if spectrum == "dense":
@@ -187,8 +186,13 @@ def test_end_to_end_default_seed():
 
 
 def test_landscape_follows_inverse_square():
-    cfg = T.TeacherConfig(landscape_points=6, landscape_steps=400, landscape_mu_min=0.05,
-                          landscape_mu_max=0.5, landscape_fit_min=8.0)
+    cfg = T.TeacherConfig(
+        landscape_points=6,
+        landscape_steps=400,
+        landscape_mu_min=0.05,
+        landscape_mu_max=0.5,
+        landscape_fit_min=8.0,
+    )
     prob = T.build_problem(cfg)
     theta = torch.cat([p.detach().reshape(-1) for p in prob.student.parameters()])
     # move the student close to the crossing along W (gain factor 0.9 instead of 0.6)
@@ -210,10 +214,27 @@ def test_cli_writes_results_and_figures(tmp_path):
     from lanczos_ntk.cli._teacher import teacher_command
 
     out = tmp_path / "run"
-    args = ["--out", str(out), "--quiet", "--steps", "3", "--lr", "0.5",
-            "--set", "num_steps=3", "--set", "trials=4", "--set", "trial_steps=10",
-            "--set", "landscape_points=3", "--set", "landscape_steps=20",
-            "--set", "compare_record_every=3"]
+    args = [
+        "--out",
+        str(out),
+        "--quiet",
+        "--steps",
+        "3",
+        "--lr",
+        "0.5",
+        "--set",
+        "num_steps=3",
+        "--set",
+        "trials=4",
+        "--set",
+        "trial_steps=10",
+        "--set",
+        "landscape_points=3",
+        "--set",
+        "landscape_steps=20",
+        "--set",
+        "compare_record_every=3",
+    ]
     res = CliRunner().invoke(teacher_command, args)
     assert res.exit_code == 0, res.output
     for name in ("collapse", "landscape", "comparison"):
@@ -226,18 +247,22 @@ def test_cli_writes_results_and_figures(tmp_path):
     assert comp.lr == 0.5 and comp.sgd.loss.shape == (4,)
     again = CliRunner().invoke(teacher_command, args)  # resumes from the saved results
     assert again.exit_code == 0, again.output
-    bad = CliRunner().invoke(teacher_command, ["--out", str(tmp_path / "x"), "--quiet",
-                                               "--set", "optimizer=adam"])
+    bad = CliRunner().invoke(
+        teacher_command, ["--out", str(tmp_path / "x"), "--quiet", "--set", "optimizer=adam"]
+    )
     assert bad.exit_code == 2 and "optimizer" in bad.output
     assert not (tmp_path / "x").exists()  # nothing written for a refused configuration
 
 
 def test_seed_study_rows_and_spread():
     cfg = dataclasses.replace(TINY, num_steps=2)
-    study = T.run_seeds(cfg, seeds=(0, 1), architectures=("ctrnn", "rnn"), landscape=False,
-                        compare=False)
+    study = T.run_seeds(cfg, seeds=(0, 1), architectures=("ctrnn", "rnn"), landscape=False, compare=False)
     assert [(r["architecture"], r["seed"]) for r in study.rows] == [
-        ("ctrnn", 0), ("ctrnn", 1), ("rnn", 0), ("rnn", 1)]
+        ("ctrnn", 0),
+        ("ctrnn", 1),
+        ("rnn", 0),
+        ("rnn", 1),
+    ]
     sp = study.spread(("pr_initial",))
     for arch in ("ctrnn", "rnn"):
         vals = [r["pr_initial"] for r in study.rows if r["architecture"] == arch]
@@ -258,23 +283,45 @@ def test_cli_seed_study_saves_each_run_and_resumes(tmp_path):
     from lanczos_ntk.cli._teacher import teacher_command
 
     out = tmp_path / "study"
-    args = ["--out", str(out), "--optimizer", "sgd", "--seeds", "0,1",
-            "--architectures", "ctrnn,rnn", "--set", "num_steps=2", "--set", "trials=4",
-            "--set", "trial_steps=10", "--set", "landscape_points=3",
-            "--set", "landscape_steps=20"]
+    args = [
+        "--out",
+        str(out),
+        "--optimizer",
+        "sgd",
+        "--seeds",
+        "0,1",
+        "--architectures",
+        "ctrnn,rnn",
+        "--set",
+        "num_steps=2",
+        "--set",
+        "trials=4",
+        "--set",
+        "trial_steps=10",
+        "--set",
+        "landscape_points=3",
+        "--set",
+        "landscape_steps=20",
+    ]
     res = CliRunner().invoke(teacher_command, args)
     assert res.exit_code == 0, res.output
     study = json.loads((out / "study.json").read_text())
     assert [(r["architecture"], r["seed"]) for r in study["rows"]] == [
-        ("ctrnn", 0), ("ctrnn", 1), ("rnn", 0), ("rnn", 1)]
+        ("ctrnn", 0),
+        ("ctrnn", 1),
+        ("rnn", 0),
+        ("rnn", 1),
+    ]
     assert study["spread"]["rnn"]["pr_initial"]["n"] == 2
     assert "|cos(gradient, d)| before the crossing" in res.output
     for arch in ("ctrnn", "rnn"):
         assert (out / "results" / f"study-{arch}-1.json").exists()
     again = CliRunner().invoke(teacher_command, args)
     assert again.exit_code == 0 and json.loads((out / "study.json").read_text()) == study
-    for args, word in ((["--seeds", "0", "--architectures", "lstm"], "architectures"),
-                       (["--seeds", "a,b"], "seeds")):
+    for args, word in (
+        (["--seeds", "0", "--architectures", "lstm"], "architectures"),
+        (["--seeds", "a,b"], "seeds"),
+    ):
         bad = CliRunner().invoke(teacher_command, ["--out", str(tmp_path / "x"), *args])
         assert bad.exit_code == 2 and word in bad.output
         assert not (tmp_path / "x").exists()  # refused before anything is written

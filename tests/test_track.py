@@ -31,8 +31,7 @@ def test_records_match_dense_references(tmp_path):
     u = 0.3 * torch.randn(3, 15, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
     target = torch.randn(3, 15, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
     # solved at every record (track_tol tiny), and tracked by subspace steps (the default)
-    tracker = track.KernelTracker(model, u, every=2, k=3, tol=1e-10, num_probes=16,
-                                  track_tol=1e-12)
+    tracker = track.KernelTracker(model, u, every=2, k=3, tol=1e-10, num_probes=16, track_tol=1e-12)
     tracked = track.KernelTracker(model, u, every=2, k=3, num_probes=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     dense = []
@@ -51,12 +50,14 @@ def test_records_match_dense_references(tmp_path):
             W, b = model.W.detach().numpy(), model.b.detach().numpy()
             x = scipy.optimize.fsolve(lambda x, W=W, b=b: -x + W @ np.tanh(x) + b, np.zeros(4))
             for _ in range(3):  # Newton polish
-                x = x - np.linalg.solve(-np.eye(4) + W * (1 - np.tanh(x) ** 2)[None, :],
-                                        -x + W @ np.tanh(x) + b)
+                x = x - np.linalg.solve(
+                    -np.eye(4) + W * (1 - np.tanh(x) ** 2)[None, :], -x + W @ np.tanh(x) + b
+                )
             A = -np.eye(4) + W * (1 - np.tanh(x) ** 2)[None, :]
             lead = float(np.linalg.eigvals(A).real.max())
-            dense.append((lam.flip(0), V[:, -1], torch.cat([g.reshape(-1) for g in grad]), lead,
-                          torch.from_numpy(x)))
+            dense.append(
+                (lam.flip(0), V[:, -1], torch.cat([g.reshape(-1) for g in grad]), lead, torch.from_numpy(x))
+            )
         if row is not None:
             params_at_last = [p.detach().clone() for p in model.parameters()]
         loss.backward()
@@ -69,7 +70,7 @@ def test_records_match_dense_references(tmp_path):
         # a Ritz value lies within its residual of an eigenvalue (here: of its own)
         assert bool(((fast.eigenvalues[r] - lam[:3]).abs() <= fast.residuals[r] + 1e-9).all())
         assert bool((fast.residuals[r] <= 1e-2 * lam[0]).all())
-        pr = float(lam.sum() ** 2 / (lam ** 2).sum())
+        pr = float(lam.sum() ** 2 / (lam**2).sum())
         assert abs(rec.participation[r] - pr) <= 3 * rec.participation_se[r] + 1e-6 * pr
         assert float(rec.leading[r]) == pytest.approx(lead, abs=1e-8)
         # alignments are cosines of unit vectors: within [0, 1]
@@ -82,8 +83,7 @@ def test_records_match_dense_references(tmp_path):
     d = cd.d[:, 0] / torch.linalg.vector_norm(cd.d[:, 0])
     g = dense[-1][2] / torch.linalg.vector_norm(dense[-1][2])
     assert float(rec.gradient_sensitivity_cos[-1]) == pytest.approx(float((d @ g).abs()), rel=1e-8)
-    assert float(rec.sensitivity_cos[-1]) == pytest.approx(float((d @ dense[-1][1]).abs()),
-                                                            rel=1e-6)
+    assert float(rec.sensitivity_cos[-1]) == pytest.approx(float((d @ dense[-1][1]).abs()), rel=1e-6)
     rec.save(tmp_path / "track")
     again = lnk.load_result(tmp_path / "track")
     assert torch.equal(again.eigenvalues, rec.eigenvalues) and again.kind == "flow"
@@ -100,8 +100,7 @@ def test_crossing_step_at_a_branch_point_is_exact():
             model.W.fill_(0.5 + 0.01 * s)
         tracker.record(s)
     rec = tracker.records
-    torch.testing.assert_close(rec.leading, torch.tensor([-0.5, -0.4, -0.3], dtype=F64),
-                               rtol=0, atol=1e-10)
+    torch.testing.assert_close(rec.leading, torch.tensor([-0.5, -0.4, -0.3], dtype=F64), rtol=0, atol=1e-10)
     assert float(rec.estimated_linear[-1]) == pytest.approx(50.0, abs=1e-6)
     assert float(rec.steps_left[-1]) <= 30.0 + 1e-6  # the warning's estimate errs early
 
@@ -208,8 +207,7 @@ def test_interference_predicts_finite_loss_changes():
 def test_bad_tracker_input():
     model = models.CTRNN(2, 1, seed=0)
     u = torch.zeros(1, 3, 1, dtype=F64)
-    for kw, msg in (({"every": 0}, "every"), ({"horizon": -1.0}, "horizon"),
-                    ({"window": 1}, "window")):
+    for kw, msg in (({"every": 0}, "every"), ({"horizon": -1.0}, "horizon"), ({"window": 1}, "window")):
         with pytest.raises(ValueError, match=msg):
             track.KernelTracker(model, u, **kw)
     with pytest.raises(ValueError, match="rhs"):
@@ -285,7 +283,8 @@ def test_track_command_on_your_own_model(tmp_path):
     from lanczos_ntk.cli import main
 
     (tmp_path / "mine.py").write_text(
-        "import lanczos_ntk as lnk\n\ndef build():\n    return lnk.models.CTRNN(3, 1, gain=0.5, seed=0)\n")
+        "import lanczos_ntk as lnk\n\ndef build():\n    return lnk.models.CTRNN(3, 1, gain=0.5, seed=0)\n"
+    )
     u = torch.zeros(4, 20, 1, dtype=F64)
     u[:, :3, 0] = torch.linspace(-1, 1, 4, dtype=F64)[:, None]
     teacher = models.CTRNN(3, 1, gain=1.5, seed=0)
@@ -294,9 +293,21 @@ def test_track_command_on_your_own_model(tmp_path):
     torch.save(u, tmp_path / "u.pt")
     np.save(tmp_path / "y.npy", y.numpy())
     out = tmp_path / "run"
-    args = ["track", "--model", str(tmp_path / "mine.py") + ":build", "--inputs",
-            str(tmp_path / "u.pt"), "--targets", str(tmp_path / "y.npy"), "--set", "num_steps=6",
-            "--every", "3", "--out", str(out)]
+    args = [
+        "track",
+        "--model",
+        str(tmp_path / "mine.py") + ":build",
+        "--inputs",
+        str(tmp_path / "u.pt"),
+        "--targets",
+        str(tmp_path / "y.npy"),
+        "--set",
+        "num_steps=6",
+        "--every",
+        "3",
+        "--out",
+        str(out),
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     row = __import__("json").loads((out / "summary.json").read_text())["rows"][0]
@@ -305,7 +316,8 @@ def test_track_command_on_your_own_model(tmp_path):
     assert saved.records.steps.tolist() == [0, 3, 6] and saved.loss.shape == (7,)
     bad = CliRunner().invoke(main, args[:3] + ["--out", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "go together" in bad.output
-    wrong = CliRunner().invoke(main, [*args[:5], "--targets", str(tmp_path / "u.pt"),
-                                      "--out", str(tmp_path / "c")])
+    wrong = CliRunner().invoke(
+        main, [*args[:5], "--targets", str(tmp_path / "u.pt"), "--out", str(tmp_path / "c")]
+    )
     assert wrong.exit_code == 2 and "targets of the states' shape" in wrong.output
     assert not (tmp_path / "c").exists()

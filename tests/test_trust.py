@@ -29,8 +29,9 @@ def test_wide_dynamic_range_matches_arpack_accuracy_and_says_where_it_cannot_rea
     A, lam = wide_range()
     r = lnk.eigsh(A, k=4, tol=1e-8, return_eigenvectors=True)
     err = ((r.eigenvalues - lam[:4]).abs() / lam[:4]).numpy()
-    w = np.sort(sla.eigsh(A.numpy(), k=4, which="LA", tol=1e-8, return_eigenvectors=False,
-                          v0=np.ones(1000)))[::-1]
+    w = np.sort(sla.eigsh(A.numpy(), k=4, which="LA", tol=1e-8, return_eigenvectors=False, v0=np.ones(1000)))[
+        ::-1
+    ]
     arpack = np.abs(w - lam[:4].numpy()) / lam[:4].numpy()
     # as accurate as ARPACK at the same tol (within a factor that covers the random start)
     assert err.max() <= 10 * max(arpack.max(), 1e-12), (err, arpack)
@@ -64,8 +65,14 @@ def test_float32_products_report_the_rounding_floor():
 
 
 def test_missed_copies_of_a_repeated_eigenvalue_are_found():
-    lam = torch.cat([torch.tensor([10.0, 9.0], dtype=F64), torch.full((6,), 8.0, dtype=F64),
-                     torch.tensor([7.5], dtype=F64), torch.linspace(0, 5, 291, dtype=F64)])
+    lam = torch.cat(
+        [
+            torch.tensor([10.0, 9.0], dtype=F64),
+            torch.full((6,), 8.0, dtype=F64),
+            torch.tensor([7.5], dtype=F64),
+            torch.linspace(0, 5, 291, dtype=F64),
+        ]
+    )
     A = matrix_with_spectrum(lam, gen(4))
     truth = torch.sort(lam, descending=True).values[:9]
     r = lnk.eigsh(A, k=9)
@@ -91,8 +98,9 @@ def test_non_symmetric_callables_and_scipy_operators_are_refused():
 
 
 def test_scipy_sparse_matrices_are_accepted_and_checked():
-    L = scipy.sparse.diags([np.full(199, -1.0), np.full(200, 2.0), np.full(199, -1.0)],
-                           [-1, 0, 1], format="csr")
+    L = scipy.sparse.diags(
+        [np.full(199, -1.0), np.full(200, 2.0), np.full(199, -1.0)], [-1, 0, 1], format="csr"
+    )
     truth = 2 - 2 * np.cos(np.arange(1, 201) * np.pi / 201)
     for M in (L, scipy.sparse.csr_array(L)):
         r = lnk.eigsh(M, k=3, tol=1e-10)
@@ -123,8 +131,11 @@ def _truth(lam):
     lam = lam.clamp_min(0)
     p = lam / lam.sum()
     p = p[p > 0]
-    return {"participation": float(lam.sum() ** 2 / (lam**2).sum()),
-            "entropy": float(torch.exp(-(p * p.log()).sum())), "trace": float(lam.sum())}
+    return {
+        "participation": float(lam.sum() ** 2 / (lam**2).sum()),
+        "entropy": float(torch.exp(-(p * p.log()).sum())),
+        "trace": float(lam.sum()),
+    }
 
 
 def _coverage(op, lam, seeds, **kw):
@@ -154,8 +165,9 @@ def test_deflated_estimates_cover_the_truth_on_prescribed_spectra(case):
     if case == "collapsed":
         A, lam = collapsed()
     elif case == "bulk":
-        lam = torch.cat([torch.tensor([1.0, 0.2], dtype=F64),
-                         0.01 * torch.rand(298, dtype=F64, generator=g) ** 3])
+        lam = torch.cat(
+            [torch.tensor([1.0, 0.2], dtype=F64), 0.01 * torch.rand(298, dtype=F64, generator=g) ** 3]
+        )
         A = matrix_with_spectrum(lam, g)
     else:
         lam = torch.rand(300, dtype=F64, generator=g)
@@ -171,8 +183,7 @@ def test_plain_slq_is_what_deflation_fixes_on_a_collapsed_kernel():
     A, lam = collapsed()
     truth = _truth(lam)["participation"]
     plain = [lnk.effective_rank(lnk.slq(A, 10, 30, generator=gen(s))).value for s in range(10)]
-    defl = [lnk.effective_rank(lnk.deflated_slq(A, 10, 30, generator=gen(s))).value
-            for s in range(10)]
+    defl = [lnk.effective_rank(lnk.deflated_slq(A, 10, 30, generator=gen(s))).value for s in range(10)]
     assert max(abs(v - truth) for v in defl) < 1e-4
     assert max(abs(v - truth) for v in plain) > 100 * max(abs(v - truth) for v in defl)
     assert min(defl) >= 1.0  # clamped to the valid range

@@ -68,8 +68,9 @@ def launch_for(cfg: dict) -> _launch.Launch:
         if not _SESSION["sharded"]:
             _SESSION["launch"] = _launch.SINGLE
         else:
-            launch = _launch.launch_from_environment(_SESSION["backend"], str(cfg.get("device", "cpu")),
-                                                     _SESSION["timeout"])
+            launch = _launch.launch_from_environment(
+                _SESSION["backend"], str(cfg.get("device", "cpu")), _SESSION["timeout"]
+            )
             _SESSION["launch"] = launch
             _launch.check_same_configuration(launch, recorded_config(cfg))
     return _SESSION["launch"]
@@ -87,8 +88,12 @@ def friendly(fn):
     def wrapper(*args, **kwargs):
         threads = kwargs.pop("threads", None)
         name = fn.__name__.removesuffix("_command")
-        _SESSION.update(backend=kwargs.pop("backend", None), timeout=kwargs.pop("timeout", 600.0),
-                        sharded=name in SHARDED, launch=None)
+        _SESSION.update(
+            backend=kwargs.pop("backend", None),
+            timeout=kwargs.pop("timeout", 600.0),
+            sharded=name in SHARDED,
+            launch=None,
+        )
         rank, world = _world()
         if world > 1 and not _SESSION["sharded"] and rank != 0:
             return None  # nothing to share: rank 0 runs it alone
@@ -116,7 +121,8 @@ def friendly(fn):
             raise LostRankError(
                 f"rank {launch.rank}: a collective with the other ranks failed ({first[:160]}); "
                 f"a rank stopped or hangs. Rank 0 wrote only finished results: run the same "
-                f"torchrun command again to resume") from None
+                f"torchrun command again to resume"
+            ) from None
         finally:
             torch.set_num_threads(before)
 
@@ -137,32 +143,63 @@ def _leave_group(success: bool) -> None:
 def common_options(fn):
     """Options shared by every command."""
     options = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                     help="TOML configuration file (see experiments/)."),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                     help="Override a configuration key, e.g. --set model.gain=1.5 (repeatable)."),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            help="TOML configuration file (see experiments/).",
+        ),
+        click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Override a configuration key, e.g. --set model.gain=1.5 (repeatable).",
+        ),
         click.option("--seed", type=int, help="Seed of inputs, probes and fixed-point seeds."),
         click.option("--device", help="Torch device of the model (cpu, cuda, cuda:1, ...)."),
-        click.option("--dtype", type=click.Choice(["float64", "float32"]),
-                     help="Precision of the model and its products (float64 by default)."),
-        click.option("--model", "model_spec", metavar="SPEC",
-                     help="Built-in model (ctrnn, rnn, gru, ssm, normal_form) or a factory "
-                          "package.module:factory or path/to/file.py:factory."),
-        click.option("--out", type=click.Path(file_okay=False),
-                     help="Run folder (default runs/<command>-<config hash>); re-running with the "
-                          "same folder resumes."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float64", "float32"]),
+            help="Precision of the model and its products (float64 by default).",
+        ),
+        click.option(
+            "--model",
+            "model_spec",
+            metavar="SPEC",
+            help="Built-in model (ctrnn, rnn, gru, ssm, normal_form) or a factory "
+            "package.module:factory or path/to/file.py:factory.",
+        ),
+        click.option(
+            "--out",
+            type=click.Path(file_okay=False),
+            help="Run folder (default runs/<command>-<config hash>); re-running with the "
+            "same folder resumes.",
+        ),
         click.option("--fresh", is_flag=True, help="Discard what the run folder holds and start over."),
         click.option("--quiet", is_flag=True, help="No progress bars and no summary on the terminal."),
-        click.option("--threads", type=click.IntRange(min=0), default=None,
-                     help="CPU threads of torch (0: torch's default; the demo uses 1, which is "
-                          "fastest for small problems on a shared machine)."),
-        click.option("--backend", type=click.Choice(["gloo", "nccl"]), default=None,
-                     help="Under torchrun: the process group's backend (default gloo on the "
-                          "CPU, nccl on CUDA devices)."),
-        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
-                     show_default=True,
-                     help="Under torchrun: seconds a rank waits for the others in a collective "
-                          "before it stops with an error (a rank died or hangs)."),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=0),
+            default=None,
+            help="CPU threads of torch (0: torch's default; the demo uses 1, which is "
+            "fastest for small problems on a shared machine).",
+        ),
+        click.option(
+            "--backend",
+            type=click.Choice(["gloo", "nccl"]),
+            default=None,
+            help="Under torchrun: the process group's backend (default gloo on the "
+            "CPU, nccl on CUDA devices).",
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=600.0,
+            show_default=True,
+            help="Under torchrun: seconds a rank waits for the others in a collective "
+            "before it stops with an error (a rank died or hangs).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -170,9 +207,13 @@ def common_options(fn):
 
 
 def inputs_option(fn):
-    return click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False),
-                        help="Inputs [trials, steps, d_in]: a .pt tensor (loaded with "
-                             "weights_only=True) or an .npz with one array or a key 'inputs'.")(fn)
+    return click.option(
+        "--inputs",
+        "inputs_file",
+        type=click.Path(dir_okay=False),
+        help="Inputs [trials, steps, d_in]: a .pt tensor (loaded with "
+        "weights_only=True) or an .npz with one array or a key 'inputs'.",
+    )(fn)
 
 
 def resolve_config(command: str, config_file, overrides, **explicit) -> dict:
@@ -203,11 +244,16 @@ def _renamed(layer: dict) -> dict:
     for (table, old), new in RENAMED.items():
         if isinstance(out.get(table), dict) and old in out[table]:
             if new in out[table]:
-                raise ConfigError(f"{table}.{old} and {table}.{new} are the same key "
-                                  f"(the first is its old name); give only {table}.{new}")
+                raise ConfigError(
+                    f"{table}.{old} and {table}.{new} are the same key "
+                    f"(the first is its old name); give only {table}.{new}"
+                )
             out[table][new] = out[table].pop(old)
-            click.echo(f"note: {table}.{old} is now called {table}.{new} (the library's "
-                       f"argument name); the old name is still read", err=True)
+            click.echo(
+                f"note: {table}.{old} is now called {table}.{new} (the library's "
+                f"argument name); the old name is still read",
+                err=True,
+            )
     return out
 
 
@@ -235,23 +281,34 @@ def model_and_inputs(cfg: dict) -> tuple[torch.nn.Module, torch.Tensor | None]:
     if d_in is None and not cfg["inputs"]["file"]:
         raise ConfigError("the model has no attribute input_size: give the inputs with --inputs FILE")
     # under torchrun each rank reads (or draws) only its own share of the trials
-    inputs = make_inputs(cfg["inputs"], None if d_in is None else int(d_in), dtype=dtype,
-                         seed=cfg["seed"], share=launch.share if launch.distributed else None)
+    inputs = make_inputs(
+        cfg["inputs"],
+        None if d_in is None else int(d_in),
+        dtype=dtype,
+        seed=cfg["seed"],
+        share=launch.share if launch.distributed else None,
+    )
     try:
         with torch.no_grad():
             out = model(inputs[:1].to(device))
     except Exception as exc:
         expected = _first_layer_inputs(model)
-        hint = (f"; its first layer takes {expected} input features, the inputs have "
-                f"{inputs.shape[-1]} (set inputs.* or give --inputs FILE)"
-                if expected is not None and expected != inputs.shape[-1] else "")
-        raise ConfigError(f"the model rejects inputs of shape {list(inputs.shape)}: "
-                          f"{type(exc).__name__}: {exc}{hint}") from None
+        hint = (
+            f"; its first layer takes {expected} input features, the inputs have "
+            f"{inputs.shape[-1]} (set inputs.* or give --inputs FILE)"
+            if expected is not None and expected != inputs.shape[-1]
+            else ""
+        )
+        raise ConfigError(
+            f"the model rejects inputs of shape {list(inputs.shape)}: {type(exc).__name__}: {exc}{hint}"
+        ) from None
     out = out[0] if isinstance(out, tuple) else out
     if not isinstance(out, torch.Tensor) or out.dim() != 3:
-        raise ConfigError("the model must map inputs [trials, steps, d_in] to states "
-                          f"[trials, steps, n]; got {type(out).__name__} "
-                          f"{list(out.shape) if isinstance(out, torch.Tensor) else ''}")
+        raise ConfigError(
+            "the model must map inputs [trials, steps, d_in] to states "
+            f"[trials, steps, n]; got {type(out).__name__} "
+            f"{list(out.shape) if isinstance(out, torch.Tensor) else ''}"
+        )
     return model, inputs
 
 
@@ -277,8 +334,11 @@ def run_folder(command: str, cfg: dict, out, fresh: bool, quiet: bool = False):
             path.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
                 pass
-            folder = (_launch.LeaderFolder(path, cfg, fresh=fresh, command=command, launch=launch)
-                      if launch.distributed else RunFolder(path, cfg, fresh=fresh, command=command))
+            folder = (
+                _launch.LeaderFolder(path, cfg, fresh=fresh, command=command, launch=launch)
+                if launch.distributed
+                else RunFolder(path, cfg, fresh=fresh, command=command)
+            )
         except OSError as exc:
             problem = f"cannot write the run folder {path}: {exc.strerror or exc}"
         except ConfigError as exc:
@@ -295,8 +355,11 @@ def run_folder(command: str, cfg: dict, out, fresh: bool, quiet: bool = False):
             yield folder
         except KeyboardInterrupt:
             folder.log("interrupted (Ctrl-C); what finished is saved here")
-            click.echo(f"interrupted: what finished is saved in {folder.path}; run the same "
-                       f"command with --out {folder.path} to resume", err=True)
+            click.echo(
+                f"interrupted: what finished is saved in {folder.path}; run the same "
+                f"command with --out {folder.path} to resume",
+                err=True,
+            )
             raise SystemExit(130) from None
         finally:
             counts: dict = {}
@@ -306,8 +369,10 @@ def run_folder(command: str, cfg: dict, out, fresh: bool, quiet: bool = False):
             for key, n in counts.items():
                 folder.log(f"warning ({n}x) {key}")
             if counts and not quiet:
-                click.echo(f"{sum(counts.values())} warning(s) during the run; see "
-                           f"{folder.path / 'run.log'}", err=True)
+                click.echo(
+                    f"{sum(counts.values())} warning(s) during the run; see {folder.path / 'run.log'}",
+                    err=True,
+                )
 
 
 def progress(quiet: bool, **kw):
@@ -317,11 +382,15 @@ def progress(quiet: bool, **kw):
 
 
 # what the summaries' spectral numbers mean, printed under them
-RANK_LEGEND = ("legend: participation rank (Σλ)²/Σλ² and entropy rank exp(−Σ p log p), "
-               "p = λ/Σλ, count the eigenvalues that carry the spectrum (1: collapsed onto one "
-               "direction; the dimension: flat)")
-ZERO_MASS_LEGEND = ("legend: zero mass = fraction of the M eigenvalues of K that are zero to "
-                    "rounding (M minus the rank of J, over M)")
+RANK_LEGEND = (
+    "legend: participation rank (Σλ)²/Σλ² and entropy rank exp(−Σ p log p), "
+    "p = λ/Σλ, count the eigenvalues that carry the spectrum (1: collapsed onto one "
+    "direction; the dimension: flat)"
+)
+ZERO_MASS_LEGEND = (
+    "legend: zero mass = fraction of the M eigenvalues of K that are zero to "
+    "rounding (M minus the rank of J, over M)"
+)
 
 
 def report(quiet: bool, lines, folder: RunFolder) -> None:
@@ -360,9 +429,11 @@ def make_operator(model, inputs, cfg):
     rank = min(M, P)  # at most this many nonzero eigenvalues
     for key in ("k", "bottom"):
         if int(cfg["spectrum"].get(key, 0)) > rank:
-            raise ConfigError(f"spectrum.{key}={cfg['spectrum'][key]} exceeds the number of "
-                              f"nonzero eigenvalues the sNTK can have, min(M, P) = "
-                              f"min({M}, {P}) = {rank}")
+            raise ConfigError(
+                f"spectrum.{key}={cfg['spectrum'][key]} exceeds the number of "
+                f"nonzero eigenvalues the sNTK can have, min(M, P) = "
+                f"min({M}, {P}) = {rank}"
+            )
     return K
 
 

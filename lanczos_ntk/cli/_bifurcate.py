@@ -36,8 +36,9 @@ def _on_branch(x: torch.Tensor, p: float, branches, tol: float = ON_BRANCH_TOL) 
 
 
 def _same_event(a, b, width: float) -> bool:
-    return abs(a.p - b.p) <= 1e-4 * width and \
-        float((a.x - b.x).abs().max()) <= 1e-3 * (1 + float(b.x.abs().max()))
+    return abs(a.p - b.p) <= 1e-4 * width and float((a.x - b.x).abs().max()) <= 1e-3 * (
+        1 + float(b.x.abs().max())
+    )
 
 
 def _without_folds_at_branch_points(branches, width: float) -> list:
@@ -45,10 +46,17 @@ def _without_folds_at_branch_points(branches, width: float) -> list:
     bifurcating branch of a pitchfork, ``p = x²``, turns exactly there), reported as the
     branch point."""
     points = [k for br in branches for k in br.bifurcations if k.kind == "branch_point"]
-    return [dataclasses.replace(br, bifurcations=[
-        k for k in br.bifurcations
-        if not (k.kind == "fold" and any(_same_event(o, k, width) for o in points))])
-        for br in branches]
+    return [
+        dataclasses.replace(
+            br,
+            bifurcations=[
+                k
+                for k in br.bifurcations
+                if not (k.kind == "fold" and any(_same_event(o, k, width) for o in points))
+            ],
+        )
+        for br in branches
+    ]
 
 
 def _unique_bifurcations(branches, width: float) -> list:
@@ -74,8 +82,9 @@ def bifurcate(config_file, overrides, seed, device, dtype, model_spec, out, fres
     from ._compute import euler_line
     from ._figures import bifurcate_figure
 
-    cfg = resolve_config("bifurcate", config_file, overrides, seed=seed, device=device, dtype=dtype,
-                         model_spec=model_spec)
+    cfg = resolve_config(
+        "bifurcate", config_file, overrides, seed=seed, device=device, dtype=dtype, model_spec=model_spec
+    )
     b = cfg["bifurcate"]
     if not b["start"] < b["stop"]:
         raise ConfigError(f"bifurcate.start must be < bifurcate.stop, got {b['start']} and {b['stop']}")
@@ -83,8 +92,10 @@ def bifurcate(config_file, overrides, seed, device, dtype, model_spec, out, fres
         raise ConfigError("bifurcate.max_branches, seeds and max_steps must be >= 1")
     model, _ = model_and_inputs(cfg)
     if not hasattr(model, "rhs"):
-        raise ConfigError(f"{type(model).__name__} has no rhs(h, u): bifurcation analysis needs a "
-                          "model of lanczos_ntk.models or one with kind, rhs, state_size, input_size")
+        raise ConfigError(
+            f"{type(model).__name__} has no rhs(h, u): bifurcation analysis needs a "
+            "model of lanczos_ntk.models or one with kind, rhs, state_size, input_size"
+        )
     u = torch.full((model.input_size,), float(b["input"]), dtype=torch.float64)
     try:
         system = dynamics.system_from_model(model, b["param"], u)
@@ -109,31 +120,51 @@ def bifurcate(config_file, overrides, seed, device, dtype, model_spec, out, fres
                         br = folder.load(name)
                         folder.log(f"{name}: loaded from the previous run")
                     else:
-                        br = dynamics.continuation(system, x, p, (b["start"], b["stop"]),
-                                                   max_steps=b["max_steps"], direction=direction)
+                        br = dynamics.continuation(
+                            system,
+                            x,
+                            p,
+                            (b["start"], b["stop"]),
+                            max_steps=b["max_steps"],
+                            direction=direction,
+                        )
                         folder.save(name, br)
-                        folder.log(f"{name}: {len(br)} points, {br.status.value}, bifurcations "
-                                   f"{[(k.kind, round(k.p, 6)) for k in br.bifurcations]}")
+                        folder.log(
+                            f"{name}: {len(br)} points, {br.status.value}, bifurcations "
+                            f"{[(k.kind, round(k.p, 6)) for k in br.bifurcations]}"
+                        )
                     if len(br):
                         branches.append(br)
                     bar.update()
         if not branches:
-            raise click.ClickException("no fixed point found at either end of the window; widen "
-                                       "[start, stop] or raise bifurcate.seeds")
+            raise click.ClickException(
+                "no fixed point found at either end of the window; widen "
+                "[start, stop] or raise bifurcate.seeds"
+            )
         branches = _without_folds_at_branch_points(branches, b["stop"] - b["start"])
         unique = _unique_bifurcations(branches, b["stop"] - b["start"])
-        bifs = [{"kind": k.kind, "p": k.p, "x": k.x.tolist(),
-                 "eigenvalue": [k.eigenvalue.real, k.eigenvalue.imag],
-                 "coefficients": k.coefficients} for k in unique]
+        bifs = [
+            {
+                "kind": k.kind,
+                "p": k.p,
+                "x": k.x.tolist(),
+                "eigenvalue": [k.eigenvalue.real, k.eigenvalue.imag],
+                "coefficients": k.coefficients,
+            }
+            for k in unique
+        ]
         euler, euler_text = euler_line(branches, b["param"])
-        folder.write_json("summary.json", {"branches": len(branches), "bifurcations": bifs,
-                                           "euler_map": euler})
-        figs = save_figures(folder, {"bifurcation": bifurcate_figure(branches, unique, system.kind,
-                                                                     f"parameter {b['param']}")})
+        folder.write_json(
+            "summary.json", {"branches": len(branches), "bifurcations": bifs, "euler_map": euler}
+        )
+        figs = save_figures(
+            folder,
+            {"bifurcation": bifurcate_figure(branches, unique, system.kind, f"parameter {b['param']}")},
+        )
     lines = [f"{len(branches)} branch(es); bifurcations:"]
-    lines += [f"  {d['kind']} at {b['param']} = {0.0 if abs(d['p']) < 1e-12 else d['p']:.6g}"
-              for d in bifs] or ["  none"]
+    lines += [
+        f"  {d['kind']} at {b['param']} = {0.0 if abs(d['p']) < 1e-12 else d['p']:.6g}" for d in bifs
+    ] or ["  none"]
     if euler_text:
         lines.append(euler_text)
     report(quiet, lines + [f"results: {folder.path}", f"figure: {figs[0]}"], folder)
-

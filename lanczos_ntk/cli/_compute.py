@@ -30,9 +30,19 @@ from ..spectral import (
 )
 from ._runs import ConfigError
 
-__all__ = ["SpectralSummary", "SweepPoint", "SweepResult", "collect_sweep", "critical_gain",
-           "density_of", "dynamics_at", "euler_line", "model_at", "spectral_summary",
-           "stability_changes"]
+__all__ = [
+    "SpectralSummary",
+    "SweepPoint",
+    "SweepResult",
+    "collect_sweep",
+    "critical_gain",
+    "density_of",
+    "dynamics_at",
+    "euler_line",
+    "model_at",
+    "spectral_summary",
+    "stability_changes",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,17 +79,22 @@ class SpectralSummary(Result):
             "top_residuals": self.top.residuals.tolist(),
             "bottom_eigenvalues": None if self.bottom is None else self.bottom.eigenvalues.tolist(),
             "null_dim": None if self.bottom is None else self.bottom.null_dim,
-            "trace": self.trace.estimate, "trace_se": self.trace.standard_error,
+            "trace": self.trace.estimate,
+            "trace_se": self.trace.standard_error,
             "participation_rank": self.participation.value,
             "participation_rank_se": self.participation.standard_error,
-            "entropy_rank": self.entropy.value, "entropy_rank_se": self.entropy.standard_error,
+            "entropy_rank": self.entropy.value,
+            "entropy_rank_se": self.entropy.standard_error,
             "condition_number": self.condition,
             "deflated_k": getattr(self.slq, "k", 0),
             "top_converged": self.top.converged.tolist(),
-            "dimension_M": self.top.primal_dimension, "side": self.top.side,
-            "matvecs": self.top.num_matvecs + self.slq.num_matvecs
+            "dimension_M": self.top.primal_dimension,
+            "side": self.top.side,
+            "matvecs": self.top.num_matvecs
+            + self.slq.num_matvecs
             + (0 if self.bottom is None else self.bottom.num_matvecs),
-            "status": self.top.status.value, "seconds": self.seconds,
+            "status": self.top.status.value,
+            "seconds": self.seconds,
         }
 
 
@@ -89,21 +104,27 @@ def spectral_summary(K, cfg: Mapping, generator: torch.Generator, progress=None)
 
     ``progress(stage)`` is called after each of the three stages ("top", "bottom", "slq").
     """
+
     def done(stage):
         if progress is not None:
             progress(stage)
 
     t0 = time.perf_counter()
     A = as_operator(K)  # the smaller side: eigenvectors there seed the deflation
-    top = eigsh(A, int(cfg["k"]), "LA", float(cfg["tol"]), generator=generator,
-                return_eigenvectors=True)
+    top = eigsh(A, int(cfg["k"]), "LA", float(cfg["tol"]), generator=generator, return_eigenvectors=True)
     done("top")
     bottom = None
     if int(cfg["bottom"]) > 0:
         bottom = eigsh(A, int(cfg["bottom"]), "SA", float(cfg["tol"]), generator=generator)
     done("bottom")
-    s = deflated_slq(A, int(cfg["num_probes"]), int(cfg["num_steps"]), generator=generator,
-                     tol=float(cfg["tol"]), eigenpairs=top)
+    s = deflated_slq(
+        A,
+        int(cfg["num_probes"]),
+        int(cfg["num_steps"]),
+        generator=generator,
+        tol=float(cfg["tol"]),
+        eigenpairs=top,
+    )
     top = dataclasses.replace(top, eigenvectors=None)  # not saved with the run
     done("slq")
     lmax = float(top.eigenvalues[0]) if len(top.eigenvalues) else math.nan
@@ -111,10 +132,16 @@ def spectral_summary(K, cfg: Mapping, generator: torch.Generator, progress=None)
     if bottom is not None and len(bottom.eigenvalues):
         lmin = float(bottom.eigenvalues.min())
         cond = lmax / lmin if lmin > 0 else math.inf
-    return SpectralSummary(top=top, bottom=bottom, slq=s,
-                           participation=effective_rank(s, "participation"),
-                           entropy=effective_rank(s, "entropy"), trace=trace_from_slq(s),
-                           condition=cond, seconds=time.perf_counter() - t0)
+    return SpectralSummary(
+        top=top,
+        bottom=bottom,
+        slq=s,
+        participation=effective_rank(s, "participation"),
+        entropy=effective_rank(s, "entropy"),
+        trace=trace_from_slq(s),
+        condition=cond,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def density_of(summary_or_slq, cfg: Mapping):
@@ -145,11 +172,15 @@ def check_param(model, param: str) -> None:
     names = dict(model.named_parameters())
     if param == "gain":
         if "W" not in names or not getattr(model, "gain", 0.0):
-            raise ConfigError(f"sweep.param='gain' needs a model with a parameter 'W' and a nonzero "
-                              f"attribute 'gain'; {type(model).__name__} has neither")
+            raise ConfigError(
+                f"sweep.param='gain' needs a model with a parameter 'W' and a nonzero "
+                f"attribute 'gain'; {type(model).__name__} has neither"
+            )
     elif param not in ("input", "checkpoints") and param not in names:
-        raise ConfigError(f"unknown sweep parameter {param!r}; expected 'gain', 'input', "
-                          f"'checkpoints' or one of the model's parameters {sorted(names)}")
+        raise ConfigError(
+            f"unknown sweep parameter {param!r}; expected 'gain', 'input', "
+            f"'checkpoints' or one of the model's parameters {sorted(names)}"
+        )
 
 
 def model_at(model, param: str, value: float, *, state: Mapping | None = None):
@@ -208,8 +239,7 @@ def dynamics_at(model, u: torch.Tensor, cfg: Mapping, generator: torch.Generator
     kept: list[int] = []
     for j in range(len(fp)):
         x = fp.points[j]
-        if not any(float((x - fp.points[k]).abs().max()) <= 1e-3 * (1 + float(x.abs().max()))
-                   for k in kept):
+        if not any(float((x - fp.points[k]).abs().max()) <= 1e-3 * (1 + float(x.abs().max())) for k in kept):
             kept.append(j)
     return fp, leading, sorted(int(fp.n_unstable[j]) for j in kept)
 
@@ -227,11 +257,16 @@ def euler_line(branches, param: str) -> tuple[dict | None, str | None]:
                 changes.append(p)
     dt = branches[0].dt
     changes = [0.0 if abs(p) < 1e-12 else p for p in changes]
-    where = (f"changes stability at {param} ≈ " + ", ".join(f"{p:.5g}" for p in sorted(changes))
-             if changes else "keeps its stability on the continued branch")
-    return ({"dt": dt, "stability_changes": sorted(changes)},
-            f"the trajectories, and so the kernel, follow the Euler map x ↦ x + dt·f (dt = {dt:g}); "
-            f"its fixed point {where} (max |1 + dt λ| = 1; the flow's bifurcations are at Re λ = 0)")
+    where = (
+        f"changes stability at {param} ≈ " + ", ".join(f"{p:.5g}" for p in sorted(changes))
+        if changes
+        else "keeps its stability on the continued branch"
+    )
+    return (
+        {"dt": dt, "stability_changes": sorted(changes)},
+        f"the trajectories, and so the kernel, follow the Euler map x ↦ x + dt·f (dt = {dt:g}); "
+        f"its fixed point {where} (max |1 + dt λ| = 1; the flow's bifurcations are at Re λ = 0)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,8 +283,12 @@ class SweepPoint(Result):
     seconds: float
 
 
-def stability_changes(values: Sequence[float], signatures: Sequence[list],
-                      leading: Sequence[float] | None = None, zero: float = 1e-6) -> list[dict]:
+def stability_changes(
+    values: Sequence[float],
+    signatures: Sequence[list],
+    leading: Sequence[float] | None = None,
+    zero: float = 1e-6,
+) -> list[dict]:
     """Stability changes between consecutive sweep points (marked half-way).
 
     A change is a different signature (the sorted unstable-eigenvalue counts of the fixed points
@@ -261,11 +300,23 @@ def stability_changes(values: Sequence[float], signatures: Sequence[list],
     for i in range(1, len(values)):
         a, b = signatures[i - 1], signatures[i]
         la, lb = lead[i - 1], lead[i]
-        sign_change = (math.isfinite(la) and math.isfinite(lb) and abs(la) > zero and abs(lb) > zero
-                       and (la > 0) != (lb > 0))
+        sign_change = (
+            math.isfinite(la)
+            and math.isfinite(lb)
+            and abs(la) > zero
+            and abs(lb) > zero
+            and (la > 0) != (lb > 0)
+        )
         if (a and b and a != b) or sign_change:
-            out.append({"kind": "stability_change", "p": 0.5 * (values[i - 1] + values[i]),
-                        "between": [i - 1, i], "before": a, "after": b})
+            out.append(
+                {
+                    "kind": "stability_change",
+                    "p": 0.5 * (values[i - 1] + values[i]),
+                    "between": [i - 1, i],
+                    "before": a,
+                    "after": b,
+                }
+            )
     return out
 
 
@@ -307,8 +358,9 @@ class SweepResult(Result):
     critical_value: float
 
 
-def collect_sweep(param: str, points: Sequence[SweepPoint], branch=None,
-                  critical_value: float = math.nan) -> SweepResult:
+def collect_sweep(
+    param: str, points: Sequence[SweepPoint], branch=None, critical_value: float = math.nan
+) -> SweepResult:
     """Assemble the per-point results into a :class:`SweepResult`."""
     values = [p.value for p in points]
     k = max(len(p.spectrum.top.eigenvalues) for p in points)
@@ -322,8 +374,7 @@ def collect_sweep(param: str, points: Sequence[SweepPoint], branch=None,
 
     bifs = stability_changes(values, [p.signature for p in points], [p.leading for p in points])
     if branch is not None:
-        located = [{"kind": b.kind, "p": float(b.p), "source": "continuation"}
-                   for b in branch.bifurcations]
+        located = [{"kind": b.kind, "p": float(b.p), "source": "continuation"} for b in branch.bifurcations]
         # one event, one number: a change between two sweep points that the continuation
         # located is reported as the located point, with the sweep interval it fell in
         kept = []
@@ -337,20 +388,35 @@ def collect_sweep(param: str, points: Sequence[SweepPoint], branch=None,
                 kept.append(c)
         bifs = kept + located
     return SweepResult(
-        param=param, values=torch.tensor(values, dtype=torch.float64),
-        labels=[p.label for p in points], eigenvalues=eig,
+        param=param,
+        values=torch.tensor(values, dtype=torch.float64),
+        labels=[p.label for p in points],
+        eigenvalues=eig,
         participation=col(lambda p: p.spectrum.participation.value),
         participation_se=col(lambda p: p.spectrum.participation.standard_error),
         entropy=col(lambda p: p.spectrum.entropy.value),
         entropy_se=col(lambda p: p.spectrum.entropy.standard_error),
         trace=col(lambda p: p.spectrum.trace.estimate),
-        condition=col(lambda p: p.spectrum.condition), leading=col(lambda p: p.leading),
-        bifurcations=bifs, branch=branch, critical_value=float(critical_value))
+        condition=col(lambda p: p.spectrum.condition),
+        leading=col(lambda p: p.leading),
+        bifurcations=bifs,
+        branch=branch,
+        critical_value=float(critical_value),
+    )
 
 
 # ---------------------------------------------------------------------- continuation
-def continue_branch(model, param: str, x0: torch.Tensor, p0: float, span: tuple[float, float],
-                    u: torch.Tensor, max_steps: int, direction: int = 1):
+def continue_branch(
+    model,
+    param: str,
+    x0: torch.Tensor,
+    p0: float,
+    span: tuple[float, float],
+    u: torch.Tensor,
+    max_steps: int,
+    direction: int = 1,
+):
     """Pseudo-arclength continuation of a model's fixed point in ``param`` over ``span``."""
-    return dynamics.continuation(model, x0, p0, span, param=param, u=u, max_steps=int(max_steps),
-                                 direction=direction)
+    return dynamics.continuation(
+        model, x0, p0, span, param=param, u=u, max_steps=int(max_steps), direction=direction
+    )

@@ -7,8 +7,11 @@ import copy
 __all__ = ["DEFAULTS", "RENAMED", "defaults_for"]
 
 # configuration keys renamed to the library's argument names: the old names are still read
-RENAMED = {("spectrum", "probes"): "num_probes", ("spectrum", "lanczos_steps"): "num_steps",
-           ("density", "points"): "num_points"}
+RENAMED = {
+    ("spectrum", "probes"): "num_probes",
+    ("spectrum", "lanczos_steps"): "num_steps",
+    ("density", "points"): "num_points",
+}
 
 _COMMON = {"seed": 0, "device": "cpu", "dtype": "float64"}
 
@@ -82,14 +85,18 @@ _BIFURCATE = {
 }
 
 DEFAULTS = {
-    "spectrum": {**_COMMON, "model": _MODEL, "inputs": _INPUTS, "spectrum": _SPECTRUM,
-                 "density": _DENSITY},
-    "density": {**_COMMON, "model": _MODEL, "inputs": _INPUTS, "spectrum": _SPECTRUM,
-                "density": _DENSITY},
-    "sweep": {**_COMMON, "model": _MODEL, "inputs": _INPUTS, "spectrum": _SPECTRUM,
-              "density": _DENSITY, "dynamics": _DYNAMICS, "sweep": _SWEEP},
-    "bifurcate": {**_COMMON, "model": {**_MODEL, "name": "normal_form", "mu": -1.0},
-                  "bifurcate": _BIFURCATE},
+    "spectrum": {**_COMMON, "model": _MODEL, "inputs": _INPUTS, "spectrum": _SPECTRUM, "density": _DENSITY},
+    "density": {**_COMMON, "model": _MODEL, "inputs": _INPUTS, "spectrum": _SPECTRUM, "density": _DENSITY},
+    "sweep": {
+        **_COMMON,
+        "model": _MODEL,
+        "inputs": _INPUTS,
+        "spectrum": _SPECTRUM,
+        "density": _DENSITY,
+        "dynamics": _DYNAMICS,
+        "sweep": _SWEEP,
+    },
+    "bifurcate": {**_COMMON, "model": {**_MODEL, "name": "normal_form", "mu": -1.0}, "bifurcate": _BIFURCATE},
 }
 
 # The demo: a CTRNN swept in gain across the loss of stability of its trivial fixed point.
@@ -99,8 +106,8 @@ DEFAULTS["demo"]["inputs"].update(trials=4, steps=100, amplitude=0.01, kind="noi
 DEFAULTS["demo"]["spectrum"].update(k=5, bottom=0, num_probes=10, num_steps=40)
 DEFAULTS["demo"]["density"].update(sigma=0.12)  # in decades (the density is smoothed in log10 λ)
 DEFAULTS["demo"]["dynamics"].update(input="zero", seeds=24, max_steps=200)
-DEFAULTS["demo"]["sweep"].update(param="gain", start=0.5, stop=1.3, num=17,
-                                 relative_to_critical=True)
+DEFAULTS["demo"]["sweep"].update(param="gain", start=0.5, stop=1.3, num=17, relative_to_critical=True)
+
 
 def defaults_for(command: str) -> dict:
     """A fresh copy of a command's defaults."""

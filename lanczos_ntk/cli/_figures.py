@@ -21,8 +21,9 @@ def _plt():
 
 
 def _param_label(param: str) -> str:
-    return {"gain": "recurrent gain g", "input": "input level (× inputs)",
-            "checkpoints": "checkpoint"}.get(param, f"parameter {param}")
+    return {"gain": "recurrent gain g", "input": "input level (× inputs)", "checkpoints": "checkpoint"}.get(
+        param, f"parameter {param}"
+    )
 
 
 def _critical_line(ax, value: float) -> None:
@@ -39,12 +40,19 @@ def _fixed_point_scatter(ax, points) -> None:
             continue
         norms = fp.points.norm(dim=1).numpy()
         stable = fp.stable.numpy().astype(bool)
-        for mask, style, name in ((stable, {"color": "tab:blue"}, "fixed points (stable)"),
-                                  (~stable, {"facecolors": "none", "edgecolors": "tab:red"},
-                                   "fixed points (unstable)")):
+        for mask, style, name in (
+            (stable, {"color": "tab:blue"}, "fixed points (stable)"),
+            (~stable, {"facecolors": "none", "edgecolors": "tab:red"}, "fixed points (unstable)"),
+        ):
             if mask.any():
-                ax.scatter(np.full(mask.sum(), p.value), norms[mask], s=22, zorder=4,
-                           label=None if name in shown else name, **style)
+                ax.scatter(
+                    np.full(mask.sum(), p.value),
+                    norms[mask],
+                    s=22,
+                    zorder=4,
+                    label=None if name in shown else name,
+                    **style,
+                )
                 shown.add(name)
 
 
@@ -72,9 +80,9 @@ def sweep_figures(sweep, points, densities, *, title: str = "") -> dict:
     def dens(ax):
         cmap = plt.get_cmap("viridis")
         for j, (name, d) in enumerate(densities):
-            plotting.plot_spectral_density(d, ax, log=True, label=name,
-                                           color=cmap(j / max(len(densities) - 1, 1)),
-                                           annotate=False)
+            plotting.plot_spectral_density(
+                d, ax, log=True, label=name, color=cmap(j / max(len(densities) - 1, 1)), annotate=False
+            )
         if densities:
             z = densities[0][1].zero_mass
             ax.set_title(f"spectral density (top exact + SLQ); zero mass {z:.3g}", fontsize=9)
@@ -83,8 +91,15 @@ def sweep_figures(sweep, points, densities, *, title: str = "") -> dict:
 
     def bif(ax):
         if not has_dynamics:
-            ax.text(0.5, 0.5, "no fixed-point analysis\n(the model has no rhs(h, u), or it was "
-                    "switched off)", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+            ax.text(
+                0.5,
+                0.5,
+                "no fixed-point analysis\n(the model has no rhs(h, u), or it was switched off)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=9,
+            )
             ax.set_axis_off()
             return
         if sweep.branch is not None and len(sweep.branch):
@@ -109,9 +124,11 @@ def sweep_figures(sweep, points, densities, *, title: str = "") -> dict:
 
     def stab(ax):
         plotting.plot_sweep(sweep, ax, "stability", param=label)
-        ax.set_ylabel({"flow": "max Re λ  (> 0: unstable)",
-                       "map": "max |μ| − 1  (> 0: unstable)"}.get(
-            kinds.pop() if len(kinds) == 1 else "", "max Re λ (flow) / max |μ| − 1 (map)"))
+        ax.set_ylabel(
+            {"flow": "max Re λ  (> 0: unstable)", "map": "max |μ| − 1  (> 0: unstable)"}.get(
+                kinds.pop() if len(kinds) == 1 else "", "max Re λ (flow) / max |μ| − 1 (map)"
+            )
+        )
         ax.set_title("stability of the fixed point nearest 0", fontsize=9)
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
@@ -137,28 +154,45 @@ def spectrum_figure(summary, density):
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     top = summary.top.eigenvalues.numpy()
-    a.errorbar(np.arange(1, len(top) + 1), top, yerr=summary.top.residuals.numpy(), fmt="o",
-               color="tab:blue", label="top eigenvalues (residual bounds)")
+    a.errorbar(
+        np.arange(1, len(top) + 1),
+        top,
+        yerr=summary.top.residuals.numpy(),
+        fmt="o",
+        color="tab:blue",
+        label="top eigenvalues (residual bounds)",
+    )
     if summary.bottom is not None and len(summary.bottom.eigenvalues):
         # the smallest nonzero eigenvalues sit at the end of the ordering: i = r - j for the
         # j-th smallest of the r nonzero ones (r = M - the null dimension, counted on K's side)
         bot = np.sort(summary.bottom.eigenvalues.numpy())[::-1]
-        r = max(int(summary.bottom.primal_dimension) - int(summary.bottom.null_dim or 0),
-                len(bot) + len(top))
-        a.plot(np.arange(r - len(bot) + 1, r + 1), bot, "s", color="tab:red",
-               label=f"smallest eigenvalues above rounding (of r = {r})")
+        r = max(int(summary.bottom.primal_dimension) - int(summary.bottom.null_dim or 0), len(bot) + len(top))
+        a.plot(
+            np.arange(r - len(bot) + 1, r + 1),
+            bot,
+            "s",
+            color="tab:red",
+            label=f"smallest eigenvalues above rounding (of r = {r})",
+        )
         a.set_xscale("log")
     # two notions of zero, both drawn: eigsh's null space is rounding (1000 eps λ_max); the
     # density (right) also counts as zero mass everything below its resolution cut
-    a.axhline(density.zero_threshold, color="0.4", ls="--", lw=0.8,
-              label=f"density's zero cut ({density.zero_mass:.3g} of the mass below)")
+    a.axhline(
+        density.zero_threshold,
+        color="0.4",
+        ls="--",
+        lw=0.8,
+        label=f"density's zero cut ({density.zero_mass:.3g} of the mass below)",
+    )
     a.set_yscale("log")
     a.set_xlabel("index i of λ_i (1 = largest)")
     a.set_ylabel("eigenvalue λ_i of K")
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
-    a.set_title(f"participation rank {summary.participation.value:.3g}, "
-                f"entropy rank {summary.entropy.value:.3g}", fontsize=9)
+    a.set_title(
+        f"participation rank {summary.participation.value:.3g}, entropy rank {summary.entropy.value:.3g}",
+        fontsize=9,
+    )
     plotting.plot_spectral_density(density, b, log=True)
     b.set_title("spectral density (top exact + SLQ)", fontsize=9)
     fig.tight_layout()
@@ -186,12 +220,14 @@ def bifurcate_figure(branches, bifs, kind: str, param: str):
     if bifs:
         for b in bifs[:4]:
             name = plotting.BIFURCATION_STYLE[b.kind][2]
-            plotting.plot_eigenvalues(b.eigenvalues, axes[1], kind=kind,
-                                      label=f"{name} at p={plotting.fmt_param(b.p)}")
+            plotting.plot_eigenvalues(
+                b.eigenvalues, axes[1], kind=kind, label=f"{name} at p={plotting.fmt_param(b.p)}"
+            )
         axes[1].set_title("eigenvalues at the bifurcations", fontsize=9)
     else:
-        axes[1].text(0.5, 0.5, "no bifurcation detected", ha="center", va="center",
-                     transform=axes[1].transAxes)
+        axes[1].text(
+            0.5, 0.5, "no bifurcation detected", ha="center", va="center", transform=axes[1].transAxes
+        )
         axes[1].set_axis_off()
     fig.tight_layout()
     return fig

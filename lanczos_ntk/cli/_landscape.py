@@ -28,9 +28,15 @@ def landscapes_figure(results):
     import numpy as np
 
     steps = results[0].steps.tolist()
-    fig, axes = plt.subplots(len(results), len(steps), figsize=(3.2 * len(steps) + 1.2,
-                                                                 2.3 * len(results) + 0.6),
-                             squeeze=False, sharex=True, sharey=True, layout="constrained")
+    fig, axes = plt.subplots(
+        len(results),
+        len(steps),
+        figsize=(3.2 * len(steps) + 1.2, 2.3 * len(results) + 0.6),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        layout="constrained",
+    )
     cmap = plt.get_cmap("viridis").with_extremes(bad="0.8")
     for r, res in enumerate(results):
         amp = res.amplification.numpy()
@@ -43,14 +49,24 @@ def landscapes_figure(results):
         # be orders of magnitude above the rest (they show at the top of the bar, "extend")
         hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
         lo = max(float(finite.min()), hi - 6.0) if finite.size else 0.0
-        extend = {(False, False): "neither", (True, False): "min", (False, True): "max",
-                  (True, True): "both"}[(bool(finite.size and finite.min() < lo),
-                                         bool(finite.size and finite.max() > hi))]
+        extend = {
+            (False, False): "neither",
+            (True, False): "min",
+            (False, True): "max",
+            (True, True): "both",
+        }[(bool(finite.size and finite.min() < lo), bool(finite.size and finite.max() > hi))]
         mu, al = res.mu.numpy(), res.alpha.numpy()
         for c, t in enumerate(steps):
             ax = axes[r, c]
-            im = ax.imshow(logs[c].T, origin="lower", aspect="auto", vmin=lo, vmax=hi,
-                           extent=(mu[0], mu[-1], al[0], al[-1]), cmap=cmap)
+            im = ax.imshow(
+                logs[c].T,
+                origin="lower",
+                aspect="auto",
+                vmin=lo,
+                vmax=hi,
+                extent=(mu[0], mu[-1], al[0], al[-1]),
+                cmap=cmap,
+            )
             ax.axvline(0.0, color="white", lw=0.6, ls=":")
             if r == 0:
                 ax.set_title(f"T = {t}")
@@ -59,9 +75,11 @@ def landscapes_figure(results):
             if r == len(results) - 1:
                 ax.set_xlabel("unfolding parameter μ")
         fig.colorbar(im, ax=axes[r, :].tolist(), label="log10 ‖∂h/∂μ‖", shrink=0.9, extend=extend)
-    fig.suptitle(f"‖∂h/∂μ‖ of the {results[0].kind} normal forms over T steps from h₀ = α₀ "
-                 f"(dotted: μ = 0; grey: zero, or escaped |h| > {results[0].escape:g})",
-                 fontsize=9)
+    fig.suptitle(
+        f"‖∂h/∂μ‖ of the {results[0].kind} normal forms over T steps from h₀ = α₀ "
+        f"(dotted: μ = 0; grey: zero, or escaped |h| > {results[0].escape:g})",
+        fontsize=9,
+    )
     return fig
 
 
@@ -73,28 +91,53 @@ def _summary(res) -> dict:
         a = torch.nan_to_num(amp[i], nan=0.0)
         k = int(a.argmax())
         j, m = divmod(k, amp.shape[2])
-        out[f"T={t}"] = {"max": float(a.max()), "at_mu": float(res.mu[j]),
-                         "at_alpha": float(res.alpha[m]),
-                         "median": float(a[a > 0].median()) if bool((a > 0).any()) else 0.0}
+        out[f"T={t}"] = {
+            "max": float(a.max()),
+            "at_mu": float(res.mu[j]),
+            "at_alpha": float(res.alpha[m]),
+            "median": float(a[a > 0].median()) if bool((a > 0).any()) else 0.0,
+        }
     first, last = out[f"T={res.steps[0]}"], out[f"T={res.steps[-1]}"]
     out["growth_of_max"] = last["max"] / first["max"] if first["max"] > 0 else math.inf
     return out
 
 
 @main.command("landscapes")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/landscapes",
-              show_default=True, help="Run folder (results/, figures/, summary.json); re-running "
-                                      "resumes.")
-@click.option("--kind", type=click.Choice(["map", "flow"]), default="map", show_default=True,
-              help="map: the five discrete normal forms (saddle_node = fold, transcritical, "
-                   "pitchfork, flip, neimark_sacker; the figure's rows carry these names); "
-                   "flow: the four continuous ones, Euler step --dt.")
-@click.option("--steps", "steps_text", default="5,25", show_default=True, metavar="T1,T2,...",
-              help="Trial lengths.")
-@click.option("--mu", "mu_text", default="-0.5,0.5,81", show_default=True, metavar="LO,HI,N",
-              help="Grid of the unfolding parameter.")
-@click.option("--alpha", "alpha_text", default="-1,1,61", show_default=True, metavar="LO,HI,N",
-              help="Grid of the initial state (first coordinate).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="runs/landscapes",
+    show_default=True,
+    help="Run folder (results/, figures/, summary.json); re-running resumes.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["map", "flow"]),
+    default="map",
+    show_default=True,
+    help="map: the five discrete normal forms (saddle_node = fold, transcritical, "
+    "pitchfork, flip, neimark_sacker; the figure's rows carry these names); "
+    "flow: the four continuous ones, Euler step --dt.",
+)
+@click.option(
+    "--steps", "steps_text", default="5,25", show_default=True, metavar="T1,T2,...", help="Trial lengths."
+)
+@click.option(
+    "--mu",
+    "mu_text",
+    default="-0.5,0.5,81",
+    show_default=True,
+    metavar="LO,HI,N",
+    help="Grid of the unfolding parameter.",
+)
+@click.option(
+    "--alpha",
+    "alpha_text",
+    default="-1,1,61",
+    show_default=True,
+    metavar="LO,HI,N",
+    help="Grid of the initial state (first coordinate).",
+)
 @click.option("--dt", type=float, default=0.05, show_default=True, help="Euler step of the flows.")
 @click.option("--fresh", is_flag=True, help="Discard what the run folder holds and start over.")
 @click.option("--quiet", is_flag=True, help="No summary on the terminal.")
@@ -111,8 +154,7 @@ def landscapes_command(out, kind, steps_text, mu_text, alpha_text, dt, fresh, qu
         try:
             lo, hi, num = float(parts[0]), float(parts[1]), int(parts[2])
         except (ValueError, IndexError):
-            raise click.UsageError(f"--{name}: expected LO,HI,N (e.g. -0.5,0.5,81), got "
-                                   f"{text!r}") from None
+            raise click.UsageError(f"--{name}: expected LO,HI,N (e.g. -0.5,0.5,81), got {text!r}") from None
         if len(parts) != 3 or num < 2 or not lo < hi:
             raise click.UsageError(f"--{name}: expected LO < HI and N >= 2, got {text!r}")
         return torch.linspace(lo, hi, num, dtype=torch.float64)
@@ -127,13 +169,24 @@ def landscapes_command(out, kind, steps_text, mu_text, alpha_text, dt, fresh, qu
         raise click.UsageError(f"--dt: expected a positive Euler step, got {dt}")
     mu, alpha = grid(mu_text, "mu"), grid(alpha_text, "alpha")
     forms = DISCRETE_FORMS if kind == "map" else CONTINUOUS_FORMS
-    config = {"kind": kind, "steps": steps, "mu": mu_text, "alpha": alpha_text,
-              "dt": dt if kind == "flow" else 1.0}
+    config = {
+        "kind": kind,
+        "steps": steps,
+        "mu": mu_text,
+        "alpha": alpha_text,
+        "dt": dt if kind == "flow" else 1.0,
+    }
     with run_folder("landscapes", config, out, fresh, quiet) as run:
-        results = [run.cached(f"{kind}-{form}",
-                              lambda form=form: L.normal_form_landscape(
-                                  form, kind=kind, mu=mu, alpha=alpha, steps=steps, dt=dt),
-                              f"{kind} {form}") for form in forms]
+        results = [
+            run.cached(
+                f"{kind}-{form}",
+                lambda form=form: L.normal_form_landscape(
+                    form, kind=kind, mu=mu, alpha=alpha, steps=steps, dt=dt
+                ),
+                f"{kind} {form}",
+            )
+            for form in forms
+        ]
         summary = {r.form: _summary(r) for r in results}
         run.write_json("summary.json", summary)
         fig = landscapes_figure(results)
@@ -144,10 +197,16 @@ def landscapes_command(out, kind, steps_text, mu_text, alpha_text, dt, fresh, qu
         return
     click.echo(f"‖∂h/∂μ‖ of the {kind} normal forms over μ ∈ [{mu_text}], α₀ ∈ [{alpha_text}]:")
     for form, s in summary.items():
-        parts = [f"T={t}: max {s[f'T={t}']['max']:.3g} at (μ={s[f'T={t}']['at_mu']:.3g}, "
-                 f"α₀={s[f'T={t}']['at_alpha']:.3g})" for t in steps]
-        click.echo(f"  {form:15s} " + "; ".join(parts)
-                   + f"; the maximum grows ×{s['growth_of_max']:.3g} from T={steps[0]} to "
-                     f"T={steps[-1]}")
+        parts = [
+            f"T={t}: max {s[f'T={t}']['max']:.3g} at (μ={s[f'T={t}']['at_mu']:.3g}, "
+            f"α₀={s[f'T={t}']['at_alpha']:.3g})"
+            for t in steps
+        ]
+        click.echo(
+            f"  {form:15s} "
+            + "; ".join(parts)
+            + f"; the maximum grows ×{s['growth_of_max']:.3g} from T={steps[0]} to "
+            f"T={steps[-1]}"
+        )
     click.echo(f"results: {run.path}")
     click.echo(f"figure: {paths[0]}")

@@ -50,8 +50,10 @@ class Launch:
     def share(self, trials: int) -> tuple[int, int]:
         """This rank's contiguous trials ``[lo, hi)`` of ``trials`` (sizes differ by at most 1)."""
         if trials < self.world:
-            raise ConfigError(f"{trials} trial(s) cannot be shared by {self.world} ranks: each "
-                              f"rank needs at least one (raise inputs.trials or start fewer)")
+            raise ConfigError(
+                f"{trials} trial(s) cannot be shared by {self.world} ranks: each "
+                f"rank needs at least one (raise inputs.trials or start fewer)"
+            )
         return self.rank * trials // self.world, (self.rank + 1) * trials // self.world
 
     def broadcast(self, obj: Any) -> Any:
@@ -85,8 +87,10 @@ def launch_from_environment(backend: str | None, device: str, timeout: float) ->
         return SINGLE
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the ranks "
-                          "with torchrun (e.g. torchrun --nproc-per-node 2 -m lanczos_ntk ...)")
+        raise ConfigError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the ranks "
+            "with torchrun (e.g. torchrun --nproc-per-node 2 -m lanczos_ntk ...)"
+        )
     if not timeout > 0:
         raise ConfigError(f"expected --timeout > 0 seconds, got {timeout}")
     cuda = device.startswith("cuda")
@@ -105,9 +109,11 @@ def check_same_configuration(launch: Launch, cfg: dict) -> None:
     digests = launch.gather(config_digest(cfg))
     odd = [r for r, d in enumerate(digests) if d != digests[0]]
     if odd:
-        raise ConfigError(f"the ranks were started with different configurations (rank(s) "
-                          f"{', '.join(map(str, odd))} differ from rank 0); give every rank the "
-                          f"same command line, configuration file and inputs")
+        raise ConfigError(
+            f"the ranks were started with different configurations (rank(s) "
+            f"{', '.join(map(str, odd))} differ from rank 0); give every rank the "
+            f"same command line, configuration file and inputs"
+        )
 
 
 def _result_bytes(folder: RunFolder, name: str) -> dict[str, bytes]:

@@ -228,8 +228,10 @@ class RunFolder:
                     old = json.loads(stored.read_text(encoding="utf-8"))
                     if old != json.loads(json.dumps(self.config)):
                         diff = _first_difference(old, self.config)
-                        raise ConfigError(f"{self.path} holds a run with a different configuration "
-                                          f"({diff}); pass --fresh to start over or choose another --out")
+                        raise ConfigError(
+                            f"{self.path} holds a run with a different configuration "
+                            f"({diff}); pass --fresh to start over or choose another --out"
+                        )
                     self.resumed = True
             elif any(self.path.iterdir()):
                 raise ConfigError(f"--out {self.path} is a non-empty folder that is not a run folder")
@@ -389,10 +391,14 @@ def load_factory(spec: str):
     except ConfigError:
         raise
     except Exception as exc:  # import errors of any kind in the user's module
-        hint = ("; or give the file itself, e.g. --model path/to/models.py:build"
-                if isinstance(exc, ImportError) else "")
-        raise ConfigError(f"--model {spec!r}: cannot import {target}: {type(exc).__name__}: "
-                          f"{exc}{hint}") from None
+        hint = (
+            "; or give the file itself, e.g. --model path/to/models.py:build"
+            if isinstance(exc, ImportError)
+            else ""
+        )
+        raise ConfigError(
+            f"--model {spec!r}: cannot import {target}: {type(exc).__name__}: {exc}{hint}"
+        ) from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ConfigError(f"--model {spec!r}: {target} has no callable {name!r}")
@@ -447,33 +453,45 @@ def build_model(cfg: Mapping, *, dtype: torch.dtype, device: str = "cpu") -> tor
         except Exception as exc:
             raise ConfigError(f"--model {name!r}: the factory raised {type(exc).__name__}: {exc}") from None
         if not isinstance(model, torch.nn.Module):
-            raise ConfigError(f"--model {name!r}: the factory returned a {type(model).__name__}, "
-                              "expected a torch.nn.Module")
+            raise ConfigError(
+                f"--model {name!r}: the factory returned a {type(model).__name__}, expected a torch.nn.Module"
+            )
         return model.to(device=device, dtype=dtype)
     seed = int(cfg.get("seed", 0))
     readout = int(cfg.get("readout_size", 0)) or None
     try:
         if name == "ctrnn":
-            model = models.CTRNN(n, d, gain=cfg["gain"], dt=cfg["dt"], seed=seed,
-                                 input_scale=cfg["input_scale"], readout_size=readout)
+            model = models.CTRNN(
+                n,
+                d,
+                gain=cfg["gain"],
+                dt=cfg["dt"],
+                seed=seed,
+                input_scale=cfg["input_scale"],
+                readout_size=readout,
+            )
         elif name == "rnn":
-            model = models.DiscreteRNN(n, d, gain=cfg["gain"], seed=seed, input_scale=cfg["input_scale"],
-                                       readout_size=readout)
+            model = models.DiscreteRNN(
+                n, d, gain=cfg["gain"], seed=seed, input_scale=cfg["input_scale"], readout_size=readout
+            )
         elif name == "gru":
             model = models.GRU(n, d, gain=cfg["gain"], seed=seed, readout_size=readout)
         elif name == "ssm":
             model = models.DiagonalSSM(n, d, seed=seed)
         elif name == "normal_form":
             if cfg["kind"] == "flow":
-                model = models.ContinuousNormalForm(cfg["form"], mu=cfg["mu"], input_size=max(d, 1),
-                                                    dt=cfg["dt"])
+                model = models.ContinuousNormalForm(
+                    cfg["form"], mu=cfg["mu"], input_size=max(d, 1), dt=cfg["dt"]
+                )
             elif cfg["kind"] == "map":
                 model = models.DiscreteNormalForm(cfg["form"], mu=cfg["mu"], input_size=max(d, 1))
             else:
                 raise ConfigError(f"model.kind must be 'flow' or 'map', got {cfg['kind']!r}")
         else:
-            raise ConfigError(f"unknown model.name {name!r}; expected ctrnn, rnn, gru, ssm, normal_form "
-                              "or a factory 'package.module:factory'")
+            raise ConfigError(
+                f"unknown model.name {name!r}; expected ctrnn, rnn, gru, ssm, normal_form "
+                "or a factory 'package.module:factory'"
+            )
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
@@ -487,13 +505,13 @@ def _single_array(obj: Any, path: Path) -> Any:
             return obj["inputs"]
         if len(obj) == 1:
             return next(iter(obj.values()))
-        raise ConfigError(f"{path} holds {len(obj)} arrays ({', '.join(map(str, obj))}); "
-                          "save one array or name it 'inputs'")
+        raise ConfigError(
+            f"{path} holds {len(obj)} arrays ({', '.join(map(str, obj))}); save one array or name it 'inputs'"
+        )
     return obj
 
 
-def load_inputs(path: str | Path, input_size: int | None, *, dtype: torch.dtype,
-                share=None) -> torch.Tensor:
+def load_inputs(path: str | Path, input_size: int | None, *, dtype: torch.dtype, share=None) -> torch.Tensor:
     """Load inputs ``[B, T, d_in]`` from ``.pt`` (no pickles) or ``.npz`` / ``.npy`` (no pickles).
 
     ``share(B) -> (lo, hi)``: keep only trials ``lo:hi``. A ``.npy`` file is memory-mapped and a
@@ -505,8 +523,10 @@ def load_inputs(path: str | Path, input_size: int | None, *, dtype: torch.dtype,
         raise ConfigError(f"inputs file not found: {path}")
     if path.suffix not in (".pt", ".pth", ".npz", ".npy"):
         kind = path.suffix or "suffix-less"
-        raise ConfigError(f"{path}: expected inputs [trials, steps, d_in] in a .pt / .pth "
-                          f"(torch.save of a tensor), .npy or .npz file, got a {kind} file")
+        raise ConfigError(
+            f"{path}: expected inputs [trials, steps, d_in] in a .pt / .pth "
+            f"(torch.save of a tensor), .npy or .npz file, got a {kind} file"
+        )
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
@@ -514,8 +534,7 @@ def load_inputs(path: str | Path, input_size: int | None, *, dtype: torch.dtype,
         elif path.suffix == ".npy":
             u = np.load(path, allow_pickle=False, mmap_mode="r")
         else:
-            u = _single_array(torch.load(path, map_location="cpu", weights_only=True, mmap=True),
-                              path)
+            u = _single_array(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
         if isinstance(u, np.ndarray):
             if u.dtype.kind not in "fiu":
                 raise ConfigError(f"{path}: expected numeric inputs, got dtype {u.dtype}")
@@ -525,17 +544,21 @@ def load_inputs(path: str | Path, input_size: int | None, *, dtype: torch.dtype,
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"cannot read inputs from {path} (expected a tensor saved with "
-                          f"torch.save, or numpy .npy/.npz; no pickles): {type(exc).__name__}: "
-                          f"{exc}") from None
+        raise ConfigError(
+            f"cannot read inputs from {path} (expected a tensor saved with "
+            f"torch.save, or numpy .npy/.npz; no pickles): {type(exc).__name__}: "
+            f"{exc}"
+        ) from None
     if not isinstance(u, torch.Tensor):
         raise ConfigError(f"{path}: expected a tensor of inputs, found a {type(u).__name__}")
     if not (u.is_floating_point() or u.dtype in (torch.int32, torch.int64)):
         raise ConfigError(f"{path}: expected numeric inputs, got dtype {u.dtype}")
     if u.dim() != 3 or (input_size is not None and u.shape[-1] != input_size) or 0 in u.shape:
         d = "d_in" if input_size is None else input_size
-        raise ConfigError(f"{path}: expected inputs of shape [trials, steps, {d}] "
-                          f"(model input_size {d}), got {list(u.shape)}")
+        raise ConfigError(
+            f"{path}: expected inputs of shape [trials, steps, {d}] "
+            f"(model input_size {d}), got {list(u.shape)}"
+        )
     return u.to(dtype)
 
 
@@ -555,12 +578,12 @@ INPUT_BLOCK = 256
 def _block_seed(seed: int, block: int) -> int:
     if block == 0:
         return int(seed)
-    return int(np.random.SeedSequence([int(seed) % 2**32, block]).generate_state(1, np.uint64)[0]
-               % 2**63)
+    return int(np.random.SeedSequence([int(seed) % 2**32, block]).generate_state(1, np.uint64)[0] % 2**63)
 
 
-def make_inputs(cfg: Mapping, input_size: int | None, *, dtype: torch.dtype, seed: int,
-                share=None) -> torch.Tensor:
+def make_inputs(
+    cfg: Mapping, input_size: int | None, *, dtype: torch.dtype, seed: int, share=None
+) -> torch.Tensor:
     """Inputs from an ``[inputs]`` table: a file, or ``trials × steps`` of a built-in signal.
 
     Signals (``kind``): ``"noise"`` (Gaussian, std ``amplitude``), ``"constant"``
@@ -595,7 +618,7 @@ def make_inputs(cfg: Mapping, input_size: int | None, *, dtype: torch.dtype, see
             phase = 2 * math.pi * torch.rand(b1 - b0, 1, input_size, generator=g, dtype=torch.float64)
             t = torch.arange(T, dtype=torch.float64).reshape(1, T, 1)
             u = amp * torch.sin(2 * math.pi * t / T + phase)
-        blocks.append(u[max(lo, b0) - b0:min(hi, b1) - b0])
+        blocks.append(u[max(lo, b0) - b0 : min(hi, b1) - b0])
     return torch.cat(blocks).to(dtype)
 
 
@@ -613,10 +636,12 @@ def load_state_dict(path: str | Path, model: torch.nn.Module) -> dict:
     own = model.state_dict()
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
-        raise ConfigError(f"{path}: checkpoint does not fit the model "
-                          f"(missing {missing}, unexpected {extra})")
+        raise ConfigError(
+            f"{path}: checkpoint does not fit the model (missing {missing}, unexpected {extra})"
+        )
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ConfigError(f"{path}: {k} has shape {list(v.shape)}, "
-                              f"the model expects {list(own[k].shape)}")
+            raise ConfigError(
+                f"{path}: {k} has shape {list(v.shape)}, the model expects {list(own[k].shape)}"
+            )
     return dict(state)

@@ -34,8 +34,16 @@ def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh
     from ._compute import SpectralSummary, density_of, spectral_summary
     from ._figures import spectrum_figure
 
-    cfg = resolve_config("spectrum", config_file, overrides, seed=seed, device=device, dtype=dtype,
-                         model_spec=model_spec, inputs_file=inputs_file)
+    cfg = resolve_config(
+        "spectrum",
+        config_file,
+        overrides,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        model_spec=model_spec,
+        inputs_file=inputs_file,
+    )
     check_spectrum_cfg(cfg)
     model, inputs = model_and_inputs(cfg)
     K = make_operator(model, inputs, cfg)
@@ -45,8 +53,12 @@ def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh
             folder.log("spectrum: loaded from the previous run")
         else:
             with progress(quiet, total=3, desc="spectrum: top, bottom, SLQ") as bar:
-                summary = spectral_summary(K, cfg["spectrum"], torch.Generator().manual_seed(cfg["seed"]),
-                                           progress=lambda stage: bar.update())
+                summary = spectral_summary(
+                    K,
+                    cfg["spectrum"],
+                    torch.Generator().manual_seed(cfg["seed"]),
+                    progress=lambda stage: bar.update(),
+                )
             folder.save("spectrum", summary)
             folder.log(f"spectrum: computed in {summary.seconds:.2f} s")
         if not isinstance(summary, SpectralSummary):
@@ -58,18 +70,26 @@ def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh
         figs = save_figures(folder, {"spectrum": spectrum_figure(summary, density)})
         folder.log("figures written")
     top = ", ".join(f"{v:.4g}" for v in metrics["top_eigenvalues"])
-    report(quiet, [f"M = {metrics['dimension_M']} (computed on the {metrics['side']} side)",
-                   f"top eigenvalues: {top}",
-                   f"trace {metrics['trace']:.4g} ± {metrics['trace_se']:.2g}",
-                   f"effective rank: participation {metrics['participation_rank']:.4g} "
-                   f"± {metrics['participation_rank_se']:.2g}, entropy "
-                   f"{metrics['entropy_rank']:.4g} ± {metrics['entropy_rank_se']:.2g} "
-                   f"(top {metrics['deflated_k']} eigenvalues exact, the rest by SLQ)",
-                   f"eigensolver: {metrics['status']} "
-                   f"({sum(metrics['top_converged'])} of {len(metrics['top_converged'])} "
-                   f"eigenpairs to tol)",
-                   f"condition number (nonzero part): {metrics['condition_number']:.4g}",
-                   RANK_LEGEND, f"results: {folder.path}", f"figure: {figs[0]}"], folder)
+    report(
+        quiet,
+        [
+            f"M = {metrics['dimension_M']} (computed on the {metrics['side']} side)",
+            f"top eigenvalues: {top}",
+            f"trace {metrics['trace']:.4g} ± {metrics['trace_se']:.2g}",
+            f"effective rank: participation {metrics['participation_rank']:.4g} "
+            f"± {metrics['participation_rank_se']:.2g}, entropy "
+            f"{metrics['entropy_rank']:.4g} ± {metrics['entropy_rank_se']:.2g} "
+            f"(top {metrics['deflated_k']} eigenvalues exact, the rest by SLQ)",
+            f"eigensolver: {metrics['status']} "
+            f"({sum(metrics['top_converged'])} of {len(metrics['top_converged'])} "
+            f"eigenpairs to tol)",
+            f"condition number (nonzero part): {metrics['condition_number']:.4g}",
+            RANK_LEGEND,
+            f"results: {folder.path}",
+            f"figure: {figs[0]}",
+        ],
+        folder,
+    )
 
 
 @main.command()
@@ -82,8 +102,16 @@ def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh,
     from .. import deflated_slq, spectral_density
     from ._figures import density_figure
 
-    cfg = resolve_config("density", config_file, overrides, seed=seed, device=device, dtype=dtype,
-                         model_spec=model_spec, inputs_file=inputs_file)
+    cfg = resolve_config(
+        "density",
+        config_file,
+        overrides,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        model_spec=model_spec,
+        inputs_file=inputs_file,
+    )
     check_spectrum_cfg(cfg)
     model, inputs = model_and_inputs(cfg)
     K = make_operator(model, inputs, cfg)
@@ -94,22 +122,46 @@ def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh,
             folder.log("slq: loaded from the previous run")
         else:
             with progress(quiet, total=1, desc="SLQ") as bar:
-                r = deflated_slq(K, s_cfg["num_probes"], s_cfg["num_steps"],
-                                 generator=torch.Generator().manual_seed(cfg["seed"]),
-                                 tol=float(s_cfg["tol"]))
+                r = deflated_slq(
+                    K,
+                    s_cfg["num_probes"],
+                    s_cfg["num_steps"],
+                    generator=torch.Generator().manual_seed(cfg["seed"]),
+                    tol=float(s_cfg["tol"]),
+                )
                 bar.update()
             folder.save("slq", r)
             folder.log(f"slq: {r.num_matvecs} products")
         sigma = d_cfg["sigma"] or None  # in the units of density.scale; the other is automatic
-        lin = spectral_density(r, sigma=sigma if d_cfg["scale"] == "linear" else None,
-                               num_points=d_cfg["num_points"], scale="linear")
-        log = spectral_density(r, sigma=sigma if d_cfg["scale"] == "log" else None,
-                               num_points=d_cfg["num_points"], scale="log")
+        lin = spectral_density(
+            r,
+            sigma=sigma if d_cfg["scale"] == "linear" else None,
+            num_points=d_cfg["num_points"],
+            scale="linear",
+        )
+        log = spectral_density(
+            r, sigma=sigma if d_cfg["scale"] == "log" else None, num_points=d_cfg["num_points"], scale="log"
+        )
         folder.save("density_linear", lin)
         folder.save("density_log", log)
-        folder.write_json("summary.json", {"zero_mass": lin.zero_mass, "zero_mass_se": lin.zero_mass_se,
-                                           "dimension_M": r.primal_dimension, "side": r.side,
-                                           "matvecs": r.num_matvecs})
+        folder.write_json(
+            "summary.json",
+            {
+                "zero_mass": lin.zero_mass,
+                "zero_mass_se": lin.zero_mass_se,
+                "dimension_M": r.primal_dimension,
+                "side": r.side,
+                "matvecs": r.num_matvecs,
+            },
+        )
         figs = save_figures(folder, {"density": density_figure(lin, log)})
-    report(quiet, [f"M = {r.primal_dimension}, zero mass {lin.zero_mass:.4g} ± {lin.zero_mass_se:.2g}",
-                   ZERO_MASS_LEGEND, f"results: {folder.path}", f"figure: {figs[0]}"], folder)
+    report(
+        quiet,
+        [
+            f"M = {r.primal_dimension}, zero mass {lin.zero_mass:.4g} ± {lin.zero_mass_se:.2g}",
+            ZERO_MASS_LEGEND,
+            f"results: {folder.path}",
+            f"figure: {figs[0]}",
+        ],
+        folder,
+    )

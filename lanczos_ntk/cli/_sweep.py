@@ -54,11 +54,16 @@ def _plan(cfg: dict, model) -> tuple[list[float], list[str], list, float]:
         if not s["checkpoints"]:
             raise ConfigError("sweep.param = 'checkpoints' needs files: --checkpoints a.pt b.pt ...")
         states = [load_state_dict(p, model) for p in s["checkpoints"]]
-        return (list(map(float, range(len(states)))), [Path(p).name for p in s["checkpoints"]],
-                states, math.nan)
+        return (
+            list(map(float, range(len(states)))),
+            [Path(p).name for p in s["checkpoints"]],
+            states,
+            math.nan,
+        )
     if s["checkpoints"]:
-        raise ConfigError(f"sweep.checkpoints given but sweep.param = {param!r}; "
-                          "use sweep.param = 'checkpoints'")
+        raise ConfigError(
+            f"sweep.checkpoints given but sweep.param = {param!r}; use sweep.param = 'checkpoints'"
+        )
     if s["values"]:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in s["values"]):
             raise ConfigError(f"sweep.values must be numbers, got {s['values']!r}")
@@ -69,8 +74,10 @@ def _plan(cfg: dict, model) -> tuple[list[float], list[str], list, float]:
         values = np.linspace(s["start"], s["stop"], s["num"]).tolist()
     if s["relative_to_critical"]:
         if param != "gain" or not math.isfinite(gc):
-            raise ConfigError("sweep.relative_to_critical needs sweep.param = 'gain' and a model "
-                              "whose trivial fixed point loses stability with the gain")
+            raise ConfigError(
+                "sweep.relative_to_critical needs sweep.param = 'gain' and a model "
+                "whose trivial fixed point loses stability with the gain"
+            )
         values = [v * gc for v in values]
     return values, [f"{param}={v:.4g}" for v in values], [None] * len(values), gc
 
@@ -80,8 +87,10 @@ def _fixed_point_text(signature) -> str:
     if not signature:
         return "no fixed point found"
     stable = sum(1 for c in signature if c == 0)
-    return (f"{len(signature)} fixed point(s), {stable} stable (unstable eigenvalues per point: "
-            f"{list(signature)})")
+    return (
+        f"{len(signature)} fixed point(s), {stable} stable (unstable eigenvalues per point: "
+        f"{list(signature)})"
+    )
 
 
 def _density_indices(n: int, wanted: int, values, bifurcations) -> list[int]:
@@ -106,8 +115,7 @@ def run_sweep(command: str, cfg: dict, out, fresh: bool, quiet: bool, title: str
     values, labels, states, gc = _plan(cfg, model)
     dyn = cfg["dynamics"]
     has_rhs = hasattr(model, "rhs") and hasattr(model, "kind")
-    u_const = (constant_input(inputs, dyn["input"], launch_for(cfg).group)
-               if has_rhs else None)
+    u_const = constant_input(inputs, dyn["input"], launch_for(cfg).group) if has_rhs else None
     param = cfg["sweep"]["param"]
     make_operator(model, inputs, cfg)  # validates outputs / model before anything is written
     t_start = time.perf_counter()
@@ -132,35 +140,56 @@ def run_sweep(command: str, cfg: dict, out, fresh: bool, quiet: bool, title: str
                 if has_rhs and dyn["fixed_points"]:
                     uc = u_const * value if param == "input" else u_const
                     fp, leading, signature = dynamics_at(m, uc, dyn, gen)
-                point = SweepPoint(index=i, value=float(value), label=label, spectrum=summary,
-                                   fixed_points=fp, leading=leading, signature=signature,
-                                   seconds=time.perf_counter() - t0)
+                point = SweepPoint(
+                    index=i,
+                    value=float(value),
+                    label=label,
+                    spectrum=summary,
+                    fixed_points=fp,
+                    leading=leading,
+                    signature=signature,
+                    seconds=time.perf_counter() - t0,
+                )
                 folder.save(name, point)
                 computed += 1
-                folder.log(f"{name} ({label}): computed in {point.seconds:.2f} s, "
-                           f"lambda_max={float(summary.top.eigenvalues[0]):.4g}, "
-                           f"participation={summary.participation.value:.4g}, "
-                           f"{_fixed_point_text(signature)}")
+                folder.log(
+                    f"{name} ({label}): computed in {point.seconds:.2f} s, "
+                    f"lambda_max={float(summary.top.eigenvalues[0]):.4g}, "
+                    f"participation={summary.participation.value:.4g}, "
+                    f"{_fixed_point_text(signature)}"
+                )
                 points.append(point)
                 bar.update()
         branch = None
-        if (has_rhs and dyn["continuation"] and param != "checkpoints" and len(values) > 1):
+        if has_rhs and dyn["continuation"] and param != "checkpoints" and len(values) > 1:
             if folder.has("branch"):
                 branch = folder.load("branch")
                 folder.log("branch: loaded from the previous run")
             else:
                 fp0 = points[0].fixed_points
-                x0 = (fp0.points[int(fp0.points.norm(dim=1).argmin())] if fp0 is not None and len(fp0)
-                      else torch.zeros(model.state_size, dtype=torch.float64))
+                x0 = (
+                    fp0.points[int(fp0.points.norm(dim=1).argmin())]
+                    if fp0 is not None and len(fp0)
+                    else torch.zeros(model.state_size, dtype=torch.float64)
+                )
                 lo, hi = min(values), max(values)
                 with progress(quiet, total=1, desc="continuation") as bar:
                     try:
-                        branch = continue_branch(model, param, x0, values[0], (lo, hi), u_const,
-                                                 dyn["max_steps"],
-                                                 direction=1 if values[-1] >= values[0] else -1)
+                        branch = continue_branch(
+                            model,
+                            param,
+                            x0,
+                            values[0],
+                            (lo, hi),
+                            u_const,
+                            dyn["max_steps"],
+                            direction=1 if values[-1] >= values[0] else -1,
+                        )
                         folder.save("branch", branch)
-                        folder.log(f"branch: {len(branch)} points, {branch.status.value}, "
-                                   f"bifurcations {[(b.kind, round(b.p, 6)) for b in branch.bifurcations]}")
+                        folder.log(
+                            f"branch: {len(branch)} points, {branch.status.value}, "
+                            f"bifurcations {[(b.kind, round(b.p, 6)) for b in branch.bifurcations]}"
+                        )
                     except (RuntimeError, ValueError) as exc:
                         folder.log(f"branch: continuation failed: {exc}")
                     bar.update()
@@ -173,8 +202,7 @@ def run_sweep(command: str, cfg: dict, out, fresh: bool, quiet: bool, title: str
         folder.write_json("summary.json", _summary(result, points))
         figs = save_figures(folder, _figures(result, points, densities, title))
         wall = time.perf_counter() - t_start
-        folder.log(f"{command}: {computed} point(s) computed, {len(points) - computed} loaded, "
-                   f"{wall:.1f} s")
+        folder.log(f"{command}: {computed} point(s) computed, {len(points) - computed} loaded, {wall:.1f} s")
     return folder, result, points, figs, computed, wall
 
 
@@ -186,35 +214,51 @@ def _figures(result, points, densities, title):
 
 def _summary(result, points) -> dict:
     return {
-        "param": result.param, "critical_value": result.critical_value,
+        "param": result.param,
+        "critical_value": result.critical_value,
         "bifurcations": result.bifurcations,
         "euler_map": euler_line([result.branch], result.param)[0],
-        "points": [{"value": p.value, "label": p.label, "leading": p.leading,
-                    "fixed_point_signature": p.signature, **p.spectrum.metrics()} for p in points],
+        "points": [
+            {
+                "value": p.value,
+                "label": p.label,
+                "leading": p.leading,
+                "fixed_point_signature": p.signature,
+                **p.spectrum.metrics(),
+            }
+            for p in points
+        ],
     }
 
 
 def _lines(folder, result, points, figs, computed, wall) -> list[str]:
     lam = result.eigenvalues[:, 0]
-    lines = [f"{len(points)} point(s) ({computed} computed, {len(points) - computed} resumed) "
-             f"in {wall:.1f} s",
-             f"{result.param}: {result.values[0]:.4g} -> {result.values[-1]:.4g}; "
-             f"λ_max {lam[0]:.4g} -> {lam[-1]:.4g}; participation rank "
-             f"{result.participation[0]:.3g} -> {result.participation[-1]:.3g}; entropy rank "
-             f"{result.entropy[0]:.3g} -> {result.entropy[-1]:.3g}"]
+    lines = [
+        f"{len(points)} point(s) ({computed} computed, {len(points) - computed} resumed) in {wall:.1f} s",
+        f"{result.param}: {result.values[0]:.4g} -> {result.values[-1]:.4g}; "
+        f"λ_max {lam[0]:.4g} -> {lam[-1]:.4g}; participation rank "
+        f"{result.participation[0]:.3g} -> {result.participation[-1]:.3g}; entropy rank "
+        f"{result.entropy[0]:.3g} -> {result.entropy[-1]:.3g}",
+    ]
     if math.isfinite(result.critical_value):
         lines.append(f"predicted critical gain {result.critical_value:.4g}")
     for b in result.bifurcations:
         if b["kind"] == "stability_change":
             lo, hi = (result.values[i] for i in b["between"])
-            lines.append(f"stability change between the sweep points {result.param} = "
-                         f"{lo:.5g} and {hi:.5g} (not located: no continued branch crosses it)")
+            lines.append(
+                f"stability change between the sweep points {result.param} = "
+                f"{lo:.5g} and {hi:.5g} (not located: no continued branch crosses it)"
+            )
         else:
-            where = (f"; the sweep's fixed points change stability between {result.param} = "
-                     f"{b['sweep_interval'][0]:.5g} and {b['sweep_interval'][1]:.5g}"
-                     if "sweep_interval" in b else "")
-            lines.append(f"bifurcation: {b['kind']} at {result.param} = {b['p']:.5g} "
-                         f"(located by continuation{where})")
+            where = (
+                f"; the sweep's fixed points change stability between {result.param} = "
+                f"{b['sweep_interval'][0]:.5g} and {b['sweep_interval'][1]:.5g}"
+                if "sweep_interval" in b
+                else ""
+            )
+            lines.append(
+                f"bifurcation: {b['kind']} at {result.param} = {b['p']:.5g} (located by continuation{where})"
+            )
     euler = euler_line([result.branch], result.param)[1]
     if euler:
         lines.append(euler)
@@ -229,19 +273,46 @@ def _lines(folder, result, points, figs, computed, wall) -> list[str]:
 @inputs_option
 @click.option("--param", help="Swept parameter: gain, input, a model parameter name, or checkpoints.")
 @click.option("--values", "values_text", metavar="V1,V2,...", help="Explicit comma-separated values.")
-@click.option("--checkpoints", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
-              help="State-dict files to sweep over (repeat the option per file).")
+@click.option(
+    "--checkpoints",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="State-dict files to sweep over (repeat the option per file).",
+)
 @friendly
-def sweep(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet, inputs_file,
-          param, values_text, checkpoints):
+def sweep(
+    config_file,
+    overrides,
+    seed,
+    device,
+    dtype,
+    model_spec,
+    out,
+    fresh,
+    quiet,
+    inputs_file,
+    param,
+    values_text,
+    checkpoints,
+):
     """Spectral metrics and fixed points at every value of a parameter, bifurcations marked."""
     extra = list(overrides)
     if param:
         extra.append(f"sweep.param={param}")
     if values_text:
         extra.append(f"sweep.values={parse_list(values_text, 'values', float)}")
-    cfg = resolve_config("sweep", config_file, tuple(extra), seed=seed, device=device, dtype=dtype,
-                         model_spec=model_spec, inputs_file=inputs_file, checkpoints=checkpoints)
+    cfg = resolve_config(
+        "sweep",
+        config_file,
+        tuple(extra),
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        model_spec=model_spec,
+        inputs_file=inputs_file,
+        checkpoints=checkpoints,
+    )
     folder, result, points, figs, computed, wall = run_sweep("sweep", cfg, out, fresh, quiet)
     report(quiet, _lines(folder, result, points, figs, computed, wall), folder)
 
@@ -258,15 +329,28 @@ def demo(config_file, overrides, seed, device, dtype, model_spec, out, fresh, qu
     each gain: top eigenvalues, SLQ spectral density and effective ranks of K = J Jᵀ, the fixed
     points and their stability; the branch is continued in gain and its bifurcation located.
     """
-    cfg = resolve_config("demo", config_file, overrides, seed=seed, device=device, dtype=dtype,
-                         model_spec=model_spec, inputs_file=inputs_file)
-    title = (f"sNTK collapse at a bifurcation: CTRNN n={cfg['model']['state_size']}, "
-             f"{cfg['inputs']['trials']} trials × {cfg['inputs']['steps']} steps")
+    cfg = resolve_config(
+        "demo",
+        config_file,
+        overrides,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        model_spec=model_spec,
+        inputs_file=inputs_file,
+    )
+    title = (
+        f"sNTK collapse at a bifurcation: CTRNN n={cfg['model']['state_size']}, "
+        f"{cfg['inputs']['trials']} trials × {cfg['inputs']['steps']} steps"
+    )
     folder, result, points, figs, computed, wall = run_sweep("demo", cfg, out, fresh, quiet, title)
     lines = _lines(folder, result, points, figs, computed, wall)
     lam = result.eigenvalues[:, 0]
     j = int(torch.argmax(lam))
-    lines.insert(0, f"λ_max grows ×{float(lam.max() / lam[0]):.3g} and the participation rank "
-                    f"falls ×{float(result.participation[0] / result.participation.min()):.3g} "
-                    f"across the sweep (λ_max largest at {result.param} = {result.values[j]:.4g})")
+    lines.insert(
+        0,
+        f"λ_max grows ×{float(lam.max() / lam[0]):.3g} and the participation rank "
+        f"falls ×{float(result.participation[0] / result.participation.min()):.3g} "
+        f"across the sweep (λ_max largest at {result.param} = {result.values[j]:.4g})",
+    )
     report(quiet, lines, folder)

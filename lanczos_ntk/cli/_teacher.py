@@ -38,8 +38,7 @@ def plot_collapse(result, axes=None):
     a0, a1, a2, a3 = axes
     a0.semilogy(range(len(result.loss)), result.loss.numpy(), color="k")
     a0.set_ylabel("loss")
-    a1.plot(steps, result.leading.numpy(), "o-", ms=3, color="C3",
-            label=r"Re $\lambda_c$ (trivial point)")
+    a1.plot(steps, result.leading.numpy(), "o-", ms=3, color="C3", label=r"Re $\lambda_c$ (trivial point)")
     a1.axhline(0, color="0.7", lw=0.8)
     a1b = a1.twinx()
     a1b.step(steps, result.num_stable.numpy(), where="post", color="C0", alpha=0.6)
@@ -48,23 +47,34 @@ def plot_collapse(result, axes=None):
     a1.set_ylabel(r"Re $\lambda_c$", color="C3")
     a2.plot(steps, result.participation.numpy(), "o-", ms=3, label="participation ratio")
     a2.plot(steps, result.entropy.numpy(), "s-", ms=3, label="entropy rank")
-    a2.axvline(result.collapse["min_step"], color="C0", ls=":", lw=1,
-               label="participation minimum")
+    a2.axvline(result.collapse["min_step"], color="C0", ls=":", lw=1, label="participation minimum")
     if result.crossing.step is not None:  # the dashed line drawn on every panel below
         a2.plot([], [], color="0.4", ls="--", lw=1, label=r"crossing (Re $\lambda_c$ = 0)")
     a2.set_ylabel("effective rank of G")
     a2.legend(fontsize=8)
     ev = result.eigenvalues.numpy()
     for j in range(ev.shape[1]):
-        label = r"$\lambda_1(G)$" if j == 0 else (
-            rf"$\lambda_2 \ldots \lambda_{{{ev.shape[1]}}}$" if j == 1 else None)
-        a3.semilogy(steps, ev[:, j], color="0.6" if j else "k", lw=1.5 if j == 0 else 0.8,
-                    label=label)
-    a3.semilogy(steps, result.channel_eigenvalue.numpy(), "--", color="C1",
-                label=r"$\hat g^\top G \hat g$ (static channel)")
+        label = (
+            r"$\lambda_1(G)$"
+            if j == 0
+            else (rf"$\lambda_2 \ldots \lambda_{{{ev.shape[1]}}}$" if j == 1 else None)
+        )
+        a3.semilogy(steps, ev[:, j], color="0.6" if j else "k", lw=1.5 if j == 0 else 0.8, label=label)
+    a3.semilogy(
+        steps,
+        result.channel_eigenvalue.numpy(),
+        "--",
+        color="C1",
+        label=r"$\hat g^\top G \hat g$ (static channel)",
+    )
     if result.sensitivity_eigenvalue is not None:
-        a3.semilogy(steps, result.sensitivity_eigenvalue.numpy(), "-.", color="C2",
-                    label=r"$\hat d^\top G \hat d$ (unfolding direction, what training uses)")
+        a3.semilogy(
+            steps,
+            result.sensitivity_eigenvalue.numpy(),
+            "-.",
+            color="C2",
+            label=r"$\hat d^\top G \hat d$ (unfolding direction, what training uses)",
+        )
     a3.set_ylabel("top eigenvalues of G")
     a3.set_xlabel("training step")
     lo, hi = a3.get_ylim()  # headroom above the curves (log axis), so the legend hides none
@@ -76,8 +86,10 @@ def plot_collapse(result, axes=None):
         _crossing_line(ax, result)
     title = f"{result.optimizer.upper()}, lr={result.lr:g}"
     if c.step is not None:
-        title += (f": crossing at step {c.step:.1f}, PR min at {result.collapse['min_step']}, "
-                  f"|cos(u1, g)|={cos:.3f}")
+        title += (
+            f": crossing at step {c.step:.1f}, PR min at {result.collapse['min_step']}, "
+            f"|cos(u1, g)|={cos:.3f}"
+        )
     a0.set_title(title, fontsize=9)
     return axes
 
@@ -93,8 +105,7 @@ def plot_landscape(land, axes=None):
     order = np.argsort(s)
     a0, a1 = axes
     a0.semilogy(s[order], lb[order], "o-", label=r"$\lambda_{bif}=\hat g^\top G \hat g$")
-    a0.semilogy(s[order], land.lambda_max.numpy()[order], "x", color="k", ms=4,
-                label=r"$\lambda_{max}(G)$")
+    a0.semilogy(s[order], land.lambda_max.numpy()[order], "x", color="k", ms=4, label=r"$\lambda_{max}(G)$")
     a0.semilogy(s[order], pred[order], "--", color="C1", label="normal form, finite T")
     a0.axvline(land.s_c, color="0.4", ls="--", lw=1, label=r"$s_c$ (bifurcation)")
     a0.set_xlabel(r"offset $s$ along $\hat d = d\lambda_c/d\theta$")
@@ -109,18 +120,32 @@ def plot_landscape(land, axes=None):
     if np.isfinite(land.exponent):
         x = np.geomspace(d[m].min(), d[m].max(), 20)
         c = np.exp(np.mean(np.log(lb[m]) - land.exponent * np.log(d[m])))
-        a1.loglog(x, c * x**land.exponent, "k-", lw=0.8,
-                  label=f"fit: exponent {land.exponent:.2f} ± {land.exponent_se:.2f}")
-        a1.loglog(x, c * x**-2.0 * (x[0] ** (land.exponent + 2)), ":", color="0.5",
-                  label="slope -2")
+        a1.loglog(
+            x,
+            c * x**land.exponent,
+            "k-",
+            lw=0.8,
+            label=f"fit: exponent {land.exponent:.2f} ± {land.exponent_se:.2f}",
+        )
+        a1.loglog(x, c * x**-2.0 * (x[0] ** (land.exponent + 2)), ":", color="0.5", label="slope -2")
     if land.lambda_d is not None:
         ld, nf = land.lambda_d.numpy(), land.normal_form.numpy()
-        a0.semilogy(s[order], ld[order], "s-", ms=3, color="C2",
-                    label=r"$\|J\hat d\|^2$ (along $d$)")
-        a1.loglog(d[stable], ld[stable], "s", ms=3, color="C2",
-                  label=f"along d (fitted exponent {land.exponent_d:.2f})")
-        a1.loglog(d[stable], nf[stable], ":", color="C2",
-                  label=f"scalar normal form: exponent {land.normal_form_exponent:.2f}")
+        a0.semilogy(s[order], ld[order], "s-", ms=3, color="C2", label=r"$\|J\hat d\|^2$ (along $d$)")
+        a1.loglog(
+            d[stable],
+            ld[stable],
+            "s",
+            ms=3,
+            color="C2",
+            label=f"along d (fitted exponent {land.exponent_d:.2f})",
+        )
+        a1.loglog(
+            d[stable],
+            nf[stable],
+            ":",
+            color="C2",
+            label=f"scalar normal form: exponent {land.normal_form_exponent:.2f}",
+        )
         a0.legend(fontsize=7)
     a1.set_xlabel(r"$|s - s_c|$")
     a1.set_ylabel("eigenvalue")
@@ -138,9 +163,13 @@ def plot_optimizers(comp, axes=None):
     a0, a1 = axes
     for name, color in (("sgd", "C3"), ("lrng", "C0")):
         r = getattr(comp, name)
-        a0.semilogy(range(len(r.loss)), r.loss.numpy(), color=color,
-                    label=f"{name.upper()}: final {r.final_loss:.2e}, {r.spikes} spikes, "
-                          f"{comp.seconds_per_step[name] * 1e3:.1f} ms/step")
+        a0.semilogy(
+            range(len(r.loss)),
+            r.loss.numpy(),
+            color=color,
+            label=f"{name.upper()}: final {r.final_loss:.2e}, {r.spikes} spikes, "
+            f"{comp.seconds_per_step[name] * 1e3:.1f} ms/step",
+        )
         a1.plot(r.steps.numpy(), r.leading.numpy(), color=color, label=name.upper())
     a0.set_ylabel("loss")
     a0.set_title(f"lr = {comp.lr:g}; LRNG overhead {comp.overhead:.2f}x per step", fontsize=9)
@@ -215,8 +244,9 @@ def _study_plan(seeds_text, arch_text):
     archs = parse_list(arch_text, "architectures", str)
     bad = [a for a in archs if a not in T.ARCHITECTURES]
     if bad:
-        raise ConfigError(f"--architectures: expected some of {', '.join(T.ARCHITECTURES)}, "
-                          f"got {', '.join(bad)}")
+        raise ConfigError(
+            f"--architectures: expected some of {', '.join(T.ARCHITECTURES)}, got {', '.join(bad)}"
+        )
     return seeds, archs
 
 
@@ -226,18 +256,28 @@ def _seed_study(cfg, run, seeds, archs, optimizer, quiet, out):
 
     from .. import teacher as T
 
-    bar = tqdm(total=len(seeds) * len(archs), disable=quiet, file=sys.stderr, desc="teacher seeds",
-               unit="run")
+    bar = tqdm(
+        total=len(seeds) * len(archs), disable=quiet, file=sys.stderr, desc="teacher seeds", unit="run"
+    )
 
     def row(c, landscape, compare):
-        saved = run.cached(f"study-{c.architecture}-{c.seed}",
-                           lambda: T.StudyRow(architecture=c.architecture, seed=c.seed,
-                                              summary=T.run_summary(c, landscape, compare)),
-                           f"study run: {c.architecture}, seed {c.seed}")
+        saved = run.cached(
+            f"study-{c.architecture}-{c.seed}",
+            lambda: T.StudyRow(
+                architecture=c.architecture, seed=c.seed, summary=T.run_summary(c, landscape, compare)
+            ),
+            f"study run: {c.architecture}, seed {c.seed}",
+        )
         return saved.summary
 
-    study = T.run_seeds(cfg, seeds=seeds, architectures=archs, compare=optimizer == "both",
-                        run=row, progress=lambda d, _t: (bar.update(d - bar.n), None)[1])
+    study = T.run_seeds(
+        cfg,
+        seeds=seeds,
+        architectures=archs,
+        compare=optimizer == "both",
+        run=row,
+        progress=lambda d, _t: (bar.update(d - bar.n), None)[1],
+    )
     bar.close()
     spread = study.spread()
     run.write_json("study.json", {"rows": study.rows, "spread": spread})
@@ -252,40 +292,78 @@ def _seed_study(cfg, run, seeds, archs, optimizer, quiet, out):
         for key, label in STUDY_KEYS:
             if key in table:
                 t = table[key]
-                click.echo(f"  {label:52s} {t['mean']:10.4g} ± {t['std']:<9.3g} "
-                           f"[{t['min']:.4g}, {t['max']:.4g}] n={t['n']}")
+                click.echo(
+                    f"  {label:52s} {t['mean']:10.4g} ± {t['std']:<9.3g} "
+                    f"[{t['min']:.4g}, {t['max']:.4g}] n={t['n']}"
+                )
         for r in study.rows:
             if r["architecture"] == arch and "error" in r:
                 click.echo(f"  seed {r['seed']}: {r['error']}")
 
 
 @main.command("teacher")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/teacher", show_default=True,
-              help="Run folder (results/, figures/, summary.json); re-running resumes.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="TOML file with TeacherConfig keys (see experiments/teacher.toml).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a configuration key, e.g. --set trials=8 (repeatable).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="runs/teacher",
+    show_default=True,
+    help="Run folder (results/, figures/, summary.json); re-running resumes.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="TOML file with TeacherConfig keys (see experiments/teacher.toml).",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a configuration key, e.g. --set trials=8 (repeatable).",
+)
 @click.option("--seed", type=int, help="Seed of the problem, eigensolver and fixed-point seeds.")
-@click.option("--steps", type=int, help="Training steps: of the single run (sgd|lrng) or of the "
-                                        "comparison (both).")
-@click.option("--lr", type=float, help="Learning rate: of the single run (sgd|lrng) or of the "
-                                       "comparison (both).")
-@click.option("--optimizer", type=click.Choice(["sgd", "lrng", "both"]), default="both",
-              show_default=True,
-              help="sgd|lrng: one collapse run and its landscape; both: also SGD vs LRNG.")
+@click.option(
+    "--steps", type=int, help="Training steps: of the single run (sgd|lrng) or of the comparison (both)."
+)
+@click.option(
+    "--lr", type=float, help="Learning rate: of the single run (sgd|lrng) or of the comparison (both)."
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["sgd", "lrng", "both"]),
+    default="both",
+    show_default=True,
+    help="sgd|lrng: one collapse run and its landscape; both: also SGD vs LRNG.",
+)
 @click.option("--fresh", is_flag=True, help="Discard what the run folder holds and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary on the terminal.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Torch CPU threads (the problem is small: more threads mostly add overhead).")
-@click.option("--seeds", "seeds_text", metavar="S1,S2,...",
-              help="Run the experiment for each seed (and each of --architectures) and report "
-                   "the spread; every run is saved and resumed on its own.")
-@click.option("--architectures", "arch_text", metavar="A1,A2,...", default="ctrnn",
-              show_default=True, help="With --seeds: ctrnn, rnn, gru (comma-separated).")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Torch CPU threads (the problem is small: more threads mostly add overhead).",
+)
+@click.option(
+    "--seeds",
+    "seeds_text",
+    metavar="S1,S2,...",
+    help="Run the experiment for each seed (and each of --architectures) and report "
+    "the spread; every run is saved and resumed on its own.",
+)
+@click.option(
+    "--architectures",
+    "arch_text",
+    metavar="A1,A2,...",
+    default="ctrnn",
+    show_default=True,
+    help="With --seeds: ctrnn, rnn, gru (comma-separated).",
+)
 @friendly
-def teacher_command(out, config_file, overrides, seed, steps, lr, optimizer, fresh, quiet,
-                    seeds_text, arch_text):
+def teacher_command(
+    out, config_file, overrides, seed, steps, lr, optimizer, fresh, quiet, seeds_text, arch_text
+):
     """Student learns a teacher's pitchfork: sNTK collapse, channel landscape, SGD vs LRNG."""
     import json
 
@@ -314,18 +392,25 @@ def teacher_command(out, config_file, overrides, seed, steps, lr, optimizer, fre
         bar.refresh()
 
     with run_folder("teacher", record, out, fresh, quiet) as run:
-        collapse = run.cached("collapse", lambda: T.run_student_teacher(cfg, progress=progress),
-                              f"collapse run: {cfg.optimizer} lr={cfg.lr} steps={cfg.num_steps}")
+        collapse = run.cached(
+            "collapse",
+            lambda: T.run_student_teacher(cfg, progress=progress),
+            f"collapse run: {cfg.optimizer} lr={cfg.lr} steps={cfg.num_steps}",
+        )
         offset[0] = cfg.num_steps
-        land = run.cached("landscape",
-                          lambda: T.channel_landscape(cfg, collapse.theta_ref, progress=progress),
-                          "landscape along the unfolding direction")
+        land = run.cached(
+            "landscape",
+            lambda: T.channel_landscape(cfg, collapse.theta_ref, progress=progress),
+            "landscape along the unfolding direction",
+        )
         offset[0] += n_land
         comp = None
         if optimizer == "both":
-            comp = run.cached("comparison", lambda: T.compare_optimizers(cfg, progress=progress),
-                              f"comparison: SGD vs LRNG at lr={cfg.compare_lr}, "
-                              f"{cfg.compare_steps} steps")
+            comp = run.cached(
+                "comparison",
+                lambda: T.compare_optimizers(cfg, progress=progress),
+                f"comparison: SGD vs LRNG at lr={cfg.compare_lr}, {cfg.compare_steps} steps",
+            )
         bar.n = total
         bar.refresh()
         bar.close()

@@ -55,12 +55,27 @@ __all__ = ["continuation"]
 _LEADING = 6
 
 
-def continuation(f, x0, p0: float | None, p_span: tuple[float, float], kind: str | None = None, *,
-                 param=None, u: torch.Tensor | None = None, ds: float | None = None,
-                 ds_min: float | None = None, ds_max: float | None = None, max_steps: int = 500,
-                 direction: int = 1, tol: float = 1e-10, max_newton: int = 10,
-                 max_angle: float = 0.5, detect: bool = True, critical: bool = True,
-                 locate_tol: float = 1e-13) -> Branch:
+def continuation(
+    f,
+    x0,
+    p0: float | None,
+    p_span: tuple[float, float],
+    kind: str | None = None,
+    *,
+    param=None,
+    u: torch.Tensor | None = None,
+    ds: float | None = None,
+    ds_min: float | None = None,
+    ds_max: float | None = None,
+    max_steps: int = 500,
+    direction: int = 1,
+    tol: float = 1e-10,
+    max_newton: int = 10,
+    max_angle: float = 0.5,
+    detect: bool = True,
+    critical: bool = True,
+    locate_tol: float = 1e-13,
+) -> Branch:
     r"""Trace a branch of fixed points of ``f(x, p)`` in ``p`` and locate its bifurcations.
 
     Parameters
@@ -118,11 +133,12 @@ def continuation(f, x0, p0: float | None, p_span: tuple[float, float], kind: str
     if direction not in (1, -1):
         raise ValueError(f"expected direction +1 or -1, got {direction}")
     if not isinstance(f, System) and hasattr(f, "rhs") and param is None:
-        raise ValueError("continuing a model needs param= ('gain', 'input', a parameter name or "
-                         "a callable); see system_from_model")
+        raise ValueError(
+            "continuing a model needs param= ('gain', 'input', a parameter name or "
+            "a callable); see system_from_model"
+        )
     x0_t = None if x0 is None else torch.as_tensor(x0)
-    system = as_system(f, kind=kind, n=None if x0_t is None else int(x0_t.numel()), p0=None,
-                       param=param, u=u)
+    system = as_system(f, kind=kind, n=None if x0_t is None else int(x0_t.numel()), p0=None, param=param, u=u)
     if kind is not None and kind != system.kind:
         raise ValueError(f"kind={kind!r} given, but the system is a {system.kind}")
     if p0 is None:
@@ -142,9 +158,16 @@ def continuation(f, x0, p0: float | None, p_span: tuple[float, float], kind: str
     if not 0 < ds_min <= ds <= ds_max:
         raise ValueError(f"expected 0 < ds_min <= ds <= ds_max, got {ds_min}, {ds}, {ds_max}")
 
-    config = {"p_span": [lo, hi], "ds": ds, "ds_min": ds_min, "ds_max": ds_max,
-              "max_steps": int(max_steps), "direction": int(direction), "tol": float(tol),
-              "locate_tol": float(locate_tol)}
+    config = {
+        "p_span": [lo, hi],
+        "ds": ds,
+        "ds_min": ds_min,
+        "ds_max": ds_max,
+        "max_steps": int(max_steps),
+        "direction": int(direction),
+        "tol": float(tol),
+        "locate_tol": float(locate_tol),
+    }
     tracer = Tracer(system, tol=tol, max_newton=max_newton)
     n = system.n
     # ---- start: Newton at fixed p0, then the initial tangent (null vector of [G_x, G_p])
@@ -154,8 +177,15 @@ def continuation(f, x0, p0: float | None, p_span: tuple[float, float], kind: str
     try:
         y0, _ = tracer.correct(y0, e_p, y0.clone(), 0.0, polish=True)
     except CorrectorError as exc:
-        return _branch(system, [], [], Status.FAILED,
-                       f"the start (x0, p0={p0}) is not near a fixed point: {exc}", 0, config)
+        return _branch(
+            system,
+            [],
+            [],
+            Status.FAILED,
+            f"the start (x0, p0={p0}) is not near a fixed point: {exc}",
+            0,
+            config,
+        )
     Gy = system.residual_jacobian(y0)
     t0 = svd(Gy)[2][-1]
     if float(t0[-1]) * direction < 0 or (abs(float(t0[-1])) < 1e-12 and float(t0.sum()) < 0):
@@ -214,8 +244,9 @@ def _pin_to_boundary(tracer: Tracer, a: Point, b: Point, p_b: float) -> Point | 
         return None
 
 
-def _events(tracer: Tracer, a: Point, b: Point | None, index: int, critical: bool,
-            xtol: float) -> list[Bifurcation]:
+def _events(
+    tracer: Tracer, a: Point, b: Point | None, index: int, critical: bool, xtol: float
+) -> list[Bifurcation]:
     if b is None:
         return []
     a = Point(**{**a.__dict__, "sigma": 0.0})
@@ -244,38 +275,74 @@ def _refine_bp(tracer: Tracer, root: Point, q: Point, psi: float, acc: float):
     return point, psi_function(tracer.system.kind, "branch_point", root)(point), max(step, 1e-15)
 
 
-def _bifurcation(system: System, q: Point, bif: str, psi: float, acc: float, index: int,
-                 a: Point, b: Point, critical: bool) -> Bifurcation:
+def _bifurcation(
+    system: System, q: Point, bif: str, psi: float, acc: float, index: int, a: Point, b: Point, critical: bool
+) -> Bifurcation:
     x, p = q.y[:-1].clone(), float(q.y[-1])
     if critical:
         data = critical_data(system, x, p, bif)
     else:
-        data = {"eigenvalue": critical_eigenvalue(q.eigs, system.kind, bif), "eigenvalues": q.eigs,
-                "v": torch.zeros(0), "w": torch.zeros(0), "coefficients": {}, "sensitivities": {},
-                "eigenvalue_dp": None,
-                "g": torch.zeros(0, 0), "param_names": [], "param_numels": []}
-    return Bifurcation(kind=bif, p=p, x=x, residual=q.residual, test_value=float(psi),
-                       p_accuracy=float(acc), index=int(index),
-                       n_unstable_before=a.n_unstable, n_unstable_after=b.n_unstable, **data)
+        data = {
+            "eigenvalue": critical_eigenvalue(q.eigs, system.kind, bif),
+            "eigenvalues": q.eigs,
+            "v": torch.zeros(0),
+            "w": torch.zeros(0),
+            "coefficients": {},
+            "sensitivities": {},
+            "eigenvalue_dp": None,
+            "g": torch.zeros(0, 0),
+            "param_names": [],
+            "param_numels": [],
+        }
+    return Bifurcation(
+        kind=bif,
+        p=p,
+        x=x,
+        residual=q.residual,
+        test_value=float(psi),
+        p_accuracy=float(acc),
+        index=int(index),
+        n_unstable_before=a.n_unstable,
+        n_unstable_after=b.n_unstable,
+        **data,
+    )
 
 
-def _branch(system: System, pts: list[Point], bifs: list, status: Status, message: str,
-            steps: int, config: dict) -> Branch:
+def _branch(
+    system: System, pts: list[Point], bifs: list, status: Status, message: str, steps: int, config: dict
+) -> Branch:
     n, k = system.n, min(system.n, _LEADING)
     if not pts:
-        return Branch(points=torch.zeros(0, n, dtype=system.dtype),
-                      p=torch.zeros(0, dtype=system.dtype), stable=torch.zeros(0, dtype=torch.bool),
-                      n_unstable=torch.zeros(0, dtype=torch.long),
-                      leading_eigenvalues=torch.zeros(0, k, dtype=torch.complex128),
-                      tangents=torch.zeros(0, n + 1, dtype=system.dtype), bifurcations=[],
-                      kind=system.kind, status=status, message=message, num_steps=steps,
-                      config=config, **euler_fields(torch.zeros(0, n), system.dt))
+        return Branch(
+            points=torch.zeros(0, n, dtype=system.dtype),
+            p=torch.zeros(0, dtype=system.dtype),
+            stable=torch.zeros(0, dtype=torch.bool),
+            n_unstable=torch.zeros(0, dtype=torch.long),
+            leading_eigenvalues=torch.zeros(0, k, dtype=torch.complex128),
+            tangents=torch.zeros(0, n + 1, dtype=system.dtype),
+            bifurcations=[],
+            kind=system.kind,
+            status=status,
+            message=message,
+            num_steps=steps,
+            config=config,
+            **euler_fields(torch.zeros(0, n), system.dt),
+        )
     Y = torch.stack([q.y for q in pts])
     nu = torch.tensor([q.n_unstable for q in pts], dtype=torch.long)
     bifs = sorted(bifs, key=lambda bf: bf.index)
-    return Branch(points=Y[:, :-1].clone(), p=Y[:, -1].clone(), stable=nu == 0, n_unstable=nu,
-                  leading_eigenvalues=torch.stack([q.eigs[:k] for q in pts]).to(torch.complex128),
-                  tangents=torch.stack([q.t for q in pts]), bifurcations=bifs, kind=system.kind,
-                  status=status, message=message, num_steps=steps, config=config,
-                  **euler_fields(torch.stack([q.eigs for q in pts]), system.dt))
-
+    return Branch(
+        points=Y[:, :-1].clone(),
+        p=Y[:, -1].clone(),
+        stable=nu == 0,
+        n_unstable=nu,
+        leading_eigenvalues=torch.stack([q.eigs[:k] for q in pts]).to(torch.complex128),
+        tangents=torch.stack([q.t for q in pts]),
+        bifurcations=bifs,
+        kind=system.kind,
+        status=status,
+        message=message,
+        num_steps=steps,
+        config=config,
+        **euler_fields(torch.stack([q.eigs for q in pts]), system.dt),
+    )

@@ -35,7 +35,6 @@ from ._dense import eigvals, solve, svd
 __all__ = ["critical_data", "eigen_counts", "eigenvalue_derivatives", "eigvals", "sort_eigenvalues"]
 
 
-
 def criticality(eigs: torch.Tensor, kind: str) -> torch.Tensor:
     """Signed distance to the stability boundary: ``Re λ`` (flow) or ``|μ| - 1`` (map)."""
     return eigs.real if kind == "flow" else eigs.abs() - 1.0
@@ -76,8 +75,11 @@ def eigen_counts(eigs: torch.Tensor, kind: str) -> tuple[int, ...]:
     if kind == "flow":
         return (int((unstable & ~cplx).sum()), int((unstable & cplx).sum()))
     pos = eigs.real > 0
-    return (int((unstable & ~cplx & pos).sum()), int((unstable & ~cplx & ~pos).sum()),
-            int((unstable & cplx).sum()))
+    return (
+        int((unstable & ~cplx & pos).sum()),
+        int((unstable & ~cplx & ~pos).sum()),
+        int((unstable & cplx).sum()),
+    )
 
 
 def critical_eigenvalue(eigs: torch.Tensor, kind: str, bif: str) -> complex:
@@ -198,9 +200,16 @@ def _coefficients(f, x, A, v, w, bif, lam) -> dict[str, float]:
     return {"d": 0.5 * (e * val).real, "theta": theta}
 
 
-def eigenvalue_derivatives(fun, x: torch.Tensor, params: dict[str, torch.Tensor],
-                           v: torch.Tensor, w: torch.Tensor, kind: str, *, total: bool = True
-                           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+def eigenvalue_derivatives(
+    fun,
+    x: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    v: torch.Tensor,
+    w: torch.Tensor,
+    kind: str,
+    *,
+    total: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     r"""Derivatives of an eigenvalue ``λ`` of ``A = ∂f/∂x`` with respect to the parameters.
 
     ``fun(x, params) -> [n]`` is the vector field (``kind="flow"``) or the map (``"map"``);
@@ -240,10 +249,10 @@ def eigenvalue_derivatives(fun, x: torch.Tensor, params: dict[str, torch.Tensor]
     partial = {k: cx(t).detach() for k, t in d_th.items()}
     if not total:
         return partial, None
-    grad_x = cx(d_x).detach()                                                    # ∇_x λ, [n]
+    grad_x = cx(d_x).detach()  # ∇_x λ, [n]
     A = jacrev(lambda y: fun(y, params))(x).detach().to(torch.float64)
     M = A - (1.0 if kind == "map" else 0.0) * torch.eye(A.shape[0], dtype=torch.float64)
-    rhs = torch.stack([grad_x.real, grad_x.imag], dim=1)               # [n, 2]
+    rhs = torch.stack([grad_x.real, grad_x.imag], dim=1)  # [n, 2]
     # Mᵀ z = ∇_x λ with M = U S Vᵀ: z = U S⁻¹ Vᵀ rhs on the singular values that are not
     # zero on the scale of A (or 1: the decay of a flow, the identity of a map); the
     # solution exists only if rhs has no component along the rest
@@ -256,8 +265,10 @@ def eigenvalue_derivatives(fun, x: torch.Tensor, params: dict[str, torch.Tensor]
     z = U[:, keep] @ (coef[keep] / S[keep, None])
     _, pull = vjp(lambda th: fun(x, th), params)
     re, im = pull(z[:, 0].to(x.dtype))[0], pull(z[:, 1].to(x.dtype))[0]
-    total = {k: (partial[k] - (re[k].to(torch.complex128) + 1j * im[k].to(torch.complex128))
-                 ).detach() for k in partial}
+    total = {
+        k: (partial[k] - (re[k].to(torch.complex128) + 1j * im[k].to(torch.complex128))).detach()
+        for k in partial
+    }
     return partial, total
 
 
@@ -274,25 +285,36 @@ def _sensitivities(system, x, p, v, w) -> dict:
 
     pt = system.scalar(p)
     # ∂λ/∂p at fixed x: p as the one "parameter" of f(x, p)
-    dp, _ = eigenvalue_derivatives(lambda xx, th: system.f(xx, th["p"]), x, {"p": pt}, v, w,
-                                   system.kind, total=False)
-    out = {"sensitivities": {}, "sensitivities_total": None,
-           "eigenvalue_dp": complex(dp["p"]), "g": torch.zeros(1 if real else 2, 0, dtype=x.dtype),
-           "param_names": [], "param_numels": []}
+    dp, _ = eigenvalue_derivatives(
+        lambda xx, th: system.f(xx, th["p"]), x, {"p": pt}, v, w, system.kind, total=False
+    )
+    out = {
+        "sensitivities": {},
+        "sensitivities_total": None,
+        "eigenvalue_dp": complex(dp["p"]),
+        "g": torch.zeros(1 if real else 2, 0, dtype=x.dtype),
+        "param_names": [],
+        "param_numels": [],
+    }
     if not system.has_params:
         return out
     params = system.params_at(p)
     names = list(params)
-    partial, total = eigenvalue_derivatives(lambda xx, th: system.f_params(xx, pt, th), x,
-                                            params, v, w, system.kind)
+    partial, total = eigenvalue_derivatives(
+        lambda xx, th: system.f_params(xx, pt, th), x, params, v, w, system.kind
+    )
     _, pull = vjp(lambda th: system.f_params(x, pt, th), params)
     rows = []
     for _, ww in _real_parts(w):
         grads = pull(ww.to(x.dtype))[0]
         rows.append(torch.cat([grads[k].reshape(-1) for k in names]))
-    out.update(sensitivities=finish(partial), sensitivities_total=finish(total),
-               g=torch.stack(rows), param_names=names,
-               param_numels=[int(t.numel()) for t in params.values()])
+    out.update(
+        sensitivities=finish(partial),
+        sensitivities_total=finish(total),
+        g=torch.stack(rows),
+        param_names=names,
+        param_numels=[int(t.numel()) for t in params.values()],
+    )
     return out
 
 
@@ -338,6 +360,11 @@ def critical_data(system, x: torch.Tensor, p: float, bif: str) -> dict:
         return system.f(xx, pt)
 
     coeffs = _coefficients(f, x, A, v, w, bif, lam)
-    return {"eigenvalue": lam, "eigenvalues": eigs, "v": v, "w": w, "coefficients": coeffs,
-            **_sensitivities(system, x, p, v, w)}
-
+    return {
+        "eigenvalue": lam,
+        "eigenvalues": eigs,
+        "v": v,
+        "w": w,
+        "coefficients": coeffs,
+        **_sensitivities(system, x, p, v, w),
+    }

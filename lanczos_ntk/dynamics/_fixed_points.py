@@ -24,8 +24,16 @@ from ._system import System, as_system, system_from_model
 __all__ = ["find_fixed_points"]
 
 
-def trajectory_seeds(system: System, p, num_seeds: int, generator: torch.Generator, *,
-                     scale: float = 1.0, num_steps: int = 100, dt: float = 0.1) -> torch.Tensor:
+def trajectory_seeds(
+    system: System,
+    p,
+    num_seeds: int,
+    generator: torch.Generator,
+    *,
+    scale: float = 1.0,
+    num_steps: int = 100,
+    dt: float = 0.1,
+) -> torch.Tensor:
     """States along trajectories from random starts ``x ~ N(0, scale²)`` (``[num_seeds, n]``).
 
     Flows are integrated by explicit Euler with step ``dt``; maps are iterated. Every other
@@ -48,11 +56,22 @@ def trajectory_seeds(system: System, p, num_seeds: int, generator: torch.Generat
     return out
 
 
-def find_fixed_points(system, seeds: torch.Tensor | None = None, p: float | None = None, *,
-                      u: torch.Tensor | None = None, param=None, num_seeds: int = 64,
-                      generator: torch.Generator | None = None, seed_scale: float = 1.0,
-                      opt_steps: int = 100, newton_steps: int = 8, tol: float = 1e-10,
-                      dedup_tol: float = SAME_POINT_TOL, kind: str | None = None) -> FixedPoints:
+def find_fixed_points(
+    system,
+    seeds: torch.Tensor | None = None,
+    p: float | None = None,
+    *,
+    u: torch.Tensor | None = None,
+    param=None,
+    num_seeds: int = 64,
+    generator: torch.Generator | None = None,
+    seed_scale: float = 1.0,
+    opt_steps: int = 100,
+    newton_steps: int = 8,
+    tol: float = 1e-10,
+    dedup_tol: float = SAME_POINT_TOL,
+    kind: str | None = None,
+) -> FixedPoints:
     r"""Find the fixed points of a flow or map from many seeds at once.
 
     Parameters
@@ -96,11 +115,21 @@ def find_fixed_points(system, seeds: torch.Tensor | None = None, p: float | None
     if hasattr(system, "rhs") and hasattr(system, "kind") and u is not None:
         u_all = torch.as_tensor(u, dtype=torch.float64)
         if u_all.dim() == 2:
-            results = [find_fixed_points(system_from_model(system, param, uk), seeds, p,
-                                         num_seeds=num_seeds, generator=generator,
-                                         seed_scale=seed_scale, opt_steps=opt_steps,
-                                         newton_steps=newton_steps, tol=tol, dedup_tol=dedup_tol)
-                       for uk in u_all]
+            results = [
+                find_fixed_points(
+                    system_from_model(system, param, uk),
+                    seeds,
+                    p,
+                    num_seeds=num_seeds,
+                    generator=generator,
+                    seed_scale=seed_scale,
+                    opt_steps=opt_steps,
+                    newton_steps=newton_steps,
+                    tol=tol,
+                    dedup_tol=dedup_tol,
+                )
+                for uk in u_all
+            ]
             return _concat(results)
     n = None
     if seeds is not None:
@@ -125,27 +154,47 @@ def find_fixed_points(system, seeds: torch.Tensor | None = None, p: float | None
     n_fin = int(torch.isfinite(seeds).all(dim=1).sum())
     if pts.shape[0] == 0:
         why = "no seed converged" if n_fin else "every seed was non-finite"
-        message = (f"{why} to ‖G‖_∞ <= {tol:g} (best residual "
-                   f"{float(res.min()) if res.numel() else float('nan'):.3g}); try more seeds, "
-                   "a larger seed_scale or more opt_steps")
+        message = (
+            f"{why} to ‖G‖_∞ <= {tol:g} (best residual "
+            f"{float(res.min()) if res.numel() else float('nan'):.3g}); try more seeds, "
+            "a larger seed_scale or more opt_steps"
+        )
         status = Status.FAILED
     else:
-        message, status = f"{pts.shape[0]} distinct fixed points from {num_conv} converged seeds", \
-            Status.CONVERGED
+        message, status = (
+            f"{pts.shape[0]} distinct fixed points from {num_conv} converged seeds",
+            Status.CONVERGED,
+        )
     eigs, stable, nun = _spectra(system, pts, p_t)
     F = pts.shape[0]
-    return FixedPoints(points=pts, residuals=rs, eigenvalues=eigs, stable=stable, n_unstable=nun,
-                       counts=counts, input_index=torch.zeros(F, dtype=torch.long), p=float(p),
-                       kind=system.kind, num_seeds=int(seeds.shape[0]), num_converged=num_conv,
-                       status=status, message=message,
-                       config={"opt_steps": int(opt_steps), "newton_steps": int(newton_steps),
-                               "tol": float(tol), "dedup_tol": float(dedup_tol),
-                               "seed": int(generator.initial_seed())},
-                       **euler_fields(eigs, system.dt))
+    return FixedPoints(
+        points=pts,
+        residuals=rs,
+        eigenvalues=eigs,
+        stable=stable,
+        n_unstable=nun,
+        counts=counts,
+        input_index=torch.zeros(F, dtype=torch.long),
+        p=float(p),
+        kind=system.kind,
+        num_seeds=int(seeds.shape[0]),
+        num_converged=num_conv,
+        status=status,
+        message=message,
+        config={
+            "opt_steps": int(opt_steps),
+            "newton_steps": int(newton_steps),
+            "tol": float(tol),
+            "dedup_tol": float(dedup_tol),
+            "seed": int(generator.initial_seed()),
+        },
+        **euler_fields(eigs, system.dt),
+    )
 
 
-def _solve(system: System, X: torch.Tensor, p: torch.Tensor, opt_steps: int,
-           newton_steps: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _solve(
+    system: System, X: torch.Tensor, p: torch.Tensor, opt_steps: int, newton_steps: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched Levenberg–Marquardt on ``½‖G‖²`` then Newton; returns states and ``‖G‖_∞``."""
 
     def G(x):
@@ -234,8 +283,11 @@ def _dedup(X: torch.Tensor, res: torch.Tensor, tol: float):
 def _spectra(system: System, pts: torch.Tensor, p: torch.Tensor):
     n = system.n
     if pts.shape[0] == 0:
-        return (torch.zeros(0, n, dtype=torch.complex128), torch.zeros(0, dtype=torch.bool),
-                torch.zeros(0, dtype=torch.long))
+        return (
+            torch.zeros(0, n, dtype=torch.complex128),
+            torch.zeros(0, dtype=torch.bool),
+            torch.zeros(0, dtype=torch.long),
+        )
     A = vmap(jacfwd(lambda x: system.f(x, p)))(pts)
     eigs = torch.stack([sort_eigenvalues(eigvals(a), system.kind) for a in A])
     nun = (criticality(eigs, system.kind) > 0).sum(dim=1)
@@ -251,10 +303,14 @@ def _concat(results: list[FixedPoints]) -> FixedPoints:
         eigenvalues=torch.cat([r.eigenvalues for r in results]),
         stable=torch.cat([r.stable for r in results]),
         n_unstable=torch.cat([r.n_unstable for r in results]),
-        counts=torch.cat([r.counts for r in results]), input_index=idx, p=results[0].p,
-        kind=results[0].kind, num_seeds=sum(r.num_seeds for r in results),
+        counts=torch.cat([r.counts for r in results]),
+        input_index=idx,
+        p=results[0].p,
+        kind=results[0].kind,
+        num_seeds=sum(r.num_seeds for r in results),
         num_converged=sum(r.num_converged for r in results),
         status=Status.CONVERGED if found else Status.FAILED,
         message="; ".join(f"input {k}: {r.message}" for k, r in enumerate(results)),
         config=results[0].config,
-        **euler_fields(torch.cat([r.eigenvalues for r in results]), results[0].dt))
+        **euler_fields(torch.cat([r.eigenvalues for r in results]), results[0].dt),
+    )

@@ -55,15 +55,27 @@ class System:
     tensor([0.], dtype=torch.float64)
     """
 
-    def __init__(self, f: Callable, n: int, kind: str = "flow", p0: float | None = None, *,
-                 dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
-                 params_at: Callable | None = None, f_params: Callable | None = None,
-                 name: str = "", dt: float | None = None):
+    def __init__(
+        self,
+        f: Callable,
+        n: int,
+        kind: str = "flow",
+        p0: float | None = None,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        params_at: Callable | None = None,
+        f_params: Callable | None = None,
+        name: str = "",
+        dt: float | None = None,
+    ):
         if kind not in _KINDS:
             raise ValueError(f"expected kind 'flow' or 'map', got {kind!r}")
         if dt is not None and (kind != "flow" or not float(dt) > 0):
-            raise ValueError(f"dt is the Euler step of a flow: expected kind 'flow' and dt > 0, "
-                             f"got kind {kind!r} and dt={dt!r}")
+            raise ValueError(
+                f"dt is the Euler step of a flow: expected kind 'flow' and dt > 0, "
+                f"got kind {kind!r} and dt={dt!r}"
+            )
         if not callable(f):
             raise TypeError(f"expected a callable f(x, p), got {type(f).__name__}")
         if int(n) < 1:
@@ -153,8 +165,13 @@ def _jacobian(fn: Callable, x: torch.Tensor) -> torch.Tensor:
         return jacrev(fn)(x)
 
 
-def system_from_model(model: nn.Module, param: str | Callable | None = None,
-                      u: torch.Tensor | None = None, *, p0: float | None = None) -> System:
+def system_from_model(
+    model: nn.Module,
+    param: str | Callable | None = None,
+    u: torch.Tensor | None = None,
+    *,
+    p0: float | None = None,
+) -> System:
     r"""Hold a model at a constant input and expose one scalar continuation parameter.
 
     The model is never mutated: ``f(x, p) = model.rhs(x, u(p))`` is evaluated with
@@ -190,8 +207,10 @@ def system_from_model(model: nn.Module, param: str | Callable | None = None,
     """
     for attr in ("kind", "rhs", "state_size", "input_size"):
         if not hasattr(model, attr):
-            raise TypeError(f"expected a model with kind, rhs, state_size and input_size; "
-                            f"{type(model).__name__} has no {attr!r}")
+            raise TypeError(
+                f"expected a model with kind, rhs, state_size and input_size; "
+                f"{type(model).__name__} has no {attr!r}"
+            )
     base = {k: v.detach().clone() for k, v in model.named_parameters()}
     dtype = next(iter(base.values())).dtype if base else torch.float64
     device = next(iter(base.values())).device if base else torch.device("cpu")
@@ -201,16 +220,19 @@ def system_from_model(model: nn.Module, param: str | Callable | None = None,
     else:
         u_base = torch.as_tensor(u, dtype=dtype, device=device).reshape(-1)
         if u_base.shape != (d_in,):
-            raise ValueError(f"expected a constant input of shape [{d_in}], "
-                             f"got {tuple(torch.as_tensor(u).shape)}")
+            raise ValueError(
+                f"expected a constant input of shape [{d_in}], got {tuple(torch.as_tensor(u).shape)}"
+            )
     wrapper = RhsView(model)
 
     def call(x, uu, params):
         return functional_call(wrapper, {"m." + k: v for k, v in params.items()}, (x, uu))
 
     if param is None:
+
         def setting(p):
             return base, u_base
+
         start = 0.0
     elif callable(param):
         if p0 is None:
@@ -218,36 +240,47 @@ def system_from_model(model: nn.Module, param: str | Callable | None = None,
 
         def setting(p):
             return param(p, dict(base), u_base)
+
         start = p0
     elif param == "input":
         direction = u_base if u is not None else torch.ones(d_in, dtype=dtype, device=device)
 
         def setting(p):
             return base, p * direction
+
         start = 1.0 if u is not None else 0.0
     elif param == "gain":
         gain0 = float(getattr(model, "gain", 0.0))
         if "W" not in base or gain0 == 0.0:
-            raise ValueError(f"param='gain' needs a parameter 'W' and a nonzero attribute 'gain'; "
-                             f"{type(model).__name__} has gain={getattr(model, 'gain', None)}")
+            raise ValueError(
+                f"param='gain' needs a parameter 'W' and a nonzero attribute 'gain'; "
+                f"{type(model).__name__} has gain={getattr(model, 'gain', None)}"
+            )
         W0 = base["W"]
 
         def setting(p):
             return {**base, "W": p * W0 / gain0}, u_base
+
         start = gain0
     elif isinstance(param, str) and param in base:
         theta0 = base[param]
         if theta0.numel() == 1:
+
             def setting(p):
                 return {**base, param: p.reshape(theta0.shape).to(theta0.dtype)}, u_base
+
             start = float(theta0.item())
         else:
+
             def setting(p):
                 return {**base, param: p * theta0}, u_base
+
             start = 1.0
     else:
-        raise ValueError(f"unknown continuation parameter {param!r}; expected None, 'gain', 'input', "
-                         f"a callable or one of {sorted(base)}")
+        raise ValueError(
+            f"unknown continuation parameter {param!r}; expected None, 'gain', 'input', "
+            f"a callable or one of {sorted(base)}"
+        )
 
     def f(x, p):
         params, uu = setting(p)
@@ -258,14 +291,29 @@ def system_from_model(model: nn.Module, param: str | Callable | None = None,
 
     label = param if isinstance(param, str) or param is None else "callable"
     dt = getattr(model, "dt", None) if model.kind == "flow" else None
-    return System(f, model.state_size, model.kind, start if p0 is None else p0, dtype=dtype,
-                  device=device, params_at=lambda p: setting(p)[0], f_params=f_params,
-                  name=f"{type(model).__name__}[{label}]",
-                  dt=float(dt) if isinstance(dt, (int, float)) and dt > 0 else None)
+    return System(
+        f,
+        model.state_size,
+        model.kind,
+        start if p0 is None else p0,
+        dtype=dtype,
+        device=device,
+        params_at=lambda p: setting(p)[0],
+        f_params=f_params,
+        name=f"{type(model).__name__}[{label}]",
+        dt=float(dt) if isinstance(dt, (int, float)) and dt > 0 else None,
+    )
 
 
-def as_system(obj, *, kind: str | None = None, n: int | None = None, p0: float | None = None,
-              param: str | Callable | None = None, u: torch.Tensor | None = None) -> System:
+def as_system(
+    obj,
+    *,
+    kind: str | None = None,
+    n: int | None = None,
+    p0: float | None = None,
+    param: str | Callable | None = None,
+    u: torch.Tensor | None = None,
+) -> System:
     """Accept a :class:`System`, a model (via :func:`system_from_model`) or a callable ``f(x, p)``."""
     if isinstance(obj, System):
         return obj

@@ -57,8 +57,15 @@ class Tracer:
         self.evaluations += 1
         return self.system.residual(y[:-1], y[-1])
 
-    def correct(self, y: torch.Tensor, t_ref: torch.Tensor, y_ref: torch.Tensor, sigma: float,
-                polish: bool = False, max_dist: float | None = None) -> tuple[torch.Tensor, int]:
+    def correct(
+        self,
+        y: torch.Tensor,
+        t_ref: torch.Tensor,
+        y_ref: torch.Tensor,
+        sigma: float,
+        polish: bool = False,
+        max_dist: float | None = None,
+    ) -> tuple[torch.Tensor, int]:
         """Solve ``G(y) = 0``, ``t_refᵀ (y - y_ref) = σ`` by Newton; raise CorrectorError."""
         y0 = y
         step_tol = math.sqrt(self.tol)
@@ -92,8 +99,10 @@ class Tracer:
                 res = float(self.residual(y).abs().max())
                 if math.isfinite(res) and res <= self.tol:
                     return y, it
-        raise CorrectorError(f"Newton did not converge in {self.max_newton} iterations "
-                             f"(residual {float(self.residual(y).abs().max()):.3g})")
+        raise CorrectorError(
+            f"Newton did not converge in {self.max_newton} iterations "
+            f"(residual {float(self.residual(y).abs().max()):.3g})"
+        )
 
     def tangent(self, Gy: torch.Tensor, t_ref: torch.Tensor) -> torch.Tensor:
         """Unit tangent from ``[[G_y], [t_refᵀ]] t = e_{n+1}`` (keeps the orientation of ``t_ref``)."""
@@ -124,9 +133,18 @@ class Tracer:
             flip_sign, flip_log = 1.0, 0.0
         eigs = sort_eigenvalues(eigvals(A), system.kind)
         res = float(self.residual(y).abs().max())
-        return Point(y=y, t=t, eigs=eigs, counts=eigen_counts(eigs, system.kind),
-                     bp_sign=float(sgn), bp_log=float(logabs), flip_sign=flip_sign,
-                     flip_log=flip_log, residual=res, sigma=sigma)
+        return Point(
+            y=y,
+            t=t,
+            eigs=eigs,
+            counts=eigen_counts(eigs, system.kind),
+            bp_sign=float(sgn),
+            bp_log=float(logabs),
+            flip_sign=flip_sign,
+            flip_log=flip_log,
+            residual=res,
+            sigma=sigma,
+        )
 
     # ------------------------------------------------------------------ segments
     def point_between(self, root: Point, a: Point, b: Point, sigma: float) -> Point:
@@ -176,8 +194,9 @@ def _simple(a: Point, b: Point, kind: str) -> bool | None:
     return False
 
 
-def find_events(tracer: Tracer, root: Point, a: Point, b: Point,
-                max_depth: int = 8) -> list[tuple[Point, Point]]:
+def find_events(
+    tracer: Tracer, root: Point, a: Point, b: Point, max_depth: int = 8
+) -> list[tuple[Point, Point]]:
     """Split ``[a, b]`` (a piece of the step from ``root``) until each piece holds one event."""
     kind = tracer.system.kind
     state = _simple(a, b, kind)
@@ -190,8 +209,7 @@ def find_events(tracer: Tracer, root: Point, a: Point, b: Point,
         m = tracer.point_between(root, a, b, 0.5 * (a.sigma + b.sigma))
     except CorrectorError:
         return [(a, b)]
-    return (find_events(tracer, root, a, m, max_depth - 1)
-            + find_events(tracer, root, m, b, max_depth - 1))
+    return find_events(tracer, root, a, m, max_depth - 1) + find_events(tracer, root, m, b, max_depth - 1)
 
 
 def leaf_kinds(a: Point, b: Point, kind: str) -> list[str]:
@@ -219,6 +237,7 @@ def psi_function(kind_system: str, bif: str, ref: Point):
         cand = eigs[sel] if bool(sel.any()) else eigs
         d = criticality(cand, kind_system)
         return float(d[int(torch.argmin(d.abs()))])
+
     return psi
 
 
@@ -232,8 +251,9 @@ def _indicator(bif: str, q: Point):
     return q.counts
 
 
-def locate(tracer: Tracer, root: Point, a: Point, b: Point, bif: str,
-           xtol: float = 1e-13) -> tuple[Point, float, float]:
+def locate(
+    tracer: Tracer, root: Point, a: Point, b: Point, bif: str, xtol: float = 1e-13
+) -> tuple[Point, float, float]:
     """Root of the test function of ``bif`` on ``[a, b]``: (point, test value, p accuracy)."""
     psi = psi_function(tracer.system.kind, bif, a)
     cache: dict[float, Point] = {a.sigma: a, b.sigma: b}
@@ -252,8 +272,7 @@ def locate(tracer: Tracer, root: Point, a: Point, b: Point, bif: str,
         from scipy.optimize import brentq  # deferred: SciPy's optimize is slow to import
 
         try:
-            s = brentq(lambda s: psi(at(s)), a.sigma, b.sigma, xtol=xtol, rtol=1e-15,
-                       maxiter=100)
+            s = brentq(lambda s: psi(at(s)), a.sigma, b.sigma, xtol=xtol, rtol=1e-15, maxiter=100)
             q = at(s)
             if abs(psi(q)) <= 1e-6 * max(1.0, abs(fa), abs(fb)):  # not a jump of ψ
                 return q, psi(q), 2 * xtol
@@ -304,18 +323,18 @@ def refine_branch_point(tracer: Tracer, y: torch.Tensor, max_iter: int = 12) -> 
             raise CorrectorError("non-finite values in the branch-point system")
         H = _jacobian_of(lambda yy, ph=phi: gty(yy, ph), y)  # (n+1) × (n+1): φᵀ G_yy
         J = torch.zeros(2 * n + 2, 2 * n + 2, dtype=y.dtype)
-        J[:n, :n + 1] = Gy
-        J[:n, n + 1:2 * n + 1] = beta * torch.eye(n, dtype=y.dtype)
+        J[:n, : n + 1] = Gy
+        J[:n, n + 1 : 2 * n + 1] = beta * torch.eye(n, dtype=y.dtype)
         J[:n, -1] = phi
-        J[n:2 * n + 1, :n + 1] = H
-        J[n:2 * n + 1, n + 1:2 * n + 1] = Gy.T
-        J[-1, n + 1:2 * n + 1] = 2 * phi
+        J[n : 2 * n + 1, : n + 1] = H
+        J[n : 2 * n + 1, n + 1 : 2 * n + 1] = Gy.T
+        J[-1, n + 1 : 2 * n + 1] = 2 * phi
         try:
             dz = solve(J, F)
         except RuntimeError as exc:
             raise CorrectorError("singular branch-point system") from exc
-        y = y - dz[:n + 1]
-        phi = phi - dz[n + 1:2 * n + 1]
+        y = y - dz[: n + 1]
+        phi = phi - dz[n + 1 : 2 * n + 1]
         beta = beta - dz[-1]
         last = abs(float(dz[n]))
         if float(dz.abs().max()) <= 1e-14 * (1.0 + float(y.abs().max())):

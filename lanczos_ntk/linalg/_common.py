@@ -33,15 +33,18 @@ def as_work(mv: Matmul, dtype: torch.dtype, device: torch.device | str) -> Matmu
         if not isinstance(Y, torch.Tensor):
             raise TypeError(f"the matvec returned {type(Y).__name__}, expected a torch.Tensor")
         if Y.shape != X.shape:
-            raise ValueError(f"the matvec mapped a block of shape {tuple(X.shape)} to "
-                             f"{tuple(Y.shape)}; expected the same shape")
+            raise ValueError(
+                f"the matvec mapped a block of shape {tuple(X.shape)} to "
+                f"{tuple(Y.shape)}; expected the same shape"
+            )
         return Y.to(dtype=WORK_DTYPE, device=X.device)
 
     return work
 
 
-def random_block(n: int, k: int, generator: torch.Generator | None, device, kind: str = "gaussian"
-                 ) -> torch.Tensor:
+def random_block(
+    n: int, k: int, generator: torch.Generator | None, device, kind: str = "gaussian"
+) -> torch.Tensor:
     """A float64 ``[n, k]`` block of Gaussian or Rademacher entries drawn on the CPU."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     if kind == "gaussian":

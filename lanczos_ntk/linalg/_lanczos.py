@@ -77,8 +77,18 @@ class KrylovState:
     quotients, thick restarts). It doubles the basis memory.
     """
 
-    def __init__(self, work: Matmul, n: int, b: int, capacity: int, *, eps: float,
-                 generator: torch.Generator | None, device, keep_products: bool = False) -> None:
+    def __init__(
+        self,
+        work: Matmul,
+        n: int,
+        b: int,
+        capacity: int,
+        *,
+        eps: float,
+        generator: torch.Generator | None,
+        device,
+        keep_products: bool = False,
+    ) -> None:
         self.work, self.n, self.b, self.eps = work, n, b, eps
         self.generator, self.device = generator, device
         self.Q = torch.zeros(n, capacity + b, dtype=WORK_DTYPE, device=device)
@@ -113,8 +123,7 @@ class KrylovState:
                 return x / nrm
         return None
 
-    def orthonormal_block(self, W: torch.Tensor, cols: int, tol: float
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    def orthonormal_block(self, W: torch.Tensor, cols: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Gram–Schmidt QR of ``W`` (already orthogonal to ``Q[:, :cols]``) with replacement.
 
         Returns ``(V, R)`` with ``W ≈ V R``; a column whose remaining norm is ``<= tol`` gets
@@ -187,9 +196,15 @@ class KrylovState:
         self.c = c + b
 
 
-def lanczos(matmul: Matmul, v0: torch.Tensor, num_steps: int, *,
-            dtype: torch.dtype | None = None, device=None,
-            generator: torch.Generator | None = None) -> LanczosDecomposition:
+def lanczos(
+    matmul: Matmul,
+    v0: torch.Tensor,
+    num_steps: int,
+    *,
+    dtype: torch.dtype | None = None,
+    device=None,
+    generator: torch.Generator | None = None,
+) -> LanczosDecomposition:
     """Lanczos (block Lanczos if ``v0`` has several columns) with full reorthogonalisation.
 
     Builds an orthonormal basis ``Q`` of the Krylov space
@@ -244,19 +259,34 @@ def lanczos(matmul: Matmul, v0: torch.Tensor, num_steps: int, *,
     dtype = dtype or (v0.dtype if v0.dtype.is_floating_point else WORK_DTYPE)
     device = device or v0.device
     generator = default_generator(generator)
-    state = KrylovState(as_work(matmul, dtype, device), n, b, steps * b, eps=finfo_eps(dtype),
-                        generator=generator, device=device)
+    state = KrylovState(
+        as_work(matmul, dtype, device),
+        n,
+        b,
+        steps * b,
+        eps=finfo_eps(dtype),
+        generator=generator,
+        device=device,
+    )
     state.start(V0)
     for _ in range(steps):
         state.step()
         if state.nonfinite:
-            raise ValueError(f"the operator returned non-finite values after {state.num_matvecs} "
-                             "products; check the model's states for overflow (NaN or inf)")
+            raise ValueError(
+                f"the operator returned non-finite values after {state.num_matvecs} "
+                "products; check the model's states for overflow (NaN or inf)"
+            )
     m = state.c
     T = state.T[:m, :m].clone()
     B = state.T[m : m + b, m - b : m]
     R = state.Q[:, m : m + b] @ B
     return LanczosDecomposition(
-        basis=state.Q[:, :m].clone(), T=T, residual=R, alpha=torch.diagonal(T).clone(),
-        beta=torch.diagonal(T, -1).clone(), beta_last=float(torch.linalg.matrix_norm(B, 2)),
-        num_matvecs=state.num_matvecs, breakdowns=tuple(state.breakdowns))
+        basis=state.Q[:, :m].clone(),
+        T=T,
+        residual=R,
+        alpha=torch.diagonal(T).clone(),
+        beta=torch.diagonal(T, -1).clone(),
+        beta_last=float(torch.linalg.matrix_norm(B, 2)),
+        num_matvecs=state.num_matvecs,
+        breakdowns=tuple(state.breakdowns),
+    )

@@ -71,8 +71,7 @@ def _target(theta: torch.Tensor, tol: float, eps: float, anorm: float) -> torch.
     return tol * torch.clamp(theta.abs(), min=eps * anorm)
 
 
-def _converged(res: torch.Tensor, theta: torch.Tensor, tol: float, eps: float, anorm: float
-               ) -> torch.Tensor:
+def _converged(res: torch.Tensor, theta: torch.Tensor, tol: float, eps: float, anorm: float) -> torch.Tensor:
     """``res <= tol * max(|θ|, eps ||A||)``: the requested accuracy, nothing looser."""
     return res <= _target(theta, tol, eps, anorm)
 
@@ -84,11 +83,12 @@ def _refuse_negative(theta: torch.Tensor, eps: float, lam_max: float) -> None:
     eigenvalue at least that negative (rounding cannot produce it).
     """
     low = float(theta.min()) if theta.numel() else 0.0
-    if low < -(eps ** 0.5) * lam_max:
+    if low < -(eps**0.5) * lam_max:
         raise ValueError(
             f"which='SA' finds the smallest nonzero eigenvalues of a positive semi-definite "
             f"operator, but this one has an eigenvalue <= {low:.6g} (largest magnitude "
-            f"{lam_max:.6g}); for an indefinite operator use which='LA' on -A")
+            f"{lam_max:.6g}); for an indefinite operator use which='LA' on -A"
+        )
 
 
 def _start_block(v0: torch.Tensor | None, n: int, b: int, generator, device) -> torch.Tensor:
@@ -108,8 +108,17 @@ def _start_block(v0: torch.Tensor | None, n: int, b: int, generator, device) -> 
     return out
 
 
-def _dense(work: Matmul, n: int, k: int, which: str, null_rtol: float, b: int, device,
-           return_eigenvectors: bool, eps: float) -> ExtremeEigenpairs:
+def _dense(
+    work: Matmul,
+    n: int,
+    k: int,
+    which: str,
+    null_rtol: float,
+    b: int,
+    device,
+    return_eigenvectors: bool,
+    eps: float,
+) -> ExtremeEigenpairs:
     """Small problems: form the matrix with ``n`` products and call ``eigh``."""
     eye = torch.eye(n, dtype=WORK_DTYPE, device=device)
     chunk = max(b, 64)
@@ -125,19 +134,38 @@ def _dense(work: Matmul, n: int, k: int, which: str, null_rtol: float, b: int, d
     order = torch.argsort(theta[sel], descending=True)
     sel, res = sel[order], res[order]
     return ExtremeEigenpairs(
-        eigenvalues=theta[sel], eigenvectors=Z[:, sel] if return_eigenvectors else None,
-        residuals=res, converged=torch.ones(len(sel), dtype=torch.bool), num_matvecs=n,
-        num_matmuls=-(-n // chunk), num_restarts=0, status="converged",
-        null_dim=int(null.sum()) if which == "SA" else None, lambda_max=lam_max, ncv=n,
-        breakdowns=0)
+        eigenvalues=theta[sel],
+        eigenvectors=Z[:, sel] if return_eigenvectors else None,
+        residuals=res,
+        converged=torch.ones(len(sel), dtype=torch.bool),
+        num_matvecs=n,
+        num_matmuls=-(-n // chunk),
+        num_restarts=0,
+        status="converged",
+        null_dim=int(null.sum()) if which == "SA" else None,
+        lambda_max=lam_max,
+        ncv=n,
+        breakdowns=0,
+    )
 
 
 def thick_restart_lanczos(
-    matmul: Matmul, n: int, k: int, *, which: str = "LA", tol: float = 1e-6,
-    ncv: int | None = None, max_restarts: int = 200, block_size: int = 1,
-    v0: torch.Tensor | None = None, generator: torch.Generator | None = None,
-    dtype: torch.dtype = WORK_DTYPE, device=None, null_rtol: float | None = None,
-    return_eigenvectors: bool = False, dense_max: int | None = None,
+    matmul: Matmul,
+    n: int,
+    k: int,
+    *,
+    which: str = "LA",
+    tol: float = 1e-6,
+    ncv: int | None = None,
+    max_restarts: int = 200,
+    block_size: int = 1,
+    v0: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = WORK_DTYPE,
+    device=None,
+    null_rtol: float | None = None,
+    return_eigenvectors: bool = False,
+    dense_max: int | None = None,
 ) -> ExtremeEigenpairs:
     """Extreme eigenpairs of a symmetric operator by thick-restart (block) Lanczos.
 
@@ -225,8 +253,7 @@ def thick_restart_lanczos(
     # keep the raw products (A Y for the true residuals at no extra product) while they are
     # small next to the memory a Krylov run may reasonably hold
     keep = n * (ncv + b) * 8 <= KEEP_PRODUCTS_BYTES
-    state = KrylovState(work, n, b, ncv, eps=eps, generator=generator, device=device,
-                        keep_products=keep)
+    state = KrylovState(work, n, b, ncv, eps=eps, generator=generator, device=device, keep_products=keep)
     state.start(_start_block(v0, n, b, generator, device))
     first: tuple[torch.Tensor, torch.Tensor] | None = None
     lam_max = 0.0
@@ -258,8 +285,11 @@ def thick_restart_lanczos(
         wanted = cand[:k]
         conv = _converged(res[wanted], theta[wanted], tol, eps, state.anorm)
         if state.nonfinite:
-            warnings.warn("thick_restart_lanczos: the operator returned non-finite values; "
-                          "stopping early", NumericalWarning, stacklevel=2)
+            warnings.warn(
+                "thick_restart_lanczos: the operator returned non-finite values; stopping early",
+                NumericalWarning,
+                stacklevel=2,
+            )
             status = "failed"
             break
         if len(wanted) == k and bool(conv.all()):
@@ -272,12 +302,16 @@ def thick_restart_lanczos(
         # at the rounding floor and no longer falling: more cycles cannot reach tol
         floor = breakdown_tol(n, eps, state.anorm)
         now = torch.sort(res[wanted]).values
-        falling = now < 0.9 * best if best is not None and best.shape == now.shape \
+        falling = (
+            now < 0.9 * best
+            if best is not None and best.shape == now.shape
             else torch.ones_like(now, dtype=torch.bool)
+        )
         best = now if best is None or best.shape != now.shape else torch.minimum(best, now)
         stuck = ~conv & (res[wanted] <= floor)
-        stalls = stalls + 1 if bool(stuck.any()) and bool((conv | stuck).all()) \
-            and not bool(falling.any()) else 0
+        stalls = (
+            stalls + 1 if bool(stuck.any()) and bool((conv | stuck).all()) and not bool(falling.any()) else 0
+        )
         if stalls >= 5:
             status = "accuracy_limited"  # the products' rounding stops the residuals here
             break
@@ -340,7 +374,16 @@ def thick_restart_lanczos(
     else:
         conv = _converged(res, values, tol, eps, state.anorm)
     return ExtremeEigenpairs(
-        eigenvalues=values, eigenvectors=vecs if return_eigenvectors else None, residuals=res,
-        converged=conv.cpu(), num_matvecs=num_matvecs, num_matmuls=num_matmuls,
-        num_restarts=restarts, status=status, null_dim=null_dim, lambda_max=lam_max, ncv=ncv,
-        breakdowns=len(state.breakdowns))
+        eigenvalues=values,
+        eigenvectors=vecs if return_eigenvectors else None,
+        residuals=res,
+        converged=conv.cpu(),
+        num_matvecs=num_matvecs,
+        num_matmuls=num_matmuls,
+        num_restarts=restarts,
+        status=status,
+        null_dim=null_dim,
+        lambda_max=lam_max,
+        ncv=ncv,
+        breakdowns=len(state.breakdowns),
+    )

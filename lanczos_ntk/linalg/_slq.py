@@ -32,14 +32,22 @@ class QuadratureNodes(NamedTuple):
 def _reorth(W: torch.Tensor, basis: torch.Tensor) -> None:
     """Per-probe Gram–Schmidt of ``W [n, p]`` against ``basis [p, j, n]`` (in place): two
     batched matrix products, one small ``[j, n]`` basis per probe."""
-    H = torch.bmm(basis, W.T.unsqueeze(-1))                     # [p, j, 1]
+    H = torch.bmm(basis, W.T.unsqueeze(-1))  # [p, j, 1]
     W -= torch.bmm(basis.transpose(1, 2), H).squeeze(-1).T
 
 
 def lanczos_quadrature(
-    matmul: Matmul, n: int, num_probes: int, num_steps: int, *, probe: str = "rademacher",
-    generator: torch.Generator | None = None, dtype: torch.dtype = WORK_DTYPE, device=None,
-    reorthogonalize: bool = True, probes: torch.Tensor | None = None,
+    matmul: Matmul,
+    n: int,
+    num_probes: int,
+    num_steps: int,
+    *,
+    probe: str = "rademacher",
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = WORK_DTYPE,
+    device=None,
+    reorthogonalize: bool = True,
+    probes: torch.Tensor | None = None,
 ) -> QuadratureNodes:
     """Gauss quadrature nodes and weights for random probes (Ubaru, Chen & Saad 2017).
 
@@ -93,8 +101,10 @@ def lanczos_quadrature(
             basis[:, j] = V.T
         W = work(V)
         if not bool(torch.isfinite(W).all()):
-            raise ValueError(f"the operator returned non-finite values at Lanczos step {j}; "
-                             "check the model's states for overflow (NaN or inf)")
+            raise ValueError(
+                f"the operator returned non-finite values at Lanczos step {j}; "
+                "check the model's states for overflow (NaN or inf)"
+            )
         if j > 0:
             W -= V_prev * beta[:, j - 1]
         a = (V * W).sum(dim=0)
@@ -109,8 +119,7 @@ def lanczos_quadrature(
         if j == m - 1:
             beta[:, j] = nrm
             break
-        tol = torch.tensor([breakdown_tol(n, eps, float(x)) for x in anorm], dtype=WORK_DTYPE,
-                           device=device)
+        tol = torch.tensor([breakdown_tol(n, eps, float(x)) for x in anorm], dtype=WORK_DTYPE, device=device)
         broken = nrm <= tol
         V_prev = V
         V = W / torch.where(broken, torch.ones_like(nrm), nrm)
@@ -129,6 +138,12 @@ def lanczos_quadrature(
     T = torch.diag_embed(alpha) + torch.diag_embed(beta[:, :-1], 1) + torch.diag_embed(beta[:, :-1], -1)
     theta, S = torch.linalg.eigh(T)
     weights = S[:, 0, :] ** 2 * (norms2 / n)[:, None]
-    return QuadratureNodes(nodes=theta.cpu(), weights=weights.cpu(), alpha=alpha.cpu(),
-                           beta=beta[:, :-1].cpu(), num_matvecs=m * p, num_matmuls=m,
-                           breakdowns=breakdowns)
+    return QuadratureNodes(
+        nodes=theta.cpu(),
+        weights=weights.cpu(),
+        alpha=alpha.cpu(),
+        beta=beta[:, :-1].cpu(),
+        num_matvecs=m * p,
+        num_matmuls=m,
+        breakdowns=breakdowns,
+    )

@@ -20,9 +20,16 @@ class TraceEstimate(NamedTuple):
     samples: torch.Tensor
 
 
-def hutchinson(matmul: Matmul, n: int, num_matvecs: int, *, probe: str = "rademacher",
-               generator: torch.Generator | None = None, dtype: torch.dtype = WORK_DTYPE,
-               device=None) -> TraceEstimate:
+def hutchinson(
+    matmul: Matmul,
+    n: int,
+    num_matvecs: int,
+    *,
+    probe: str = "rademacher",
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = WORK_DTYPE,
+    device=None,
+) -> TraceEstimate:
     """Hutchinson's estimator ``tr A ≈ (1/s) Σ_i v_iᵀ A v_i`` with ``s`` random probes.
 
     Unbiased; for Rademacher probes the variance is ``2 (||A||_F² - Σ A_ii²) / s``. The standard
@@ -39,9 +46,16 @@ def hutchinson(matmul: Matmul, n: int, num_matvecs: int, *, probe: str = "radema
     return TraceEstimate(est, se, num_matvecs, samples)
 
 
-def hutchpp(matmul: Matmul, n: int, num_matvecs: int, *, probe: str = "rademacher",
-            generator: torch.Generator | None = None, dtype: torch.dtype = WORK_DTYPE,
-            device=None) -> TraceEstimate:
+def hutchpp(
+    matmul: Matmul,
+    n: int,
+    num_matvecs: int,
+    *,
+    probe: str = "rademacher",
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = WORK_DTYPE,
+    device=None,
+) -> TraceEstimate:
     """Hutch++: ``tr A ≈ tr(Qᵀ A Q) + (1/s) Σ_i g_iᵀ (I - QQᵀ) A (I - QQᵀ) g_i``.
 
     With a budget of ``N`` products, ``Q`` is an orthonormal basis of ``A S`` for ``N/3`` random

@@ -38,11 +38,20 @@ def _key(theta: torch.Tensor, which: str) -> torch.Tensor:
 
 
 def complete_multiplicities(
-    matmul: Matmul, n: int, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor,
-    residuals: torch.Tensor, *,
-    which: str = "LA", tol: float = 1e-6, anorm: float, check_tol: float = 1e-3,
-    max_rounds: int = 8, generator: torch.Generator | None = None,
-    dtype: torch.dtype = WORK_DTYPE, device=None,
+    matmul: Matmul,
+    n: int,
+    eigenvalues: torch.Tensor,
+    eigenvectors: torch.Tensor,
+    residuals: torch.Tensor,
+    *,
+    which: str = "LA",
+    tol: float = 1e-6,
+    anorm: float,
+    check_tol: float = 1e-3,
+    max_rounds: int = 8,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = WORK_DTYPE,
+    device=None,
 ) -> Completed:
     """Find eigenpairs at or beyond the ``k``-th of a converged run that the run missed.
 
@@ -75,9 +84,19 @@ def complete_multiplicities(
 
         start = random_block(n, 1, generator, device)
         start = start - Y @ (Y.T @ start)
-        chk = thick_restart_lanczos(deflated, n, 1, which=which, tol=check_tol, v0=start[:, 0], ncv=12,
-                                    generator=generator, device=device, dense_max=0,
-                                    return_eigenvectors=True)
+        chk = thick_restart_lanczos(
+            deflated,
+            n,
+            1,
+            which=which,
+            tol=check_tol,
+            v0=start[:, 0],
+            ncv=12,
+            generator=generator,
+            device=device,
+            dense_max=0,
+            return_eigenvectors=True,
+        )
         matvecs, matmuls = matvecs + chk.num_matvecs, matmuls + chk.num_matmuls
         if chk.status == "failed" or chk.eigenvalues.numel() == 0:
             break
@@ -85,9 +104,18 @@ def complete_multiplicities(
         if float(_key(chk.eigenvalues, which)[0]) + float(chk.residuals[0]) < kth:
             break
         # a missed pair: converge it to tol, then Rayleigh–Ritz on [Y, y'] and keep the best k
-        fine = thick_restart_lanczos(deflated, n, 1, which=which, tol=tol,
-                                     v0=chk.eigenvectors[:, 0], generator=generator,
-                                     device=device, dense_max=0, return_eigenvectors=True)
+        fine = thick_restart_lanczos(
+            deflated,
+            n,
+            1,
+            which=which,
+            tol=tol,
+            v0=chk.eigenvectors[:, 0],
+            generator=generator,
+            device=device,
+            dense_max=0,
+            return_eigenvectors=True,
+        )
         matvecs, matmuls = matvecs + fine.num_matvecs, matmuls + fine.num_matmuls
         y = (fine if fine.status != "failed" else chk).eigenvectors[:, :1]
         y = y - Y @ (Y.T @ y)
@@ -105,6 +133,11 @@ def complete_multiplicities(
     anorm = max(anorm, float(theta.abs().max()))
     conv = _converged(res, theta, tol, eps, anorm)
     floor = breakdown_tol(n, eps, anorm)
-    status = "converged" if bool(conv.all()) else \
-        "accuracy_limited" if bool((conv | (res <= floor)).all()) else "max_iterations"
+    status = (
+        "converged"
+        if bool(conv.all())
+        else "accuracy_limited"
+        if bool((conv | (res <= floor)).all())
+        else "max_iterations"
+    )
     return Completed(theta, Y, res, conv.cpu(), missed, matvecs, matmuls, status)

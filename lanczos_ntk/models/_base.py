@@ -17,14 +17,15 @@ def check_inputs(u: torch.Tensor, input_size: int | None, name: str = "inputs") 
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"expected {name} as a torch.Tensor [B, T, {d}], got {type(u).__name__}")
     if not torch.is_floating_point(u):
-        raise TypeError(f"expected floating-point {name}, got dtype {u.dtype}; "
-                        "convert with .double() or .float()")
+        raise TypeError(
+            f"expected floating-point {name}, got dtype {u.dtype}; convert with .double() or .float()"
+        )
     if u.dim() != 3:
-        raise ValueError(f"expected {name} of shape [B, T, {d}] (rank 3), "
-                         f"got shape {tuple(u.shape)}")
+        raise ValueError(f"expected {name} of shape [B, T, {d}] (rank 3), got shape {tuple(u.shape)}")
     if input_size is not None and u.shape[-1] != input_size:
-        raise ValueError(f"expected {name} with {input_size} features in the last dimension, "
-                         f"got shape {tuple(u.shape)}")
+        raise ValueError(
+            f"expected {name} with {input_size} features in the last dimension, got shape {tuple(u.shape)}"
+        )
     if u.shape[0] == 0 or u.shape[1] == 0:
         raise ValueError(f"expected at least one trial and one time step, got shape {tuple(u.shape)}")
 
@@ -36,9 +37,11 @@ def check_finite(u: torch.Tensor, name: str = "inputs") -> None:
     bad = ~torch.isfinite(u)
     if bool(bad.any()):
         where = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise ValueError(f"{name}[{where[0]}, {where[1]}, {where[2]}] (trial, step, feature) is "
-                         f"{float(u[where])}, and {int(bad.sum())} entries in all are not finite; "
-                         "the sNTK needs finite inputs")
+        raise ValueError(
+            f"{name}[{where[0]}, {where[1]}, {where[2]}] (trial, step, feature) is "
+            f"{float(u[where])}, and {int(bad.sum())} entries in all are not finite; "
+            "the sNTK needs finite inputs"
+        )
 
 
 class StateSpaceModel(nn.Module):
@@ -65,14 +68,14 @@ class StateSpaceModel(nn.Module):
     def __init__(self, state_size: int, input_size: int):
         super().__init__()
         if int(state_size) < 1 or int(input_size) < 0:
-            raise ValueError(f"expected state_size >= 1 and input_size >= 0, "
-                             f"got {state_size} and {input_size}")
+            raise ValueError(
+                f"expected state_size >= 1 and input_size >= 0, got {state_size} and {input_size}"
+            )
         self.state_size = int(state_size)
         self.input_size = int(input_size)
         self.readout: nn.Linear | None = None
 
-    def _make_readout(self, readout_size: int | None, generator: torch.Generator,
-                      dtype: torch.dtype) -> None:
+    def _make_readout(self, readout_size: int | None, generator: torch.Generator, dtype: torch.dtype) -> None:
         """Linear readout with PyTorch's default init ``U(±1/sqrt(n))``, drawn from ``generator``
         (called last by each model, so its other weights do not depend on the readout)."""
         if readout_size is None:
@@ -115,8 +118,7 @@ class StateSpaceModel(nn.Module):
     def read(self, states: torch.Tensor) -> torch.Tensor:
         """Apply the readout to states ``[..., n]``."""
         if self.readout is None:
-            raise ValueError(f"{type(self).__name__} was built without a readout "
-                             "(pass readout_size=...)")
+            raise ValueError(f"{type(self).__name__} was built without a readout (pass readout_size=...)")
         return self.readout(states)
 
 

@@ -47,8 +47,9 @@ class _NormalForm(StateSpaceModel):
 
     def __init__(self, form: str, *, mu: float, input_size: int, dtype: torch.dtype):
         if form not in self._forms:
-            raise ValueError(f"unknown {self.kind} normal form {form!r}; expected one of "
-                             f"{', '.join(self._forms)}")
+            raise ValueError(
+                f"unknown {self.kind} normal form {form!r}; expected one of {', '.join(self._forms)}"
+            )
         super().__init__(2 if form in _TWO_D else 1, input_size)
         self.form = form
         self.mu = nn.Parameter(torch.tensor(float(mu), dtype=dtype))
@@ -65,8 +66,16 @@ class ContinuousNormalForm(_NormalForm):
     kind = "flow"
     _forms = CONTINUOUS_FORMS
 
-    def __init__(self, form: str, *, mu: float = -0.5, input_size: int = 1, omega: float = 1.0,
-                 dt: float = 0.05, dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        form: str,
+        *,
+        mu: float = -0.5,
+        input_size: int = 1,
+        omega: float = 1.0,
+        dt: float = 0.05,
+        dtype: torch.dtype = torch.float64,
+    ):
         super().__init__(form, mu=mu, input_size=input_size, dtype=dtype)
         self.dt = float(dt)
         self.omega = float(omega)
@@ -82,8 +91,7 @@ class ContinuousNormalForm(_NormalForm):
         else:
             xx, yy = h[..., :1], h[..., 1:2]
             r2 = xx**2 + yy**2
-            f = torch.cat([mu * xx - self.omega * yy - r2 * xx,
-                           self.omega * xx + mu * yy - r2 * yy], dim=-1)
+            f = torch.cat([mu * xx - self.omega * yy - r2 * xx, self.omega * xx + mu * yy - r2 * yy], dim=-1)
         return f + u @ self.B.T
 
 
@@ -93,8 +101,15 @@ class DiscreteNormalForm(_NormalForm):
     kind = "map"
     _forms = DISCRETE_FORMS
 
-    def __init__(self, form: str, *, mu: float = -0.5, input_size: int = 1,
-                 theta: float = 2 * math.pi / 7, dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        form: str,
+        *,
+        mu: float = -0.5,
+        input_size: int = 1,
+        theta: float = 2 * math.pi / 7,
+        dtype: torch.dtype = torch.float64,
+    ):
         super().__init__(form, mu=mu, input_size=input_size, dtype=dtype)
         self.theta = float(theta)
 

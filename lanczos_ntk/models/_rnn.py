@@ -52,10 +52,19 @@ class CTRNN(StateSpaceModel):
 
     kind = "flow"
 
-    def __init__(self, state_size: int, input_size: int, *, gain: float = 1.0, dt: float = 0.1,
-                 readout_size: int | None = None, seed: int | None = None,
-                 generator: torch.Generator | None = None, input_scale: float = 1.0,
-                 dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        state_size: int,
+        input_size: int,
+        *,
+        gain: float = 1.0,
+        dt: float = 0.1,
+        readout_size: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        input_scale: float = 1.0,
+        dtype: torch.dtype = torch.float64,
+    ):
         g = _generator(seed, generator)
         super().__init__(state_size, input_size)
         n, d = self.state_size, self.input_size
@@ -70,7 +79,6 @@ class CTRNN(StateSpaceModel):
         return -h + torch.tanh(h) @ self.W.T + u @ self.B.T + self.b
 
 
-
 class DiscreteRNN(StateSpaceModel):
     r"""Discrete-time RNN ``h_{t+1} = tanh(W h_t + U u_t + b)``.
 
@@ -79,10 +87,18 @@ class DiscreteRNN(StateSpaceModel):
 
     kind = "map"
 
-    def __init__(self, state_size: int, input_size: int, *, gain: float = 1.0,
-                 readout_size: int | None = None, seed: int | None = None,
-                 generator: torch.Generator | None = None, input_scale: float = 1.0,
-                 dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        state_size: int,
+        input_size: int,
+        *,
+        gain: float = 1.0,
+        readout_size: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        input_scale: float = 1.0,
+        dtype: torch.dtype = torch.float64,
+    ):
         g = _generator(seed, generator)
         super().__init__(state_size, input_size)
         n, d = self.state_size, self.input_size
@@ -94,7 +110,6 @@ class DiscreteRNN(StateSpaceModel):
 
     def rhs(self, h, u):
         return torch.tanh(h @ self.W.T + u @ self.U.T + self.b)
-
 
 
 class GRU(StateSpaceModel):
@@ -109,9 +124,17 @@ class GRU(StateSpaceModel):
 
     kind = "map"
 
-    def __init__(self, state_size: int, input_size: int, *, gain: float = 1.0,
-                 readout_size: int | None = None, seed: int | None = None,
-                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        state_size: int,
+        input_size: int,
+        *,
+        gain: float = 1.0,
+        readout_size: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float64,
+    ):
         g = _generator(seed, generator)
         super().__init__(state_size, input_size)
         n, d = self.state_size, self.input_size
@@ -123,9 +146,9 @@ class GRU(StateSpaceModel):
 
     def rhs(self, h, u):
         n = self.state_size
-        Wz, Wr, Wh = self.W[:n], self.W[n:2 * n], self.W[2 * n:]
+        Wz, Wr, Wh = self.W[:n], self.W[n : 2 * n], self.W[2 * n :]
         xu = u @ self.U.T + self.b
         z = torch.sigmoid(h @ Wz.T + xu[..., :n])
-        r = torch.sigmoid(h @ Wr.T + xu[..., n:2 * n])
-        cand = torch.tanh((r * h) @ Wh.T + xu[..., 2 * n:])
+        r = torch.sigmoid(h @ Wr.T + xu[..., n : 2 * n])
+        cand = torch.tanh((r * h) @ Wh.T + xu[..., 2 * n :])
         return (1 - z) * h + z * cand

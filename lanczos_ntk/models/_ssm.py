@@ -24,10 +24,19 @@ class DiagonalSSM(StateSpaceModel):
 
     kind = "map"
 
-    def __init__(self, modes: int, input_size: int, *, r_min: float = 0.5, r_max: float = 0.95,
-                 max_phase: float = math.pi, readout_size: int | None = None,
-                 seed: int | None = None, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        modes: int,
+        input_size: int,
+        *,
+        r_min: float = 0.5,
+        r_max: float = 0.95,
+        max_phase: float = math.pi,
+        readout_size: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float64,
+    ):
         if not 0.0 < r_min <= r_max < 1.0:
             raise ValueError(f"expected 0 < r_min <= r_max < 1, got {r_min}, {r_max}")
         g = _generator(seed, generator)

@@ -65,7 +65,15 @@ _DEFAULT_SEED = 0
 
 # results are saved under their public path (lanczos_ntk.spectral:EigshResult), whatever file
 # defines them: saved results do not name a private module, and moving code keeps them loadable
-for _cls in (ConditionNumber, DeflatedSLQ, EffectiveRank, EigshResult, SLQResult, SpectralDensity,
-             TraceResult, NoConvergence):
+for _cls in (
+    ConditionNumber,
+    DeflatedSLQ,
+    EffectiveRank,
+    EigshResult,
+    SLQResult,
+    SpectralDensity,
+    TraceResult,
+    NoConvergence,
+):
     _cls.__module__ = __name__
 del _cls

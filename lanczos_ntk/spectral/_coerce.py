@@ -13,6 +13,7 @@ import torch
 
 _DEFAULT_SEED = 0
 
+
 # ------------------------------------------------------------------------------------------
 # Operator coercion
 # ------------------------------------------------------------------------------------------
@@ -64,8 +65,10 @@ def _from_dense(A: torch.Tensor) -> tuple[Callable, int, torch.dtype, torch.devi
     if not math.isfinite(scale):
         raise ValueError("expected a finite matrix, got non-finite entries")
     if asym > math.sqrt(torch.finfo(A.dtype).eps) * scale:
-        raise ValueError(f"expected a symmetric matrix, got max |A - Aᵀ| = {asym:.3e} "
-                         f"(max |A| = {scale:.3e}); symmetrise it with (A + A.T) / 2 if intended")
+        raise ValueError(
+            f"expected a symmetric matrix, got max |A - Aᵀ| = {asym:.3e} "
+            f"(max |A| = {scale:.3e}); symmetrise it with (A + A.T) / 2 if intended"
+        )
     return (lambda X: A @ X), n, A.dtype, A.device, A
 
 
@@ -84,8 +87,7 @@ def _from_callable(fn: Callable, n: int) -> Callable:
             mode.append("columns")
         if mode[0] == "block":
             return fn(X)
-        return torch.stack([torch.as_tensor(fn(X[:, i])).reshape(n) for i in range(X.shape[1])],
-                           dim=1)
+        return torch.stack([torch.as_tensor(fn(X[:, i])).reshape(n) for i in range(X.shape[1])], dim=1)
 
     return matmul
 
@@ -119,7 +121,8 @@ def _check_symmetric(matmul: Callable, n: int, dtype: torch.dtype, what: str) ->
             f"expected a symmetric operator, but {what} is not: for random x, y, "
             f"xᵀ(A y) = {a:.6g} and yᵀ(A x) = {b:.6g} (relative difference "
             f"{abs(a - b) / max(scale, 1e-300):.2g} > {_SYMMETRY_RTOL:g}); the spectral routines "
-            f"need A = Aᵀ (symmetrise it as (A + Aᵀ)/2 if that is what you mean)")
+            f"need A = Aᵀ (symmetrise it as (A + Aᵀ)/2 if that is what you mean)"
+        )
 
 
 def _from_sparse(op: Any) -> tuple[Callable, int, torch.dtype]:
@@ -132,8 +135,10 @@ def _from_sparse(op: Any) -> tuple[Callable, int, torch.dtype]:
     if not math.isfinite(scale):
         raise ValueError("expected a finite matrix, got non-finite entries")
     if asym > math.sqrt(torch.finfo(dtype).eps) * scale:
-        raise ValueError(f"expected a symmetric matrix, got max |A - Aᵀ| = {asym:.3e} "
-                         f"(max |A| = {scale:.3e}) in a scipy.sparse matrix")
+        raise ValueError(
+            f"expected a symmetric matrix, got max |A - Aᵀ| = {asym:.3e} "
+            f"(max |A| = {scale:.3e}) in a scipy.sparse matrix"
+        )
     csr = op.tocsr()
 
     def matmul(X: torch.Tensor) -> torch.Tensor:
@@ -163,8 +168,7 @@ def _coerce_one(op: Any) -> tuple[Callable, int, torch.dtype, torch.device, torc
         mm = _from_callable(op[0], n)
         _check_symmetric(mm, n, torch.float64, "the matvec")
         return mm, n, torch.float64, torch.device("cpu"), None
-    if hasattr(op, "matmat") and hasattr(op, "shape") and hasattr(op, "dtype") \
-            and not hasattr(op, "matmul"):
+    if hasattr(op, "matmat") and hasattr(op, "shape") and hasattr(op, "dtype") and not hasattr(op, "matmul"):
         n = _square_dim(op.shape, "a scipy LinearOperator")
         mm, dtype = _from_scipy(op, n)
         _check_symmetric(mm, n, dtype, "the scipy LinearOperator")
@@ -178,7 +182,8 @@ def _coerce_one(op: Any) -> tuple[Callable, int, torch.dtype, torch.device, torc
     raise TypeError(
         "expected a symmetric operator: a torch.Tensor [n, n], a linear_operator.LinearOperator "
         "(or any object with .shape and .matmul), a scipy.sparse.linalg.LinearOperator, or a "
-        f"tuple (matvec, n); got {type(op).__name__}")
+        f"tuple (matvec, n); got {type(op).__name__}"
+    )
 
 
 def as_operator(op: Any, side: str = "auto") -> Operator:
@@ -199,13 +204,14 @@ def as_operator(op: Any, side: str = "auto") -> Operator:
     mm, n, dtype, device, dense = _coerce_one(op)
     has_dual = callable(getattr(op, "dual", None)) and not isinstance(op, (torch.Tensor, tuple))
     if side == "dual" and not has_dual:
-        raise ValueError(f"side='dual' needs an operator with a .dual() method; "
-                         f"{type(op).__name__} has none")
+        raise ValueError(f"side='dual' needs an operator with a .dual() method; {type(op).__name__} has none")
     if getattr(op, "distributed", False) and getattr(op, "_side", "") == "primal":
         if side == "primal":
-            raise ValueError("this StateNTK is split over the ranks of a process group: its "
-                             "spectrum is computed on K.dual() (the same G on every rank); "
-                             "pass K.dual() to get parameter-space eigenvectors")
+            raise ValueError(
+                "this StateNTK is split over the ranks of a process group: its "
+                "spectrum is computed on K.dual() (the same G on every rank); "
+                "pass K.dual() to get parameter-space eigenvectors"
+            )
         side = "dual"
     total = int(getattr(op, "total_states", n))  # M over the ranks of a process group
     if has_dual and side != "primal":

@@ -128,11 +128,20 @@ def _rayleigh_ritz(work, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return U, AU, (U * AU).sum(dim=0)
 
 
-def deflated_slq(op: Any, num_probes: int = 32, num_steps: int = 80, *, k: int | None = None,
-                 k_max: int = 32, share_tol: float = 0.05,
-                 tol: float = 1e-6, probe: str = "rademacher",
-                 generator: torch.Generator | None = None, side: str = "auto",
-                 eigenpairs: EigshResult | None = None) -> DeflatedSLQ:
+def deflated_slq(
+    op: Any,
+    num_probes: int = 32,
+    num_steps: int = 80,
+    *,
+    k: int | None = None,
+    k_max: int = 32,
+    share_tol: float = 0.05,
+    tol: float = 1e-6,
+    probe: str = "rademacher",
+    generator: torch.Generator | None = None,
+    side: str = "auto",
+    eigenpairs: EigshResult | None = None,
+) -> DeflatedSLQ:
     """Top eigenvalues exactly, stochastic Lanczos quadrature on the deflated remainder.
 
     Parameters
@@ -193,9 +202,11 @@ def deflated_slq(op: Any, num_probes: int = 32, num_steps: int = 80, *, k: int |
     if eigenpairs is not None:
         given = eigenpairs.eigenvectors
         if given is None or given.ndim != 2 or given.shape[0] != n:
-            raise ValueError(f"expected eigenpairs with eigenvectors of shape [{n}, k] (the "
-                             f"{A.side} side; eigsh(..., return_eigenvectors=True) on the same "
-                             f"operator), got {None if given is None else tuple(given.shape)}")
+            raise ValueError(
+                f"expected eigenpairs with eigenvectors of shape [{n}, k] (the "
+                f"{A.side} side; eigsh(..., return_eigenvectors=True) on the same "
+                f"operator), got {None if given is None else tuple(given.shape)}"
+            )
     start = given.shape[1] if given is not None else 4
     kk = min(k if k is not None else start, max(n - 1, 1))
     k_max = min(max(k_max, kk), max(n - 1, 1))
@@ -208,8 +219,7 @@ def deflated_slq(op: Any, num_probes: int = 32, num_steps: int = 80, *, k: int |
             found = dataclasses.replace(eigenpairs, eigenvectors=given[:, :kk])
             given = None
         else:
-            found = eigsh(A, kk, "LA", tol, return_eigenvectors=True, generator=gen, v0=U,
-                          verify=False)
+            found = eigsh(A, kk, "LA", tol, return_eigenvectors=True, generator=gen, v0=U, verify=False)
             matvecs += found.num_matvecs
         if found.status not in (Status.CONVERGED, Status.ACCURACY_LIMITED):
             status = found.status
@@ -238,17 +248,48 @@ def deflated_slq(op: Any, num_probes: int = 32, num_steps: int = 80, *, k: int |
         kk = min(2 * kk, k_max)
     G = linalg._common.random_block(n, num_probes, gen, dev, probe)
     G = G - U @ (U.T @ G)
-    q = linalg.lanczos_quadrature(remainder, n, num_probes, num_steps, generator=gen,
-                                  device=dev, probes=G,
-                                  reorthogonalize=8 * n * num_steps * num_probes <= 2**30)
+    q = linalg.lanczos_quadrature(
+        remainder,
+        n,
+        num_probes,
+        num_steps,
+        generator=gen,
+        device=dev,
+        probes=G,
+        reorthogonalize=8 * n * num_steps * num_probes <= 2**30,
+    )
     matvecs += q.num_matvecs
     rem = SLQResult(
-        nodes=q.nodes, weights=q.weights, dimension=n, primal_dimension=n, side=A.side,
-        num_probes=num_probes, num_steps=int(q.nodes.shape[1]), probe=probe,
-        reorthogonalize=True, num_matvecs=q.num_matvecs, breakdowns=q.breakdowns,
-        status=Status.CONVERGED, dtype=str(A.dtype).removeprefix("torch."),
-        device=str(A.device), seed=seed, alpha=q.alpha, beta=q.beta)
+        nodes=q.nodes,
+        weights=q.weights,
+        dimension=n,
+        primal_dimension=n,
+        side=A.side,
+        num_probes=num_probes,
+        num_steps=int(q.nodes.shape[1]),
+        probe=probe,
+        reorthogonalize=True,
+        num_matvecs=q.num_matvecs,
+        breakdowns=q.breakdowns,
+        status=Status.CONVERGED,
+        dtype=str(A.dtype).removeprefix("torch."),
+        device=str(A.device),
+        seed=seed,
+        alpha=q.alpha,
+        beta=q.beta,
+    )
     return DeflatedSLQ(
-        top=top, top_residuals=top_res, cross=cross, remainder=rem, k=kk,
-        remainder_share=share, history=tuple(history), status=status, num_matvecs=matvecs,
-        dimension=n, primal_dimension=A.primal_dimension, side=A.side, seed=seed)
+        top=top,
+        top_residuals=top_res,
+        cross=cross,
+        remainder=rem,
+        k=kk,
+        remainder_share=share,
+        history=tuple(history),
+        status=status,
+        num_matvecs=matvecs,
+        dimension=n,
+        primal_dimension=A.primal_dimension,
+        side=A.side,
+        seed=seed,
+    )

@@ -19,12 +19,24 @@ from ._results import ConditionNumber, EigshResult, NoConvergence
 # ------------------------------------------------------------------------------------------
 # Extreme eigenpairs
 # ------------------------------------------------------------------------------------------
-def eigsh(op: Any, k: int = 10, which: str = "LA", tol: float = 1e-6, *, ncv: int | None = None,
-          max_restarts: int = 200, block_size: int | None = None,
-          return_eigenvectors: bool = False, generator: torch.Generator | None = None,
-          v0: torch.Tensor | None = None, side: str = "auto",
-          null_rtol: float | None = None, dense_max: int | None = None,
-          raise_on_failure: bool = False, verify: bool = True) -> EigshResult:
+def eigsh(
+    op: Any,
+    k: int = 10,
+    which: str = "LA",
+    tol: float = 1e-6,
+    *,
+    ncv: int | None = None,
+    max_restarts: int = 200,
+    block_size: int | None = None,
+    return_eigenvectors: bool = False,
+    generator: torch.Generator | None = None,
+    v0: torch.Tensor | None = None,
+    side: str = "auto",
+    null_rtol: float | None = None,
+    dense_max: int | None = None,
+    raise_on_failure: bool = False,
+    verify: bool = True,
+) -> EigshResult:
     """Extreme eigenpairs of a symmetric operator by thick-restart (block) Lanczos.
 
     Solves ``A y = θ y`` for the ``k`` largest (``which="LA"``), largest-magnitude (``"LM"``)
@@ -106,18 +118,40 @@ def eigsh(op: Any, k: int = 10, which: str = "LA", tol: float = 1e-6, *, ncv: in
         raise ValueError(f"expected tol > 0, got {tol!r}")
     if side == "auto" and (return_eigenvectors or v0 is not None):
         side = "primal"
-    if return_eigenvectors and v0 is None and side == "primal" and \
-            getattr(op, "distributed", False) and getattr(op, "_side", "") == "primal":
+    if (
+        return_eigenvectors
+        and v0 is None
+        and side == "primal"
+        and getattr(op, "distributed", False)
+        and getattr(op, "_side", "") == "primal"
+    ):
         return _split_primal_eigenvectors(
-            op, eigsh(op.dual(), k, which, tol, ncv=ncv, max_restarts=max_restarts,
-                      block_size=block_size, return_eigenvectors=True, generator=generator,
-                      side="primal", null_rtol=null_rtol, dense_max=dense_max,
-                      raise_on_failure=raise_on_failure, verify=verify))
+            op,
+            eigsh(
+                op.dual(),
+                k,
+                which,
+                tol,
+                ncv=ncv,
+                max_restarts=max_restarts,
+                block_size=block_size,
+                return_eigenvectors=True,
+                generator=generator,
+                side="primal",
+                null_rtol=null_rtol,
+                dense_max=dense_max,
+                raise_on_failure=raise_on_failure,
+                verify=verify,
+            ),
+        )
     A = as_operator(op, side)
     if k > A.n:
-        warnings.warn(f"eigsh: k={k} exceeds the dimension n={A.n} of the {A.side} side; "
-                      f"returning all its eigenvalues from a dense solve ({A.n} products)",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"eigsh: k={k} exceeds the dimension n={A.n} of the {A.side} side; "
+            f"returning all its eigenvalues from a dense solve ({A.n} products)",
+            UserWarning,
+            stacklevel=2,
+        )
         k, dense_max = A.n, A.n
     b = 1 if block_size is None else int(block_size)
     if b < 1 or b > A.n:
@@ -125,46 +159,93 @@ def eigsh(op: Any, k: int = 10, which: str = "LA", tol: float = 1e-6, *, ncv: in
     if v0 is not None:
         if not isinstance(v0, torch.Tensor) or v0.ndim not in (1, 2) or v0.shape[0] != A.n:
             got = tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__
-            raise ValueError(f"expected v0 of shape [{A.n}] or [{A.n}, p] (the {A.side} side), "
-                             f"got {got}")
+            raise ValueError(f"expected v0 of shape [{A.n}] or [{A.n}, p] (the {A.side} side), got {got}")
     gen, seed = _seed_of(generator)
     dev = _work_device(A)
     out = linalg.thick_restart_lanczos(
-        A.matmul, A.n, int(k), which=which, tol=float(tol), ncv=ncv, max_restarts=max_restarts,
-        block_size=b, v0=v0, generator=gen, dtype=A.dtype, device=dev, null_rtol=null_rtol,
-        return_eigenvectors=return_eigenvectors or verify, dense_max=dense_max)
-    values, vectors, residuals, converged = out.eigenvalues, out.eigenvectors, out.residuals, \
-        out.converged
+        A.matmul,
+        A.n,
+        int(k),
+        which=which,
+        tol=float(tol),
+        ncv=ncv,
+        max_restarts=max_restarts,
+        block_size=b,
+        v0=v0,
+        generator=gen,
+        dtype=A.dtype,
+        device=dev,
+        null_rtol=null_rtol,
+        return_eigenvectors=return_eigenvectors or verify,
+        dense_max=dense_max,
+    )
+    values, vectors, residuals, converged = out.eigenvalues, out.eigenvectors, out.residuals, out.converged
     status = Status(out.status)
     matvecs, matmuls, missed = out.num_matvecs, out.num_matmuls, 0
     iterative = out.ncv < A.n  # the dense solve finds every copy
-    if verify and iterative and which != "SA" and len(values) and \
-            status in (Status.CONVERGED, Status.ACCURACY_LIMITED):
+    if (
+        verify
+        and iterative
+        and which != "SA"
+        and len(values)
+        and status in (Status.CONVERGED, Status.ACCURACY_LIMITED)
+    ):
         done = linalg.complete_multiplicities(
-            A.matmul, A.n, values, vectors, residuals, which=which, tol=float(tol),
-            anorm=out.lambda_max, generator=gen, dtype=A.dtype, device=dev)
-        values, vectors, residuals, converged = done.eigenvalues, done.eigenvectors, \
-            done.residuals, done.converged
-        matvecs, matmuls, missed = matvecs + done.num_matvecs, matmuls + done.num_matmuls, \
-            done.missed
+            A.matmul,
+            A.n,
+            values,
+            vectors,
+            residuals,
+            which=which,
+            tol=float(tol),
+            anorm=out.lambda_max,
+            generator=gen,
+            dtype=A.dtype,
+            device=dev,
+        )
+        values, vectors, residuals, converged = (
+            done.eigenvalues,
+            done.eigenvectors,
+            done.residuals,
+            done.converged,
+        )
+        matvecs, matmuls, missed = matvecs + done.num_matvecs, matmuls + done.num_matmuls, done.missed
         if missed:
             status = Status(done.status)
     null_dim = None
     if out.null_dim is not None:
         null_dim = max(0, out.null_dim + A.extra_zeros)
     result = EigshResult(
-        eigenvalues=values, eigenvectors=vectors if return_eigenvectors else None,
-        residuals=residuals, converged=converged, status=status, k=int(k), which=which,
-        tol=float(tol), null_dim=null_dim, lambda_max=out.lambda_max,
-        num_matvecs=matvecs, num_matmuls=matmuls,
-        num_restarts=out.num_restarts, block_size=b, ncv=out.ncv, side=A.side, dimension=A.n,
-        primal_dimension=A.primal_dimension, dtype=str(A.dtype).removeprefix("torch."),
-        device=str(A.device), seed=seed, missed_copies=missed)
+        eigenvalues=values,
+        eigenvectors=vectors if return_eigenvectors else None,
+        residuals=residuals,
+        converged=converged,
+        status=status,
+        k=int(k),
+        which=which,
+        tol=float(tol),
+        null_dim=null_dim,
+        lambda_max=out.lambda_max,
+        num_matvecs=matvecs,
+        num_matmuls=matmuls,
+        num_restarts=out.num_restarts,
+        block_size=b,
+        ncv=out.ncv,
+        side=A.side,
+        dimension=A.n,
+        primal_dimension=A.primal_dimension,
+        dtype=str(A.dtype).removeprefix("torch."),
+        device=str(A.device),
+        seed=seed,
+        missed_copies=missed,
+    )
     if raise_on_failure and result.status != Status.CONVERGED:
         raise NoConvergence(
             f"eigsh: {int(result.converged.sum())} of {k} eigenpairs converged to tol={tol:g} "
             f"after {result.num_restarts} restarts ({result.status.value}); raise max_restarts "
-            f"or ncv, or loosen tol", result)
+            f"or ncv, or loosen tol",
+            result,
+        )
     return result
 
 
@@ -179,15 +260,27 @@ def _split_primal_eigenvectors(K: Any, dual: EigshResult) -> EigshResult:
     sq = (R * R).sum(dim=0)
     torch.distributed.all_reduce(sq, group=K.engine.group)
     residuals = sq.sqrt().to(dual.residuals.dtype)
-    return dataclasses.replace(dual, eigenvectors=Y, residuals=residuals, side="primal",
-                               dimension=int(K.total_states),
-                               num_matvecs=dual.num_matvecs + len(lam))
+    return dataclasses.replace(
+        dual,
+        eigenvectors=Y,
+        residuals=residuals,
+        side="primal",
+        dimension=int(K.total_states),
+        num_matvecs=dual.num_matvecs + len(lam),
+    )
 
 
-def condition_number(op: Any, *, tol: float = 1e-6, side: str = "auto",
-                     generator: torch.Generator | None = None, null_rtol: float | None = None,
-                     ncv: int | None = None, max_restarts: int = 200,
-                     dense_max: int | None = None) -> ConditionNumber:
+def condition_number(
+    op: Any,
+    *,
+    tol: float = 1e-6,
+    side: str = "auto",
+    generator: torch.Generator | None = None,
+    null_rtol: float | None = None,
+    ncv: int | None = None,
+    max_restarts: int = 200,
+    dense_max: int | None = None,
+) -> ConditionNumber:
     """Condition number ``λ_max / λ_min`` of the nonzero part of a PSD operator.
 
     Two :func:`eigsh` runs (``which="LA"`` and ``which="SA"``, ``k=1``); eigenvalues below
@@ -198,14 +291,28 @@ def condition_number(op: Any, *, tol: float = 1e-6, side: str = "auto",
     A = as_operator(op, side)
     gen, _ = _seed_of(generator)
     hi = eigsh(A, 1, "LA", tol, generator=gen, ncv=ncv, max_restarts=max_restarts)
-    lo = eigsh(A, 1, "SA", tol, generator=gen, ncv=ncv, max_restarts=max_restarts,
-               null_rtol=null_rtol, dense_max=dense_max)
+    lo = eigsh(
+        A,
+        1,
+        "SA",
+        tol,
+        generator=gen,
+        ncv=ncv,
+        max_restarts=max_restarts,
+        null_rtol=null_rtol,
+        dense_max=dense_max,
+    )
     lmax = float(hi.eigenvalues[0])
     lmin = float(lo.eigenvalues[0]) if len(lo.eigenvalues) else 0.0
     value = lmax / lmin if lmin > 0 else math.inf
     ok = hi.status == Status.CONVERGED and lo.status == Status.CONVERGED
     return ConditionNumber(
-        value=value, lambda_max=lmax, lambda_min=lmin, null_dim=lo.null_dim,
+        value=value,
+        lambda_max=lmax,
+        lambda_min=lmin,
+        null_dim=lo.null_dim,
         status=Status.CONVERGED if ok else Status.MAX_ITERATIONS,
-        num_matvecs=hi.num_matvecs + lo.num_matvecs, side=A.side,
-        primal_dimension=A.primal_dimension)
+        num_matvecs=hi.num_matvecs + lo.num_matvecs,
+        side=A.side,
+        primal_dimension=A.primal_dimension,
+    )

@@ -23,9 +23,16 @@ from ._results import EffectiveRank, SLQResult, SpectralDensity, TraceResult
 # ------------------------------------------------------------------------------------------
 # Stochastic Lanczos quadrature and what follows from it
 # ------------------------------------------------------------------------------------------
-def slq(op: Any, num_probes: int = 32, num_steps: int = 80, *, probe: str = "rademacher",
-        generator: torch.Generator | None = None, side: str = "auto",
-        reorthogonalize: bool | str = "auto") -> SLQResult:
+def slq(
+    op: Any,
+    num_probes: int = 32,
+    num_steps: int = 80,
+    *,
+    probe: str = "rademacher",
+    generator: torch.Generator | None = None,
+    side: str = "auto",
+    reorthogonalize: bool | str = "auto",
+) -> SLQResult:
     """Stochastic Lanczos quadrature of the spectral measure (Ubaru, Chen & Saad 2017).
 
     For each random probe ``v`` (Rademacher or Gaussian) ``num_steps`` Lanczos steps from
@@ -71,21 +78,44 @@ def slq(op: Any, num_probes: int = 32, num_steps: int = 80, *, probe: str = "rad
         reorthogonalize = 8 * A.n * min(num_steps, A.n) * num_probes <= 2**30
     elif not isinstance(reorthogonalize, bool):
         raise ValueError(f"expected reorthogonalize True, False or 'auto', got {reorthogonalize!r}")
-    q = linalg.lanczos_quadrature(A.matmul, A.n, int(num_probes), int(num_steps), probe=probe,
-                                  generator=gen, dtype=A.dtype, device=_work_device(A),
-                                  reorthogonalize=reorthogonalize)
+    q = linalg.lanczos_quadrature(
+        A.matmul,
+        A.n,
+        int(num_probes),
+        int(num_steps),
+        probe=probe,
+        generator=gen,
+        dtype=A.dtype,
+        device=_work_device(A),
+        reorthogonalize=reorthogonalize,
+    )
     return SLQResult(
-        nodes=q.nodes, weights=q.weights, dimension=A.n, primal_dimension=A.primal_dimension,
-        side=A.side, num_probes=int(num_probes), num_steps=int(q.nodes.shape[1]), probe=probe,
-        reorthogonalize=reorthogonalize, num_matvecs=q.num_matvecs, breakdowns=q.breakdowns,
-        status=Status.CONVERGED, dtype=str(A.dtype).removeprefix("torch."),
-        device=str(A.device), seed=seed, alpha=q.alpha, beta=q.beta)
+        nodes=q.nodes,
+        weights=q.weights,
+        dimension=A.n,
+        primal_dimension=A.primal_dimension,
+        side=A.side,
+        num_probes=int(num_probes),
+        num_steps=int(q.nodes.shape[1]),
+        probe=probe,
+        reorthogonalize=reorthogonalize,
+        num_matvecs=q.num_matvecs,
+        breakdowns=q.breakdowns,
+        status=Status.CONVERGED,
+        dtype=str(A.dtype).removeprefix("torch."),
+        device=str(A.device),
+        seed=seed,
+        alpha=q.alpha,
+        beta=q.beta,
+    )
 
 
 def _check_slq(result: Any):
     if not (isinstance(result, SLQResult) or _is_deflated(result)):
-        raise TypeError(f"expected an SLQResult from lanczos_ntk.slq or a DeflatedSLQ from "
-                        f"lanczos_ntk.deflated_slq, got {type(result).__name__}")
+        raise TypeError(
+            f"expected an SLQResult from lanczos_ntk.slq or a DeflatedSLQ from "
+            f"lanczos_ntk.deflated_slq, got {type(result).__name__}"
+        )
     return result
 
 
@@ -93,10 +123,6 @@ def _is_deflated(result: Any) -> bool:
     from ._deflated import DeflatedSLQ
 
     return isinstance(result, DeflatedSLQ)
-
-
-
-
 
 
 _TOO_FEW_RTOL = 0.05  # a last-step change above 5% of the value: too few Lanczos steps
@@ -112,8 +138,7 @@ def _combine(se: float, err: float) -> float:
     return math.hypot(se, err) if math.isfinite(se) else (err if err > 0 else se)
 
 
-def tr_f(result: Any, f: Callable[[torch.Tensor], torch.Tensor], *,
-         degree: int | None = None) -> TraceResult:
+def tr_f(result: Any, f: Callable[[torch.Tensor], torch.Tensor], *, degree: int | None = None) -> TraceResult:
     """Estimate ``tr f(A)`` from an :class:`SLQResult` or a :class:`DeflatedSLQ`.
 
     ``tr f(A) ≈ exact + (1/s) Σ_p [n Σ_j w_pj f(θ_pj)]``: the exact part is ``(N - n) f(0)``
@@ -133,10 +158,18 @@ def tr_f(result: Any, f: Callable[[torch.Tensor], torch.Tensor], *,
     est, se = mean_se(result.samples(f))
     est += result.exact_part(f)
     err = result.quadrature_change(f, degree)
-    return TraceResult(estimate=est, standard_error=_combine(se, err), method=_method_of(result),
-                       num_matvecs=0, side=result.side, dimension=result.dimension,
-                       primal_dimension=result.primal_dimension, seed=result.seed,
-                       quadrature_error=err, status=_quad_status(err, est))
+    return TraceResult(
+        estimate=est,
+        standard_error=_combine(se, err),
+        method=_method_of(result),
+        num_matvecs=0,
+        side=result.side,
+        dimension=result.dimension,
+        primal_dimension=result.primal_dimension,
+        seed=result.seed,
+        quadrature_error=err,
+        status=_quad_status(err, est),
+    )
 
 
 def _method_of(result: Any) -> str:
@@ -161,11 +194,9 @@ def _measure(result: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _is_deflated(result):
         rem = result.remainder
         x = torch.cat([result.top, rem.nodes.flatten()])
-        w = torch.cat([torch.ones_like(result.top),
-                       (rem.weights * rem.dimension / rem.num_probes).flatten()])
+        w = torch.cat([torch.ones_like(result.top), (rem.weights * rem.dimension / rem.num_probes).flatten()])
         return x, w, rem
-    return result.nodes.flatten(), (result.weights * result.dimension
-                                    / result.num_probes).flatten(), result
+    return result.nodes.flatten(), (result.weights * result.dimension / result.num_probes).flatten(), result
 
 
 def _count_bound(quad: SLQResult, cut: float) -> float:
@@ -177,16 +208,21 @@ def _count_bound(quad: SLQResult, cut: float) -> float:
     weights = torch.gather(quad.weights, 1, order)
     m = nodes.shape[1]
     i = (nodes <= cut).sum(dim=1)  # nodes at or below the cut
-    padded = torch.cat([torch.zeros_like(weights[:, :1]), weights,
-                        torch.zeros_like(weights[:, :1])], dim=1)
+    padded = torch.cat([torch.zeros_like(weights[:, :1]), weights, torch.zeros_like(weights[:, :1])], dim=1)
     rows = torch.arange(nodes.shape[0])
     below, above = padded[rows, i], padded[rows, torch.clamp(i + 1, max=m + 1)]
     return quad.dimension * float(torch.maximum(below, above).mean())
 
 
-def spectral_density(result: Any, grid: torch.Tensor | None = None,
-                     sigma: float | None = None, *, num_points: int = 512,
-                     zero_rtol: float = ZERO_RTOL, scale: str = "linear") -> SpectralDensity:
+def spectral_density(
+    result: Any,
+    grid: torch.Tensor | None = None,
+    sigma: float | None = None,
+    *,
+    num_points: int = 512,
+    zero_rtol: float = ZERO_RTOL,
+    scale: str = "linear",
+) -> SpectralDensity:
     """Gaussian-smoothed spectral density ``φ(x) = (1/N) Σ_i N(x; λ_i, σ²)`` from SLQ nodes.
 
     From an :class:`SLQResult`: ``φ(x) ≈ (n / N) (1/s) Σ_p Σ_j w_pj N(x; θ_pj, σ²)``. From a
@@ -230,8 +266,9 @@ def spectral_density(result: Any, grid: torch.Tensor | None = None,
     zero_top = 0
     if _is_deflated(result):
         zero_top = int((result.top <= cut).sum())
-    zero_per_probe = (result.extra_zeros + zero_top + quad.dimension
-                      * (quad.weights * (quad.nodes <= cut)).sum(dim=1)) / N
+    zero_per_probe = (
+        result.extra_zeros + zero_top + quad.dimension * (quad.weights * (quad.nodes <= cut)).sum(dim=1)
+    ) / N
     zero_mass, zero_se = mean_se(zero_per_probe)
     bound = _count_bound(quad, cut) / N
     x, w = nodes[nonzero], w[nonzero] / N
@@ -259,9 +296,19 @@ def spectral_density(result: Any, grid: torch.Tensor | None = None,
     density = kernel(x)
     if linear:  # reflected at 0: no mass at negative eigenvalues
         density = torch.where(grid >= 0, density + kernel(-x), torch.zeros_like(density))
-    return SpectralDensity(grid=grid, density=density, zero_mass=zero_mass, zero_mass_se=zero_se,
-                           zero_threshold=cut, sigma=float(sigma), scale=scale, side=result.side,
-                           dimension=result.dimension, primal_dimension=N, zero_mass_bound=bound)
+    return SpectralDensity(
+        grid=grid,
+        density=density,
+        zero_mass=zero_mass,
+        zero_mass_se=zero_se,
+        zero_threshold=cut,
+        sigma=float(sigma),
+        scale=scale,
+        side=result.side,
+        dimension=result.dimension,
+        primal_dimension=N,
+        zero_mass_bound=bound,
+    )
 
 
 def _delta_se(samples: torch.Tensor, grad: torch.Tensor) -> float:
@@ -275,8 +322,9 @@ def _delta_se(samples: torch.Tensor, grad: torch.Tensor) -> float:
 
 def _xlogx(x: torch.Tensor) -> torch.Tensor:
     xp = torch.clamp(x, min=0.0)
-    return torch.where(xp > 0, xp * torch.log(torch.where(xp > 0, xp, torch.ones_like(xp))),
-                       torch.zeros_like(xp))
+    return torch.where(
+        xp > 0, xp * torch.log(torch.where(xp > 0, xp, torch.ones_like(xp))), torch.zeros_like(xp)
+    )
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -287,8 +335,9 @@ def _square(x: torch.Tensor) -> torch.Tensor:
     return x * x
 
 
-def _rank_from_quadrature(r: Any, kind: str, rtol: float, lambda_max: float | None
-                          ) -> tuple[float, float, float]:
+def _rank_from_quadrature(
+    r: Any, kind: str, rtol: float, lambda_max: float | None
+) -> tuple[float, float, float]:
     """``(value, standard error, quadrature error)`` of an effective rank from a quadrature
     result. Values are clamped to what a PSD spectrum allows (``[1, n]`` when ``A != 0``)."""
     n = r.dimension
@@ -334,10 +383,18 @@ def _rank_from_quadrature(r: Any, kind: str, rtol: float, lambda_max: float | No
 _RANK_KINDS = ("participation", "entropy", "stable", "numerical")
 
 
-def effective_rank(op_or_result: Any, kind: str = "participation", *, rtol: float = ZERO_RTOL,
-                   num_probes: int = 32, num_steps: int = 80,
-                   generator: torch.Generator | None = None, side: str = "auto",
-                   tol: float = 1e-6, deflate: bool = True) -> EffectiveRank:
+def effective_rank(
+    op_or_result: Any,
+    kind: str = "participation",
+    *,
+    rtol: float = ZERO_RTOL,
+    num_probes: int = 32,
+    num_steps: int = 80,
+    generator: torch.Generator | None = None,
+    side: str = "auto",
+    tol: float = 1e-6,
+    deflate: bool = True,
+) -> EffectiveRank:
     """Effective rank of a PSD operator, with a standard error where it is stochastic.
 
     Kinds (``λ_i`` the eigenvalues, ``p_i = λ_i / Σ λ``):
@@ -382,6 +439,15 @@ def effective_rank(op_or_result: Any, kind: str = "participation", *, rtol: floa
         matvecs += r.num_matvecs
     method = _method_of(r) + ("+eigsh" if lambda_max is not None else "")
     value, se, err = _rank_from_quadrature(r, kind, rtol, lambda_max)
-    return EffectiveRank(value=value, standard_error=se, kind=kind, method=method,
-                         num_matvecs=matvecs, side=r.side, primal_dimension=r.primal_dimension,
-                         seed=r.seed, quadrature_error=err, status=_quad_status(err, value))
+    return EffectiveRank(
+        value=value,
+        standard_error=se,
+        kind=kind,
+        method=method,
+        num_matvecs=matvecs,
+        side=r.side,
+        primal_dimension=r.primal_dimension,
+        seed=r.seed,
+        quadrature_error=err,
+        status=_quad_status(err, value),
+    )

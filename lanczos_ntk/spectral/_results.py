@@ -119,8 +119,9 @@ class SLQResult(Result):
         """Per-probe estimates ``n Σ_j w_pj f(θ_pj)`` of the stochastic part (``[num_probes]``)."""
         return self.dimension * (self.weights * _apply(f, self.nodes)).sum(dim=1)
 
-    def quadrature_change(self, f: Callable[[torch.Tensor], torch.Tensor],
-                          degree: int | None = None) -> float:
+    def quadrature_change(
+        self, f: Callable[[torch.Tensor], torch.Tensor], degree: int | None = None
+    ) -> float:
         """How much the last Lanczos step moved the estimate of ``tr f``: the mean over probes of
         the ``m``-step minus the ``(m-1)``-step quadrature (Gauss quadrature converges fast, so
         this over-states the error of the ``m``-step rule). ``0`` for a polynomial ``f`` of
@@ -130,8 +131,11 @@ class SLQResult(Result):
             return 0.0
         if m < 2 or self.alpha is None or self.beta is None:
             return math.inf
-        T = torch.diag_embed(self.alpha[:, : m - 1]) + torch.diag_embed(self.beta[:, : m - 2], 1) \
+        T = (
+            torch.diag_embed(self.alpha[:, : m - 1])
+            + torch.diag_embed(self.beta[:, : m - 2], 1)
             + torch.diag_embed(self.beta[:, : m - 2], -1)
+        )
         theta, S = torch.linalg.eigh(T)
         w = S[:, 0, :] ** 2 * self.weights.sum(dim=1, keepdim=True)
         prev = self.dimension * (w * _apply(f, theta)).sum(dim=1)
@@ -232,8 +236,7 @@ class NoConvergence(RuntimeError):
 def _apply(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     vals = f(x)
     if not isinstance(vals, torch.Tensor) or vals.shape != x.shape:
-        raise ValueError("expected f to map a tensor of nodes elementwise to a tensor of the "
-                         "same shape")
+        raise ValueError("expected f to map a tensor of nodes elementwise to a tensor of the same shape")
     return vals.to(torch.float64)
 
 

@@ -14,9 +14,15 @@ from ._results import TraceResult
 # ------------------------------------------------------------------------------------------
 # Trace
 # ------------------------------------------------------------------------------------------
-def trace(op: Any, method: str = "hutch++", num_matvecs: int = 60, *,
-          probe: str = "rademacher", generator: torch.Generator | None = None,
-          side: str = "auto") -> TraceResult:
+def trace(
+    op: Any,
+    method: str = "hutch++",
+    num_matvecs: int = 60,
+    *,
+    probe: str = "rademacher",
+    generator: torch.Generator | None = None,
+    side: str = "auto",
+) -> TraceResult:
     """Trace of a symmetric operator: exact, Hutchinson, or Hutch++.
 
     * ``"exact"``: ``Σ_i e_iᵀ A e_i`` with ``n`` products in blocks of 64 (the diagonal directly
@@ -43,8 +49,7 @@ def trace(op: Any, method: str = "hutch++", num_matvecs: int = 60, *,
     kw = dict(side=A.side, dimension=A.n, primal_dimension=A.primal_dimension)
     if method == "exact":
         if A.dense is not None:
-            return TraceResult(float(torch.diagonal(A.dense).sum()), 0.0, "exact", 0, seed=None,
-                               **kw)
+            return TraceResult(float(torch.diagonal(A.dense).sum()), 0.0, "exact", 0, seed=None, **kw)
         total, block = 0.0, 64
         for s in range(0, A.n, block):
             E = torch.zeros(A.n, min(block, A.n - s), dtype=torch.float64, device=dev)
