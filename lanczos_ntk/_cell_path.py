@@ -63,14 +63,16 @@ class CellLinearization:
 
     def direct(self) -> DualGraph:
         """The direct term ``C x`` (the cell over all ``b·T`` rows at fixed states) as one
-        autograd graph: ``C x`` by the VJP of its VJP, ``Cᵀ λ`` by its VJP."""
+        autograd graph: ``C x`` by the VJP of its VJP, ``Cᵀ λ`` by its VJP.
+        """
         if self._direct_graph is None:
             self._direct_graph = DualGraph(self._direct, self.theta)
         return self._direct_graph
 
     def steps(self) -> list[DualGraph]:
         """The cell's graph at every step ``t >= 1`` as a function of the state (index ``t``;
-        step 0 starts from the fixed initial state and needs none)."""
+        step 0 starts from the fixed initial state and needs none).
+        """
         if self._steps is None:
             cell, params, u = self.cell, self.params, self.u
 

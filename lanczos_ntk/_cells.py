@@ -167,7 +167,8 @@ def find_cell(
 ) -> Cell | None:
     """The model's one-step cell, if it has one that reproduces ``reference`` (its forward on
     the inputs ``u`` of one trial, with ``params``: every parameter and buffer by name), else
-    ``None``."""
+    ``None``.
+    """
     if isinstance(model, _TORCH_RNNS):
         cell = _torch_rnn_cell(model)
     elif callable(getattr(model, "step", None)):

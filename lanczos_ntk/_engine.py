@@ -214,7 +214,8 @@ class JacobianEngine:
 
     def dense_gram(self) -> torch.Tensor:
         """``G = Jᵀ J`` as a dense ``P × P`` tensor (``P`` products), cached: it backs exact
-        solves and log-determinants of ``K + σ² I`` (:class:`lanczos_ntk.NTKPlusNoise`)."""
+        solves and log-determinants of ``K + σ² I`` (:class:`lanczos_ntk.NTKPlusNoise`).
+        """
         if getattr(self, "_dense_gram", None) is None:
             eye = torch.eye(self.P, dtype=self.dtype, device=self.device)
             G = torch.cat([self.gram(eye[:, s : s + 256]) for s in range(0, self.P, 256)], dim=1)
@@ -444,7 +445,8 @@ class JacobianEngine:
     def _row_groups(self, k: int, b: int) -> list[slice]:
         """Trial sub-ranges of a chunk for a block of ``k`` vectors on the closed-form path: on
         the CPU a pass over ``[k, b, T, n]`` intermediates is memory bound once they outgrow the
-        caches, so wide blocks go through a few trials at a time (one range on a GPU)."""
+        caches, so wide blocks go through a few trials at a time (one range on a GPU).
+        """
         if k == 1 or torch.device(self.device).type != "cpu":
             return [slice(0, b)]
         rows = max(1, CPU_WORKING_SET // (5 * k * self.steps * self.width * self.itemsize))
@@ -452,7 +454,8 @@ class JacobianEngine:
 
     def _column_passes(self, k: int, per_column: int, working_set: int) -> list[slice]:
         """Column groups of a block of ``k`` whose outputs (``per_column`` bytes each) stay
-        within ``working_set`` per pass on the CPU (one pass on a GPU)."""
+        within ``working_set`` per pass on the CPU (one pass on a GPU).
+        """
         step = k if torch.device(self.device).type != "cpu" else max(1, working_set // max(per_column, 1))
         return [slice(s, min(s + step, k)) for s in range(0, k, step)]
 

@@ -36,7 +36,8 @@ class _JacobianProductOperator(LinearOperator):
 
     def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:
         """``A rhs`` for a vector ``[n]`` or blocks ``[..., n, k]``: batch dimensions are folded
-        into one block of columns, so every column shares the same passes over the data."""
+        into one block of columns, so every column shares the same passes over the data.
+        """
         n = self.shape[-1]
         vector = rhs.dim() == 1
         X = rhs.unsqueeze(-1) if vector else rhs
@@ -55,7 +56,8 @@ class _JacobianProductOperator(LinearOperator):
 
     def _diagonal(self) -> torch.Tensor:
         """Matrix-free diagonal from ``P`` forward products ``J e_p`` in blocks:
-        ``diag(K)_m = Σ_p (J e_p)_m²`` (row norms of ``J``), ``diag(G)_p = ||J e_p||²``."""
+        ``diag(K)_m = Σ_p (J e_p)_m²`` (row norms of ``J``), ``diag(G)_p = ||J e_p||²``.
+        """
         e = self.engine
         out = torch.zeros(self.shape[-1], dtype=e.dtype, device=e.device)
         block = max(1, min(e.P, 64))
@@ -75,13 +77,15 @@ class _JacobianProductOperator(LinearOperator):
         that argument is a placeholder (``requires_grad_`` on the operator is allowed, as
         linear_operator's functions expect, and gives zero gradients). The kernel's dependence
         on the model's parameters is not differentiated: it is a fixed kernel at the
-        parameters it was built at. Gradients with respect to right-hand sides are exact."""
+        parameters it was built at. Gradients with respect to right-hand sides are exact.
+        """
         return tuple(torch.zeros_like(a) if a.requires_grad else None for a in self.representation())
 
     def add_diagonal(self, diag: torch.Tensor):
         """``A + diag``. A constant ``σ² > 0`` on a parameter count ``P <= 4096`` gives
         :class:`NTKPlusNoise`, whose solves and log-determinants are exact through the
-        ``P × P`` Gram (Woodbury); anything else is linear_operator's ``AddedDiagLinearOperator``."""
+        ``P × P`` Gram (Woodbury); anything else is linear_operator's ``AddedDiagLinearOperator``.
+        """
         diag = torch.as_tensor(diag, dtype=self.dtype, device=self.device)
         if diag.numel() == 1 and self.engine.P <= DENSE_GRAM_MAX and self.engine.group is None:
             return NTKPlusNoise(self, diag.reshape(()))
@@ -89,7 +93,8 @@ class _JacobianProductOperator(LinearOperator):
 
     def __add__(self, other):
         """``A + σ² I`` given as linear_operator's constant diagonal (how GPyTorch's
-        ``GaussianLikelihood`` adds its noise) becomes :class:`NTKPlusNoise` too."""
+        ``GaussianLikelihood`` adds its noise) becomes :class:`NTKPlusNoise` too.
+        """
         from linear_operator.operators import ConstantDiagLinearOperator
 
         if isinstance(other, ConstantDiagLinearOperator) and other.shape == self.shape:
@@ -108,7 +113,8 @@ class _JacobianProductOperator(LinearOperator):
 
     def _get_indices(self, row_index, col_index, *batch_indices) -> torch.Tensor:
         """Entries ``A[row_index, col_index]`` (broadcast tensor indices): one product per
-        distinct column asked for."""
+        distinct column asked for.
+        """
         rows, cols = torch.broadcast_tensors(torch.as_tensor(row_index), torch.as_tensor(col_index))
         wanted, where = torch.unique(cols.reshape(-1), return_inverse=True)
         n, e = self.shape[-1], self.engine
@@ -120,7 +126,8 @@ class _JacobianProductOperator(LinearOperator):
 
     def type(self, dtype: torch.dtype):
         """The same operator computing in ``dtype`` (float32 or float64): a new engine over a
-        copy of the model at this operator's parameters, converted to ``dtype``."""
+        copy of the model at this operator's parameters, converted to ``dtype``.
+        """
         if dtype == self.engine.dtype:
             return self
         if dtype not in (torch.float32, torch.float64):
@@ -317,7 +324,8 @@ class _Linear(torch.autograd.Function):
 
 def _linear(engine: JacobianEngine, name: str, X: torch.Tensor) -> torch.Tensor:
     """``J X`` (``name="jvp"``) or ``Jᵀ X`` (``"vjp"``) in ``X``'s dtype, with gradients to ``X``
-    when it needs them (the two are each other's adjoint)."""
+    when it needs them (the two are each other's adjoint).
+    """
     adjoint = {"jvp": "vjp", "vjp": "jvp"}[name]
 
     def cast(fn):
@@ -329,7 +337,8 @@ def _linear(engine: JacobianEngine, name: str, X: torch.Tensor) -> torch.Tensor:
 
 def _touch(anchor: torch.Tensor, *outs: torch.Tensor):
     """Connect outputs to the placeholder argument with a zero gradient when it asks for one,
-    so linear_operator's backward passes find a graph instead of failing."""
+    so linear_operator's backward passes find a graph instead of failing.
+    """
     if anchor.requires_grad and torch.is_grad_enabled():
         zero = 0.0 * anchor.sum()
         outs = tuple(o + zero for o in outs)
@@ -339,7 +348,8 @@ def _touch(anchor: torch.Tensor, *outs: torch.Tensor):
 class _BatchView(LinearOperator):
     """The same symmetric operator repeated over batch dimensions (``expand``, ``unsqueeze``):
     a batch of right-hand sides ``[*batch, n, k]`` goes through the base operator as one
-    block, so the repetition costs no extra passes over the data."""
+    block, so the repetition costs no extra passes over the data.
+    """
 
     def __init__(self, base: _JacobianProductOperator, batch_shape: torch.Size):
         super().__init__(base, batch_shape=batch_shape)
@@ -511,7 +521,8 @@ class StateNTK(_JacobianProductOperator):
     def total_states(self) -> int:
         """``M`` of the whole dataset: this operator's rows, summed over the ranks of its
         process group (equal to the local ``M`` without one). Results report it as their
-        ``primal_dimension``."""
+        ``primal_dimension``.
+        """
         return self.engine.total_M
 
 

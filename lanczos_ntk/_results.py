@@ -27,7 +27,8 @@ _FORMAT = "lanczos_ntk.result/1"
 
 class ResultFileError(ValueError):
     """A saved result that cannot be read back as written: truncated, edited, or its two files
-    (``.json`` and ``.npz``) not a pair. The message names the file."""
+    (``.json`` and ``.npz``) not a pair. The message names the file.
+    """
 
 
 class Status(str, enum.Enum):

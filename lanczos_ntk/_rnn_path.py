@@ -109,7 +109,8 @@ class TorchRNNLinearization:
     # -- products ---------------------------------------------------------------------------
     def _param_parts(self, tang: dict, k: int):
         """Per layer, the parameter part of the input and recurrent pre-activations for every
-        trial and step: ``[T, b, k, gH]`` each (None where no parameter of it moves)."""
+        trial and step: ``[T, b, k, gH]`` each (None where no parameter of it moves).
+        """
         parts = []
         for l in range(self.L):
             layer = []
@@ -240,7 +241,8 @@ def _step(kind, a, g, h, c):
 
 def _tangent(kind, k, a, g, dh, dc, shape, like):
     """One layer's tangent step: ``(δh', δc')`` from the pre-activation tangents ``a`` (input
-    part) and ``g`` (recurrent part), ``[b, kk, gH]`` or None for zero, and ``δh, δc``."""
+    part) and ``g`` (recurrent part), ``[b, kk, gH]`` or None for zero, and ``δh, δc``.
+    """
     b, kk, H = shape
     if kind == "gru":
         s = None
@@ -269,7 +271,8 @@ def _adjoint(kind, k, lam, lc):
     """One layer's adjoint step from the cotangent ``lam`` of its new hidden state (and ``lc`` of
     its new cell state): ``(μ_a, μ_g, direct part of λh, λc)`` where ``μ`` are the cotangents of
     the input and recurrent pre-activations (the same tensor except for the GRU); ``λh`` of the
-    previous state is ``direct + μ_g W_hh``."""
+    previous state is ``direct + μ_g W_hh``.
+    """
     if kind == "gru":
         rep = lam.repeat(1, 1, 3)
         return rep * k["a"].unsqueeze(1), rep * k["g"].unsqueeze(1), k["z"].unsqueeze(1) * lam, None

@@ -391,7 +391,8 @@ def channel_report(
 
 def _whole_kernel(K: StateNTK, tol: float, generator, trace_method: str) -> tuple[float, torch.Tensor, float]:
     """What every channel report of one kernel shares: ``λ_max(K)``, the top eigenvector ``u₁``
-    of ``K`` (unit, ``[M]``) and ``tr K``."""
+    of ``K`` (unit, ``[M]``) and ``tr K``.
+    """
     from .spectral import eigsh, trace
 
     engine = K.engine
@@ -573,7 +574,8 @@ class ChannelComparison(Result):
 def real_mode_coefficients(model, direction: CriticalDirection, u: torch.Tensor) -> tuple[float, float]:
     """``(a₂, k₃) = (½ wᵀ D²f[v,v], ⅙ wᵀ D³f[v,v,v])``: the quadratic and cubic coefficients of
     a real critical mode's normal form ``c ↦ c + s(μ c + a₂ c² + k₃ c³)`` at ``direction.x``
-    under the constant input ``u``."""
+    under the constant input ``u``.
+    """
     from .dynamics._critical import bilinear, trilinear
 
     x = direction.x.to(torch.float64)

@@ -143,6 +143,7 @@ class TeacherConfig(Result):
     architecture: str = "ctrnn"
 
     def __post_init__(self):
+        """Refuse settings outside their domain, naming the key."""
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"expected architecture in {ARCHITECTURES}, got {self.architecture!r}")
         if self.optimizer not in ("sgd", "lrng"):
@@ -1170,7 +1171,8 @@ def _direction_summary(r: StudentTeacherResult) -> dict:
 
 def spike_bias_share(r: StudentTeacherResult) -> float | None:
     """Median over spike onsets of the largest bias share (``‖Δb‖/‖Δθ‖``) of the three updates
-    before each: near 1 when the spikes are the biases (None without spikes)."""
+    before each: near 1 when the spikes are the biases (None without spikes).
+    """
     if r.update_bias_share is None or not r.spike_onsets:
         return None
     shares = r.update_bias_share
@@ -1247,7 +1249,8 @@ class SeedStudy(Result):
 
     def spread(self, keys: tuple[str, ...] | None = None) -> dict:
         """``{architecture: {key: {"mean", "std", "min", "max", "n"}}}`` over the seeds (numbers
-        only; ``None`` entries, e.g. no crossing, are left out and ``n`` says how many counted)."""
+        only; ``None`` entries, e.g. no crossing, are left out and ``n`` says how many counted).
+        """
         out: dict = {}
         for row in self.rows:
             if "error" in row:
@@ -1317,7 +1320,8 @@ class StudyRow(Result):
 
 def run_summary(cfg: TeacherConfig, landscape: bool = True, compare: bool = True) -> dict:
     """One run of the experiment (the collapse run, optionally the landscape through its
-    crossing and the optimizer comparison) condensed by :func:`summarize`."""
+    crossing and the optimizer comparison) condensed by :func:`summarize`.
+    """
     gen = torch.Generator()
     gen.manual_seed(int(cfg.seed))
     collapse = run_student_teacher(cfg, generator=gen)

@@ -92,7 +92,8 @@ def assert_operator_close(op, dense: torch.Tensor, *, rtol: float = 1e-10, block
 
 def matrix_with_spectrum(eigenvalues, generator: torch.Generator | None = None) -> torch.Tensor:
     """Symmetric ``Q diag(λ) Qᵀ`` (float64) with a random orthogonal ``Q`` from ``generator``:
-    a test matrix whose spectrum is known exactly, for checking eigensolvers and estimators."""
+    a test matrix whose spectrum is known exactly, for checking eigensolvers and estimators.
+    """
     lam = torch.as_tensor(eigenvalues, dtype=torch.float64)
     n = lam.numel()
     g = generator if generator is not None else torch.Generator().manual_seed(0)

@@ -88,7 +88,8 @@ class CrossingEstimate(Result):
 
 def _fit_zero(s: torch.Tensor, y: torch.Tensor) -> float:
     """The step where the least-squares line through ``(s, y)`` reaches 0, if ``y`` rises
-    towards 0 from below; ``nan`` otherwise."""
+    towards 0 from below; ``nan`` otherwise.
+    """
     if s.numel() < 2 or not bool(torch.isfinite(y).all()):
         return math.nan
     sm, ym = s.mean(), y.mean()
@@ -348,7 +349,8 @@ class KernelTracker:
     # ------------------------------------------------------------------------------ record
     def record(self, step: int, loss: torch.Tensor | None = None) -> dict:
         """Record now. ``loss`` (a scalar still attached to its graph) adds the gradient's
-        projections; its graph is kept (``retain_graph``) for the caller's ``backward``."""
+        projections; its graph is kept (``retain_graph``) for the caller's ``backward``.
+        """
         import time
 
         from ._operator import StateNTK
@@ -409,7 +411,8 @@ class KernelTracker:
         """Top-``k`` eigenpairs of ``G`` and their residuals ``‖G x − θ x‖``: one step of
         subspace iteration from the last record's basis (``k + 2`` vectors, one block
         product), or a warm-started :func:`~lanczos_ntk.eigsh` when a tracked pair's residual
-        exceeds ``track_tol · θ₁`` (and at the first record)."""
+        exceeds ``track_tol · θ₁`` (and at the first record).
+        """
         from .linalg import subspace_step
         from .spectral import eigsh
 
@@ -443,7 +446,8 @@ class KernelTracker:
         """``(tr G)² / tr G²`` with the top pairs exact and the rest by Hutchinson:
         ``R = (I − XXᵀ) G (I − XXᵀ)``, ``tr R = E zᵀRz`` and ``tr R² = E ‖Rz‖²`` from
         ``num_probes`` Rademacher probes (one block product); the standard error from their
-        spread (delta method)."""
+        spread (delta method).
+        """
         X = vectors.to(torch.float64)
         m = self.num_probes
         Z = (
@@ -718,7 +722,8 @@ class Interference(Result):
     changes the loss of subtask ``b`` by ``predicted(η)[b, a] = −η · matrix[b, a]`` to first
     order. ``names``: the subtasks. ``channel_matrix``: the part that passes through the
     parameter directions given as ``channel`` (``vᵀ Π v`` with ``v = Jᵀ ∇_h L``, ``Π`` the
-    projector on them; ``None`` without ``channel``), and :attr:`channel_share` its fraction."""
+    projector on them; ``None`` without ``channel``), and :attr:`channel_share` its fraction.
+    """
 
     matrix: torch.Tensor
     names: tuple[str, ...]
@@ -727,7 +732,8 @@ class Interference(Result):
     @property
     def channel_share(self) -> torch.Tensor | None:
         """``channel_matrix / matrix`` entrywise: how much of each interference the channel
-        carries (near a bifurcation, close to 1)."""
+        carries (near a bifurcation, close to 1).
+        """
         if self.channel_matrix is None:
             return None
         return self.channel_matrix / self.matrix

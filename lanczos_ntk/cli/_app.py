@@ -1,7 +1,8 @@
 """The ``lanczos-ntk`` command group and what its commands share: options, configuration,
 model and inputs, the run folder, progress bars, the summary and figures, error handling.
 
-Each command lives in its own module and registers itself on :data:`main`."""
+Each command lives in its own module and registers itself on :data:`main`.
+"""
 
 from __future__ import annotations
 
@@ -60,10 +61,11 @@ def _world() -> tuple[int, int]:
 
 
 def launch_for(cfg: dict) -> _launch.Launch:
-    """This process's :class:`~._launch.Launch`: under ``torchrun`` the first call joins the
+    """Return the process's :class:`~._launch.Launch`: under ``torchrun`` the first call joins the
     group (the backend follows ``cfg['device']`` unless ``--backend`` says) and checks that
     every rank runs the same configuration; a single process, or a command without trials to
-    share, gets :data:`~._launch.SINGLE`."""
+    share, gets :data:`~._launch.SINGLE`.
+    """
     if _SESSION["launch"] is None:
         if not _SESSION["sharded"]:
             _SESSION["launch"] = _launch.SINGLE

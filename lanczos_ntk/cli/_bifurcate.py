@@ -44,7 +44,8 @@ def _same_event(a, b, width: float) -> bool:
 def _without_folds_at_branch_points(branches, width: float) -> list:
     """The branches with any fold located at a branch point removed: the same event (the
     bifurcating branch of a pitchfork, ``p = x²``, turns exactly there), reported as the
-    branch point."""
+    branch point.
+    """
     points = [k for br in branches for k in br.bifurcations if k.kind == "branch_point"]
     return [
         dataclasses.replace(

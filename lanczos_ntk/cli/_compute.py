@@ -208,7 +208,8 @@ def model_at(model, param: str, value: float, *, state: Mapping | None = None):
 
 def constant_input(inputs: torch.Tensor, how: str, group=None) -> torch.Tensor:
     """The constant input of the autonomous system: zeros or the mean over trials and time
-    (over the trials of every rank of ``group``, where each holds its share)."""
+    (over the trials of every rank of ``group``, where each holds its share).
+    """
     if how == "zero":
         return torch.zeros(inputs.shape[-1], dtype=torch.float64)
     if how == "mean":
@@ -246,7 +247,8 @@ def dynamics_at(model, u: torch.Tensor, cfg: Mapping, generator: torch.Generator
 
 def euler_line(branches, param: str) -> tuple[dict | None, str | None]:
     """What the kernel sees for an Euler-simulated flow: the Euler map's stability changes on
-    the continued branches (``max |1 + dt λ| = 1``), for the summary file and the terminal."""
+    the continued branches (``max |1 + dt λ| = 1``), for the summary file and the terminal.
+    """
     branches = [b for b in branches if b is not None and getattr(b, "dt", None)]
     if not branches:
         return None, None

@@ -31,8 +31,9 @@ __all__ = ["SINGLE", "FollowerFolder", "Launch", "LeaderFolder", "launch_from_en
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """This process's place in a launched run: ``rank`` of ``world`` in ``group`` (``None``:
-    a single process)."""
+    """A process's place in a launched run: ``rank`` of ``world`` in ``group`` (``None``:
+    a single process).
+    """
 
     rank: int = 0
     world: int = 1
@@ -48,7 +49,7 @@ class Launch:
         return self.world > 1
 
     def share(self, trials: int) -> tuple[int, int]:
-        """This rank's contiguous trials ``[lo, hi)`` of ``trials`` (sizes differ by at most 1)."""
+        """Return the rank's contiguous trials ``[lo, hi)`` of ``trials`` (sizes differ by at most 1)."""
         if trials < self.world:
             raise ConfigError(
                 f"{trials} trial(s) cannot be shared by {self.world} ranks: each "
@@ -123,7 +124,8 @@ def _result_bytes(folder: RunFolder, name: str) -> dict[str, bytes]:
 
 class LeaderFolder(RunFolder):
     """Rank 0's run folder: a :class:`RunFolder` that shares each resume decision, and each
-    resumed result, with the other ranks."""
+    resumed result, with the other ranks.
+    """
 
     def __init__(self, *args, launch: Launch, **kwargs):
         super().__init__(*args, **kwargs)
@@ -140,7 +142,8 @@ class LeaderFolder(RunFolder):
 
 class FollowerFolder:
     """The run folder as ranks other than 0 see it: nothing is written (results, figures and
-    the log are rank 0's); resume decisions and resumed results come from rank 0."""
+    the log are rank 0's); resume decisions and resumed results come from rank 0.
+    """
 
     def __init__(self, path, launch: Launch):
         self.path = Path(path)  # rank 0's folder, for messages

@@ -122,7 +122,8 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
 
 def parse_list(text: str, what: str, cast=float) -> list:
     """``"a,b,c"`` of a command-line option ``--what`` as a list of ``cast`` values; a
-    :class:`ConfigError` naming the option for anything else, or for an empty list."""
+    :class:`ConfigError` naming the option for anything else, or for an empty list.
+    """
     kind = {int: "whole numbers", float: "numbers"}.get(cast, "values")
     try:
         vals = [cast(v.strip()) for v in text.split(",") if v.strip()]
@@ -277,7 +278,8 @@ class RunFolder:
     def has(self, name: str) -> bool:
         """Whether the result ``name`` was saved completely and reads back. An unreadable one
         (a truncated or edited file) is logged and set aside as ``<name>.bad-*``, so the caller
-        computes it again."""
+        computes it again.
+        """
         p = self.result_path(name)
         json_path, npz_path = p.with_name(name + ".json"), p.with_name(name + ".npz")
         if not (json_path.exists() and npz_path.exists()):
@@ -301,7 +303,8 @@ class RunFolder:
 
     def cached(self, name: str, compute, message: str) -> Result:
         """The saved result ``name`` if an earlier run finished it, else ``compute()`` (logged
-        with ``message``), saved atomically before it is returned: the unit of resuming."""
+        with ``message``), saved atomically before it is returned: the unit of resuming.
+        """
         if self.has(name):
             return self.load(name)
         self.log(message)
@@ -429,7 +432,8 @@ def model_keys(cfg: Mapping) -> tuple[str, ...]:
 
 def recorded_config(cfg: Mapping) -> dict:
     """The configuration as a run folder records it: the ``[model]`` table keeps only the keys
-    its model uses (a CTRNN's run does not carry the normal forms' ``form`` and ``mu``)."""
+    its model uses (a CTRNN's run does not carry the normal forms' ``form`` and ``mu``).
+    """
     out = dict(cfg)
     if isinstance(cfg.get("model"), Mapping) and "name" in cfg["model"]:
         out["model"] = {k: cfg["model"][k] for k in model_keys(cfg["model"]) if k in cfg["model"]}

@@ -98,7 +98,8 @@ def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh
 @friendly
 def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet, inputs_file):
     """Spectral density of the sNTK: the top eigenvalues exactly plus stochastic Lanczos
-    quadrature of the rest (linear and log scale)."""
+    quadrature of the rest (linear and log scale).
+    """
     from .. import deflated_slq, spectral_density
     from ._figures import density_figure
 

@@ -43,7 +43,8 @@ def criticality(eigs: torch.Tensor, kind: str) -> torch.Tensor:
 def euler_fields(eigs: torch.Tensor, dt: float | None) -> dict:
     """``dt``, ``euler_max_multiplier = max |1 + dt λ|`` over the last axis of ``eigs`` and
     ``euler_stable`` (all ``|1 + dt λ| < 1``): the stability of the Euler map ``x ↦ x + dt f``
-    that a simulated flow follows (all None without ``dt``)."""
+    that a simulated flow follows (all None without ``dt``).
+    """
     if dt is None:
         return {"dt": None, "euler_max_multiplier": None, "euler_stable": None}
     if eigs.numel() == 0:
@@ -274,7 +275,8 @@ def eigenvalue_derivatives(
 
 def _sensitivities(system, x, p, v, w) -> dict:
     """``∂λ/∂θ`` (at fixed x) and ``dλ/dθ`` (along the branch), ``∂λ/∂p`` at fixed x, and
-    ``g = (∂f/∂θ)ᵀ w`` flattened."""
+    ``g = (∂f/∂θ)ᵀ w`` flattened.
+    """
     real = not (v.is_complex() or w.is_complex())
     out_dtype = x.dtype if real else torch.complex128
 

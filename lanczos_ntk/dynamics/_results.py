@@ -225,7 +225,8 @@ class Branch(Result):
         """Parameter values where the Euler map's fixed point gains or loses stability
         (``max |1 + dt λ| = 1``, linear interpolation between branch points); ``[]`` for maps
         and flows without ``dt``. Compare with the flow's (``Re λ = 0``) bifurcations: the
-        simulated trajectories, and so the kernel, follow the map."""
+        simulated trajectories, and so the kernel, follow the map.
+        """
         if self.euler_max_multiplier is None or len(self) < 2:
             return []
         m = self.euler_max_multiplier.to(torch.float64) - 1.0

@@ -67,7 +67,8 @@ def _order(theta: torch.Tensor, which: str, null: torch.Tensor) -> torch.Tensor:
 
 def _target(theta: torch.Tensor, tol: float, eps: float, anorm: float) -> torch.Tensor:
     """Residual each Ritz pair must reach: ``tol * max(|θ|, eps ||A||)`` (relative to the
-    eigenvalue, as ARPACK; the ``eps ||A||`` only keeps exact zeros of ``A`` reachable)."""
+    eigenvalue, as ARPACK; the ``eps ||A||`` only keeps exact zeros of ``A`` reachable).
+    """
     return tol * torch.clamp(theta.abs(), min=eps * anorm)
 
 

@@ -31,7 +31,8 @@ class QuadratureNodes(NamedTuple):
 
 def _reorth(W: torch.Tensor, basis: torch.Tensor) -> None:
     """Per-probe Gram–Schmidt of ``W [n, p]`` against ``basis [p, j, n]`` (in place): two
-    batched matrix products, one small ``[j, n]`` basis per probe."""
+    batched matrix products, one small ``[j, n]`` basis per probe.
+    """
     H = torch.bmm(basis, W.T.unsqueeze(-1))  # [p, j, 1]
     W -= torch.bmm(basis.transpose(1, 2), H).squeeze(-1).T
 

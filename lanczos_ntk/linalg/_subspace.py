@@ -1,5 +1,6 @@
 """One step of subspace iteration with Rayleigh–Ritz: tracking a dominant subspace that moves
-a little between calls (an operator along a training run), at the cost of one block product."""
+a little between calls (an operator along a training run), at the cost of one block product.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ __all__ = ["SubspaceStep", "subspace_step"]
 class SubspaceStep(NamedTuple):
     """``eigenvalues`` (descending) and ``eigenvectors`` (Ritz pairs from the basis ``V``),
     their true ``residuals`` ``‖A x − θ x‖``, and ``basis``: the orthonormal basis for the next
-    step, ``orth(A V S)`` (one step of subspace iteration)."""
+    step, ``orth(A V S)`` (one step of subspace iteration).
+    """
 
     eigenvalues: torch.Tensor
     eigenvectors: torch.Tensor

@@ -21,7 +21,8 @@ __all__ = ["Completed", "complete_multiplicities"]
 class Completed(NamedTuple):
     """The top-``k`` after the check: pairs, true residuals, convergence mask, cost, and the
     status of the pairs (``"converged"``, ``"accuracy_limited"`` when the unconverged ones sit
-    at the rounding floor ``10 sqrt(n) eps ||A||``, else ``"max_iterations"``)."""
+    at the rounding floor ``10 sqrt(n) eps ||A||``, else ``"max_iterations"``).
+    """
 
     eigenvalues: torch.Tensor
     eigenvectors: torch.Tensor

@@ -33,7 +33,8 @@ def check_inputs(u: torch.Tensor, input_size: int | None, name: str = "inputs") 
 def check_finite(u: torch.Tensor, name: str = "inputs") -> None:
     """Raise a clear error naming the first non-finite entry of ``u [B, T, d]``. Kept out of
     :func:`check_inputs`, which runs inside ``forward``: a data-dependent check there would
-    break tracing (``torch.func.linearize``, ``vmap``) of the models."""
+    break tracing (``torch.func.linearize``, ``vmap``) of the models.
+    """
     bad = ~torch.isfinite(u)
     if bool(bad.any()):
         where = tuple(int(i) for i in torch.nonzero(bad)[0])
@@ -77,7 +78,8 @@ class StateSpaceModel(nn.Module):
 
     def _make_readout(self, readout_size: int | None, generator: torch.Generator, dtype: torch.dtype) -> None:
         """Linear readout with PyTorch's default init ``U(±1/sqrt(n))``, drawn from ``generator``
-        (called last by each model, so its other weights do not depend on the readout)."""
+        (called last by each model, so its other weights do not depend on the readout).
+        """
         if readout_size is None:
             return
         self.readout = nn.utils.skip_init(nn.Linear, self.state_size, int(readout_size), dtype=dtype)
@@ -124,7 +126,8 @@ class StateSpaceModel(nn.Module):
 
 class RhsView(nn.Module):
     """A model seen through its one-step ``rhs``, so ``functional_call`` reaches ``rhs(h, u)``
-    instead of ``forward`` (parameter names gain the prefix ``m.``)."""
+    instead of ``forward`` (parameter names gain the prefix ``m.``).
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()

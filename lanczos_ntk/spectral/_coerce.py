@@ -1,5 +1,6 @@
 """Operators in any accepted form, coerced to one matvec closure, and the side (``K`` or its
-dual) to work on."""
+dual) to work on.
+"""
 
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ def _check_symmetric(matmul: Callable, n: int, dtype: torch.dtype, what: str) ->
     """Refuse an operator that is clearly not symmetric: ``xᵀ(A y)`` against ``yᵀ(A x)`` for
     two random vectors (one call of two products), relative to ``||x|| ||A y|| + ||y|| ||A x||``.
     The tolerance, ``1e-4``, passes operators that are symmetric up to float32 rounding and
-    refuses a generic non-symmetric matrix (relative asymmetry about ``1 / sqrt(n)``)."""
+    refuses a generic non-symmetric matrix (relative asymmetry about ``1 / sqrt(n)``).
+    """
     X = torch.randn(n, 2, generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
     Y = torch.as_tensor(matmul(X.to(dtype))).to(torch.float64).reshape(n, 2)
     if not bool(torch.isfinite(Y).all()):

@@ -112,7 +112,8 @@ class DeflatedSLQ(Result):
 
     def square_bounds(self, t1: float) -> tuple[float, float]:
         """The remainder's ``tr R²`` lies in ``[t1² / (n - k), λ_{k+1} t1]`` with
-        ``λ_{k+1} <= θ_k + ||r_k||``."""
+        ``λ_{k+1} <= θ_k + ||r_k||``.
+        """
         rest = max(self.dimension - self.k, 1)
         hi = (float(self.top[-1]) + float(self.top_residuals[-1])) * t1 if self.k else math.inf
         return t1 * t1 / rest, max(hi, t1 * t1 / rest)

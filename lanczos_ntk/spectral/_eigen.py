@@ -252,7 +252,8 @@ def eigsh(
 def _split_primal_eigenvectors(K: Any, dual: EigshResult) -> EigshResult:
     """Eigenpairs of a ``K`` split over a process group, from those of ``G = K.dual()``:
     ``y = J x / sqrt(λ)`` on this rank's rows, with the true residuals ``‖K y − λ y‖`` over all
-    ranks (``K y − λ y = J (G x − λ x) / sqrt(λ)``: one block product on each side)."""
+    ranks (``K y − λ y = J (G x − λ x) / sqrt(λ)``: one block product on each side).
+    """
     lam, X = dual.eigenvalues, dual.eigenvectors
     scale = lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()
     Y = K.jvp(X) / scale

@@ -1,5 +1,6 @@
 """Stochastic Lanczos quadrature and what it gives without new products: ``tr f``, traces,
-spectral densities, effective ranks."""
+spectral densities, effective ranks.
+"""
 
 from __future__ import annotations
 
@@ -178,7 +179,8 @@ def _method_of(result: Any) -> str:
 
 def trace_from_slq(result: Any) -> TraceResult:
     """``tr A`` from an SLQ result (for Rademacher probes: Hutchinson with the same probes),
-    never below the largest eigenvalue known (the top node, or the deflated ``λ_max``)."""
+    never below the largest eigenvalue known (the top node, or the deflated ``λ_max``).
+    """
     r = tr_f(result, lambda x: x, degree=1)
     floor = result.lambda_max if _is_deflated(result) else 0.0
     return dataclasses.replace(r, estimate=max(r.estimate, floor))
@@ -190,7 +192,8 @@ def _zero_cut(result: Any, zero_rtol: float) -> float:
 
 def _measure(result: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All nodes with their weights in eigenvalues per node, averaged over probes, plus the
-    per-probe (structural + quadrature) counts: ``(x, w, per_probe_weights [s, m])``."""
+    per-probe (structural + quadrature) counts: ``(x, w, per_probe_weights [s, m])``.
+    """
     if _is_deflated(result):
         rem = result.remainder
         x = torch.cat([result.top, rem.nodes.flatten()])
@@ -202,7 +205,8 @@ def _measure(result: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _count_bound(quad: SLQResult, cut: float) -> float:
     """Chebyshev–Markov–Stieltjes: the distribution function of probe ``p``'s measure at
     ``cut`` lies between the quadrature's count without and with the nodes bracketing ``cut``;
-    return ``n`` times the mean over probes of the larger bracketing weight."""
+    return ``n`` times the mean over probes of the larger bracketing weight.
+    """
     order = torch.argsort(quad.nodes, dim=1)
     nodes = torch.gather(quad.nodes, 1, order)
     weights = torch.gather(quad.weights, 1, order)
@@ -339,7 +343,8 @@ def _rank_from_quadrature(
     r: Any, kind: str, rtol: float, lambda_max: float | None
 ) -> tuple[float, float, float]:
     """``(value, standard error, quadrature error)`` of an effective rank from a quadrature
-    result. Values are clamped to what a PSD spectrum allows (``[1, n]`` when ``A != 0``)."""
+    result. Values are clamped to what a PSD spectrum allows (``[1, n]`` when ``A != 0``).
+    """
     n = r.dimension
     s1 = r.samples(_identity)
     a = r.exact_part(_identity) + float(s1.mean())

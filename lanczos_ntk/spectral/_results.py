@@ -125,7 +125,8 @@ class SLQResult(Result):
         """How much the last Lanczos step moved the estimate of ``tr f``: the mean over probes of
         the ``m``-step minus the ``(m-1)``-step quadrature (Gauss quadrature converges fast, so
         this over-states the error of the ``m``-step rule). ``0`` for a polynomial ``f`` of
-        ``degree < 2m`` (exact), ``inf`` when it cannot be told (``m = 1``, or no recurrences)."""
+        ``degree < 2m`` (exact), ``inf`` when it cannot be told (``m = 1``, or no recurrences).
+        """
         m = self.nodes.shape[1]
         if degree is not None and degree < 2 * m:
             return 0.0
@@ -143,7 +144,8 @@ class SLQResult(Result):
 
     def square_bounds(self, t1: float) -> tuple[float, float]:
         """Bounds on the stochastic part of ``tr A²`` given that of ``tr A``:
-        ``tr(A)² / n <= tr A²`` (Cauchy–Schwarz); no useful upper bound."""
+        ``tr(A)² / n <= tr A²`` (Cauchy–Schwarz); no useful upper bound.
+        """
         return t1 * t1 / max(self.dimension, 1), math.inf
 
 
@@ -175,7 +177,8 @@ class SpectralDensity(Result):
 class TraceResult(Result):
     """A trace estimate ``tr f(A)`` with its standard error: the spread over probes combined
     with ``quadrature_error`` (the change over the last Lanczos step, 0 where exact); ``status``
-    is ``TOO_FEW_STEPS`` when that change exceeds 5% of the estimate."""
+    is ``TOO_FEW_STEPS`` when that change exceeds 5% of the estimate.
+    """
 
     estimate: float
     standard_error: float
@@ -226,7 +229,8 @@ class ConditionNumber(Result):
 
 class NoConvergence(RuntimeError):
     """Raised by :func:`eigsh` with ``raise_on_failure=True``; ``.result`` holds the partial
-    :class:`EigshResult` (Ritz pairs, residuals and the ``converged`` mask)."""
+    :class:`EigshResult` (Ritz pairs, residuals and the ``converged`` mask).
+    """
 
     def __init__(self, message: str, result: EigshResult):
         super().__init__(message)
