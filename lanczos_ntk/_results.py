@@ -195,7 +195,7 @@ class Result:
         import io
 
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # (numpy's stub: allow_pickle)
         doc["npz_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()  # binds the pair
         atomic_write_bytes(npz_path, buf.getvalue())
         atomic_write_text(json_path, json.dumps(doc, indent=1, allow_nan=False))

@@ -427,6 +427,7 @@ class KernelTracker:
             self._v0 = step.eigenvectors[:, :k]
         top = eigsh(G, k=k, tol=self.tol, return_eigenvectors=True, v0=self._v0, generator=self.generator)
         self.num_matvecs += int(top.num_matvecs)
+        assert top.eigenvectors is not None  # asked for
         X = top.eigenvectors.to(torch.float64)
         self._v0 = X
         width = min(k + 2, P)
@@ -438,7 +439,7 @@ class KernelTracker:
         self._basis = torch.linalg.qr(X).Q
         return (
             top.eigenvalues.to(torch.float64),
-            top.eigenvectors.to(torch.float64),
+            X[:, :k],
             top.residuals.to(torch.float64),
         )
 
@@ -500,7 +501,7 @@ class KernelTracker:
         from .dynamics import find_fixed_points
 
         model = self.model
-        n = int(model.state_size)
+        n = int(model.state_size)  # type: ignore[arg-type]  # (nn.Module attributes type as Module)
         origin = torch.zeros(1, n, dtype=torch.float64)
         fp = None
         if self._known is not None:  # continued: a few steps from the last record's points

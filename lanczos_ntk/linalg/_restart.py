@@ -357,6 +357,7 @@ def thick_restart_lanczos(
                 AY = work(vecs)
                 num_matmuls, num_matvecs = num_matmuls + 1, num_matvecs + len(wanted)
             else:
+                assert state.AQ is not None  # kept whenever the products are not fresh
                 AY = state.AQ[:, :m] @ Z[:, wanted]
             # Rayleigh quotients: eigh(T) has absolute errors ~ eps ||T||, which swamp small
             # eigenvalues next to huge ones (a 1e12 dynamic range); y^T A y does not

@@ -101,6 +101,7 @@ def complete_multiplicities(
         matvecs, matmuls = matvecs + chk.num_matvecs, matmuls + chk.num_matmuls
         if chk.status == "failed" or chk.eigenvalues.numel() == 0:
             break
+        assert chk.eigenvectors is not None  # asked for
         kth = float(_key(theta, which).min())
         if float(_key(chk.eigenvalues, which)[0]) + float(chk.residuals[0]) < kth:
             break
@@ -118,7 +119,9 @@ def complete_multiplicities(
             return_eigenvectors=True,
         )
         matvecs, matmuls = matvecs + fine.num_matvecs, matmuls + fine.num_matmuls
-        y = (fine if fine.status != "failed" else chk).eigenvectors[:, :1]
+        best = (fine if fine.status != "failed" else chk).eigenvectors
+        assert best is not None
+        y = best[:, :1]
         y = y - Y @ (Y.T @ y)
         Q, _ = torch.linalg.qr(torch.cat([Y, y / torch.linalg.vector_norm(y)], dim=1))
         AQ = work(Q)

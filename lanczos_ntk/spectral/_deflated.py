@@ -212,11 +212,12 @@ def deflated_slq(
     kk = min(k if k is not None else start, max(n - 1, 1))
     k_max = min(max(k_max, kk), max(n - 1, 1))
     matvecs = 0
-    history = []
+    history: list[tuple[int, float]] = []
     U = None
     status = Status.CONVERGED
     while True:
         if given is not None and given.shape[1] >= kk:
+            assert eigenpairs is not None  # given comes from it
             found = dataclasses.replace(eigenpairs, eigenvectors=given[:, :kk])
             given = None
         else:
@@ -224,6 +225,7 @@ def deflated_slq(
             matvecs += found.num_matvecs
         if found.status not in (Status.CONVERGED, Status.ACCURACY_LIMITED):
             status = found.status
+        assert found.eigenvectors is not None  # asked for
         U, AU, top = _rayleigh_ritz(work, found.eigenvectors.to(torch.float64))
         matvecs += U.shape[1]
         PAU = AU - U @ (U.T @ AU)

@@ -190,6 +190,7 @@ def eigsh(
         and len(values)
         and status in (Status.CONVERGED, Status.ACCURACY_LIMITED)
     ):
+        assert vectors is not None  # computed whenever verify is on
         done = linalg.complete_multiplicities(
             A.matmul,
             A.n,
@@ -255,6 +256,7 @@ def _split_primal_eigenvectors(K: Any, dual: EigshResult) -> EigshResult:
     ranks (``K y − λ y = J (G x − λ x) / sqrt(λ)``: one block product on each side).
     """
     lam, X = dual.eigenvalues, dual.eigenvectors
+    assert X is not None  # asked for
     scale = lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()
     Y = K.jvp(X) / scale
     R = K.jvp(K.dual().matmul(X) - X * lam) / scale

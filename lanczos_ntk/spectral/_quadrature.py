@@ -190,9 +190,9 @@ def _zero_cut(result: Any, zero_rtol: float) -> float:
     return zero_rtol * max(float(result.lambda_max), 0.0)
 
 
-def _measure(result: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _measure(result: Any) -> tuple[torch.Tensor, torch.Tensor, SLQResult]:
     """All nodes with their weights in eigenvalues per node, averaged over probes, plus the
-    per-probe (structural + quadrature) counts: ``(x, w, per_probe_weights [s, m])``.
+    quadrature they come from (the remainder's for a deflated result): ``(x, w, quad)``.
     """
     if _is_deflated(result):
         rem = result.remainder

@@ -46,7 +46,7 @@ def trace(
     A = as_operator(op, side)
     gen, seed = _seed_of(generator)
     dev = _work_device(A)
-    kw = dict(side=A.side, dimension=A.n, primal_dimension=A.primal_dimension)
+    kw: dict[str, Any] = dict(side=A.side, dimension=A.n, primal_dimension=A.primal_dimension)
     if method == "exact":
         if A.dense is not None:
             return TraceResult(float(torch.diagonal(A.dense).sum()), 0.0, "exact", 0, seed=None, **kw)
