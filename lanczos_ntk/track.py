@@ -274,6 +274,10 @@ class KernelTracker:
         Between records the top pairs are tracked by one step of subspace iteration (one block
         product of ``k + 2`` vectors); when a pair's residual exceeds ``track_tol · λ₁`` the
         record falls back to a warm-started Lanczos solve. The residuals are recorded.
+    search_every : int
+        Fixed points are continued from the last record's points (a few Newton steps); every
+        ``search_every`` records the search also starts from the trials' final states, so that
+        points born at a bifurcation join the records.
     num_probes : int
         Hutchinson probes for the participation rank ``(tr G)² / tr G²`` beyond the top pairs
         (one block product; their spread is the rank's standard error).
@@ -299,6 +303,7 @@ class KernelTracker:
         tol: float = 1e-6,
         num_probes: int = 8,
         track_tol: float = 1e-2,
+        search_every: int = 10,
         generator: torch.Generator | None = None,
     ):
         from ._functional import resolve_params
@@ -309,6 +314,8 @@ class KernelTracker:
             raise ValueError(f"expected a positive horizon (steps), got {horizon}")
         if int(window) < 2:
             raise ValueError(f"expected window >= 2, got {window}")
+        if int(search_every) < 1:
+            raise ValueError(f"expected search_every >= 1, got {search_every}")
         self.model, self.inputs = model, inputs
         self.every, self.k, self.horizon, self.window = int(every), int(k), horizon, int(window)
         self.names = tuple(resolve_params(model, params))
@@ -331,6 +338,8 @@ class KernelTracker:
         self._rec: dict[str, list] = {f: [] for f in _FIELDS}
         self._v0: torch.Tensor | None = None
         self._basis: torch.Tensor | None = None
+        self.search_every = int(search_every)
+        self._since_search = 0
         self.track_tol = float(track_tol)
         self._tracked: torch.Tensor | None = None
         self._known: torch.Tensor | None = None
@@ -504,7 +513,9 @@ class KernelTracker:
         n = int(model.state_size)  # type: ignore[arg-type]  # (nn.Module attributes type as Module)
         origin = torch.zeros(1, n, dtype=torch.float64)
         fp = None
-        if self._known is not None:  # continued: a few steps from the last record's points
+        self._since_search += 1
+        if self._known is not None and self._since_search < self.search_every:
+            # continued: a few steps from the last record's points
             fp = find_fixed_points(
                 model,
                 torch.cat([self._known, origin]),
@@ -513,7 +524,8 @@ class KernelTracker:
                 opt_steps=5,
                 newton_steps=8,
             )
-        if fp is None or len(fp) == 0:  # first record, or lost: search from the trials too
+        if fp is None or len(fp) == 0:  # first record, lost, or due: search from the trials too
+            self._since_search = 0
             with torch.no_grad():
                 states = model(self.inputs.to(next(model.parameters()).dtype))
             states = (states[0] if isinstance(states, tuple) else states)[:, -1]
@@ -523,7 +535,8 @@ class KernelTracker:
                 parts: list = [None] * torch.distributed.get_world_size(group)
                 torch.distributed.all_gather_object(parts, states.cpu(), group=group)
                 states = torch.cat(parts).to(states.device)
-            seeds = torch.cat([origin, states])
+            known = self._known if self._known is not None else origin[:0]
+            seeds = torch.cat([known, origin, states])
             fp = find_fixed_points(
                 model, seeds, u=self.u, generator=self.generator, opt_steps=40, newton_steps=8
             )
@@ -557,6 +570,11 @@ class KernelTracker:
         return out
 
     # ------------------------------------------------------------------------------ results
+    @property
+    def fixed_points(self) -> torch.Tensor | None:
+        """The fixed points found at the last record ``[F, n]`` (``None`` before any)."""
+        return None if self._known is None else self._known.clone()
+
     @property
     def records(self) -> TrackRecords:
         """Every record so far, as a result object (save / load / plot)."""

@@ -321,3 +321,30 @@ def test_track_command_on_your_own_model(tmp_path):
     )
     assert wrong.exit_code == 2 and "targets of the states' shape" in wrong.output
     assert not (tmp_path / "c").exists()
+
+
+def test_fixed_points_born_at_a_pitchfork_join_the_records():
+    """1-unit CTRNN, b = 0, w = 0.6 + 0.1 s: past w = 1 the origin has the partners ±h*,
+    h* = w tanh h* (closed form up to a scalar root); the periodic search finds them, the
+    continued one alone does not, and the tracked point stays the origin."""
+    import scipy.optimize
+
+    model = _one_unit(0.6, 0.0)
+    u = torch.zeros(3, 30, 1, dtype=F64)
+    u[:, :5, 0] = torch.tensor([-1.0, 0.0, 1.0], dtype=F64)[:, None]
+    every = track.KernelTracker(model, u, k=1, search_every=2)
+    never = track.KernelTracker(model, u, k=1, search_every=10**6)
+    for s in range(9):
+        with torch.no_grad():
+            model.W.fill_(0.6 + 0.1 * s)
+        every.record(s)
+        never.record(s)
+    w = 0.6 + 0.1 * 8
+    h_star = scipy.optimize.brentq(lambda h: -h + w * math.tanh(h), 0.1, 5.0)
+    rec = every.records
+    assert rec.num_fixed_points[:4].tolist() == [1, 1, 1, 1]  # w <= 0.9 (< 1)
+    assert rec.num_fixed_points[-1] == 3 and rec.num_stable[-1] == 2
+    assert never.records.num_fixed_points[-1] == 1
+    assert float(rec.leading[-1]) == pytest.approx(-1 + w, abs=1e-9)  # still the origin
+    found = every.fixed_points[:, 0].sort().values
+    torch.testing.assert_close(found, torch.tensor([-h_star, 0.0, h_star], dtype=F64), rtol=0, atol=1e-9)
