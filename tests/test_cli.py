@@ -651,3 +651,21 @@ def test_every_command_shares_the_run_folder_handling(tmp_path, monkeypatch, com
     res = CliRunner().invoke(main, [*command, "--out", str(out)])
     assert res.exit_code == 130 and f"--out {out}" in res.output
     assert "interrupted" in (out / "run.log").read_text()
+
+
+def test_run_folder_results_name_a_public_type_and_old_files_load(tmp_path):
+    """A sweep's saved points name ``lanczos_ntk.cli:SweepPoint``; a file naming the module that
+    computes them (as written before) loads the same."""
+    import json
+
+    out = tmp_path / "sweep"
+    run(["sweep", *TINY_SWEEP, "--out", str(out)])
+    path = sorted((out / "results").glob("point-*.json"))[0]
+    meta = json.loads(path.read_text())
+    assert meta["type"] == "lanczos_ntk.cli:SweepPoint"
+    assert meta["fields"]["spectrum"]["__result__"] == "lanczos_ntk.cli:SpectralSummary"
+    before = lnk.load_result(path.with_suffix(""))
+    meta["type"] = "lanczos_ntk.cli._compute:SweepPoint"
+    path.write_text(json.dumps(meta))
+    again = lnk.load_result(path.with_suffix(""))
+    assert type(again) is type(before) and again.value == before.value
