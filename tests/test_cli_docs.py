@@ -36,3 +36,26 @@ def test_import_is_free_of_deprecation_warnings():
         text=True,
     )
     assert res.returncode == 0, res.stderr[-500:]
+
+
+def test_the_tracker_page_snippet_runs():
+    """The training-loop example of docs/track.md runs as it stands (its warnings recorded)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    from lanczos_ntk.track import BifurcationWarning
+
+    matplotlib.use("Agg", force=True)
+    text = (DOCS / "track.md").read_text(encoding="utf-8")
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    namespace: dict = {"print": lambda *a, **k: None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BifurcationWarning)
+        exec(compile(block, "track.md", "exec"), namespace)
+    records = namespace["records"]
+    assert records.steps.tolist() == list(range(0, 20, 2))
+    crossed = int(torch.nonzero(records.leading >= 0)[0])  # the student does cross ...
+    assert records.first_warning is not None and records.first_warning < int(records.steps[crossed])
+    plt.close("all")
