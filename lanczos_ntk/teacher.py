@@ -453,15 +453,11 @@ def detect_crossing(steps, leading, num_stable=None, *, threshold: float = 0.0) 
     y = torch.as_tensor(leading, dtype=torch.float64).reshape(-1)
     if s.shape != y.shape:
         raise ValueError(f"expected steps and leading of the same length, got {s.numel()} and {y.numel()}")
-    step = index = None
+    from .track import first_crossing
+
+    hit = first_crossing(s, y, threshold)
+    step, index = hit if hit is not None else (None, None)
     below = y < threshold
-    for i in range(1, y.numel()):
-        if bool(below[i - 1]) and not bool(below[i]):
-            y0, y1 = float(y[i - 1]), float(y[i])
-            frac = (threshold - y0) / (y1 - y0) if y1 != y0 else 1.0
-            step = float(s[i - 1] + frac * (s[i] - s[i - 1]))
-            index = i
-            break
     recross = 0
     if index is not None:
         b = below[index:].to(torch.int64)

@@ -238,6 +238,18 @@ _FIELDS = (
 )
 
 
+# a record's dynamics columns without a tracked fixed point (or without dynamics)
+_NO_DYNAMICS = {
+    "lead": math.nan,
+    "nfp": 0,
+    "nst": 0,
+    "ccos": math.nan,
+    "dcos": math.nan,
+    "gcos": math.nan,
+    "gdcos": math.nan,
+}
+
+
 class KernelTracker:
     """Record the sNTK's spectrum and the model's dynamics during training (module docstring).
 
@@ -371,19 +383,7 @@ class KernelTracker:
         u1 = vectors[:, 0].to(torch.float64)
         grad = self._gradient(loss)
         row: dict[str, Any] = {"steps": int(step), "eig": values, "res": residuals, "pr": pr, "pr_se": pr_se}
-        row.update(
-            self._dynamics(u1, grad)
-            if self.dynamics
-            else {
-                "lead": math.nan,
-                "nfp": 0,
-                "nst": 0,
-                "ccos": math.nan,
-                "dcos": math.nan,
-                "gcos": math.nan,
-                "gdcos": math.nan,
-            }
-        )
+        row.update(self._dynamics(u1, grad) if self.dynamics else _NO_DYNAMICS)
         for key, v in row.items():
             self._rec[key].append(v)
         est = estimate_crossing(
@@ -540,15 +540,7 @@ class KernelTracker:
             fp = find_fixed_points(
                 model, seeds, u=self.u, generator=self.generator, opt_steps=40, newton_steps=8
             )
-        nan = {
-            "lead": math.nan,
-            "nfp": len(fp),
-            "nst": int(fp.stable.sum()) if len(fp) else 0,
-            "ccos": math.nan,
-            "dcos": math.nan,
-            "gcos": math.nan,
-            "gdcos": math.nan,
-        }
+        nan = dict(_NO_DYNAMICS, nfp=len(fp), nst=int(fp.stable.sum()) if len(fp) else 0)
         if len(fp) == 0:
             return nan
         ref = self._tracked if self._tracked is not None else origin[0]
@@ -646,15 +638,21 @@ class TrainingTrack(Result):
     overhead: float
 
 
-def first_crossing(steps, leading) -> float | None:
-    """The first step where ``leading`` rises from below 0 to 0 or above, interpolated."""
+def first_crossing(steps, leading, threshold: float = 0.0) -> tuple[float, int] | None:
+    """The first record where ``leading`` rises from below ``threshold`` to it or above.
+
+    Returns ``(step, index)``: the step linearly interpolated between the two records (the later
+    record's step when the earlier value is not finite) and the later record's index; ``None``
+    without a crossing. A ``nan`` does not count as below (map it to ``-inf`` to make it so).
+    """
     s = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)
-    y = torch.nan_to_num(torch.as_tensor(leading, dtype=torch.float64).reshape(-1), nan=-math.inf)
+    y = torch.as_tensor(leading, dtype=torch.float64).reshape(-1)
+    below = y < threshold
     for i in range(1, y.numel()):
-        if float(y[i - 1]) < 0 <= float(y[i]):
+        if bool(below[i - 1]) and not bool(below[i]):
             y0, y1 = float(y[i - 1]), float(y[i])
-            frac = -y0 / (y1 - y0) if math.isfinite(y0) and y1 != y0 else 1.0
-            return float(s[i - 1] + frac * (s[i] - s[i - 1]))
+            frac = (threshold - y0) / (y1 - y0) if math.isfinite(y0) and y1 != y0 else 1.0
+            return float(s[i - 1] + frac * (s[i] - s[i - 1])), i
     return None
 
 
@@ -715,7 +713,8 @@ def train_tracked(
             if progress is not None:
                 progress(step + 1, S)
     rec = tracker.records
-    crossing = first_crossing(rec.steps, rec.leading)
+    hit = first_crossing(rec.steps, torch.nan_to_num(rec.leading, nan=-math.inf))
+    crossing = hit[0] if hit is not None else None
     warn = rec.first_warning
     est = None
     if warn is not None:

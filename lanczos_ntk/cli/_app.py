@@ -115,10 +115,17 @@ def friendly(fn):
             raise CliError(str(exc)) from None
         except (RuntimeError, torch.distributed.DistError) as exc:
             launch = _SESSION["launch"]
-            if launch is None or not launch.distributed:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            # only a failed collective (the backend's error) is a lost rank; other errors are
+            # the program's and keep their traceback
+            collective = (
+                isinstance(exc, torch.distributed.DistError)
+                or text.startswith("[")
+                and ("gloo" in text or "nccl" in text.lower())
+            )
+            if launch is None or not launch.distributed or not collective:
                 raise
             _leave_group(success=False)
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             first = re.sub(r"^\[[^\]]*\]\s*", "", text)  # without the backend's source location
             raise LostRankError(
                 f"rank {launch.rank}: a collective with the other ranks failed ({first[:160]}); "
@@ -140,6 +147,51 @@ def _leave_group(success: bool) -> None:
     if success:
         torch.distributed.barrier(group=launch.group)
     torch.distributed.destroy_process_group()
+
+
+def experiment_options(default_out: str, set_example: str):
+    """Options of the experiment commands (``teacher``, ``track``): ``--out``, ``--config`` (a
+    ``TeacherConfig`` TOML), ``--set``, ``--fresh``, ``--quiet`` and ``--threads`` (1 by
+    default: their problems are small).
+    """
+    options = [
+        click.option(
+            "--out",
+            type=click.Path(file_okay=False),
+            default=default_out,
+            show_default=True,
+            help="Run folder (results/, figures/, summary.json); re-running resumes.",
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            help="TOML file with TeacherConfig keys (see experiments/teacher.toml).",
+        ),
+        click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help=f"Override a configuration key, e.g. --set {set_example} (repeatable).",
+        ),
+        click.option("--fresh", is_flag=True, help="Discard what the run folder holds and start over."),
+        click.option("--quiet", is_flag=True, help="No progress bar and no summary on the terminal."),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Torch CPU threads (the problem is small: more threads mostly add overhead).",
+        ),
+    ]
+
+    def wrap(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return wrap
 
 
 def common_options(fn):

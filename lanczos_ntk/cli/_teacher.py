@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from ._app import friendly, main, run_folder
+from ._app import experiment_options, friendly, main, run_folder
 from ._runs import ConfigError, load_config, merge_config, parse_list, parse_overrides
 
 __all__ = ["plot_collapse", "plot_landscape", "plot_optimizers", "teacher_command"]
@@ -302,26 +302,7 @@ def _seed_study(cfg, run, seeds, archs, optimizer, quiet, out):
 
 
 @main.command("teacher")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False),
-    default="runs/teacher",
-    show_default=True,
-    help="Run folder (results/, figures/, summary.json); re-running resumes.",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False),
-    help="TOML file with TeacherConfig keys (see experiments/teacher.toml).",
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a configuration key, e.g. --set trials=8 (repeatable).",
-)
+@experiment_options("runs/teacher", "trials=8")
 @click.option("--seed", type=int, help="Seed of the problem, eigensolver and fixed-point seeds.")
 @click.option(
     "--steps", type=int, help="Training steps: of the single run (sgd|lrng) or of the comparison (both)."
@@ -335,15 +316,6 @@ def _seed_study(cfg, run, seeds, archs, optimizer, quiet, out):
     default="both",
     show_default=True,
     help="sgd|lrng: one collapse run and its landscape; both: also SGD vs LRNG.",
-)
-@click.option("--fresh", is_flag=True, help="Discard what the run folder holds and start over.")
-@click.option("--quiet", is_flag=True, help="No progress bar and no summary on the terminal.")
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Torch CPU threads (the problem is small: more threads mostly add overhead).",
 )
 @click.option(
     "--seeds",

@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from ._app import friendly, main, run_folder
+from ._app import experiment_options, friendly, main, run_folder
 from ._runs import ConfigError, parse_list
 from ._teacher import _config
 
@@ -23,26 +23,7 @@ __all__ = ["track_command"]
 
 
 @main.command("track")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False),
-    default="runs/track",
-    show_default=True,
-    help="Run folder (results/, figures/, summary.json); re-running resumes.",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False),
-    help="TOML file with TeacherConfig keys (see experiments/teacher.toml).",
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a TeacherConfig key, e.g. --set num_steps=60 (repeatable).",
-)
+@experiment_options("runs/track", "num_steps=60")
 @click.option(
     "--seeds",
     "seeds_text",
@@ -78,15 +59,6 @@ __all__ = ["track_command"]
     default=True,
     show_default=True,
     help="Also run each seed with a teacher below the critical gain (false alarms).",
-)
-@click.option("--fresh", is_flag=True, help="Discard what the run folder holds and start over.")
-@click.option("--quiet", is_flag=True, help="No progress bar and no summary on the terminal.")
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Torch CPU threads (the problem is small: more threads mostly add overhead).",
 )
 @click.option(
     "--model",
