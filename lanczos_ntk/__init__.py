@@ -11,10 +11,8 @@ with _warnings.catch_warnings():
     import linear_operator as _linear_operator  # noqa: F401
 
 from . import channels, dynamics, models, optim, plotting, testing, track  # plotting: matplotlib lazily
-from ._budget import ProductPlan
-from ._operator import DualNTK, NTKPlusNoise, StateNTK
-from ._partial_trace import PartialTrace, partial_trace
 from ._results import Result, Status, load_result
+from .operators import DualNTK, NTKPlusNoise, PartialTrace, ProductPlan, StateNTK, partial_trace
 from .spectral import (
     ConditionNumber,
     DeflatedSLQ,

@@ -33,8 +33,12 @@ import math
 
 import torch
 
-from ._operator import StateNTK, _JacobianProductOperator
 from ._results import Result
+from .dynamics import eigenvalue_derivatives
+from .dynamics._critical import bilinear, critical_vectors, is_complex, trilinear
+from .models._base import RhsView
+from .operators import JacobianProductOperator, ParamSpec, StateNTK, resolve_params
+from .spectral import eigsh, trace
 
 __all__ = [
     "ChannelComparison",
@@ -136,10 +140,6 @@ def critical_direction(
     odd network) and differ elsewhere (upper pitchfork branch: partial 1, total -2). Both are in
     the result (``d_partial``). See :func:`lanczos_ntk.dynamics.eigenvalue_derivatives`.
     """
-    from ._functional import ParamSpec, resolve_params
-    from .dynamics import eigenvalue_derivatives
-    from .dynamics._critical import critical_vectors, is_complex
-
     if derivative not in ("total", "partial"):
         raise ValueError(f"expected derivative 'total' or 'partial', got {derivative!r}")
 
@@ -210,12 +210,11 @@ def critical_direction(
 
 
 def _rhs_with(model, q, x, u):
-    from .models._base import RhsView
 
     return torch.func.functional_call(RhsView(model), {"m." + k: t for k, t in q.items()}, (x, u))
 
 
-class ChannelNTK(_JacobianProductOperator):
+class ChannelNTK(JacobianProductOperator):
     """``K_bif = J Π Jᵀ`` (``part="bif"``) or ``K_res = J (I − Π) Jᵀ`` (``part="res"``).
 
     ``Π = Q Qᵀ`` with ``Q`` an orthonormal basis of the critical parameter direction(s).
@@ -351,8 +350,6 @@ def channel_report(
     (``"hutch++"`` is cheaper for large ``P``). The alignment is ``‖Q_Jᵀ u₁‖`` with ``u₁`` the top eigenvector
     of ``K`` and ``Q_J`` an orthonormal basis of ``J g``: 1 when ``u₁ ∈ span(J g)``.
     """
-    from .spectral import eigsh
-
     K_bif, K_res = split_kernel(K, g)
     engine = K.engine
     start = engine.num_jvp_vectors + engine.num_vjp_vectors
@@ -393,8 +390,6 @@ def _whole_kernel(K: StateNTK, tol: float, generator, trace_method: str) -> tupl
     """What every channel report of one kernel shares: ``λ_max(K)``, the top eigenvector ``u₁``
     of ``K`` (unit, ``[M]``) and ``tr K``.
     """
-    from .spectral import eigsh, trace
-
     engine = K.engine
     dual = engine.P < engine.total_M or engine.group is not None
     top = eigsh(K.dual() if dual else K, k=1, tol=tol, return_eigenvectors=True, generator=generator)
@@ -576,8 +571,6 @@ def real_mode_coefficients(model, direction: CriticalDirection, u: torch.Tensor)
     a real critical mode's normal form ``c ↦ c + s(μ c + a₂ c² + k₃ c³)`` at ``direction.x``
     under the constant input ``u``.
     """
-    from .dynamics._critical import bilinear, trilinear
-
     x = direction.x.to(torch.float64)
     p = {k: t.detach() for k, t in model.named_parameters()}
     v, w = direction.v.real.to(x.dtype), direction.w.real.to(x.dtype)
@@ -591,7 +584,6 @@ def real_mode_coefficients(model, direction: CriticalDirection, u: torch.Tensor)
 def _nonlinearity(
     model, direction: CriticalDirection, u: torch.Tensor, kick: float, delta: float, s: float
 ) -> float:
-    from .dynamics._critical import bilinear, trilinear
 
     if direction.is_real:
         q2, q3 = (abs(c) for c in real_mode_coefficients(model, direction, u))

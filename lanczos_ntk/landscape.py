@@ -28,6 +28,7 @@ import torch
 from torch.func import functional_call, jvp
 
 from ._results import Result
+from .models import CONTINUOUS_FORMS, DISCRETE_FORMS, ContinuousNormalForm, DiscreteNormalForm
 
 __all__ = ["NormalFormLandscape", "normal_form_landscape"]
 
@@ -84,8 +85,6 @@ def normal_form_landscape(
     is minus the pitchfork map, and the Neimark–Sacker modulus follows the pitchfork map),
     so their norms agree trial by trial.
     """
-    from .models import CONTINUOUS_FORMS, DISCRETE_FORMS, ContinuousNormalForm, DiscreteNormalForm
-
     if kind not in ("map", "flow"):
         raise ValueError(f"expected kind 'map' or 'flow', got {kind!r}")
     forms = DISCRETE_FORMS if kind == "map" else CONTINUOUS_FORMS

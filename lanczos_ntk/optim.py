@@ -28,6 +28,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .linalg import subspace_step
+from .operators import StateNTK, resolve_params
+from .spectral import eigsh
+
 __all__ = ["LowRankNaturalGradient"]
 
 
@@ -99,7 +103,6 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         process_group=None,
         reduce_gradients: bool = True,
     ):
-        from ._functional import resolve_params
 
         if lr <= 0:
             raise ValueError(f"expected a positive learning rate, got {lr}")
@@ -146,8 +149,6 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
 
     def refresh(self) -> None:
         """Recompute the top eigenpairs of ``G``: tracked, or a warm-started Lanczos solve."""
-        from ._operator import StateNTK
-
         G = StateNTK(self.model, self.inputs, **self._kw).dual()
         if self.refresh_mode == "lanczos" or self._V is None or not self._track(G):
             self._solve(G)
@@ -164,7 +165,6 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             self.lambda0 = max(bulk, 1e-12 * float(vals[0]), 1e-300)
 
     def _solve(self, G) -> None:
-        from .spectral import eigsh
 
         k = min(self.rank + 1, G.shape[0])
         res = eigsh(
@@ -182,8 +182,6 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
 
     def _track(self, G) -> bool:
         """One subspace-iteration step from the tracked basis; ``False`` if it is not accurate."""
-        from .linalg import subspace_step
-
         V = self._V
         step = subspace_step(G.matmul, V)
         self.num_matvecs += V.shape[1]

@@ -53,6 +53,20 @@ from typing import Any
 import torch
 
 from ._results import Result, Status
+from .channels import (
+    _rhs_with,
+    critical_direction,
+    fit_power_law,
+    predicted_channel_eigenvalue,
+    real_mode_coefficients,
+)
+from .dynamics import find_fixed_points
+from .dynamics._critical import is_complex
+from .models import CTRNN, GRU, DiscreteRNN
+from .operators import ParamSpec, StateNTK
+from .optim import LowRankNaturalGradient
+from .spectral import deflated_slq, effective_rank, eigsh
+from .track import first_crossing, train_tracked
 
 __all__ = [
     "ARCHITECTURES",
@@ -394,9 +408,6 @@ def build_problem(config: TeacherConfig, generator: torch.Generator | None = Non
     trivial point's leading eigenvalue crosses the stability boundary at factor 1; the input
     weights of the state (candidate) are ``m``.
     """
-    from .dynamics._critical import is_complex
-    from .models import CTRNN, GRU, DiscreteRNN
-
     gen = _generator(config, generator)
     n = int(config.state_size)
     m = torch.randn(n, generator=gen, dtype=torch.float64)
@@ -453,7 +464,6 @@ def detect_crossing(steps, leading, num_stable=None, *, threshold: float = 0.0) 
     y = torch.as_tensor(leading, dtype=torch.float64).reshape(-1)
     if s.shape != y.shape:
         raise ValueError(f"expected steps and leading of the same length, got {s.numel()} and {y.numel()}")
-    from .track import first_crossing
 
     hit = first_crossing(s, y, threshold)
     step, index = hit if hit is not None else (None, None)
@@ -565,7 +575,6 @@ class _Spectrum:
         self.probes, self.lanczos_steps = 16, 40
 
     def __call__(self, G) -> tuple[torch.Tensor, torch.Tensor, float, float, Callable]:
-        from .spectral import deflated_slq, effective_rank, eigsh
 
         P = G.shape[0]
         if self.method == "dense":
@@ -614,8 +623,6 @@ class _Spectrum:
 
 def _critical(student, x, names):
     """``(ĝ basis [P, r], d̂ [P], λ_c, direction)`` at the fixed point ``x`` (zero input)."""
-    from .channels import critical_direction
-
     cd = critical_direction(student, x, params=names)
     g = cd.g.to(torch.float64)
     Q, _ = torch.linalg.qr(g)
@@ -624,8 +631,6 @@ def _critical(student, x, names):
 
 def _trivial_point(student, prev: torch.Tensor, seeds: torch.Tensor, generator):
     """Fixed points at zero input, and the index of the one nearest ``prev`` (the trivial branch)."""
-    from .dynamics import find_fixed_points
-
     u = torch.zeros(student.input_size, dtype=torch.float64)
     fp = find_fixed_points(student, seeds, u=u, generator=generator, opt_steps=40, newton_steps=8)
     if len(fp) == 0:
@@ -638,7 +643,6 @@ def _trivial_point(student, prev: torch.Tensor, seeds: torch.Tensor, generator):
 def _make_optimizer(config, student, inputs, optimizer, lr, generator):
     if optimizer == "sgd":
         return torch.optim.SGD(student.parameters(), lr=lr)
-    from .optim import LowRankNaturalGradient
 
     return LowRankNaturalGradient(
         student,
@@ -681,9 +685,6 @@ def run_student_teacher(
     pairs of them (where the saddle between two stable states lies) and the final states of
     the student's trials (Sussillo & Barak 2013).
     """
-    from ._functional import ParamSpec
-    from ._operator import StateNTK
-
     config = config or TeacherConfig()
     gen = _generator(config, generator)
     prob = build_problem(config, gen)
@@ -896,8 +897,6 @@ def normal_form_response(model, cd, inputs: torch.Tensor, *, dt: float) -> tuple
     ``e_{t+1} = e_t + s (c_t + (μ + 2a₂c_t + 3k₃c_t²) e_t)``. A parameter step along ``d̂``
     moves ``μ`` by ``‖d‖``, and the states along ``v``.
     """
-    from .channels import _rhs_with, real_mode_coefficients
-
     x = cd.x.to(torch.float64)
     w = cd.w.real.to(torch.float64)
     params = {k: t.detach() for k, t in model.named_parameters()}
@@ -940,9 +939,6 @@ def channel_landscape(
     The probe trials are ``config.landscape_steps`` long (same pulses, then zero input).
     Cost per point: ``r`` JVPs for ``λ_bif`` plus the spectrum of ``G``.
     """
-    from ._operator import StateNTK
-    from .channels import fit_power_law, predicted_channel_eigenvalue
-
     gen = _generator(config, generator)
     prob = build_problem(config, gen)
     student = prob.student
@@ -1359,8 +1355,6 @@ def run_tracked(
     ``control=True`` replaces the teacher's gain by ``control_gain`` (below the critical gain
     1): the student can fit it without a bifurcation, and every warning is a false alarm.
     """
-    from .track import train_tracked
-
     config = config or TeacherConfig()
     if control:
         config = dataclasses.replace(config, teacher_gain=float(control_gain))

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ._functional import ModelFunction, ParamSpec, resolve_params
+from .operators import ModelFunction, ParamSpec, resolve_params
 
 __all__ = [
     "assert_operator_close",

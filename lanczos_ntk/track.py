@@ -51,6 +51,11 @@ import torch
 from torch import nn
 
 from ._results import Result
+from .channels import critical_direction
+from .dynamics import find_fixed_points
+from .linalg import subspace_step
+from .operators import StateNTK, resolve_params
+from .spectral import eigsh
 
 __all__ = [
     "BifurcationWarning",
@@ -318,7 +323,6 @@ class KernelTracker:
         search_every: int = 10,
         generator: torch.Generator | None = None,
     ):
-        from ._functional import resolve_params
 
         if int(every) < 1 or int(k) < 1:
             raise ValueError(f"expected every >= 1 and k >= 1, got {every} and {k}")
@@ -374,8 +378,6 @@ class KernelTracker:
         """
         import time
 
-        from ._operator import StateNTK
-
         t0 = time.perf_counter()
         G = StateNTK(self.model, self.inputs, **self._kw).dual()
         values, vectors, residuals = self._top(G)
@@ -422,9 +424,6 @@ class KernelTracker:
         product), or a warm-started :func:`~lanczos_ntk.eigsh` when a tracked pair's residual
         exceeds ``track_tol · θ₁`` (and at the first record).
         """
-        from .linalg import subspace_step
-        from .spectral import eigsh
-
         P = G.shape[0]
         k = min(self.k, P)
         if self._basis is not None:
@@ -506,9 +505,6 @@ class KernelTracker:
 
     def _dynamics(self, u1: torch.Tensor, grad: torch.Tensor | None) -> dict:
         """Fixed points continued from the last record; the tracked one's critical data."""
-        from .channels import critical_direction
-        from .dynamics import find_fixed_points
-
         model = self.model
         n = int(model.state_size)  # type: ignore[arg-type]  # (nn.Module attributes type as Module)
         origin = torch.zeros(1, n, dtype=torch.float64)

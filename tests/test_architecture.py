@@ -13,21 +13,9 @@ ROOT = Path(__file__).resolve().parents[1] / "lanczos_ntk"
 
 # bottom to top; a module may import its own layer and the layers below it
 LAYERS = [
-    ("base", ["_tolerances", "_results", "_functional", "_budget", "linalg", "plotting"]),
+    ("base", ["_tolerances", "_results", "linalg", "plotting"]),
     ("models", ["models"]),
-    (
-        "operators",
-        [
-            "_dual_graph",
-            "_rnn_path",
-            "_cells",
-            "_cell_path",
-            "_closed_form",
-            "_engine",
-            "_operator",
-            "_partial_trace",
-        ],
-    ),
+    ("operators", ["operators"]),
     ("spectral", ["spectral", "_deflated"]),  # _deflated: the old path of DeflatedSLQ
     ("dynamics", ["dynamics"]),
     ("analysis", ["channels", "optim", "landscape", "testing"]),

@@ -196,7 +196,7 @@ def test_opaque_blocks_share_one_pass():
     assert calls == [True, True]
     # outputs wider than the CPU working set go through the double backward in column groups
     # (two vectors' outputs fit here: groups of 2), with the same products
-    import lanczos_ntk._engine as engine_module
+    import lanczos_ntk.operators._engine as engine_module
 
     X = torch.randn(K.engine.P, 5, dtype=F64, generator=gen(4))
     want = K.engine.jvp(X)
@@ -242,7 +242,7 @@ def test_cell_path_gram_matches_dense_for_normal_forms():
 
 
 def test_wide_blocks_split_by_trials_on_the_closed_form_path(monkeypatch):
-    import lanczos_ntk._engine as engine
+    import lanczos_ntk.operators._engine as engine
 
     model, u = models.CTRNN(4, 2, gain=1.7, seed=1), inputs(B=5)
     monkeypatch.setattr(engine, "CPU_WORKING_SET", 1)  # one trial per pass
@@ -286,7 +286,7 @@ def test_linearized_forward_against_dense(chunk_size):
 
 
 def test_auto_linearizes_large_opaque_modules_only(monkeypatch):
-    import lanczos_ntk._engine as engine_module
+    import lanczos_ntk.operators._engine as engine_module
 
     model, u = _ForwardOnly(), inputs()
     assert lnk.StateNTK(model, u).plan.jvp == "double_vjp"  # small: no trace

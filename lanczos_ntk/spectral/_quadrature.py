@@ -17,6 +17,7 @@ from .._results import Status
 from .._tolerances import ZERO_RTOL
 from ..linalg._common import mean_se
 from ._coerce import _seed_of, _work_device, as_operator
+from ._deflated import DeflatedSLQ, deflated_slq
 from ._eigen import eigsh
 from ._results import EffectiveRank, SLQResult, SpectralDensity, TraceResult
 
@@ -121,7 +122,6 @@ def _check_slq(result: Any):
 
 
 def _is_deflated(result: Any) -> bool:
-    from ._deflated import DeflatedSLQ
 
     return isinstance(result, DeflatedSLQ)
 
@@ -432,8 +432,6 @@ def effective_rank(
         A = as_operator(op_or_result, side)
         gen, _ = _seed_of(generator)
         if deflate:
-            from ._deflated import deflated_slq
-
             r = deflated_slq(A, num_probes, num_steps, generator=gen, tol=tol)
         else:
             r = slq(A, num_probes, num_steps, generator=gen)

@@ -14,7 +14,7 @@ from ._engine import JacobianEngine
 __all__ = ["DualNTK", "NTKPlusNoise", "StateNTK"]
 
 
-class _JacobianProductOperator(LinearOperator):
+class JacobianProductOperator(LinearOperator):
     """Symmetric PSD operator over a :class:`JacobianEngine`; subclasses choose the side."""
 
     _side = "primal"
@@ -351,7 +351,7 @@ class _BatchView(LinearOperator):
     block, so the repetition costs no extra passes over the data.
     """
 
-    def __init__(self, base: _JacobianProductOperator, batch_shape: torch.Size):
+    def __init__(self, base: JacobianProductOperator, batch_shape: torch.Size):
         super().__init__(base, batch_shape=batch_shape)
         self.base = base
         self._batch = torch.Size(batch_shape)
@@ -402,7 +402,7 @@ class _BatchView(LinearOperator):
         return True
 
 
-class StateNTK(_JacobianProductOperator):
+class StateNTK(JacobianProductOperator):
     r"""The state-space neural tangent kernel ``K = J Jᵀ`` as an implicit ``(M, M)`` operator.
 
     ``J = ∂ vec(h) / ∂θ`` is the Jacobian of all outputs (trials × time × units, row-major
@@ -526,7 +526,7 @@ class StateNTK(_JacobianProductOperator):
         return self.engine.total_M
 
 
-class DualNTK(_JacobianProductOperator):
+class DualNTK(JacobianProductOperator):
     r"""The parameter-space Gram ``G = Jᵀ J`` (``P × P``): same nonzero spectrum as ``K``.
 
     An eigenvector ``x`` of ``G`` with eigenvalue ``λ > 0`` maps to the eigenvector

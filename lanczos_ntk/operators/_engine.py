@@ -1,6 +1,6 @@
 """Pure products with the state Jacobian ``J = ∂ vec(outputs) / ∂θ``, chunked over trials.
 
-The operators in :mod:`lanczos_ntk._operator` are thin shells over :class:`JacobianEngine`:
+The operators in :mod:`lanczos_ntk.operators._operator` are thin shells over :class:`JacobianEngine`:
 ``jvp`` (``J x``), ``vjp`` (``Jᵀ v``), ``ntk`` (``J Jᵀ v``) and ``gram`` (``Jᵀ J x``), each on a
 block of ``k`` vectors at once. Only one chunk of trials is on the device at a time; ``J`` is
 never formed.
@@ -16,13 +16,13 @@ import torch
 from torch import nn
 from torch.autograd import forward_ad
 
+from ..models._base import StateSpaceModel, check_finite, check_inputs
 from ._budget import DEFAULT_BUDGET_FRACTION, ProductPlan, available_memory, saved_bytes
 from ._cell_path import CellLinearization
 from ._cells import find_cell
 from ._closed_form import closed_form
 from ._dual_graph import DualGraph
 from ._functional import ModelFunction, ParamSpec, resolve_params
-from .models._base import StateSpaceModel, check_finite, check_inputs
 
 __all__ = [
     "CPU_WORKING_SET",

@@ -1,6 +1,6 @@
 """One-step cells of recurrent models, as pure functions of the parameters.
 
-The cell-linearised product path (:mod:`lanczos_ntk._cell_path`) needs a model as
+The cell-linearised product path (:mod:`lanczos_ntk.operators._cell_path`) needs a model as
 ``s_{t+1} = F(θ, s_t, u_t)`` with a flat state ``s [N, S]`` and the outputs as a fixed slice of
 the state. This module finds that form for
 
@@ -40,7 +40,7 @@ class Cell:
     initial : callable ``(h0 or None, b, dtype, device) -> s0 [b, S]``
     closed_form : callable ``(spec, params, u, h0) -> linearisation`` or None
         A linearisation written for this cell's equations (torch's recurrent layers), used
-        instead of the generic one of :mod:`lanczos_ntk._cell_path`.
+        instead of the generic one of :mod:`lanczos_ntk.operators._cell_path`.
     trial_bytes : callable ``(d, T, itemsize) -> (cached, work per vector)`` or None
         The closed form's memory per trial.
     """

@@ -28,12 +28,12 @@ __all__ = ["CellLinearization"]
 
 
 class CellLinearization:
-    """The linearisation of a :class:`~lanczos_ntk._cells.Cell` along one chunk's trajectory.
+    """The linearisation of a :class:`~lanczos_ntk.operators._cells.Cell` along one chunk's trajectory.
 
     Parameters
     ----------
     cell : the model's cell
-    spec : the engine's :class:`~lanczos_ntk._functional.ParamSpec` (differentiated names)
+    spec : the engine's :class:`~lanczos_ntk.operators._functional.ParamSpec` (differentiated names)
     params : all parameters and buffers by name (snapshot values)
     u : inputs ``[b, T, d]``; h0 : the model's initial state or None
     """

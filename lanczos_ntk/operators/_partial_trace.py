@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ._operator import StateNTK
+
 __all__ = ["PartialTrace", "partial_trace"]
 
 _KEEP = ("time", "units")
@@ -111,8 +113,6 @@ def partial_trace(K, keep: str = "time", *, group: int = 64) -> PartialTrace:
     >>> Kt.shape, lnk.partial_trace(K, "units").shape
     (torch.Size([12, 12]), torch.Size([8, 8]))
     """
-    from ._operator import StateNTK
-
     if not isinstance(K, StateNTK):
         raise TypeError(f"expected a lanczos_ntk.StateNTK, got {type(K).__name__}")
     if keep not in _KEEP:

@@ -62,7 +62,7 @@ class TorchRNNLinearization:
     Parameters
     ----------
     kind : from :func:`rnn_kind`; layers, hidden : ``num_layers``, ``hidden_size``
-    spec : the engine's :class:`~lanczos_ntk._functional.ParamSpec` (differentiated names)
+    spec : the engine's :class:`~lanczos_ntk.operators._functional.ParamSpec` (differentiated names)
     params : all parameters by name; u : inputs ``[b, T, d]``
     s0 : the flat initial state ``[b, S]`` (hidden states of every layer, then cell states)
     """

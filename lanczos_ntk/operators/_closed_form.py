@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models import CTRNN, DiscreteRNN
+
 __all__ = ["WeightActivityJacobian", "closed_form"]
 
 
@@ -142,8 +144,6 @@ def _runs_own_dynamics(model, cls) -> bool:
 
 def closed_form(model, spec) -> WeightActivityJacobian | None:
     """The closed-form products of an unmodified CTRNN or DiscreteRNN, else ``None``."""
-    from .models import CTRNN, DiscreteRNN
-
     if isinstance(model, CTRNN) and _runs_own_dynamics(model, CTRNN):
         dt = model.dt
 
