@@ -1,6 +1,6 @@
 """Wall-clock cost per training step of the low-rank natural gradient (LRNG) relative to SGD.
 
-The student–teacher problem of :mod:`lanczos_ntk.teacher` (CTRNN n=8, B=16, T=40, P=80) by
+The student–teacher problem of :mod:`lanczos_ntk.experiments.teacher` (CTRNN n=8, B=16, T=40, P=80) by
 default, trained at ``--lr`` for ``--steps`` steps per optimizer. A step is zero_grad +
 forward + MSE + backward + update; LRNG's eigenpair refreshes (every ``refresh_every`` steps,
 warm-started) are included, so the figure is the amortised overhead. Optimizers are timed in
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from lanczos_ntk import teacher as T
+from lanczos_ntk.experiments import teacher as T
 from lanczos_ntk.optim import LowRankNaturalGradient
 
 

@@ -68,3 +68,21 @@ __all__ += [
     "trace_from_slq",
 ]
 __all__ += ["plotting", "track"]
+
+_MOVED = {"teacher": "lanczos_ntk.experiments.teacher"}  # old attribute -> new module (0.1.0)
+
+
+def __getattr__(name: str):
+    """``lanczos_ntk.teacher`` (the old path of the student–teacher experiment) still resolves,
+    with a ``DeprecationWarning``; saved results naming it load through :func:`load_result`.
+    """
+    if name in _MOVED:
+        import importlib
+
+        _warnings.warn(
+            f"lanczos_ntk.{name} moved to {_MOVED[name]}; import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return importlib.import_module(_MOVED[name])
+    raise AttributeError(f"module 'lanczos_ntk' has no attribute {name!r}")

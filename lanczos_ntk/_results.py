@@ -112,8 +112,18 @@ def _encode(value: Any, arrays: dict[str, np.ndarray], key: str) -> Any:
     raise TypeError(f"cannot save a value of type {type(value).__name__} at {key!r}")
 
 
+# modules whose result types moved: files written before name the old module and still load
+MOVED_MODULES = {
+    "lanczos_ntk._deflated": "lanczos_ntk.spectral",  # 0.1.0: DeflatedSLQ
+    "lanczos_ntk.teacher": "lanczos_ntk.experiments.teacher",  # 0.1.0: the experiment's results
+    "lanczos_ntk.cli": "lanczos_ntk.experiments.sweep",  # 0.1.0: SpectralSummary, SweepPoint, ...
+    "lanczos_ntk.cli._compute": "lanczos_ntk.experiments.sweep",
+}
+
+
 def _resolve(qualname: str) -> Any:
     module, _, name = qualname.partition(":")
+    module = MOVED_MODULES.get(module, module)
     if not module.startswith("lanczos_ntk"):
         raise ValueError(f"refusing to load a type outside lanczos_ntk: {qualname!r}")
     obj: Any = importlib.import_module(module)

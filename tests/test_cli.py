@@ -640,7 +640,8 @@ def test_every_command_shares_the_run_folder_handling(tmp_path, monkeypatch, com
     assert res.exit_code == 2 and "cannot write the run folder" in res.output
     assert "Traceback" not in res.output and "Usage:" not in res.output
 
-    from lanczos_ntk import landscape, teacher
+    from lanczos_ntk import landscape
+    from lanczos_ntk.experiments import teacher
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -654,18 +655,21 @@ def test_every_command_shares_the_run_folder_handling(tmp_path, monkeypatch, com
 
 
 def test_run_folder_results_name_a_public_type_and_old_files_load(tmp_path):
-    """A sweep's saved points name ``lanczos_ntk.cli:SweepPoint``; a file naming the module that
-    computes them (as written before) loads the same."""
+    """A sweep's saved points name ``lanczos_ntk.experiments.sweep:SweepPoint``; files naming the
+    paths used before (``lanczos_ntk.cli``, ``lanczos_ntk.cli._compute``) load the same."""
     import json
 
     out = tmp_path / "sweep"
     run(["sweep", *TINY_SWEEP, "--out", str(out)])
     path = sorted((out / "results").glob("point-*.json"))[0]
     meta = json.loads(path.read_text())
-    assert meta["type"] == "lanczos_ntk.cli:SweepPoint"
-    assert meta["fields"]["spectrum"]["__result__"] == "lanczos_ntk.cli:SpectralSummary"
+    assert meta["type"] == "lanczos_ntk.experiments.sweep:SweepPoint"
+    assert meta["fields"]["spectrum"]["__result__"] == "lanczos_ntk.experiments.sweep:SpectralSummary"
     before = lnk.load_result(path.with_suffix(""))
-    meta["type"] = "lanczos_ntk.cli._compute:SweepPoint"
-    path.write_text(json.dumps(meta))
-    again = lnk.load_result(path.with_suffix(""))
-    assert type(again) is type(before) and again.value == before.value
+    for old in ("lanczos_ntk.cli", "lanczos_ntk.cli._compute"):
+        meta["type"] = f"{old}:SweepPoint"
+        meta["fields"]["spectrum"]["__result__"] = f"{old}:SpectralSummary"
+        path.write_text(json.dumps(meta))
+        again = lnk.load_result(path.with_suffix(""))
+        assert type(again) is type(before) and again.value == before.value
+        assert type(again.spectrum) is type(before.spectrum)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lanczos_ntk import teacher as T
+from lanczos_ntk.experiments import teacher as T
 from lanczos_ntk.testing import dense_gram
 
 TINY = T.TeacherConfig(
@@ -154,6 +154,23 @@ def test_result_round_trip(tmp_path):
     assert back.config == res.config
     torch.testing.assert_close(back.eigenvalues, res.eigenvalues)
     assert back.crossing == res.crossing
+    # files written when the experiment lived at lanczos_ntk.teacher still load
+    meta_path = tmp_path / "r.json"
+    text = meta_path.read_text()
+    assert "lanczos_ntk.experiments.teacher:StudentTeacherResult" in text
+    meta_path.write_text(text.replace("lanczos_ntk.experiments.teacher:", "lanczos_ntk.teacher:"))
+    old = T.StudentTeacherResult.load(tmp_path / "r")
+    assert old.config == res.config and type(old.crossing) is type(res.crossing)
+
+
+def test_old_attribute_path_warns_and_gives_the_same_module():
+    import lanczos_ntk
+
+    with pytest.warns(DeprecationWarning, match="lanczos_ntk.experiments.teacher"):
+        old = lanczos_ntk.teacher
+    assert old is T
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        lanczos_ntk.nope  # noqa: B018
 
 
 def test_end_to_end_default_seed():

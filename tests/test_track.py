@@ -215,7 +215,7 @@ def test_bad_tracker_input():
 
 
 def test_the_warning_precedes_the_students_crossing_and_controls_stay_silent():
-    from lanczos_ntk import teacher
+    from lanczos_ntk.experiments import teacher
 
     cfg = teacher.TeacherConfig(num_steps=12, seed=0)
     run = teacher.run_tracked(cfg, horizon=10.0, every=2).track

@@ -190,7 +190,7 @@ def test_plain_slq_is_what_deflation_fixes_on_a_collapsed_kernel():
 
 
 def test_deflated_estimates_cover_the_truth_on_an_sntk_near_its_bifurcation():
-    from lanczos_ntk.cli._compute import critical_gain, model_at
+    from lanczos_ntk.experiments.sweep import critical_gain, model_at
     from lanczos_ntk.models import CTRNN
     from lanczos_ntk.testing import dense_gram
 

@@ -10,13 +10,5 @@ its own module and registers itself on the group when imported here.
 
 from . import _bifurcate, _landscape, _spectrum, _sweep, _teacher, _track  # noqa: F401  (register)
 from ._app import CliError, main
-from ._compute import SpectralSummary, SweepPoint, SweepResult
 
-__all__ = ["CliError", "SpectralSummary", "SweepPoint", "SweepResult", "main"]
-
-# the commands' results are saved under this public path (lanczos_ntk.cli:SweepPoint), not under
-# the module that computes them; files written before still name lanczos_ntk.cli._compute, which
-# stays importable
-for _cls in (SpectralSummary, SweepPoint, SweepResult):
-    _cls.__module__ = __name__
-del _cls
+__all__ = ["CliError", "main"]

@@ -79,7 +79,8 @@ def launch_for(cfg: dict) -> _launch.Launch:
 
 
 def friendly(fn):
-    """Apply ``--threads``; turn :class:`ConfigError` into :class:`CliError` (exit 2, one line).
+    """Select the Agg backend, apply ``--threads``; turn :class:`ConfigError` into
+    :class:`CliError` (exit 2, one line).
 
     Under ``torchrun`` it also takes ``--backend`` / ``--timeout``, keeps ranks other than 0
     quiet, lets rank 0 run a command without trials alone, turns a failed collective into one
@@ -88,6 +89,9 @@ def friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)  # figures are written to files, never shown
         threads = kwargs.pop("threads", None)
         name = fn.__name__.removesuffix("_command")
         _SESSION.update(

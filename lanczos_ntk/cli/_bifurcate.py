@@ -80,8 +80,8 @@ def bifurcate(config_file, overrides, seed, device, dtype, model_spec, out, fres
     window (pseudo-arclength), up to max_branches branches. Normal forms: --set model.form=hopf
     --set model.kind=flow; a CTRNN: --model ctrnn --set bifurcate.param=gain.
     """
-    from ._compute import euler_line
-    from ._figures import bifurcate_figure
+    from ..experiments.sweep import euler_line
+    from ..plotting import bifurcate_figure
 
     cfg = resolve_config(
         "bifurcate", config_file, overrides, seed=seed, device=device, dtype=dtype, model_spec=model_spec

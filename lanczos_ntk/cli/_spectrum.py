@@ -31,8 +31,8 @@ __all__ = ["density", "spectrum"]
 @friendly
 def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet, inputs_file):
     """Top/bottom eigenvalues, trace, effective ranks and condition number of the sNTK."""
-    from ._compute import SpectralSummary, density_of, spectral_summary
-    from ._figures import spectrum_figure
+    from ..experiments.sweep import SpectralSummary, density_of, spectral_summary
+    from ..plotting import spectrum_figure
 
     cfg = resolve_config(
         "spectrum",
@@ -101,7 +101,7 @@ def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh,
     quadrature of the rest (linear and log scale).
     """
     from .. import deflated_slq, spectral_density
-    from ._figures import density_figure
+    from ..plotting import density_figure
 
     cfg = resolve_config(
         "density",

@@ -10,6 +10,19 @@ import click
 import numpy as np
 import torch
 
+from ..experiments.sweep import (
+    SweepPoint,
+    check_param,
+    collect_sweep,
+    constant_input,
+    continue_branch,
+    critical_gain,
+    density_of,
+    dynamics_at,
+    euler_line,
+    model_at,
+    spectral_summary,
+)
 from ._app import (
     RANK_LEGEND,
     check_spectrum_cfg,
@@ -26,19 +39,6 @@ from ._app import (
     run_folder,
     save_figures,
 )
-from ._compute import (
-    SweepPoint,
-    check_param,
-    collect_sweep,
-    constant_input,
-    continue_branch,
-    critical_gain,
-    density_of,
-    dynamics_at,
-    euler_line,
-    model_at,
-    spectral_summary,
-)
 from ._runs import ConfigError, load_state_dict, parse_list
 
 __all__ = ["demo", "sweep"]
@@ -48,7 +48,10 @@ def _plan(cfg: dict, model) -> tuple[list[float], list[str], list, float]:
     """Swept values, their labels, checkpoint states (or Nones) and the predicted critical gain."""
     s = cfg["sweep"]
     param = s["param"]
-    check_param(model, param)
+    try:
+        check_param(model, param)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     gc = critical_gain(model) if param == "gain" else math.nan
     if param == "checkpoints":
         if not s["checkpoints"]:
@@ -115,7 +118,10 @@ def run_sweep(command: str, cfg: dict, out, fresh: bool, quiet: bool, title: str
     values, labels, states, gc = _plan(cfg, model)
     dyn = cfg["dynamics"]
     has_rhs = hasattr(model, "rhs") and hasattr(model, "kind")
-    u_const = constant_input(inputs, dyn["input"], launch_for(cfg).group) if has_rhs else None
+    try:
+        u_const = constant_input(inputs, dyn["input"], launch_for(cfg).group) if has_rhs else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     param = cfg["sweep"]["param"]
     make_operator(model, inputs, cfg)  # validates outputs / model before anything is written
     t_start = time.perf_counter()
@@ -207,7 +213,7 @@ def run_sweep(command: str, cfg: dict, out, fresh: bool, quiet: bool, title: str
 
 
 def _figures(result, points, densities, title):
-    from ._figures import sweep_figures
+    from ..plotting import sweep_figures
 
     return sweep_figures(result, points, densities, title=title)
 

@@ -99,7 +99,7 @@ def track_command(
     """Train a student with the kernel tracker on: early warning of its bifurcation."""
     from tqdm import tqdm
 
-    from .. import teacher as T
+    from ..experiments import teacher as T
 
     if model_spec or inputs_file or targets_file:
         return _own_model(
@@ -198,9 +198,6 @@ def _row(name, tr, **extra) -> dict:
 
 
 def _figure(run, name, tr, horizon) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from .. import plotting

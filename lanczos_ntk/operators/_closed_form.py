@@ -87,16 +87,16 @@ class _Linearization:
         k, B, T, n = V.shape
         W = self.W
         lam = torch.zeros(k, B, n, dtype=V.dtype, device=V.device)
-        mus = [None] * T
+        mus: list[torch.Tensor] = []  # mu_{T-1}, ..., mu_0
         for t in range(T - 1, -1, -1):
             lam = lam + V[:, :, t]  # cotangent on h_{t+1}
             mu = self._d(t) * lam  # cotangent on z_t
-            mus[t] = mu
+            mus.append(mu)
             back = mu @ W
             if self.da is not None:
                 back = back * self.da[:, t]
             lam = back if self.psi_h == 0 else self.psi_h * lam + back
-        mu = torch.stack(mus, 2)  # [k, b, T, n]
+        mu = torch.stack(mus[::-1], 2)  # [k, b, T, n]
         r = self.owner.roles
         grads = {}
         for name in self.spec.names:

@@ -10,6 +10,7 @@ take a block of ``k`` vectors in one batched pass. On the CPU this is several ti
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -27,8 +28,10 @@ class DualGraph:
         self.p = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
         with torch.enable_grad():
             self.out = fn(self.p)
-        self._dual = None
-        self.linearized = None  # optionally, a traced JVP of ``f`` set by the owner
+        self._dual: tuple[torch.Tensor, list[torch.Tensor], list[str]] | None = None
+        self.linearized: Callable[..., Any] | None = (
+            None  # optionally, a traced JVP of ``f`` set by the owner
+        )
 
     def vjp(self, V: torch.Tensor) -> dict[str, torch.Tensor]:
         """``Jᵀ V`` for ``V [k, *out.shape]``: ``{name: [k, *shape]}``."""
@@ -53,11 +56,11 @@ class DualGraph:
             if self._dual is None:
                 v0 = torch.zeros_like(self.out, requires_grad=True)
                 names = list(self.p)
-                grads = torch.autograd.grad(
+                all_grads = torch.autograd.grad(
                     self.out, [self.p[n] for n in names], v0, create_graph=True, allow_unused=True
                 )
-                keep = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
-                self._dual = (v0, [grads[j] for j in keep], [names[j] for j in keep])
+                keep = [j for j, g in enumerate(all_grads) if g is not None and g.requires_grad]
+                self._dual = (v0, [all_grads[j] for j in keep], [names[j] for j in keep])
             v0, grads, names = self._dual
             k = next(iter(tangents.values())).shape[0]
             if not grads:  # the output does not depend on the parameters

@@ -19,8 +19,8 @@ from torch.autograd import forward_ad
 from ..models._base import StateSpaceModel, check_finite, check_inputs
 from ._budget import DEFAULT_BUDGET_FRACTION, ProductPlan, available_memory, saved_bytes
 from ._cell_path import CellLinearization
-from ._cells import find_cell
-from ._closed_form import closed_form
+from ._cells import Cell, find_cell
+from ._closed_form import WeightActivityJacobian, closed_form
 from ._dual_graph import DualGraph
 from ._functional import ModelFunction, ParamSpec, resolve_params
 
@@ -144,8 +144,8 @@ class JacobianEngine:
         ):
             raise ValueError(f"expected memory_budget in bytes (a positive number), got {memory_budget!r}")
         self.width = self._probe_outputs(model)
-        self._closed = None
-        self._cell = None
+        self._closed: WeightActivityJacobian | None = None
+        self._cell: Cell | None = None
         self._forward_fallback = False
         self.jvp_mode = self._choose_jvp(jvp)
         budget = (
@@ -257,7 +257,7 @@ class JacobianEngine:
         return u, h0
 
     def _probe_outputs(self, model) -> int:
-        width = None
+        width: int | None = None
         step = max(1, PROBE_ELEMENTS // max(1, self.steps * 64))
         with torch.no_grad():
             for s in range(0, self.batch, step):
@@ -282,6 +282,7 @@ class JacobianEngine:
                 if width is None:
                     self._reference = out[:1].clone()  # trial 0, to validate a cell against
                 width = out.shape[-1]
+        assert width is not None  # the inputs hold at least one trial (check_inputs)
         return int(width)
 
     def _choose_jvp(self, jvp: str) -> str:
@@ -345,8 +346,10 @@ class JacobianEngine:
         if self.jvp_mode == "structured":
             return (3 * T * c + T * d) * isz, 5 * T * c * isz
 
-        if self.jvp_mode == "cell" and self._cell.trial_bytes is not None:
-            return self._cell.trial_bytes(d, T, isz)
+        if self.jvp_mode == "cell":
+            assert self._cell is not None  # "cell" is chosen only once a cell is found
+            if self._cell.trial_bytes is not None:
+                return self._cell.trial_bytes(d, T, isz)
 
         def graph_bytes(b):
             u, h0 = self.chunk_inputs(slice(0, b))
@@ -375,6 +378,7 @@ class JacobianEngine:
         if self.jvp_mode == "cell":
             # the direct term's graph and every step's (the same cell evaluations), each with
             # the graph of its VJP
+            assert self._cell is not None  # "cell" is chosen only once a cell is found
             S = self._cell.state_size
             return 4 * per + T * d * isz, per + 3 * T * S * isz
         # the dual graph of a VJP of a VJP, or the traced JVP next to the VJP's graph
@@ -422,11 +426,14 @@ class JacobianEngine:
             return self._lin[i]
         u, h0 = self.chunk_inputs(self.chunks[i])
         if self.jvp_mode == "structured":
+            assert self._closed is not None  # "structured" is chosen only with a closed form
             lin = self._closed.linearize(self.full, u, h0)
-        elif self.jvp_mode == "cell" and self._cell.closed_form is not None:
-            lin = self._cell.closed_form(self.spec, self.full, u, h0)
         elif self.jvp_mode == "cell":
-            lin = CellLinearization(self._cell, self.spec, self.full, u, h0)
+            assert self._cell is not None  # "cell" is chosen only once a cell is found
+            if self._cell.closed_form is not None:
+                lin = self._cell.closed_form(self.spec, self.full, u, h0)
+            else:
+                lin = CellLinearization(self._cell, self.spec, self.full, u, h0)
         else:
             lin = DualGraph(lambda q: self.call(q, u, h0), self.params)
             if self.jvp_mode == "linearize":  # J x by a traced JVP of the whole forward

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ class ParamSpec:
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split ``[*batch, P]`` into ``{name: [*batch, *shape]}``."""
         batch = flat.shape[:-1]
-        chunks = torch.split(flat, self.sizes, dim=-1)
+        chunks = torch.split(flat, list(self.sizes), dim=-1)
         return {n: c.reshape(*batch, *s) for n, c, s in zip(self.names, chunks, self.shapes)}
 
 
@@ -125,7 +126,8 @@ class ModelFunction:
             return states
         if self.outputs == "readout":
             read = getattr(self.model, "read", None)
-            return read(states) if callable(read) else self.model.readout(states)
+            return read(states) if callable(read) else cast(nn.Module, self.model.readout)(states)
+        assert not isinstance(self.outputs, str)  # __init__ accepts no other string
         return self.outputs(states)
 
     def __call__(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -466,7 +467,7 @@ class StateNTK(JacobianProductOperator):
 
     def __init__(
         self,
-        model: nn.Module | torch.Tensor,
+        model: nn.Module | torch.Tensor | None,
         inputs: torch.Tensor | None = None,
         *,
         h0=None,
@@ -483,7 +484,7 @@ class StateNTK(JacobianProductOperator):
             if inputs is None:
                 raise TypeError("StateNTK(model, inputs): inputs [B, T, d_in] are required")
             _engine = JacobianEngine(
-                model,
+                cast(nn.Module, model),  # validated there (resolve_params refuses a non-module)
                 inputs,
                 h0=h0,
                 outputs=outputs,

@@ -28,6 +28,8 @@ Gate derivatives (torch's gate order; ``σ' = σ(1-σ)``):
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -43,7 +45,7 @@ def rnn_kind(model: nn.Module) -> str:
         return "lstm"
     if isinstance(model, nn.GRU):
         return "gru"
-    return "rnn_" + model.nonlinearity
+    return "rnn_" + cast(nn.RNN, model).nonlinearity  # a plain nn.RNN once LSTM/GRU are ruled out
 
 
 def trial_bytes(kind: str, layers: int, hidden: int, d: int, T: int, itemsize: int):
@@ -80,9 +82,9 @@ class TorchRNNLinearization:
         hs = hs[:L]
         x_seq = u.transpose(0, 1)  # [T, b, d] time-major
         # per layer, time-major [T, b, ·]: the layer's input, its previous state, coefficients
-        self.x = [None] * L
-        self.h_prev = [None] * L
-        self.coef: list[dict[str, torch.Tensor]] = [None] * L
+        self.x: list[torch.Tensor] = []
+        self.h_prev: list[torch.Tensor] = []
+        self.coef: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():
             for l in range(L):
                 w_ih, w_hh = self.w_ih[l], self.w_hh[l]
@@ -101,9 +103,9 @@ class TorchRNNLinearization:
                     h, c, k = _step(kind, a_all[t], g, h, c)
                     outs.append(h)
                     coefs.append(k)
-                self.x[l] = x_seq
-                self.h_prev[l] = torch.stack(prev)
-                self.coef[l] = {key: torch.stack([k[key] for k in coefs]) for key in coefs[0]}
+                self.x.append(x_seq)
+                self.h_prev.append(torch.stack(prev))
+                self.coef.append({key: torch.stack([k[key] for k in coefs]) for key in coefs[0]})
                 x_seq = torch.stack(outs)  # the next layer's input
 
     # -- products ---------------------------------------------------------------------------
@@ -138,9 +140,11 @@ class TorchRNNLinearization:
         b, T = self.shape
         H, L = self.H, self.L
         parts = self._param_parts(self.spec.unflatten(X), k)
-        dh = [None] * L  # state tangents [b, k, H]; None while zero (the initial state is fixed)
+        dh: list[torch.Tensor | None] = [
+            None
+        ] * L  # state tangents [b, k, H]; None while zero (the initial state is fixed)
         dc = [None] * L
-        ys = []
+        ys: list[torch.Tensor] = []
         for t in range(T):
             dx = None
             for l in range(L):
@@ -162,7 +166,9 @@ class TorchRNNLinearization:
                     X,
                 )
                 dx = dh[l]
-            ys.append(dh[L - 1])
+            last = dh[L - 1]
+            assert last is not None  # every layer's step sets its state tangent
+            ys.append(last)
         return torch.stack(ys).permute(2, 1, 0, 3)  # [T, b, k, H] -> [k, b, T, H]
 
     def vjp(self, V: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""The computations behind the commands: one sweep point, a whole sweep, bifurcation diagrams.
+"""The spectral summary of one operator and the parameter sweep (the computations behind the
+``spectrum``, ``density``, ``sweep``, ``demo`` and ``bifurcate`` commands): one sweep point, a whole
+sweep, bifurcation diagrams.
 
 No printing and no files here: the commands call these functions, save what they return and
 show progress.
@@ -28,7 +30,6 @@ from ..spectral import (
     spectral_density,
     trace_from_slq,
 )
-from ._runs import ConfigError
 
 __all__ = [
     "SpectralSummary",
@@ -168,16 +169,16 @@ def critical_gain(model) -> float:
 
 
 def check_param(model, param: str) -> None:
-    """Raise :class:`ConfigError` unless ``param`` can be swept on ``model``."""
+    """Raise ``ValueError`` unless ``param`` can be swept on ``model``."""
     names = dict(model.named_parameters())
     if param == "gain":
         if "W" not in names or not getattr(model, "gain", 0.0):
-            raise ConfigError(
+            raise ValueError(
                 f"sweep.param='gain' needs a model with a parameter 'W' and a nonzero "
                 f"attribute 'gain'; {type(model).__name__} has neither"
             )
     elif param not in ("input", "checkpoints") and param not in names:
-        raise ConfigError(
+        raise ValueError(
             f"unknown sweep parameter {param!r}; expected 'gain', 'input', "
             f"'checkpoints' or one of the model's parameters {sorted(names)}"
         )
@@ -219,7 +220,7 @@ def constant_input(inputs: torch.Tensor, how: str, group=None) -> torch.Tensor:
             torch.distributed.all_reduce(total, group=group)
         total = total.cpu()
         return total[:-1] / total[-1]
-    raise ConfigError(f"dynamics.input must be 'zero' or 'mean', got {how!r}")
+    raise ValueError(f"dynamics.input must be 'zero' or 'mean', got {how!r}")
 
 
 def dynamics_at(model, u: torch.Tensor, cfg: Mapping, generator: torch.Generator):
