@@ -15,17 +15,9 @@ from lanczos_ntk.linalg import (
     thick_restart_lanczos,
 )
 from lanczos_ntk.testing import matrix_with_spectrum
+from tests.helpers import gen, with_spectrum
 
 F64 = torch.float64
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def with_spectrum(lam, seed=0):
-    """``Q diag(lam) Qᵀ`` with a random orthogonal ``Q`` (see lanczos_ntk.testing)."""
-    return matrix_with_spectrum(lam, gen(seed))
 
 
 def spectra(n=120):

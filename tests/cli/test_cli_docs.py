@@ -7,7 +7,7 @@ from pathlib import Path
 
 import matplotlib
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def test_quickstart_snippets_run(tmp_path, monkeypatch):

@@ -13,12 +13,9 @@ from lanczos_ntk.testing import (
     dense_jacobian,
     dense_ntk,
 )
+from tests.helpers import gen, inputs
 
 F64 = torch.float64
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 class UserModel(nn.Module):
@@ -63,10 +60,6 @@ MODELS = {
     "torch_gru": lambda: torch_rnn(nn.GRU),
     "torch_lstm": lambda: torch_rnn(nn.LSTM),
 }
-
-
-def inputs(B=3, T=4, d=2, seed=0, scale=0.5):
-    return scale * torch.randn(B, T, d, generator=gen(seed), dtype=F64)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

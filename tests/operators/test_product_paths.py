@@ -7,22 +7,15 @@ from torch import nn
 import lanczos_ntk as lnk
 from lanczos_ntk import models
 from lanczos_ntk.testing import assert_operator_close, dense_gram, dense_jacobian
+from tests.helpers import gen, inputs
 
 F64 = torch.float64
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def seeded(cls, *args, **kwargs):
     """A torch module built after seeding the global generator (torch's init draws from it)."""
     torch.manual_seed(3)
     return cls(*args, **kwargs)
-
-
-def inputs(B=3, T=4, d=2, seed=0):
-    return 0.5 * torch.randn(B, T, d, generator=gen(seed), dtype=F64)
 
 
 class StepModule(nn.Module):

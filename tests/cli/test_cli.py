@@ -408,7 +408,7 @@ def test_config_round_trip_and_overrides(tmp_path):
 def test_example_experiments_are_valid():
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[1] / "experiments"
+    folder = Path(__file__).resolve().parents[2] / "experiments"
     mine = ("demo", "spectrum", "density", "sweep", "bifurcate")
     files = sorted(f for f in folder.glob("*.toml") if f.stem in mine)
     assert {f.stem for f in files} == set(mine)

@@ -9,18 +9,9 @@ import torch
 import lanczos_ntk as lnk
 from lanczos_ntk import spectral
 from lanczos_ntk._results import Status, load_result
-from lanczos_ntk.testing import matrix_with_spectrum
+from tests.helpers import gen, with_spectrum
 
 F64 = torch.float64
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def with_spectrum(lam, seed=0):
-    """``Q diag(lam) Qᵀ`` with a random orthogonal ``Q`` (see lanczos_ntk.testing)."""
-    return matrix_with_spectrum(lam, gen(seed))
 
 
 def psd(n=100, rank=None, seed=0):

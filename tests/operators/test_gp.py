@@ -14,7 +14,7 @@ from lanczos_ntk.testing import dense_operator
 gpytorch = pytest.importorskip("gpytorch")
 
 F64 = torch.float64
-DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,9 @@ import torch
 import lanczos_ntk as lnk
 from lanczos_ntk._results import Status
 from lanczos_ntk.testing import matrix_with_spectrum
+from tests.helpers import gen
 
 F64 = torch.float64
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def wide_range():
