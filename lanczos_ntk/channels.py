@@ -172,7 +172,7 @@ def critical_direction(
     # the dynamics' normalisation: ‖v‖ = 1, largest entry real and positive, wᴴ v = 1
     v, w = critical_vectors(A, lam_c, real)
     v, w = v.to(torch.complex128), w.to(torch.complex128)
-    _, pull = torch.func.vjp(lambda q: f(q, x), p)
+    pull = torch.func.vjp(lambda q: f(q, x), p)[1]
     cols = [w.real] if real else [w.real, w.imag]
     g = torch.stack([spec.flatten(pull(c.to(x.dtype))[0]) for c in cols], dim=1).detach()
     partial, total = eigenvalue_derivatives(lambda xx, q: f(q, xx), x, p, v, w, kind)
@@ -393,6 +393,7 @@ def _whole_kernel(K: StateNTK, tol: float, generator, trace_method: str) -> tupl
     engine = K.engine
     dual = engine.P < engine.total_M or engine.group is not None
     top = eigsh(K.dual() if dual else K, k=1, tol=tol, return_eigenvectors=True, generator=generator)
+    assert top.eigenvectors is not None  # return_eigenvectors=True
     vec = top.eigenvectors[:, :1].to(engine.dtype)
     u1 = (engine.jvp(vec) if dual else vec)[:, 0]  # K's eigenvector is J x / ‖J x‖
     u1 = u1 / _summed(engine, (u1 * u1).sum()).sqrt().clamp_min(1e-300)
@@ -638,7 +639,8 @@ def compare_channels(
         h0 = engine.h0
     else:
         h0 = (
-            model.initial_state(B, dtype=torch.float64)
+            # duck-typed (hasattr); nn.Module.__getattr__ types the attribute Tensor | Module
+            model.initial_state(B, dtype=torch.float64)  # type: ignore[operator]
             if hasattr(model, "initial_state")
             else torch.zeros(B, direction.x.numel(), dtype=torch.float64)
         )

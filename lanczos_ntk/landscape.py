@@ -120,7 +120,7 @@ def normal_form_landscape(
     bad = torch.zeros(amp.shape, dtype=torch.bool)
     for j, m in enumerate(mu.tolist()):
         with torch.no_grad():
-            h, dh = jvp(
+            h, dh = jvp(  # type: ignore[misc]  # torch.func.jvp lacks has_aux overloads: 2- or 3-tuple
                 states, (torch.tensor(m, dtype=torch.float64),), (torch.tensor(1.0, dtype=torch.float64),)
             )
         sq = (dh**2).sum(dim=2)  # [A, T]

@@ -170,11 +170,13 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         res = eigsh(
             G, k=k, which="LA", tol=self.tol, return_eigenvectors=True, v0=self.U, generator=self.generator
         )
-        self._set(res.eigenvalues.to(torch.float64), res.eigenvectors, G.dtype)
+        vecs = res.eigenvectors
+        assert vecs is not None  # return_eigenvectors=True
+        self._set(res.eigenvalues.to(torch.float64), vecs, G.dtype)
         self.num_matvecs += int(res.num_matvecs)
         self.num_solves += 1
         width = min(self.rank + 1 + self.oversample, G.shape[0])
-        V = res.eigenvectors.to(G.dtype)
+        V = vecs.to(G.dtype)
         if V.shape[1] < width:
             extra = torch.randn(V.shape[0], width - V.shape[1], dtype=G.dtype, generator=self.generator)
             V = torch.cat([V, extra.to(V.device)], dim=1)
@@ -183,6 +185,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
     def _track(self, G) -> bool:
         """One subspace-iteration step from the tracked basis; ``False`` if it is not accurate."""
         V = self._V
+        assert V is not None  # refresh() tracks only after a first solve
         step = subspace_step(G.matmul, V)
         self.num_matvecs += V.shape[1]
         theta = step.eigenvalues
@@ -198,6 +201,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         """``λ₀ (U Λ Uᵀ + λ₀ I)^{-1} grad`` for a flat gradient ``[P]``."""
         if self.U is None:
             raise RuntimeError("no eigenpairs yet: call refresh() or step() first")
+        # set together with U by the first solve
+        assert self.eigenvalues is not None and self.lambda0 is not None
         U = self.U.to(grad.dtype)
         coef = U.T @ grad
         shrink = (self.lambda0 / (self.eigenvalues + self.lambda0)).to(grad.dtype)

@@ -194,6 +194,7 @@ def continuation(
     bifs: list[Bifurcation] = []
     status, message, steps = Status.MAX_ITERATIONS, f"stopped after max_steps={max_steps}", 0
     cos_max = math.cos(max_angle)
+    b: Point | None  # None where pinning the last step to the window's edge fails
     while steps < max_steps:
         a = pts[-1]
         try:

@@ -24,6 +24,7 @@ Critical data at a bifurcation (Kuznetsov, *Elements of Applied Bifurcation Theo
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,21 +122,23 @@ def _d3(f, x, a, b, c):
 def bilinear(f, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``B(u, v) = D²f(x)[u, v]`` for real or complex ``u, v`` (multilinear expansion)."""
     cdt = torch.complex128 if (u.is_complex() or v.is_complex()) else x.dtype
-    out = 0
+    out: torch.Tensor | int = 0
     for cu, ur in _real_parts(u):
         for cv, vr in _real_parts(v):
             out = out + (cu * cv) * _d2(f, x, ur, vr).to(cdt)
+    assert isinstance(out, torch.Tensor)  # _real_parts is never empty
     return out
 
 
 def trilinear(f, x, u, v, w) -> torch.Tensor:
     """``C(u, v, w) = D³f(x)[u, v, w]`` for real or complex arguments."""
     cdt = torch.complex128 if any(t.is_complex() for t in (u, v, w)) else x.dtype
-    out = 0
+    out: torch.Tensor | int = 0
     for cu, ur in _real_parts(u):
         for cv, vr in _real_parts(v):
             for cw, wr in _real_parts(w):
                 out = out + (cu * cv * cw) * _d3(f, x, ur, vr, wr).to(cdt)
+    assert isinstance(out, torch.Tensor)  # _real_parts is never empty
     return out
 
 
@@ -264,13 +267,13 @@ def eigenvalue_derivatives(
     if null.numel() and float(null.abs().max()) > 1e-8 * (float(rhs.abs().max()) + 1e-300):
         return partial, None
     z = U[:, keep] @ (coef[keep] / S[keep, None])
-    _, pull = vjp(lambda th: fun(x, th), params)
+    pull = vjp(lambda th: fun(x, th), params)[1]
     re, im = pull(z[:, 0].to(x.dtype))[0], pull(z[:, 1].to(x.dtype))[0]
-    total = {
+    total_d = {
         k: (partial[k] - (re[k].to(torch.complex128) + 1j * im[k].to(torch.complex128))).detach()
         for k in partial
     }
-    return partial, total
+    return partial, total_d
 
 
 def _sensitivities(system, x, p, v, w) -> dict:
@@ -290,7 +293,7 @@ def _sensitivities(system, x, p, v, w) -> dict:
     dp, _ = eigenvalue_derivatives(
         lambda xx, th: system.f(xx, th["p"]), x, {"p": pt}, v, w, system.kind, total=False
     )
-    out = {
+    out: dict[str, Any] = {
         "sensitivities": {},
         "sensitivities_total": None,
         "eigenvalue_dp": complex(dp["p"]),
@@ -305,7 +308,7 @@ def _sensitivities(system, x, p, v, w) -> dict:
     partial, total = eigenvalue_derivatives(
         lambda xx, th: system.f_params(xx, pt, th), x, params, v, w, system.kind
     )
-    _, pull = vjp(lambda th: system.f_params(x, pt, th), params)
+    pull = vjp(lambda th: system.f_params(x, pt, th), params)[1]
     rows = []
     for _, ww in _real_parts(w):
         grads = pull(ww.to(x.dtype))[0]

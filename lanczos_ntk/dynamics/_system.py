@@ -9,6 +9,7 @@ differentiation (``torch.func``), so ``f`` must be written with differentiable t
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -211,10 +212,12 @@ def system_from_model(
                 f"expected a model with kind, rhs, state_size and input_size; "
                 f"{type(model).__name__} has no {attr!r}"
             )
+    # the duck-typed attributes checked above (nn.Module types them as Tensor | Module)
+    spec: Any = model
     base = {k: v.detach().clone() for k, v in model.named_parameters()}
     dtype = next(iter(base.values())).dtype if base else torch.float64
     device = next(iter(base.values())).device if base else torch.device("cpu")
-    d_in = int(model.input_size)
+    d_in = int(spec.input_size)
     if u is None:
         u_base = torch.zeros(d_in, dtype=dtype, device=device)
     else:
@@ -290,11 +293,11 @@ def system_from_model(
         return call(x, setting(p)[1], params)
 
     label = param if isinstance(param, str) or param is None else "callable"
-    dt = getattr(model, "dt", None) if model.kind == "flow" else None
+    dt = getattr(model, "dt", None) if spec.kind == "flow" else None
     return System(
         f,
-        model.state_size,
-        model.kind,
+        spec.state_size,
+        spec.kind,
         start if p0 is None else p0,
         dtype=dtype,
         device=device,

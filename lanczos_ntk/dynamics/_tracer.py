@@ -347,7 +347,7 @@ def refine_branch_point(tracer: Tracer, y: torch.Tensor, max_iter: int = 12) -> 
 
 def vjp_residual(system, y: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     """``G_y(y)ᵀ φ`` by one reverse-mode product."""
-    _, pull = torch.func.vjp(lambda yy: system.residual(yy[:-1], yy[-1]), y)
+    pull = torch.func.vjp(lambda yy: system.residual(yy[:-1], yy[-1]), y)[1]
     return pull(phi)[0]
 
 

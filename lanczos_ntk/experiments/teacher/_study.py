@@ -109,6 +109,9 @@ def _direction_summary(r: StudentTeacherResult) -> dict:
     """Which direction training uses (d or g) before the crossing, and the (W, B) block."""
     if r.sensitivity_eigenvalue is None:
         return {}
+    # the optional diagnostics are recorded together (run_student_teacher sets them all)
+    assert r.block_sensitivity_cos is not None and r.block_participation is not None
+    assert r.update_bias_share is not None
     c = r.crossing
     last = (c.index - 1) if c.index is not None else len(r.steps) - 1
     upto = slice(0, max(last, 0) + 1)

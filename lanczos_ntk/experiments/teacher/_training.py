@@ -51,7 +51,7 @@ class _Spectrum:
         self.method = _method(config, P)
         self.tol = float(config.tol)
         self.generator = generator
-        self.v0 = None
+        self.v0: torch.Tensor | None = None
         self.num_matvecs = 0
         self.probes, self.lanczos_steps = 16, 40
 
@@ -80,6 +80,7 @@ class _Spectrum:
             v0=self.v0,
             generator=self.generator,
         )
+        assert res.eigenvectors is not None  # return_eigenvectors=True
         self.v0 = res.eigenvectors
         # the top eigenpairs just found, exactly, and SLQ on the rest: both ranks from one run
         quad = deflated_slq(
