@@ -17,6 +17,48 @@ import torch
 __all__ = ["DualGraph"]
 
 
+def _engine_grad() -> Callable[..., tuple] | None:
+    """``grad(outputs, grad_outputs, inputs)`` straight through autograd's engine, or None.
+
+    :func:`torch.autograd.grad` spends tens of microseconds per call in Python (argument
+    normalisation, shape checks) before the engine runs; the cell path calls it twice per time
+    step, on graphs of ``b`` rows, where that is a third of the product. The products here
+    pass tensors of the right shapes by construction, so they call the engine directly. The
+    entry point is not public API: it is checked once against :func:`torch.autograd.grad` and
+    not used when it is missing, has another signature or disagrees.
+    """
+    engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+    if engine is None or not hasattr(engine, "run_backward"):
+        return None
+
+    def grad(outputs: tuple, grad_outputs: tuple, inputs: tuple, create_graph: bool = False) -> tuple:
+        return engine.run_backward(outputs, grad_outputs, True, create_graph, inputs, True, False)
+
+    try:
+        x = torch.arange(1.0, 4.0, dtype=torch.float64, requires_grad=True)
+        y = torch.tanh(x) * x
+        v = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+        (want,) = torch.autograd.grad(y, x, v, retain_graph=True)
+        (got,) = grad((y,), (v,), (x,))
+        return grad if torch.equal(got, want) else None
+    except Exception:  # another torch: the public path
+        return None
+
+
+_ENGINE_GRAD = _engine_grad()
+
+
+def _grad(outputs: tuple, grad_outputs: tuple, inputs: tuple, create_graph: bool = False) -> tuple:
+    """``torch.autograd.grad(..., retain_graph=True, allow_unused=True)``, through the engine
+    directly when :func:`_engine_grad` found it usable.
+    """
+    if _ENGINE_GRAD is not None:
+        return _ENGINE_GRAD(outputs, grad_outputs, inputs, create_graph)
+    return torch.autograd.grad(
+        outputs, inputs, grad_outputs, retain_graph=True, create_graph=create_graph, allow_unused=True
+    )
+
+
 class DualGraph:
     """``f``'s output and graph at ``theta`` (a dict of tensors), for batched ``J x`` / ``Jᵀ v``.
 
@@ -37,14 +79,17 @@ class DualGraph:
         """``Jᵀ V`` for ``V [k, *out.shape]``: ``{name: [k, *shape]}``."""
         k = V.shape[0]
         with torch.enable_grad():  # one vector: a plain pass (a batched one goes through vmap)
-            grads = torch.autograd.grad(
-                self.out,
-                list(self.p.values()),
-                V[0] if k == 1 else V,
-                retain_graph=True,
-                is_grads_batched=k > 1,
-                allow_unused=True,
-            )
+            if k == 1:
+                grads = _grad((self.out,), (V[0],), tuple(self.p.values()))
+            else:
+                grads = torch.autograd.grad(
+                    self.out,
+                    list(self.p.values()),
+                    V,
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
         return {
             n: (g.reshape(k, *self.p[n].shape) if g is not None else V.new_zeros(k, *self.p[n].shape))
             for n, g in zip(self.p, grads)
@@ -66,9 +111,7 @@ class DualGraph:
             if not grads:  # the output does not depend on the parameters
                 return self.out.new_zeros(k, *self.out.shape)
             if k == 1:
-                return torch.autograd.grad(grads, v0, [tangents[n][0] for n in names], retain_graph=True)[
-                    0
-                ].unsqueeze(0)
+                return _grad(tuple(grads), tuple(tangents[n][0] for n in names), (v0,))[0].unsqueeze(0)
             return torch.autograd.grad(
                 grads, v0, [tangents[n] for n in names], retain_graph=True, is_grads_batched=True
             )[0]

@@ -107,11 +107,15 @@ class TorchRNNLinearization:
                 self.h_prev.append(torch.stack(prev))
                 self.coef.append({key: torch.stack([k[key] for k in coefs]) for key in coefs[0]})
                 x_seq = torch.stack(outs)  # the next layer's input
+        # per layer and step, the coefficients shaped to broadcast over the k vectors of a
+        # block ([b, 1, H] or [b, 1, gates, H]); made once, so a product indexes no tensors
+        self.per_step = [_broadcast_coefficients(kind, c, T, H) for c in self.coef]
 
     # -- products ---------------------------------------------------------------------------
     def _param_parts(self, tang: dict, k: int):
-        """Per layer, the parameter part of the input and recurrent pre-activations for every
-        trial and step: ``[T, b, k, gH]`` each (None where no parameter of it moves).
+        """Per layer, the parameter part of the pre-activations for every trial and step,
+        ``[T, b, k, gH]`` (None where no parameter of it moves): ``(input part, recurrent
+        part)`` for the GRU, whose gates treat them differently, else their sum.
         """
         parts = []
         for l in range(self.L):
@@ -129,8 +133,11 @@ class TorchRNNLinearization:
                     )
                 if bname in tang:
                     db = tang[bname].unsqueeze(0).unsqueeze(0)  # [1, 1, k, gH]
-                    part = db if part is None else part + db
+                    part = db.expand(*src.shape[:2], k, -1) if part is None else part + db
                 layer.append(part)
+            if self.kind != "gru":
+                pa, pg = layer
+                layer = [pa if pg is None else (pg if pa is None else pa + pg)]
             parts.append(layer)
         return parts
 
@@ -138,65 +145,89 @@ class TorchRNNLinearization:
         """``[k, P] -> [k, b, T, H]``."""
         k = X.shape[0]
         b, T = self.shape
-        H, L = self.H, self.L
+        H, L, kind = self.H, self.L, self.kind
         parts = self._param_parts(self.spec.unflatten(X), k)
-        dh: list[torch.Tensor | None] = [
-            None
-        ] * L  # state tangents [b, k, H]; None while zero (the initial state is fixed)
-        dc = [None] * L
+        gH = _GATES[kind] * H
+        zero = X.new_zeros(1, 1, 1, gH).expand(T, b, k, gH)  # no parameter of a layer moves
+        rows = b * k
+        dh: list[torch.Tensor | None] = [None] * L  # [b·k, H]; None while zero (fixed start)
+        dc: list[torch.Tensor | None] = [None] * L
         ys: list[torch.Tensor] = []
         for t in range(T):
-            dx = None
+            dx = None  # the tangent of the layer's input [b·k, ·] (None: the fixed inputs)
             for l in range(L):
-                pa, pg = parts[l]
-                a = pa[t] if pa is not None else None
-                if dx is not None:
-                    a = dx @ self.w_ih[l].T if a is None else a + dx @ self.w_ih[l].T
-                g = pg[t] if pg is not None else None
-                if dh[l] is not None:
-                    g = dh[l] @ self.w_hh[l].T if g is None else g + dh[l] @ self.w_hh[l].T
-                dh[l], dc[l] = _tangent(
-                    self.kind,
-                    {key: v[t] for key, v in self.coef[l].items()},
-                    a,
-                    g,
-                    dh[l],
-                    dc[l],
-                    (b, k, H),
-                    X,
-                )
-                dx = dh[l]
-            last = dh[L - 1]
-            assert last is not None  # every layer's step sets its state tangent
-            ys.append(last)
-        return torch.stack(ys).permute(2, 1, 0, 3)  # [T, b, k, H] -> [k, b, T, H]
+                w_ih, w_hh, co, h_prev = self.w_ih[l], self.w_hh[l], self.per_step[l][t], dh[l]
+                if kind == "gru":
+                    pa, pg = (zero if p is None else p for p in parts[l])
+                    a, g = pa[t].reshape(rows, gH), pg[t].reshape(rows, gH)
+                    if dx is not None:
+                        a = torch.addmm(a, dx, w_ih.T)
+                    if h_prev is not None:
+                        g = torch.addmm(g, h_prev, w_hh.T)
+                    s = (a.view(b, k, 3, H) * co["a"]).addcmul_(g.view(b, k, 3, H), co["g"]).sum(2)
+                    if h_prev is not None:
+                        s = s.addcmul_(co["z"], h_prev.view(b, k, H))
+                    new = s.reshape(rows, H)
+                else:
+                    p = (zero if parts[l][0] is None else parts[l][0])[t].reshape(rows, gH)
+                    if dx is not None:
+                        p = torch.addmm(p, dx, w_ih.T)
+                    if h_prev is not None:
+                        p = torch.addmm(p, h_prev, w_hh.T)
+                    if kind == "lstm":
+                        p4 = p.view(b, k, 4, H)
+                        c_new = (p4[:, :, :3] * co["ifg"]).sum(2)
+                        c_prev = dc[l]
+                        if c_prev is not None:
+                            c_new = c_new.addcmul_(co["f"], c_prev)
+                        dc[l] = c_new
+                        new = (p4[:, :, 3] * co["o"]).addcmul_(co["beta"], c_new).reshape(rows, H)
+                    else:
+                        new = (p.view(b, k, H) * co["d"]).reshape(rows, H)
+                dh[l] = dx = new
+            assert dx is not None  # every layer's step sets its state tangent
+            ys.append(dx)
+        return torch.stack(ys).view(T, b, k, H).permute(2, 1, 0, 3)  # [k, b, T, H]
 
     def vjp(self, V: torch.Tensor) -> torch.Tensor:
         """``[k, b, T, H] -> [k, P]``."""
         k = V.shape[0]
         b, T = self.shape
-        H, L = self.H, self.L
-        Vt = V.permute(2, 1, 0, 3)  # [T, b, k, H]
-        gates = _GATES[self.kind]
+        H, L, kind = self.H, self.L, self.kind
+        Vt = V.permute(2, 1, 0, 3).contiguous()  # [T, b, k, H], time-major: one copy
+        gates = _GATES[kind]
         mu_a = [V.new_empty(T, b, k, gates * H) for _ in range(L)]  # input-part cotangents
-        mu_g = mu_a if self.kind != "gru" else [V.new_empty(T, b, k, gates * H) for _ in range(L)]
-        lh = [V.new_zeros(b, k, H) for _ in range(L)]  # cotangents of each layer's new state
-        lc = [V.new_zeros(b, k, H) for _ in range(L)] if self.kind == "lstm" else [None] * L
+        mu_g = mu_a if kind != "gru" else [V.new_empty(T, b, k, gates * H) for _ in range(L)]
+        rows = b * k
+        lh: list[torch.Tensor | None] = [None] * L  # cotangents of each layer's new state
+        lc: list[torch.Tensor | None] = [None] * L
         for t in range(T - 1, -1, -1):
-            lh[L - 1] = lh[L - 1] + Vt[t]
+            top = lh[L - 1]
+            lh[L - 1] = Vt[t] if top is None else top.view(b, k, H) + Vt[t]
             lx = None
             for l in range(L - 1, -1, -1):
-                lam = lh[l] if lx is None else lh[l] + lx
-                ma, mg, keep_h, lc[l] = _adjoint(
-                    self.kind, {key: v[t] for key, v in self.coef[l].items()}, lam, lc[l]
-                )
-                mu_a[l][t] = ma
-                if mg is not ma:
-                    mu_g[l][t] = mg
+                co, ma, mg = self.per_step[l][t], mu_a[l][t], mu_g[l][t]
+                terms = [x.view(b, k, H) for x in (lh[l], lx) if x is not None]
+                lam = terms[0] if len(terms) == 1 else terms[0] + terms[1]  # never none
+                if kind == "gru":
+                    torch.mul(lam.unsqueeze(2), co["a"], out=ma.view(b, k, 3, H))
+                    torch.mul(lam.unsqueeze(2), co["g"], out=mg.view(b, k, 3, H))
+                    keep = (co["z"] * lam).reshape(rows, H)
+                elif kind == "lstm":
+                    cl = lc[l]
+                    total = lam * co["beta"] if cl is None else cl.addcmul(co["beta"], lam)
+                    m4 = ma.view(b, k, 4, H)
+                    torch.mul(total.unsqueeze(2), co["ifg"], out=m4[:, :, :3])
+                    torch.mul(lam, co["o"], out=m4[:, :, 3])
+                    lc[l] = co["f"] * total
+                    keep = None
+                else:
+                    torch.mul(lam, co["d"], out=ma)
+                    keep = None
                 if t > 0:  # the initial state is fixed: no cotangent needed for it
-                    back = mg @ self.w_hh[l]
-                    lh[l] = back if keep_h is None else keep_h + back
-                lx = ma @ self.w_ih[l] if l > 0 else None
+                    g2 = mg.view(rows, gates * H)
+                    lh[l] = g2 @ self.w_hh[l] if keep is None else torch.addmm(keep, g2, self.w_hh[l])
+                lx = ma.view(rows, gates * H) @ self.w_ih[l] if l > 0 else None
         grads = {}
         for l in range(L):
             for mu, src, w, bname in (
@@ -210,6 +241,17 @@ class TorchRNNLinearization:
                 if bname in self.spec.names:
                     grads[bname] = flat.sum(0).view(k, -1)
         return self.spec.flatten(grads, batch_dims=1)
+
+
+def _broadcast_coefficients(kind: str, coef: dict, T: int, H: int) -> list[dict[str, torch.Tensor]]:
+    """Per step ``t``, the layer's coefficients as ``[b, 1, H]`` (or ``[b, 1, gates, H]`` for
+    the gate-stacked ones), which broadcast over the ``k`` vectors of a block.
+    """
+    shaped = {}
+    for key, v in coef.items():  # v: [T, b, width]
+        width = v.shape[-1]
+        shaped[key] = v.view(T, v.shape[1], 1, width // H, H) if width > H else v.unsqueeze(2)
+    return [{key: v[t] for key, v in shaped.items()} for t in range(T)]
 
 
 def _step(kind, a, g, h, c):
@@ -243,48 +285,3 @@ def _step(kind, a, g, h, c):
         return h_new, None, {"d": 1 - h_new * h_new}
     h_new = torch.relu(pre)
     return h_new, None, {"d": (pre > 0).to(pre.dtype)}
-
-
-def _tangent(kind, k, a, g, dh, dc, shape, like):
-    """One layer's tangent step: ``(δh', δc')`` from the pre-activation tangents ``a`` (input
-    part) and ``g`` (recurrent part), ``[b, kk, gH]`` or None for zero, and ``δh, δc``.
-    """
-    b, kk, H = shape
-    if kind == "gru":
-        s = None
-        if a is not None:
-            s = a * k["a"].unsqueeze(1)
-        if g is not None:
-            s = g * k["g"].unsqueeze(1) if s is None else s + g * k["g"].unsqueeze(1)
-        out = s.view(b, kk, 3, H).sum(2) if s is not None else like.new_zeros(b, kk, H)
-        if dh is not None:
-            out = out + k["z"].unsqueeze(1) * dh
-        return out, None
-    p = a if g is None else (g if a is None else a + g)
-    if kind == "lstm":
-        if p is None:
-            p = like.new_zeros(b, kk, 4 * H)
-        dc_new = (p[..., : 3 * H] * k["ifg"].unsqueeze(1)).view(b, kk, 3, H).sum(2)
-        if dc is not None:
-            dc_new = dc_new + k["f"].unsqueeze(1) * dc
-        return k["o"].unsqueeze(1) * p[..., 3 * H :] + k["beta"].unsqueeze(1) * dc_new, dc_new
-    if p is None:
-        return like.new_zeros(b, kk, H), None
-    return k["d"].unsqueeze(1) * p, None
-
-
-def _adjoint(kind, k, lam, lc):
-    """One layer's adjoint step from the cotangent ``lam`` of its new hidden state (and ``lc`` of
-    its new cell state): ``(μ_a, μ_g, direct part of λh, λc)`` where ``μ`` are the cotangents of
-    the input and recurrent pre-activations (the same tensor except for the GRU); ``λh`` of the
-    previous state is ``direct + μ_g W_hh``.
-    """
-    if kind == "gru":
-        rep = lam.repeat(1, 1, 3)
-        return rep * k["a"].unsqueeze(1), rep * k["g"].unsqueeze(1), k["z"].unsqueeze(1) * lam, None
-    if kind == "lstm":
-        total = lc + k["beta"].unsqueeze(1) * lam
-        mu = torch.cat([total.repeat(1, 1, 3) * k["ifg"].unsqueeze(1), k["o"].unsqueeze(1) * lam], -1)
-        return mu, mu, None, k["f"].unsqueeze(1) * total
-    mu = k["d"].unsqueeze(1) * lam
-    return mu, mu, None, None

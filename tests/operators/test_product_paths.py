@@ -76,6 +76,19 @@ def test_user_module_with_a_step_method_takes_the_cell_path(chunk_size, cache):
     check_products(K, dense_jacobian(model, u))
 
 
+def test_cell_path_through_the_public_grad_when_the_engine_call_is_unavailable(monkeypatch):
+    """The cell path calls autograd's engine directly when it is usable on this torch; with
+    that switched off it goes through ``torch.autograd.grad``: both agree with the dense truth."""
+    from lanczos_ntk.operators import _dual_graph
+
+    model, u = StepModule(), inputs(B=3)
+    J = dense_jacobian(model, u)
+    if _dual_graph._ENGINE_GRAD is not None:  # this torch takes the direct call
+        check_products(lnk.StateNTK(model, u), J, full=False)
+    monkeypatch.setattr(_dual_graph, "_ENGINE_GRAD", None)
+    check_products(lnk.StateNTK(model, u), J, full=False)
+
+
 def test_a_step_that_does_not_reproduce_forward_is_not_used():
     model, u = MismatchedStep(), inputs()
     K = lnk.StateNTK(model, u)
