@@ -169,7 +169,11 @@ def test_tiny_budget_chunks_and_splits_blocks(name, model):
         lnk.StateNTK(model, u, memory_budget=one // 2)
 
 
-def test_opaque_blocks_share_one_pass():
+def test_opaque_blocks_share_one_pass(monkeypatch):
+    from lanczos_ntk.operators import _dual_graph
+
+    monkeypatch.setattr(_dual_graph, "_ENGINE_GRAD", None)  # every pass through autograd.grad
+
     class Opaque(nn.Module):
         def __init__(self):
             super().__init__()
