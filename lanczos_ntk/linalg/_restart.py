@@ -77,6 +77,20 @@ def _converged(res: torch.Tensor, theta: torch.Tensor, tol: float, eps: float, a
     return res <= _target(theta, tol, eps, anorm)
 
 
+def _converged_now(state: KrylovState, k: int, which: str, tol: float, eps: float, null_rtol: float) -> bool:
+    """Whether the ``k`` wanted Ritz pairs of the basis built so far already meet ``tol`` (the
+    test that ends a cycle, made after every step: a small ``eigh`` of the tridiagonal part,
+    so a run stops at the product that converged it instead of at the end of its cycle).
+    """
+    m, b = state.c, state.b
+    Tm = state.T[:m, :m]
+    theta, Z = torch.linalg.eigh(0.5 * (Tm + Tm.T))
+    res = torch.linalg.vector_norm(state.T[m : m + b, m - b : m] @ Z[m - b : m], dim=0)
+    anorm = max(state.anorm, float(theta.abs().max()))
+    wanted = _order(theta, which, theta <= null_rtol * anorm)[:k]
+    return len(wanted) == k and bool(_converged(res[wanted], theta[wanted], tol, eps, anorm).all())
+
+
 def _refuse_negative(theta: torch.Tensor, eps: float, lam_max: float) -> None:
     """``which="SA"`` is for positive semi-definite operators: refuse clearly negative ones.
 
@@ -269,6 +283,8 @@ def thick_restart_lanczos(
             state.step()
             if state.nonfinite:
                 break
+            if which != "SA" and state.c >= k and _converged_now(state, k, which, tol, eps, null_rtol):
+                break  # converged inside the cycle: no product beyond the one that got there
         m = state.c
         Tm = state.T[:m, :m]
         theta, Z = torch.linalg.eigh(0.5 * (Tm + Tm.T))

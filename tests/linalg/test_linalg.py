@@ -405,3 +405,15 @@ def test_subspace_step_against_dense():
     for _ in range(40):
         step = subspace_step(lambda X: A @ X, step.basis)
     torch.testing.assert_close(step.eigenvalues[:3], lam[:3], rtol=1e-8, atol=0)
+
+
+def test_a_run_stops_at_the_product_that_converged_it():
+    """Convergence is tested after every step, not only at the end of a cycle: on an operator
+    with 8 distinct eigenvalues the Krylov space is invariant after 8 products, where the top 3
+    are exact (a cycle here is 21 products)."""
+    lam = torch.repeat_interleave(torch.arange(1.0, 9.0, dtype=torch.float64), 25)  # n = 200
+    A = with_spectrum(lam, seed=4)
+    out = thick_restart_lanczos(lambda X: A @ X, 200, 3, tol=1e-10, generator=gen(5))
+    assert out.status == "converged" and out.ncv == 21
+    assert out.num_matvecs <= 9  # 8 products, plus at most one for the true residuals
+    torch.testing.assert_close(out.eigenvalues, torch.tensor([8.0, 7.0, 6.0], dtype=torch.float64))
