@@ -77,16 +77,18 @@ def _converged(res: torch.Tensor, theta: torch.Tensor, tol: float, eps: float, a
     return res <= _target(theta, tol, eps, anorm)
 
 
-def _converged_now(state: KrylovState, k: int, which: str, tol: float, eps: float, null_rtol: float) -> bool:
-    """Whether the ``k`` wanted Ritz pairs of the basis built so far already meet ``tol`` (the
-    test that ends a cycle, made after every step: a small ``eigh`` of the tridiagonal part,
-    so a run stops at the product that converged it instead of at the end of its cycle).
+def _converged_now(
+    T: torch.Tensor, b: int, k: int, which: str, tol: float, eps: float, anorm: float, null_rtol: float
+) -> bool:
+    """Whether the ``k`` wanted Ritz pairs of the basis built so far already meet ``tol``: the
+    test that ends a cycle, made after every step from the tridiagonal part ``T [m + b, m]``
+    (a small ``eigh``), so a run stops at the product that converged it instead of at the end
+    of its cycle.
     """
-    m, b = state.c, state.b
-    Tm = state.T[:m, :m]
-    theta, Z = torch.linalg.eigh(0.5 * (Tm + Tm.T))
-    res = torch.linalg.vector_norm(state.T[m : m + b, m - b : m] @ Z[m - b : m], dim=0)
-    anorm = max(state.anorm, float(theta.abs().max()))
+    m = T.shape[1]
+    theta, Z = torch.linalg.eigh(0.5 * (T[:m] + T[:m].T))
+    res = torch.linalg.vector_norm(T[m:, m - b :] @ Z[m - b :], dim=0)
+    anorm = max(anorm, float(theta.abs().max()))
     wanted = _order(theta, which, theta <= null_rtol * anorm)[:k]
     return len(wanted) == k and bool(_converged(res[wanted], theta[wanted], tol, eps, anorm).all())
 
@@ -279,11 +281,17 @@ def thick_restart_lanczos(
     status = "max_iterations"
     while True:
         bd_before = len(state.breakdowns)
+        closed = False  # a (nearly) invariant Krylov space in this cycle: copies may follow
         while state.c + b <= ncv:
             state.step()
             if state.nonfinite:
                 break
-            if which != "SA" and state.c >= k and _converged_now(state, k, which, tol, eps, null_rtol):
+            if which == "SA" or state.c < k:
+                continue
+            T = state.T[: state.c + b, : state.c].cpu()  # small: one transfer per step
+            scale = max(state.anorm, float(T.diagonal().abs().max()))
+            closed = closed or float(torch.linalg.norm(T[-b:, -b:])) <= eps**0.5 * scale
+            if not closed and _converged_now(T, b, k, which, tol, eps, state.anorm, null_rtol):
                 break  # converged inside the cycle: no product beyond the one that got there
         m = state.c
         Tm = state.T[:m, :m]
