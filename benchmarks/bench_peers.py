@@ -86,9 +86,9 @@ def build(row, n, T, B, dtype, device):
     if row == "ctrnn":
         return ct, u
     if row == "user_forward":
-        return ForwardOnly(ct.W, ct.B, ct.b), u
+        return ForwardOnly(ct.W, ct.U, ct.b), u
     if row == "user_step":
-        return WithStep(ct.W, ct.B, ct.b), u
+        return WithStep(ct.W, ct.U, ct.b), u
     torch.manual_seed(0)  # torch's RNN init uses the global generator
     cls = {"gru": nn.GRU, "lstm": nn.LSTM}[row]
     return cls(D_IN, n, batch_first=True, dtype=dtype, device=device), u

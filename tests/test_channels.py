@@ -46,7 +46,7 @@ def test_critical_direction_saddle_node_closed_form():
     assert abs(d.eigenvalue - (-2 * math.sqrt(mu))) < 1e-12
     # g = (df/dmu, df/dB)^T w = (1, u = 0)
     torch.testing.assert_close(d.g[:, 0], torch.tensor([1.0, 0.0], dtype=F64))
-    assert d.param_names == ("mu", "B")
+    assert d.param_names == ("mu", "U")
 
 
 def test_critical_direction_hopf_pair():

@@ -22,7 +22,7 @@ def _one_unit(w: float, b: float):
     with torch.no_grad():
         m.W.fill_(w)
         m.b.fill_(b)
-        m.B.fill_(0.5)
+        m.U.fill_(0.5)
     return m
 
 

@@ -65,6 +65,8 @@ class StateSpaceModel(nn.Module):
 
     kind: str = "map"
     dt: float = 1.0
+    #: parameters renamed since 0.1.0 (old name -> new); state dicts saved before still load
+    RENAMED: dict[str, str] = {}
 
     def __init__(self, state_size: int, input_size: int):
         super().__init__()
@@ -75,6 +77,12 @@ class StateSpaceModel(nn.Module):
         self.state_size = int(state_size)
         self.input_size = int(input_size)
         self.readout: nn.Linear | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in self.RENAMED.items():  # a checkpoint written before the rename
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _make_readout(self, readout_size: int | None, generator: torch.Generator, dtype: torch.dtype) -> None:
         """Linear readout with PyTorch's default init ``U(±1/sqrt(n))``, drawn from ``generator``

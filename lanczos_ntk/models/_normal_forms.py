@@ -1,7 +1,7 @@
 """Normal forms of codimension-one bifurcations as tiny trainable models.
 
 The bifurcation parameter ``mu`` is a trainable parameter; inputs enter additively through a
-trainable ``B`` (``n × d_in``). Each bifurcation happens at ``mu = 0`` at the state ``0``.
+trainable ``U`` (``n × d_in``; ``B`` before 0.2). Each bifurcation happens at ``mu = 0`` at the state ``0``.
 Conventions follow Kuznetsov, *Elements of Applied Bifurcation Theory* (3rd ed.), ch. 3–4:
 
 Flows (explicit Euler with ``dt``):
@@ -44,6 +44,7 @@ _TWO_D = ("hopf", "neimark_sacker")
 
 class _NormalForm(StateSpaceModel):
     _forms: tuple[str, ...] = ()
+    RENAMED = {"B": "U"}
 
     def __init__(self, form: str, *, mu: float, input_size: int, dtype: torch.dtype):
         if form not in self._forms:
@@ -54,7 +55,7 @@ class _NormalForm(StateSpaceModel):
         self.form = form
         self.mu = nn.Parameter(torch.tensor(float(mu), dtype=dtype))
         eye = torch.eye(self.state_size, max(input_size, 1), dtype=dtype)[:, :input_size]
-        self.B = nn.Parameter(eye.clone())
+        self.U = nn.Parameter(eye.clone())
 
     def extra_repr(self) -> str:
         return f"form={self.form!r}, mu={self.mu.item():.4g}"
@@ -92,7 +93,7 @@ class ContinuousNormalForm(_NormalForm):
             xx, yy = h[..., :1], h[..., 1:2]
             r2 = xx**2 + yy**2
             f = torch.cat([mu * xx - self.omega * yy - r2 * xx, self.omega * xx + mu * yy - r2 * yy], dim=-1)
-        return f + u @ self.B.T
+        return f + u @ self.U.T
 
 
 class DiscreteNormalForm(_NormalForm):
@@ -128,4 +129,4 @@ class DiscreteNormalForm(_NormalForm):
             scale = 1 + mu - (xx**2 + yy**2)
             c, s = math.cos(self.theta), math.sin(self.theta)
             f = torch.cat([scale * (c * xx - s * yy), scale * (s * xx + c * yy)], dim=-1)
-        return f + u @ self.B.T
+        return f + u @ self.U.T

@@ -25,7 +25,7 @@ def _gaussian(shape, scale, g, dtype) -> nn.Parameter:
 
 
 class CTRNN(StateSpaceModel):
-    r"""Continuous-time RNN ``dh/dt = -h + W tanh(h) + B u + b``, explicit Euler with ``dt``.
+    r"""Continuous-time RNN ``dh/dt = -h + W tanh(h) + U u + b``, explicit Euler with ``dt``.
 
     Parameters
     ----------
@@ -39,7 +39,8 @@ class CTRNN(StateSpaceModel):
         Adds a linear readout ``y = C h + c``.
     seed, generator : initialisation randomness (the global RNG is never used).
     input_scale : float
-        Scale of ``B`` entries (``input_scale / sqrt(d_in) * N(0,1)``).
+        Scale of the input weights ``U`` (``input_scale / sqrt(d_in) * N(0,1)``; called ``B``
+        before 0.2, and state dicts naming ``B`` still load).
     dtype : parameter dtype (float64 by default, the library's reference precision).
 
     Examples
@@ -51,6 +52,7 @@ class CTRNN(StateSpaceModel):
     """
 
     kind = "flow"
+    RENAMED = {"B": "U"}
 
     def __init__(
         self,
@@ -71,12 +73,12 @@ class CTRNN(StateSpaceModel):
         self.dt = float(dt)
         self.gain = float(gain)
         self.W = _gaussian((n, n), gain / math.sqrt(n), g, dtype)
-        self.B = _gaussian((n, d), input_scale / math.sqrt(max(d, 1)), g, dtype)
+        self.U = _gaussian((n, d), input_scale / math.sqrt(max(d, 1)), g, dtype)
         self.b = nn.Parameter(torch.zeros(n, dtype=dtype))
         self._make_readout(readout_size, g, dtype)
 
     def rhs(self, h, u):
-        return -h + torch.tanh(h) @ self.W.T + u @ self.B.T + self.b
+        return -h + torch.tanh(h) @ self.W.T + u @ self.U.T + self.b
 
 
 class DiscreteRNN(StateSpaceModel):

@@ -155,7 +155,7 @@ def closed_form(model, spec) -> WeightActivityJacobian | None:
             return h + dt * (z - h), dt
 
         return WeightActivityJacobian(
-            model, spec, {"W": "W", "U": "B", "b": "b"}, activity, update, psi_h=1 - dt
+            model, spec, {"W": "W", "U": "U", "b": "b"}, activity, update, psi_h=1 - dt
         )
     if isinstance(model, DiscreteRNN) and _runs_own_dynamics(model, DiscreteRNN):
 

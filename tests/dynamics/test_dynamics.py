@@ -221,7 +221,7 @@ def test_fixed_points_explicit_seeds_map_and_inputs():
     u = torch.tensor([[0.0], [1.0]], dtype=F64)
     fp = find_fixed_points(m, u=u, num_seeds=8)
     assert fp.input_index.tolist() == [0, 1]
-    B = float(m.B.detach().reshape(()))
+    B = float(m.U.detach().reshape(()))
     for x, k in zip(fp.points[:, 0], fp.input_index):
         x = float(x)
         assert -x + 0.5 * math.tanh(x) + B * float(u[k]) == pytest.approx(0.0, abs=1e-10)
@@ -306,12 +306,12 @@ def test_system_from_model_parameters():
     s = system_from_model(m, "gain", u)
     assert s.p0 == 1.5 and s.kind == "flow"
     torch.testing.assert_close(s(x, 1.5), m.rhs(x, u))
-    torch.testing.assert_close(s(x, 3.0) + x, 2 * (m.rhs(x, u) + x - u @ m.B.T) + u @ m.B.T)
+    torch.testing.assert_close(s(x, 3.0) + x, 2 * (m.rhs(x, u) + x - u @ m.U.T) + u @ m.U.T)
     s = system_from_model(m, "input", u)
     torch.testing.assert_close(s(x, 2.0), m.rhs(x, 2 * u))
     s = system_from_model(m, lambda p, params, uu: ({**params, "b": params["b"] + p}, uu), u, p0=0.0)
     torch.testing.assert_close(s(x, 0.5), m.rhs(x, u) + 0.5)
-    assert set(s.params_at(0.0)) == {"W", "B", "b"}
+    assert set(s.params_at(0.0)) == {"W", "U", "b"}
     with pytest.raises(ValueError, match="unknown continuation parameter"):
         system_from_model(m, "nope")
     with pytest.raises(ValueError, match="p0"):

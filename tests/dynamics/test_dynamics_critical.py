@@ -216,7 +216,7 @@ def test_total_derivative_along_the_branch_in_closed_form(model_cls, form, mu, p
     assert float(cd.d[names.index("mu"), 0]) == pytest.approx(total, abs=1e-10)
     assert float(cd.d_partial[names.index("mu"), 0]) == pytest.approx(partial, abs=1e-12)
     # the input weight B enters f only through u = 0: it moves nothing
-    assert float(cd.d[names.index("B"), 0]) == pytest.approx(0.0, abs=1e-14)
+    assert float(cd.d[names.index("U"), 0]) == pytest.approx(0.0, abs=1e-14)
     part = critical_direction(model, x, derivative="partial")
     torch.testing.assert_close(part.d, cd.d_partial)
 
@@ -244,7 +244,7 @@ def test_total_derivative_matches_finite_differences_of_the_moving_fixed_point(g
     u = torch.zeros(1, dtype=F64)
 
     def rhs(th, x):
-        return -x + torch.tanh(x) @ th["W"].T + u @ th["B"].T + th["b"]
+        return -x + torch.tanh(x) @ th["W"].T + u @ th["U"].T + th["b"]
 
     x0 = _newton(lambda x: rhs(params, x), torch.zeros(n, dtype=F64))
     cd = critical_direction(model, x0)

@@ -30,7 +30,7 @@ def test_ctrnn_matches_formula():
     m = models.CTRNN(4, 1, gain=2.0, dt=0.2, seed=0)
     h = torch.randn(3, 4, dtype=torch.float64)
     u = torch.randn(3, 1, dtype=torch.float64)
-    expected = h + 0.2 * (-h + torch.tanh(h) @ m.W.T + u @ m.B.T + m.b)
+    expected = h + 0.2 * (-h + torch.tanh(h) @ m.W.T + u @ m.U.T + m.b)
     torch.testing.assert_close(m.step(h, u), expected)
 
 
@@ -182,3 +182,13 @@ def test_gru_and_discrete_rnn_match_their_equations_written_in_numpy():
     W, U, b = (p.detach().numpy() for p in (rnn.W, rnn.U, rnn.b))
     want = _numpy_trajectory(lambda h, x: np.tanh(h @ W.T + x @ U.T + b), u.numpy(), n)
     np.testing.assert_allclose(rnn(u).detach().numpy(), want, rtol=1e-12, atol=1e-14)
+
+
+def test_state_dicts_naming_the_old_input_weight_still_load():
+    """The CTRNN's and the normal forms' input weight is ``U`` (``B`` before 0.2, which clashed
+    with the batch size); a checkpoint written with ``B`` loads into ``U``."""
+    for model in (models.CTRNN(3, 2, seed=0), models.ContinuousNormalForm("saddle_node", mu=0.1, input_size=1)):
+        old = {("B" if k == "U" else k): v + 1.0 for k, v in model.state_dict().items()}
+        assert "B" in old and "U" not in old
+        model.load_state_dict(old)
+        torch.testing.assert_close(model.U.detach(), old["B"])

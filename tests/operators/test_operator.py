@@ -154,7 +154,7 @@ def test_readout_and_callable_outputs(name):
     "name, params",
     [
         ("ctrnn", ["W"]),
-        ("ctrnn", ["b", "B"]),
+        ("ctrnn", ["b", "U"]),
         ("gru", ["U"]),
         ("map_pitchfork", ["mu"]),
         ("torch_gru", ["weight_hh_l0"]),

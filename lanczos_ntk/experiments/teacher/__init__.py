@@ -1,10 +1,10 @@
 r"""Student–teacher experiment: a student learns a pitchfork, and its sNTK collapses on the way.
 
-**Setup.** A teacher CTRNN ``dh/dt = -h + W tanh(h) + B u + b`` with
+**Setup.** A teacher CTRNN ``dh/dt = -h + W tanh(h) + U u + b`` with
 ``W_T = 2 W₀ / ℓ`` (``W₀ = σ N(0,1)/√n + m mᵀ``, ``‖m‖ = 1``, ``ℓ`` the leading real eigenvalue of
 ``W₀``) has an unstable origin and two stable states ``±x*``: the trivial fixed point went
 through a pitchfork at gain factor 1. The student starts at ``W_S = 0.6 W₀ / ℓ`` (origin
-stable, leading Jacobian eigenvalue ``λ_c = -1 + 0.6 = -0.4``), ``B = m``, ``b = 0``. Trials are
+stable, leading Jacobian eigenvalue ``λ_c = -1 + 0.6 = -0.4``), ``U = m``, ``b = 0``. Trials are
 pulses ``u_t = a`` for ``t < 5`` with ``a ∈ linspace(-1, 1, B)``, then zero; the targets are the
 teacher's states, the loss the mean squared error over all ``M = B T n`` states. To fit them the
 student must *learn the bifurcation*: ``λ_c`` has to cross zero.

@@ -76,7 +76,7 @@ def build_problem(config: TeacherConfig, generator: torch.Generator | None = Non
                 model.U[2 * n :].copy_(m[:, None])
             else:
                 model.W.copy_(W0 * factor / lead)
-                (model.B if arch == "ctrnn" else model.U).copy_(m[:, None])
+                model.U.copy_(m[:, None])
         return model
 
     teacher, student = make(config.teacher_gain), make(config.student_gain)

@@ -163,7 +163,7 @@ class StudentTeacherResult(Result):
         ``|cos|`` of the loss gradient with ``span(g)`` and with ``d``: which channel training
         actually uses.
     block_sensitivity_cos, block_participation : Tensor ``[R]``
-        In the block of ``G`` over the recurrent and input weights (``W`` and ``B`` or ``U``):
+        In the block of ``G`` over the recurrent and input weights (``W`` and ``U``):
         ``|cos|`` of ``d`` (restricted to the block) with the block's top eigenvector, and the
         block's participation ratio (NaN when the block has more than 512 parameters and the
         spectrum is not dense).

@@ -209,7 +209,7 @@ def run_student_teacher(
     # flat indices of the recurrent and input weights, and of the biases
     named = dict(student.named_parameters())
     spec = ParamSpec(names, tuple(named[k].shape for k in names))
-    block, bias = spec.indices(("W", "B", "U")), spec.indices(("b",))
+    block, bias = spec.indices(("W", "U")), spec.indices(("b",))
     shares: list[float] = []
 
     def lead_of(eigs):  # distance to the stability boundary: Re λ (flow), |μ| - 1 (map)
