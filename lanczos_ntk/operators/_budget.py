@@ -68,6 +68,9 @@ class ProductPlan:
     work_bytes_per_vector : estimated transient bytes of one chunk's product, per vector
     block_columns : the most vectors of a block that go through one pass together
     budget_bytes : the memory budget
+    trace_after : with ``jvp="forward"`` chosen by ``auto`` for a large opaque module, the number
+        of ``J x`` vectors after which the forward is traced once (``torch.func.linearize``) and
+        ``jvp`` becomes ``"linearize"``; None otherwise
     """
 
     path: str
@@ -81,9 +84,12 @@ class ProductPlan:
     work_bytes_per_vector: int
     block_columns: int
     budget_bytes: int
+    trace_after: int | None = None
 
     def __str__(self) -> str:
         how = f"{self.path} path" + (f" ({self.cell})" if self.cell else "") + f", J x by {self.jvp}"
+        if self.trace_after is not None:
+            how += f" (traced after {self.trace_after} vectors)"
         cache = (
             f"linearisations cached ({_mib(self.cache_bytes)})"
             if self.cached

@@ -9,6 +9,7 @@ never formed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -43,6 +44,13 @@ DOUBLE_VJP_WORKING_SET = 32 << 20  # outputs per batched double-backward pass on
 #: ``torch.func.linearize``: its one-time trace (seconds) pays off once each ``J x`` is slow
 #: (at n=128, T=100, B=256: 30 ms against 160 ms for the VJP of a VJP, trace 4.8 s).
 LINEARIZE_MIN_OUTPUTS = 1 << 21
+
+#: ``J x`` vectors in forward mode before ``auto`` traces such a module. The trace costs about as
+#: much as 44 forward-mode products at that size (4.7 s against 108 ms), and the operator cannot
+#: know how many products will follow: tracing once forward mode has cost about one trace keeps
+#: any run within about twice the better of the two choices (the rent-or-buy rule). A top-10
+#: solve (about 45 products) then never traces; SLQ (hundreds) traces early.
+LINEARIZE_AFTER_VECTORS = 48
 
 _JVP_MODES = ("auto", "structured", "cell", "forward", "double_vjp", "linearize")
 _PATHS = {
@@ -157,6 +165,11 @@ class JacobianEngine:
         if self._forward_fallback and not self.plan.cached:
             self.jvp_mode = "forward"
             self.plan = self._make_plan(budget, chunk_size, cache)
+        elif jvp == "auto" and self.jvp_mode == "linearize":
+            # forward mode first, traced once its products have cost about one trace; the
+            # plan is sized for the traced JVP
+            self.jvp_mode = "forward"
+            self.plan = dataclasses.replace(self.plan, jvp="forward", trace_after=LINEARIZE_AFTER_VECTORS)
         self.chunk_size = self.plan.chunk_size
         self.cache = self.plan.cached
         self.chunks = [
@@ -437,17 +450,19 @@ class JacobianEngine:
         else:
             lin = DualGraph(lambda q: self.call(q, u, h0), self.params)
             if self.jvp_mode == "linearize":  # J x by a traced JVP of the whole forward
-                # products run inside linear_operator's autograd.Function, where forward-mode
-                # AD is switched off: linearize would trace a zero JVP there
-                with warnings.catch_warnings(), forward_ad._set_fwd_grad_enabled(True):
-                    # torch.fx's constant folding inside linearize warns about its own graph
-                    warnings.filterwarnings(
-                        "ignore", message="Attempted to insert a get_attr", category=UserWarning
-                    )
-                    lin.linearized = torch.func.linearize(lambda q: self.call(q, u, h0), self.params)[1]
+                lin.linearized = self._trace(u, h0)
         if self.cache:
             self._lin[i] = lin
         return lin
+
+    def _trace(self, u: torch.Tensor, h0):
+        """A traced JVP of the whole forward on one chunk (``torch.func.linearize``)."""
+        # products run inside linear_operator's autograd.Function, where forward-mode AD is
+        # switched off: linearize would trace a zero JVP there
+        with warnings.catch_warnings(), forward_ad._set_fwd_grad_enabled(True):
+            # torch.fx's constant folding inside linearize warns about its own graph
+            warnings.filterwarnings("ignore", message="Attempted to insert a get_attr", category=UserWarning)
+            return torch.func.linearize(lambda q: self.call(q, u, h0), self.params)[1]
 
     def _row_groups(self, k: int, b: int) -> list[slice]:
         """Trial sub-ranges of a chunk for a block of ``k`` vectors on the closed-form path: on
@@ -498,7 +513,10 @@ class JacobianEngine:
                 return one({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
             return torch.func.vmap(one)(tangents)
         if self.jvp_mode == "linearize":
-            jfn = self._linearization(i).linearized
+            lin = self._linearization(i)
+            if lin.linearized is None:  # a trace deferred by the plan (trace_after)
+                lin.linearized = self._trace(*self.chunk_inputs(self.chunks[i]))
+            jfn = lin.linearized
             with forward_ad._set_fwd_grad_enabled(True):
                 if X.shape[0] == 1:
                     return jfn({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
@@ -552,8 +570,16 @@ class JacobianEngine:
             for i, sl in enumerate(self.chunks):
                 part = self.jvp_chunk(i, Xt[cols])
                 out[sl.start * n_per : sl.stop * n_per, cols] = part.reshape(part.shape[0], -1).T
-        self.num_jvp_vectors += X.shape[1]
+        self._count_jvp(X.shape[1])
         return out
+
+    def _count_jvp(self, k: int) -> None:
+        """Count ``J x`` vectors; switch a deferred trace on once the plan says so."""
+        self.num_jvp_vectors += k
+        after = self.plan.trace_after
+        if after is not None and self.jvp_mode == "forward" and self.num_jvp_vectors >= after:
+            self.jvp_mode = "linearize"
+            self.plan = dataclasses.replace(self.plan, jvp="linearize")
 
     def ntk(self, V: torch.Tensor) -> torch.Tensor:
         """``J Jᵀ V``: a reverse pass, then a forward pass over the chunks."""
@@ -566,7 +592,7 @@ class JacobianEngine:
         for cols in self._columns(X.shape[1]):
             for i in range(len(self.chunks)):
                 out[cols] += self.vjp_chunk(i, self.jvp_chunk(i, Xt[cols]))
-        self.num_jvp_vectors += X.shape[1]
+        self._count_jvp(X.shape[1])
         self.num_vjp_vectors += X.shape[1]
         return self._reduce(out).T
 

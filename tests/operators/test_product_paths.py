@@ -301,9 +301,19 @@ def test_auto_linearizes_large_opaque_modules_only(monkeypatch):
     model, u = _ForwardOnly(), inputs()
     assert lnk.StateNTK(model, u).plan.jvp == "double_vjp"  # small: no trace
     monkeypatch.setattr(engine_module, "LINEARIZE_MIN_OUTPUTS", u.shape[0] * u.shape[1] * 3)
+    monkeypatch.setattr(engine_module, "LINEARIZE_AFTER_VECTORS", 3)
     K = lnk.StateNTK(model, u)
-    assert K.plan.jvp == "linearize"
-    check_products(K, dense_jacobian(model, u))
+    # large: forward mode first, traced once 3 vectors have gone through J x
+    assert (K.plan.jvp, K.plan.trace_after) == ("forward", 3) and "traced after 3" in str(K.plan)
+    J = dense_jacobian(model, u)
+    X = torch.randn(J.shape[1], 2, generator=gen(6), dtype=F64)
+    torch.testing.assert_close(K.engine.jvp(X), J @ X, rtol=1e-10, atol=1e-12)
+    assert K.plan.jvp == "forward"  # 2 vectors so far
+    torch.testing.assert_close(K.dual().matmul(X[:, :1]), J.T @ (J @ X[:, :1]), rtol=1e-10, atol=1e-12)
+    assert K.plan.jvp == "linearize" and K.engine._linearization(0).linearized is None
+    check_products(K, J)  # traced by the next product, used from then on
+    assert K.engine._linearization(0).linearized is not None
+    assert lnk.StateNTK(model, u, jvp="linearize").plan.trace_after is None  # asked: at once
     # without room to cache the traced JVP it would be redone every product: forward mode
     assert lnk.StateNTK(model, u, cache=False).plan.jvp == "forward"
 
