@@ -187,7 +187,8 @@ def test_gru_and_discrete_rnn_match_their_equations_written_in_numpy():
 def test_state_dicts_naming_the_old_input_weight_still_load():
     """The CTRNN's and the normal forms' input weight is ``U`` (``B`` before 0.2, which clashed
     with the batch size); a checkpoint written with ``B`` loads into ``U``."""
-    for model in (models.CTRNN(3, 2, seed=0), models.ContinuousNormalForm("saddle_node", mu=0.1, input_size=1)):
+    fold = models.ContinuousNormalForm("saddle_node", mu=0.1, input_size=1)
+    for model in (models.CTRNN(3, 2, seed=0), fold):
         old = {("B" if k == "U" else k): v + 1.0 for k, v in model.state_dict().items()}
         assert "B" in old and "U" not in old
         model.load_state_dict(old)
