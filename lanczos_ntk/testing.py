@@ -8,11 +8,12 @@ own models (``assert_operator_close``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from .operators import ModelFunction, ParamSpec, resolve_params
+from .operators import resolve_params
 
 __all__ = [
     "assert_operator_close",
@@ -22,6 +23,29 @@ __all__ = [
     "dense_operator",
     "matrix_with_spectrum",
 ]
+
+
+class _Reference(nn.Module):
+    """The model's outputs as one module, so that ``functional_call`` substitutes every
+    parameter, the readout's included. Written apart from the operators' own functional form
+    (:class:`~lanczos_ntk.operators.ModelFunction`), which this reference checks.
+    """
+
+    def __init__(self, model: nn.Module, outputs: str | Callable):
+        super().__init__()
+        self.m: Any = model  # read / readout are the user's attributes
+        self.outputs: Any = outputs
+
+    def forward(self, u: torch.Tensor, h0) -> torch.Tensor:
+        states = self.m(u) if h0 is None else self.m(u, h0)
+        if isinstance(states, tuple):  # torch's RNN/GRU/LSTM: (per-step states, final state)
+            states = states[0]
+        if self.outputs == "states":
+            return states
+        if self.outputs == "readout":
+            read = getattr(self.m, "read", None)
+            return read(states) if callable(read) else self.m.readout(states)
+        return self.outputs(states)
 
 
 def dense_jacobian(
@@ -37,17 +61,21 @@ def dense_jacobian(
     Rows are ordered ``(trial, time, unit)``; columns follow ``model.named_parameters()``
     when ``params`` is None, else the order of ``params`` (as :attr:`StateNTK.param_names`).
     """
-    fn = ModelFunction(model, outputs)
-    p = {k: v.to(torch.float64) for k, v in resolve_params(model, params).items()}
-    spec = ParamSpec(tuple(p), tuple(v.shape for v in p.values()))
+    if any(t.dtype != torch.float64 for t in model.parameters()):
+        raise TypeError("dense references are float64: convert the model with .double() first")
+    names = list(resolve_params(model, params))
+    ref = _Reference(model, outputs)
     u = inputs.to(torch.float64)
     if h0 is not None:
         h0 = tuple(t.to(torch.float64) for t in h0) if isinstance(h0, tuple) else h0.to(torch.float64)
-    if any(t.dtype != torch.float64 for t in model.parameters()):
-        raise TypeError("dense references are float64: convert the model with .double() first")
-    jac = torch.func.jacrev(lambda q: fn(q, u, h0).reshape(-1))(p)
-    M = jac[spec.names[0]].shape[0]
-    return torch.cat([jac[n].reshape(M, -1) for n in spec.names], dim=1).detach()
+    theta = {"m." + n: t.detach() for n, t in model.named_parameters() if n in names}
+
+    def f(q):
+        return torch.func.functional_call(ref, q, (u, h0)).reshape(-1)
+
+    jac = torch.func.jacrev(f)(theta)
+    M = jac["m." + names[0]].shape[0]
+    return torch.cat([jac["m." + n].reshape(M, -1) for n in names], dim=1).detach()
 
 
 def dense_ntk(model: nn.Module, inputs: torch.Tensor, **kwargs) -> torch.Tensor:
