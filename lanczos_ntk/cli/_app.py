@@ -386,7 +386,8 @@ def run_folder(command: str, cfg: dict, out, fresh: bool, quiet: bool = False):
     launch = launch_for(cfg)
     cfg = recorded_config(cfg)  # what the run depends on: the model's unused keys left out
     path = Path(out) if out else Path("runs") / f"{command}-{config_digest(cfg)}"
-    problem, folder = None, None
+    problem: str | None = None
+    folder: RunFolder | _launch.FollowerFolder | None = None
     if launch.leader:
         try:  # a clear one-line error for a place that cannot hold the run, before anything else
             path.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ def _without_folds_at_branch_points(branches, width: float) -> list:
 
 def _unique_bifurcations(branches, width: float) -> list:
     """The branches' bifurcations, each once (branches traced from both ends may share some)."""
-    out = []
+    out: list[dynamics.Bifurcation] = []
     for br in branches:
         for k in br.bifurcations:
             if not any(o.kind == k.kind and _same_event(o, k, width) for o in out):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 __all__ = ["DEFAULTS", "RENAMED", "defaults_for"]
 
@@ -84,7 +85,7 @@ _BIFURCATE = {
     "input": 0.0,  # constant input level (every input channel)
 }
 
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, Any]] = {
     "spectrum": {**_COMMON, "model": _MODEL, "inputs": _INPUTS, "spectrum": _SPECTRUM, "density": _DENSITY},
     "density": {**_COMMON, "model": _MODEL, "inputs": _INPUTS, "spectrum": _SPECTRUM, "density": _DENSITY},
     "sweep": {

@@ -9,6 +9,7 @@ trial.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import click
 import torch
@@ -22,7 +23,7 @@ __all__ = ["landscapes_command"]
 
 def _summary(res) -> dict:
     """Per trial length: the largest amplification and where; the growth to the longest T."""
-    out = {}
+    out: dict[str, Any] = {}
     amp = res.amplification
     for i, t in enumerate(res.steps.tolist()):
         a = torch.nan_to_num(amp[i], nan=0.0)

@@ -377,6 +377,8 @@ def load_factory(spec: str):
                 raise ConfigError(f"--model {spec!r}: file {path} not found")
             mod_name = f"_lanczos_ntk_user_{config_digest({'p': str(path.resolve())})}"
             loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+            # a ``.py`` file always gets a spec with a source loader
+            assert loader_spec is not None and loader_spec.loader is not None
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[mod_name] = module
             loader_spec.loader.exec_module(module)

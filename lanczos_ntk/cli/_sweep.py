@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import cast
 
 import click
 import numpy as np
@@ -115,6 +116,7 @@ def run_sweep(command: str, cfg: dict, out, fresh: bool, quiet: bool, title: str
     """Validate, then compute (or load) every sweep point, the branch, the figures."""
     check_spectrum_cfg(cfg)
     model, inputs = model_and_inputs(cfg)
+    assert inputs is not None  # the sweep and demo defaults always have an [inputs] table
     values, labels, states, gc = _plan(cfg, model)
     dyn = cfg["dynamics"]
     has_rhs = hasattr(model, "rhs") and hasattr(model, "kind")
@@ -144,6 +146,7 @@ def run_sweep(command: str, cfg: dict, out, fresh: bool, quiet: bool, title: str
                 summary = spectral_summary(K, cfg["spectrum"], gen)
                 fp, leading, signature = None, math.nan, []
                 if has_rhs and dyn["fixed_points"]:
+                    assert u_const is not None  # set whenever has_rhs
                     uc = u_const * value if param == "input" else u_const
                     fp, leading, signature = dynamics_at(m, uc, dyn, gen)
                 point = SweepPoint(
@@ -172,11 +175,12 @@ def run_sweep(command: str, cfg: dict, out, fresh: bool, quiet: bool, title: str
                 branch = folder.load("branch")
                 folder.log("branch: loaded from the previous run")
             else:
+                assert u_const is not None  # set whenever has_rhs
                 fp0 = points[0].fixed_points
                 x0 = (
                     fp0.points[int(fp0.points.norm(dim=1).argmin())]
                     if fp0 is not None and len(fp0)
-                    else torch.zeros(model.state_size, dtype=torch.float64)
+                    else torch.zeros(cast(int, model.state_size), dtype=torch.float64)
                 )
                 lo, hi = min(values), max(values)
                 with progress(quiet, total=1, desc="continuation") as bar:

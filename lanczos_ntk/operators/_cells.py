@@ -146,7 +146,11 @@ def _torch_rnn_cell(model) -> Cell | None:
     kind = rnn_kind(model)
 
     def closed(spec, params, u, h0):
-        return TorchRNNLinearization(kind, L, H, spec, params, u, initial(h0, u.shape[0], u.dtype, u.device))
+        def states(q):  # the module's own forward (its fused kernels) at params with q substituted
+            return functional_call(model, {**params, **q}, (u,) if h0 is None else (u, h0))[0]
+
+        s0 = initial(h0, u.shape[0], u.dtype, u.device)
+        return TorchRNNLinearization(kind, L, H, spec, params, u, s0, module_states=states)
 
     def memory(d, T, itemsize):
         return rnn_trial_bytes(kind, L, H, d, T, itemsize)
