@@ -25,17 +25,10 @@ from ._runs import ConfigError
 __all__ = ["density", "spectrum"]
 
 
-@main.command()
-@common_options
-@inputs_option
-@friendly
-def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet, inputs_file):
-    """Top/bottom eigenvalues, trace, effective ranks and condition number of the sNTK."""
-    from ..experiments.sweep import SpectralSummary, density_of, spectral_summary
-    from ..plotting import spectrum_figure
-
+def _operator_for(command, config_file, overrides, seed, device, dtype, model_spec, inputs_file):
+    """The command's configuration and its sNTK operator (validated before anything is written)."""
     cfg = resolve_config(
-        "spectrum",
+        command,
         config_file,
         overrides,
         seed=seed,
@@ -46,7 +39,19 @@ def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh
     )
     check_spectrum_cfg(cfg)
     model, inputs = model_and_inputs(cfg)
-    K = make_operator(model, inputs, cfg)
+    return cfg, make_operator(model, inputs, cfg)
+
+
+@main.command()
+@common_options
+@inputs_option
+@friendly
+def spectrum(config_file, overrides, seed, device, dtype, model_spec, out, fresh, quiet, inputs_file):
+    """Top/bottom eigenvalues, trace, effective ranks and condition number of the sNTK."""
+    from ..experiments.sweep import SpectralSummary, density_of, spectral_summary
+    from ..plotting import spectrum_figure
+
+    cfg, K = _operator_for("spectrum", config_file, overrides, seed, device, dtype, model_spec, inputs_file)
     with run_folder("spectrum", cfg, out, fresh, quiet) as folder:
         if folder.has("spectrum"):
             summary = folder.load("spectrum")
@@ -103,19 +108,7 @@ def density(config_file, overrides, seed, device, dtype, model_spec, out, fresh,
     from .. import deflated_slq, spectral_density
     from ..plotting import density_figure
 
-    cfg = resolve_config(
-        "density",
-        config_file,
-        overrides,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        model_spec=model_spec,
-        inputs_file=inputs_file,
-    )
-    check_spectrum_cfg(cfg)
-    model, inputs = model_and_inputs(cfg)
-    K = make_operator(model, inputs, cfg)
+    cfg, K = _operator_for("density", config_file, overrides, seed, device, dtype, model_spec, inputs_file)
     s_cfg, d_cfg = cfg["spectrum"], cfg["density"]
     with run_folder("density", cfg, out, fresh, quiet) as folder:
         if folder.has("slq"):

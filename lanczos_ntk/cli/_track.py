@@ -16,8 +16,8 @@ import sys
 import click
 
 from ._app import experiment_options, friendly, main, run_folder
-from ._runs import ConfigError, parse_list
-from ._teacher import _config
+from ._runs import ConfigError
+from ._teacher import _config, _study_plan
 
 __all__ = ["track_command"]
 
@@ -106,13 +106,7 @@ def track_command(
             out, config_file, overrides, model_spec, inputs_file, targets_file, horizon, every, fresh, quiet
         )
 
-    seeds = parse_list(seeds_text, "seeds", int)
-    archs = parse_list(arch_text, "architectures", str)
-    bad = [a for a in archs if a not in T.ARCHITECTURES]
-    if bad:
-        raise ConfigError(
-            f"--architectures: expected some of {', '.join(T.ARCHITECTURES)}, got {', '.join(bad)}"
-        )
+    seeds, archs = _study_plan(seeds_text, arch_text)
     cfg = _config(config_file, overrides, None, None, None, "sgd")
     record = {
         **dataclasses.asdict(cfg),

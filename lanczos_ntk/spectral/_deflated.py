@@ -262,24 +262,17 @@ def deflated_slq(
         reorthogonalize=8 * n * num_steps * num_probes <= 2**30,
     )
     matvecs += q.num_matvecs
-    rem = SLQResult(
-        nodes=q.nodes,
-        weights=q.weights,
+    rem = SLQResult.from_quadrature(
+        q,
         dimension=n,
         primal_dimension=n,
         side=A.side,
         num_probes=num_probes,
-        num_steps=int(q.nodes.shape[1]),
         probe=probe,
         reorthogonalize=True,
-        num_matvecs=q.num_matvecs,
-        breakdowns=q.breakdowns,
-        status=Status.CONVERGED,
-        dtype=str(A.dtype).removeprefix("torch."),
-        device=str(A.device),
+        dtype=A.dtype,
+        device=A.device,
         seed=seed,
-        alpha=q.alpha,
-        beta=q.beta,
     )
     return DeflatedSLQ(
         top=top,

@@ -91,24 +91,17 @@ def slq(
         device=_work_device(A),
         reorthogonalize=reorthogonalize,
     )
-    return SLQResult(
-        nodes=q.nodes,
-        weights=q.weights,
+    return SLQResult.from_quadrature(
+        q,
         dimension=A.n,
         primal_dimension=A.primal_dimension,
         side=A.side,
-        num_probes=int(num_probes),
-        num_steps=int(q.nodes.shape[1]),
+        num_probes=num_probes,
         probe=probe,
         reorthogonalize=reorthogonalize,
-        num_matvecs=q.num_matvecs,
-        breakdowns=q.breakdowns,
-        status=Status.CONVERGED,
-        dtype=str(A.dtype).removeprefix("torch."),
-        device=str(A.device),
+        dtype=A.dtype,
+        device=A.device,
         seed=seed,
-        alpha=q.alpha,
-        beta=q.beta,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -96,6 +97,44 @@ class SLQResult(Result):
     dtype: str
     device: str
     seed: int | None
+
+    @classmethod
+    def from_quadrature(
+        cls,
+        q: Any,
+        *,
+        dimension: int,
+        primal_dimension: int,
+        side: str,
+        num_probes: int,
+        probe: str,
+        reorthogonalize: bool,
+        dtype: torch.dtype,
+        device: Any,
+        seed: int | None,
+    ) -> SLQResult:
+        """The result of :func:`lanczos_ntk.linalg.lanczos_quadrature`'s nodes ``q`` on an
+        operator with these dimensions, side, dtype and device.
+        """
+        return cls(
+            nodes=q.nodes,
+            weights=q.weights,
+            dimension=int(dimension),
+            primal_dimension=int(primal_dimension),
+            side=side,
+            num_probes=int(num_probes),
+            num_steps=int(q.nodes.shape[1]),
+            probe=probe,
+            reorthogonalize=bool(reorthogonalize),
+            num_matvecs=q.num_matvecs,
+            breakdowns=q.breakdowns,
+            status=Status.CONVERGED,
+            dtype=str(dtype).removeprefix("torch."),
+            device=str(device),
+            seed=seed,
+            alpha=q.alpha,
+            beta=q.beta,
+        )
 
     @property
     def extra_zeros(self) -> int:
