@@ -10,8 +10,11 @@ through one recorded graph of the cell over all ``b·T`` rows) followed by ``T``
 ``A_t``, and ``Jᵀ v`` is the adjoint recurrence ``λ_t = v_t + A_{t+1}ᵀ λ_{t+1}`` followed by
 ``Σ_t C_tᵀ λ_t`` (one batched VJP through the same graph).
 
-The products with ``A_t`` go through the cell's graph at step ``t`` (``b`` rows, recorded once
-with the trajectory): ``A_tᵀ λ`` is its VJP and ``A_t δ`` the VJP of that VJP. A step then
+For single vectors the products with ``A_t`` run the cell's state Jacobian traced once into
+straight-line code (:mod:`lanczos_ntk.operators._traced_step`), with what it needs at each step
+evaluated once along the trajectory. Blocks, and cells that cannot be traced, go through the
+cell's graph at step ``t`` (``b`` rows, recorded once with the trajectory): ``A_tᵀ λ`` is its
+VJP and ``A_t δ`` the VJP of that VJP. A step then
 costs a few small operations on ``[b, S]`` tensors and reads nothing of size ``b·S²`` (storing
 every ``A_t`` instead costs ``S`` passes over all rows to build and ``b·S²`` numbers read per
 step, which loses at every size measured). A block of ``k`` vectors shares every pass (the
@@ -23,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ._dual_graph import DualGraph
+from ._traced_step import StepTrace
 
 __all__ = ["CellLinearization"]
 
@@ -50,6 +54,7 @@ class CellLinearization:
         self.prev = torch.cat([s0.unsqueeze(1), states[:, :-1]], 1)  # [b, T, S]
         self.u = u
         self.shape = (b, T, cell.state_size)
+        self._whole = cell.out.indices(cell.state_size) == (0, cell.state_size, 1)  # outputs = state
         flat_s = self.prev.reshape(b * T, -1)
         flat_u = u.reshape(b * T, d)
         self.theta = {n: params[n] for n in spec.names}
@@ -60,6 +65,7 @@ class CellLinearization:
         self._direct = direct
         self._direct_graph = None
         self._steps: list[DualGraph] | None = None
+        self._traced: tuple[StepTrace, list[tuple]] | None | bool = None  # False: untraceable
 
     def direct(self) -> DualGraph:
         """The direct term ``C x`` (the cell over all ``b·T`` rows at fixed states) as one
@@ -82,14 +88,42 @@ class CellLinearization:
             self._steps = [None] + [step(t) for t in range(1, self.shape[1])]
         return self._steps
 
+    def traced(self) -> tuple[StepTrace, list[tuple]] | None:
+        """The traced state Jacobian and its residuals at every step ``t >= 1`` (index ``t``),
+        or None when the cell cannot be traced (then :meth:`steps` serves single vectors too).
+        """
+        if self._traced is None:
+            b, T, S = self.shape
+            self._traced = False
+            if T > 1:
+                names = list(self.params)
+                values = [self.params[n] for n in names]
+                trace = self.cell.step_trace(names, values, self.prev[:, 1], self.u[:, 1])
+                if trace is not None:
+                    res = [()] + [trace.residuals(values, self.prev[:, t], self.u[:, t]) for t in range(1, T)]
+                    self._traced = (trace, res)
+        return self._traced or None
+
     # -- products ---------------------------------------------------------------------------
     def jvp(self, X: torch.Tensor) -> torch.Tensor:
         """``[k, P] -> [k, b, T, c]``."""
         b, T, S = self.shape
         C = self.direct().jvp(self.spec.unflatten(X)).reshape(-1, b, T, S)  # [k, b, T, S]
-        steps, out = self.steps(), self.cell.out
+        out = self.cell.out
+        traced = self.traced() if X.shape[0] == 1 else None
         d = C[:, :, 0]
         ys = [d[..., out]]
+        if traced is not None:
+            trace, res = traced
+            cs = C[0].unbind(1)
+            e = cs[0]
+            es = [e]
+            for t in range(1, T):
+                e = trace.jvp(res[t], e) + cs[t]
+                es.append(e)
+            Y = torch.stack(es, 1)
+            return (Y if self._whole else Y[..., out]).unsqueeze(0)
+        steps = self.steps()
         for t in range(1, T):
             d = steps[t].jvp({"s": d}) + C[:, :, t]
             ys.append(d[..., out])
@@ -99,14 +133,31 @@ class CellLinearization:
         """``[k, b, T, c] -> [k, P]``."""
         k = V.shape[0]
         b, T, S = self.shape
-        out, steps = self.cell.out, self.steps()
-        lams = V.new_zeros(k, b, T, S)
-        lam = V.new_zeros(k, b, S)
-        for t in range(T - 1, -1, -1):
-            lam = lam.clone()
-            lam[..., out] += V[:, :, t]
-            lams[:, :, t] = lam
-            if t > 0:
-                lam = steps[t].vjp(lam)["s"]
+        out = self.cell.out
+        traced = self.traced() if k == 1 else None
+        if traced is not None:
+            trace, res = traced
+            if self._whole:
+                vs = V[0].unbind(1)
+            else:
+                embedded = V.new_zeros(b, T, S)
+                embedded[:, :, out] = V[0]
+                vs = embedded.unbind(1)
+            lam = vs[T - 1]
+            ls = [lam]
+            for t in range(T - 1, 0, -1):
+                lam = trace.vjp(res[t], lam) + vs[t - 1]
+                ls.append(lam)
+            lams = torch.stack(ls[::-1], 1).unsqueeze(0)
+        else:
+            lams = V.new_zeros(k, b, T, S)
+            lam = V.new_zeros(k, b, S)
+            steps = self.steps()
+            for t in range(T - 1, -1, -1):
+                lam = lam.clone()
+                lam[..., out] += V[:, :, t]
+                lams[:, :, t] = lam
+                if t > 0:
+                    lam = steps[t].vjp(lam)["s"]
         grads = self.direct().vjp(lams.reshape(k, b * T, S))
         return self.spec.flatten(grads, batch_dims=1)

@@ -15,7 +15,7 @@ A cell is accepted only after its iteration reproduces the model's own forward o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from torch.func import functional_call
 from ._functional import _TORCH_RNNS
 from ._rnn_path import TorchRNNLinearization, rnn_kind
 from ._rnn_path import trial_bytes as rnn_trial_bytes
+from ._traced_step import StepTrace, trace_step
 
 __all__ = ["Cell", "find_cell"]
 
@@ -57,9 +58,21 @@ class Cell:
     ):
         self.fn, self.state_size, self.out, self.initial, self.name = fn, state_size, out, initial, name
         self.closed_form, self.trial_bytes = closed_form, trial_bytes
+        self._traces: dict[tuple, StepTrace | None] = {}
 
     def __call__(self, params, s, u):
         return self.fn(params, s, u)
+
+    def step_trace(
+        self, names: Sequence[str], values: Sequence[torch.Tensor], s: torch.Tensor, u: torch.Tensor
+    ) -> StepTrace | None:
+        """The state Jacobian traced at ``s``'s shape (:func:`~lanczos_ntk.operators._traced_step.trace_step`),
+        once per shape, dtype and device; None when the cell cannot be traced.
+        """
+        key = (tuple(names), tuple(s.shape), tuple(u.shape), s.dtype, u.dtype, s.device)
+        if key not in self._traces:
+            self._traces[key] = trace_step(self.fn, names, values, s, u)
+        return self._traces[key]
 
     def states(self, params, u, h0) -> torch.Tensor:
         """Iterate the cell: all states ``[b, T, S]`` after each step (no autograd)."""

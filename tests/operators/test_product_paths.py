@@ -89,6 +89,86 @@ def test_cell_path_through_the_public_grad_when_the_engine_call_is_unavailable(m
     check_products(lnk.StateNTK(model, u), J, full=False)
 
 
+def _linearization(K):
+    K.engine._linearization(0)  # built by the first product otherwise
+    return K.engine._lin[0]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        StepModule,
+        lambda: models.GRU(3, 2, seed=3),
+        lambda: models.DiagonalSSM(4, 2, seed=1),
+        lambda: models.ContinuousNormalForm("hopf", mu=0.1, input_size=2),
+    ],
+)
+def test_single_vectors_run_the_traced_state_jacobian(model):
+    """Single vectors go through the cell's state Jacobian traced into straight-line code;
+    blocks through the per-step autograd graphs: both against the dense truth."""
+    model, u = model(), inputs(B=4, T=5)
+    K = lnk.StateNTK(model, u)
+    assert K.plan.path == "cell"
+    assert _linearization(K).traced() is not None
+    check_products(K, dense_jacobian(model, u))
+
+
+class BranchingStep(StepModule):
+    """A step that branches on its data: no trace may bake one branch in."""
+
+    def step(self, h, u):
+        nxt = super().step(h, u)
+        return nxt if float(nxt.detach().abs().max()) < 1e3 else torch.zeros_like(nxt)
+
+
+def test_a_step_that_branches_on_data_keeps_the_autograd_graphs():
+    model, u = BranchingStep(), inputs(B=3)
+    K = lnk.StateNTK(model, u)
+    assert K.plan.path == "cell" and _linearization(K).traced() is None
+    check_products(K, dense_jacobian(model, u), full=False)
+
+
+def test_single_vectors_through_the_step_graphs_when_not_traced(monkeypatch):
+    from lanczos_ntk.operators import _cells
+
+    monkeypatch.setattr(_cells.Cell, "step_trace", lambda self, *args: None)
+    model, u = StepModule(), inputs(B=3)
+    K = lnk.StateNTK(model, u)
+    assert _linearization(K).traced() is None
+    check_products(K, dense_jacobian(model, u), full=False)
+
+
+def test_a_trace_that_disagrees_with_autograd_is_refused(monkeypatch):
+    from lanczos_ntk.operators import _traced_step
+
+    monkeypatch.setattr(_traced_step.StepTrace, "jvp", lambda self, res, d: 1.001 * self._jvp.apply(*res[1], d))
+    model, u = StepModule(), inputs(B=3)
+    K = lnk.StateNTK(model, u)
+    assert _linearization(K).traced() is None
+    check_products(K, dense_jacobian(model, u), full=False)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_generic_cell_path_with_outputs_a_part_of_the_state(monkeypatch, cls):
+    """Torch's recurrent layers through the generic (traced) cell path instead of their closed
+    form: the outputs are the last layer's hidden state, a part of the flat state."""
+    from lanczos_ntk.operators import _cells
+
+    plain = _cells._torch_rnn_cell
+
+    def without_closed_form(model):
+        cell = plain(model)
+        cell.closed_form = cell.trial_bytes = None
+        return cell
+
+    monkeypatch.setattr(_cells, "_torch_rnn_cell", without_closed_form)
+    model, u = seeded(cls, 2, 3, num_layers=2, batch_first=True, dtype=F64), inputs(B=3)
+    K = lnk.StateNTK(model, u)
+    lin = _linearization(K)
+    assert lin.traced() is not None and not lin._whole
+    check_products(K, dense_jacobian(model, u))
+
+
 def test_a_step_that_does_not_reproduce_forward_is_not_used():
     model, u = MismatchedStep(), inputs()
     K = lnk.StateNTK(model, u)

@@ -1,0 +1,149 @@
+"""A cell's state Jacobian as straight-line code, traced once per state shape.
+
+The cell path (:mod:`lanczos_ntk.operators._cell_path`) spends its time in the products with
+``A_t = ∂F/∂s`` at every step of the trajectory: ``Aᵀ λ`` in ``Jᵀ v``, ``A δ`` in ``J x``.
+Through an autograd graph recorded per step each costs one pass of autograd's engine, whose
+bookkeeping (tens of µs) outweighs the arithmetic on small states. Here the VJP of ``F`` in
+``s`` and the VJP of that VJP (which is ``A δ``: the VJP is linear in its cotangent) are traced
+once into graphs of aten operations (:func:`torch.fx.experimental.proxy_tensor.make_fx` on fake
+tensors: shapes only, no data, so a branch on the data fails the trace instead of being baked
+in). Each graph is split in two:
+
+- the *residual* part, which depends on the parameters, the state and the input only (for a
+  ``tanh`` cell, ``tanh s``): evaluated once per step when the trajectory is linearised;
+- the *linear* part, which depends on the vector: run per product, a handful of tensor
+  operations with no engine in between.
+
+A trace is accepted only after its products agree with autograd's on one step of the real
+trajectory; a cell that cannot be traced (data-dependent control flow, operations without a
+trace) keeps the per-step autograd graphs. Single vectors only: a block already shares every
+engine pass among its vectors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+__all__ = ["StepTrace", "trace_step"]
+
+
+class _Split:
+    """One traced linear map ``a ↦ L(params, s, u) a``: its residual and linear parts."""
+
+    def __init__(self, gm: fx.GraphModule):
+        graph = gm.graph
+        graph.eliminate_dead_code()
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        vector = inputs[-1]
+        output = next(n for n in graph.nodes if n.op == "output")
+        flat_out = output.args[0]
+        (result,) = flat_out if isinstance(flat_out, (list, tuple)) else (flat_out,)
+        linear = {vector}
+        for node in graph.nodes:
+            if node.op != "output" and any(a in linear for a in node.all_input_nodes):
+                linear.add(node)
+        needed = [
+            n
+            for n in graph.nodes
+            if n not in linear and n.op != "output" and any(u in linear or u is output for u in n.users)
+        ]
+
+        residual_graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for node in graph.nodes:
+            if node not in linear and node.op != "output":
+                env[node] = residual_graph.node_copy(node, lambda n: env[n])
+        residual_graph.output(tuple(env[n] for n in needed))
+
+        linear_graph = fx.Graph()
+        lenv = {n: linear_graph.placeholder(f"r{i}") for i, n in enumerate(needed)}
+        lenv[vector] = linear_graph.placeholder("vector")
+        for node in graph.nodes:
+            if node in linear and node is not vector:
+                lenv[node] = linear_graph.node_copy(node, lambda n: lenv[n])
+        linear_graph.output(lenv[result])
+
+        # plain bound methods: nn.Module.__call__'s hooks cost more than the small steps
+        self.residuals: Callable[..., tuple] = fx.GraphModule(gm, residual_graph).forward
+        self.apply: Callable[..., torch.Tensor] = fx.GraphModule(gm, linear_graph).forward
+
+
+class StepTrace:
+    """``Aᵀ λ`` and ``A δ`` of a cell at any state of one shape, as traced linear parts.
+
+    Use :meth:`residuals` once per step of a trajectory, then :meth:`vjp` / :meth:`jvp` per
+    product with that step's residuals.
+    """
+
+    def __init__(self, vjp: _Split, jvp: _Split):
+        self._vjp, self._jvp = vjp, jvp
+
+    def residuals(self, params: Sequence[torch.Tensor], s: torch.Tensor, u: torch.Tensor) -> tuple:
+        """What the linear parts need at state ``s`` and input ``u``: ``(vjp's, jvp's)``."""
+        return self._vjp.residuals(*params, s, u), self._jvp.residuals(*params, s, u)
+
+    def vjp(self, residuals: tuple, lam: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ λ`` for ``λ [b, S]``."""
+        return self._vjp.apply(*residuals[0], lam)
+
+    def jvp(self, residuals: tuple, delta: torch.Tensor) -> torch.Tensor:
+        """``A δ`` for ``δ [b, S]``."""
+        return self._jvp.apply(*residuals[1], delta)
+
+
+def trace_step(
+    cell: Callable, names: Sequence[str], params: Sequence[torch.Tensor], s: torch.Tensor, u: torch.Tensor
+) -> StepTrace | None:
+    """Trace ``cell(params_by_name, s, u)``'s state Jacobian products at ``s``'s shape, and
+    check them against autograd at ``(s, u)``; None when the cell cannot be traced or the
+    traced products disagree.
+    """
+    count = len(params)
+
+    def at(flat: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        p = dict(zip(names, flat[:count]))
+        return lambda x: cell(p, x, flat[count + 1])
+
+    def vjp(*flat: torch.Tensor) -> torch.Tensor:
+        return torch.func.vjp(at(flat), flat[count])[1](flat[-1])[0]
+
+    def jvp(*flat: torch.Tensor) -> torch.Tensor:  # the VJP of the VJP in the cotangent
+        zero = torch.zeros_like(flat[count])
+        return torch.func.vjp(lambda a: vjp(*flat[:-1], a), zero)[1](flat[-1])[0]
+
+    example = (*params, s, u, torch.zeros_like(s))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trace = StepTrace(
+                _Split(make_fx(vjp, tracing_mode="fake")(*example)),
+                _Split(make_fx(jvp, tracing_mode="fake")(*example)),
+            )
+        gen = torch.Generator(device=s.device).manual_seed(0)
+        vec = torch.randn(s.shape, generator=gen, dtype=s.dtype, device=s.device)
+        res = trace.residuals(params, s, u)
+        got = (trace.vjp(res, vec), trace.jvp(res, vec))
+    except Exception:  # any failure to trace or to replay: the autograd graphs stay
+        return None
+    try:  # autograd's products at the same point: Aᵀ vec, and A vec as the VJP of the VJP
+        with torch.enable_grad():
+            x = s.detach().requires_grad_(True)
+            y = at(example)(x)
+            w = torch.zeros_like(y, requires_grad=True)
+            (back,) = torch.autograd.grad(y, x, w, create_graph=True)
+            (want_jvp,) = torch.autograd.grad(back, w, vec, retain_graph=True)
+            (want_vjp,) = torch.autograd.grad(y, x, vec)
+    except RuntimeError:
+        return None
+    for g, w in zip(got, (want_vjp, want_jvp)):
+        if g.shape != w.shape:
+            return None
+        scale = float(w.abs().max()) + float(vec.abs().max())
+        if float((g - w).abs().max()) > 1e3 * torch.finfo(s.dtype).eps * scale:
+            return None
+    return trace
