@@ -10,11 +10,11 @@ through one recorded graph of the cell over all ``b·T`` rows) followed by ``T``
 ``A_t``, and ``Jᵀ v`` is the adjoint recurrence ``λ_t = v_t + A_{t+1}ᵀ λ_{t+1}`` followed by
 ``Σ_t C_tᵀ λ_t`` (one batched VJP through the same graph).
 
-For single vectors the products with ``A_t`` run the cell's state Jacobian traced once into
-straight-line code (:mod:`lanczos_ntk.operators._traced_step`), with what it needs at each step
-evaluated once along the trajectory. Blocks, and cells that cannot be traced, go through the
-cell's graph at step ``t`` (``b`` rows, recorded once with the trajectory): ``A_tᵀ λ`` is its
-VJP and ``A_t δ`` the VJP of that VJP. A step then
+The products with ``A_t`` run the cell's state Jacobian traced once into straight-line code
+(:mod:`lanczos_ntk.operators._traced_step`), with what it needs at each step evaluated once
+along the trajectory. Cells that cannot be traced go through the cell's graph at step ``t``
+(``b`` rows, recorded once with the trajectory): ``A_tᵀ λ`` is its VJP and ``A_t δ`` the VJP
+of that VJP. Either way a step
 costs a few small operations on ``[b, S]`` tensors and reads nothing of size ``b·S²`` (storing
 every ``A_t`` instead costs ``S`` passes over all rows to build and ``b·S²`` numbers read per
 step, which loses at every size measured). A block of ``k`` vectors shares every pass (the
@@ -88,9 +88,19 @@ class CellLinearization:
             self._steps = [None] + [step(t) for t in range(1, self.shape[1])]
         return self._steps
 
+    def _traced_products(self, k: int) -> tuple | None:
+        traced = self.traced()
+        return None if traced is None else traced[0].blocks(traced[1][1], k)
+
+    @property
+    def _residuals(self) -> list[tuple]:
+        traced = self.traced()
+        assert traced is not None  # read only on the traced path
+        return traced[1]
+
     def traced(self) -> tuple[StepTrace, list[tuple]] | None:
         """The traced state Jacobian and its residuals at every step ``t >= 1`` (index ``t``),
-        or None when the cell cannot be traced (then :meth:`steps` serves single vectors too).
+        or None when the cell cannot be traced (then the products go through :meth:`steps`).
         """
         if self._traced is None:
             b, T, S = self.shape
@@ -98,9 +108,10 @@ class CellLinearization:
             if T > 1:
                 names = list(self.params)
                 values = [self.params[n] for n in names]
-                trace = self.cell.step_trace(names, values, self.prev[:, 1], self.u[:, 1])
+                prev, u = self.prev.transpose(0, 1).contiguous(), self.u.transpose(0, 1).contiguous()
+                trace = self.cell.step_trace(names, values, prev[1], u[1])
                 if trace is not None:
-                    res = [()] + [trace.residuals(values, self.prev[:, t], self.u[:, t]) for t in range(1, T)]
+                    res = [()] + [trace.residuals(values, prev[t], u[t]) for t in range(1, T)]
                     self._traced = (trace, res)
         return self._traced or None
 
@@ -108,21 +119,23 @@ class CellLinearization:
     def jvp(self, X: torch.Tensor) -> torch.Tensor:
         """``[k, P] -> [k, b, T, c]``."""
         b, T, S = self.shape
-        C = self.direct().jvp(self.spec.unflatten(X)).reshape(-1, b, T, S)  # [k, b, T, S]
+        k = X.shape[0]
+        C = self.direct().jvp(self.spec.unflatten(X)).reshape(k, b, T, S)
         out = self.cell.out
-        traced = self.traced() if X.shape[0] == 1 else None
-        d = C[:, :, 0]
-        ys = [d[..., out]]
-        if traced is not None:
-            trace, res = traced
-            cs = C[0].unbind(1)
-            e = cs[0]
+        products = self._traced_products(k)
+        if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
+            step, res = products[1], self._residuals
+            cs = (C[0] if k == 1 else C).unbind(-2)
+            e = cs[0].contiguous()
             es = [e]
             for t in range(1, T):
-                e = trace.jvp(res[t], e) + cs[t]
+                e = step(res[t], e) + cs[t]
                 es.append(e)
-            Y = torch.stack(es, 1)
-            return (Y if self._whole else Y[..., out]).unsqueeze(0)
+            Y = torch.stack(es, -2)
+            Y = Y if self._whole else Y[..., out]
+            return Y.unsqueeze(0) if k == 1 else Y
+        d = C[:, :, 0]
+        ys = [d[..., out]]
         steps = self.steps()
         for t in range(1, T):
             d = steps[t].jvp({"s": d}) + C[:, :, t]
@@ -134,21 +147,22 @@ class CellLinearization:
         k = V.shape[0]
         b, T, S = self.shape
         out = self.cell.out
-        traced = self.traced() if k == 1 else None
-        if traced is not None:
-            trace, res = traced
-            if self._whole:
-                vs = V[0].unbind(1)
-            else:
-                embedded = V.new_zeros(b, T, S)
-                embedded[:, :, out] = V[0]
-                vs = embedded.unbind(1)
-            lam = vs[T - 1]
+        products = self._traced_products(k)
+        if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
+            step, res = products[0], self._residuals
+            W = V[0] if k == 1 else V
+            if not self._whole:
+                full = V.new_zeros(*W.shape[:-1], S)
+                full[..., out] = W
+                W = full
+            vs = W.unbind(-2)
+            lam = vs[T - 1].contiguous()
             ls = [lam]
             for t in range(T - 1, 0, -1):
-                lam = trace.vjp(res[t], lam) + vs[t - 1]
+                lam = step(res[t], lam) + vs[t - 1]
                 ls.append(lam)
-            lams = torch.stack(ls[::-1], 1).unsqueeze(0)
+            lams = torch.stack(ls[::-1], -2)
+            lams = lams.unsqueeze(0) if k == 1 else lams
         else:
             lams = V.new_zeros(k, b, T, S)
             lam = V.new_zeros(k, b, S)

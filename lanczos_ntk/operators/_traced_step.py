@@ -32,12 +32,26 @@ from torch.fx.experimental.proxy_tensor import make_fx
 __all__ = ["StepTrace", "trace_step"]
 
 
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def _any_strides(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with its views as reshapes: a trace on one memory layout then runs on any (a
+    view of a strided tensor, such as a time step of a trajectory, may not exist).
+    """
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _VIEWS:
+            node.target = torch.ops.aten.reshape.default
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
 class _Split:
     """One traced linear map ``a ↦ L(params, s, u) a``: its residual and linear parts."""
 
     def __init__(self, gm: fx.GraphModule):
-        graph = gm.graph
-        graph.eliminate_dead_code()
+        graph = _any_strides(gm).graph
         inputs = [n for n in graph.nodes if n.op == "placeholder"]
         vector = inputs[-1]
         output = next(n for n in graph.nodes if n.op == "output")
@@ -71,6 +85,39 @@ class _Split:
         # plain bound methods: nn.Module.__call__'s hooks cost more than the small steps
         self.residuals: Callable[..., tuple] = fx.GraphModule(gm, residual_graph).forward
         self.apply: Callable[..., torch.Tensor] = fx.GraphModule(gm, linear_graph).forward
+        self.blocks: dict[int, Callable[..., torch.Tensor] | None] = {}
+
+    def block(self, residuals: tuple, V: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+        """The linear part for ``V [k, b, S]`` (traced once per ``k`` under ``vmap``, with the
+        same residuals), checked against :attr:`apply` column by column; None if it fails.
+        """
+        k = V.shape[0]
+        if k not in self.blocks:
+            self.blocks[k] = None
+            vmapped = torch.func.vmap(self.apply, in_dims=(None,) * len(residuals) + (0,))
+
+            def batched(*args: torch.Tensor) -> torch.Tensor:  # a signature make_fx can read
+                return vmapped(*args)
+
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    gm = _any_strides(make_fx(batched, tracing_mode="fake")(*residuals, V))
+                got = gm.forward(*residuals, V)
+                want = torch.stack([self.apply(*residuals, v) for v in V])
+            except Exception:  # the columns one by one through autograd's graphs instead
+                return None
+            if _close(got, want, V):
+                self.blocks[k] = gm.forward
+        return self.blocks[k]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, vec: torch.Tensor) -> bool:
+    """The same product to rounding: within ``1000 eps`` of the larger of the result and vector."""
+    if got.shape != want.shape:
+        return False
+    scale = float(want.abs().max()) + float(vec.abs().max())
+    return float((got - want).abs().max()) <= 1e3 * torch.finfo(want.dtype).eps * scale
 
 
 class StepTrace:
@@ -80,8 +127,9 @@ class StepTrace:
     product with that step's residuals.
     """
 
-    def __init__(self, vjp: _Split, jvp: _Split):
+    def __init__(self, vjp: _Split, jvp: _Split, state: torch.Tensor):
         self._vjp, self._jvp = vjp, jvp
+        self._state = (tuple(state.shape), state.dtype, state.device)
 
     def residuals(self, params: Sequence[torch.Tensor], s: torch.Tensor, u: torch.Tensor) -> tuple:
         """What the linear parts need at state ``s`` and input ``u``: ``(vjp's, jvp's)``."""
@@ -94,6 +142,20 @@ class StepTrace:
     def jvp(self, residuals: tuple, delta: torch.Tensor) -> torch.Tensor:
         """``A δ`` for ``δ [b, S]``."""
         return self._jvp.apply(*residuals[1], delta)
+
+    def blocks(self, residuals: tuple, k: int) -> tuple[Callable, Callable] | None:
+        """``(vjp, jvp)`` for blocks ``[k, b, S]`` with the same residuals (traced on first use
+        with ``residuals`` of one step as the example), or None when they cannot be traced.
+        """
+        if k == 1:
+            return self.vjp, self.jvp
+        shape, dtype, device = self._state
+        example = torch.zeros(k, *shape, dtype=dtype, device=device)
+        v = self._vjp.block(residuals[0], example)
+        j = self._jvp.block(residuals[1], example)
+        if v is None or j is None:
+            return None
+        return (lambda res, L: v(*res[0], L)), (lambda res, D: j(*res[1], D))
 
 
 def trace_step(
@@ -123,6 +185,7 @@ def trace_step(
             trace = StepTrace(
                 _Split(make_fx(vjp, tracing_mode="fake")(*example)),
                 _Split(make_fx(jvp, tracing_mode="fake")(*example)),
+                s,
             )
         gen = torch.Generator(device=s.device).manual_seed(0)
         vec = torch.randn(s.shape, generator=gen, dtype=s.dtype, device=s.device)
@@ -140,10 +203,4 @@ def trace_step(
             (want_vjp,) = torch.autograd.grad(y, x, vec)
     except RuntimeError:
         return None
-    for g, w in zip(got, (want_vjp, want_jvp)):
-        if g.shape != w.shape:
-            return None
-        scale = float(w.abs().max()) + float(vec.abs().max())
-        if float((g - w).abs().max()) > 1e3 * torch.finfo(s.dtype).eps * scale:
-            return None
-    return trace
+    return trace if _close(got[0], want_vjp, vec) and _close(got[1], want_jvp, vec) else None

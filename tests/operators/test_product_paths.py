@@ -104,13 +104,25 @@ def _linearization(K):
     ],
 )
 def test_single_vectors_run_the_traced_state_jacobian(model):
-    """Single vectors go through the cell's state Jacobian traced into straight-line code;
-    blocks through the per-step autograd graphs: both against the dense truth."""
+    """Single vectors and blocks go through the cell's state Jacobian traced into straight-line
+    code (the block form traced under vmap), against the dense truth."""
     model, u = model(), inputs(B=4, T=5)
     K = lnk.StateNTK(model, u)
     assert K.plan.path == "cell"
-    assert _linearization(K).traced() is not None
+    trace = _linearization(K).traced()[0]
     check_products(K, dense_jacobian(model, u))
+    assert trace._vjp.blocks[4] is not None and trace._jvp.blocks[4] is not None
+    assert _linearization(K)._steps is None  # no per-step autograd graphs were built
+
+
+def test_blocks_through_the_step_graphs_when_their_trace_fails(monkeypatch):
+    from lanczos_ntk.operators import _traced_step
+
+    monkeypatch.setattr(_traced_step._Split, "block", lambda self, residuals, V: None)
+    model, u = StepModule(), inputs(B=3)
+    K = lnk.StateNTK(model, u)
+    check_products(K, dense_jacobian(model, u), full=False)
+    assert _linearization(K).traced() is not None and _linearization(K)._steps is not None
 
 
 class BranchingStep(StepModule):
