@@ -55,7 +55,7 @@ def trial_bytes(kind: str, layers: int, hidden: int, d: int, T: int, itemsize: i
     """Bytes per trial: (the stored linearisation, the transient work of one vector)."""
     H, g = hidden, _GATES[kind] * hidden
     inputs = d + (layers - 1) * H
-    cached = T * (inputs + layers * (H + _COEFS[kind] * H))  # x, h_prev, coefficients
+    cached = T * (inputs + layers * (H + 1 + _COEFS[kind] * H))  # [h_prev, 1, x], coefficients
     if kind in FUSED_VJP:
         cached += T * (inputs + layers * (g + 3 * H))  # the module's retained graph (gates, states)
     cotangents = (2 if kind == "gru" else 1) * layers * g
@@ -95,9 +95,10 @@ class TorchRNNLinearization:
         cs = hs[L:]
         hs = hs[:L]
         x_seq = u.transpose(0, 1)  # [T, b, d] time-major
-        # per layer, time-major [T, b, ·]: the layer's input, its previous state, coefficients
-        self.x: list[torch.Tensor] = []
-        self.h_prev: list[torch.Tensor] = []
+        # per layer, time-major: ``[h_prev, 1, x]`` ([T, b, H + 1 + in]: the previous state, a
+        # column of ones for the biases, the layer's input), so that the parameter part of the
+        # pre-activations is one matrix product; and the coefficients
+        self.src: list[torch.Tensor] = []
         self.coef: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():
             for l in range(L):
@@ -117,8 +118,8 @@ class TorchRNNLinearization:
                     h, c, k = _step(kind, a_all[t], g, h, c)
                     outs.append(h)
                     coefs.append(k)
-                self.x.append(x_seq)
-                self.h_prev.append(torch.stack(prev))
+                ones = x_seq.new_ones(*x_seq.shape[:2], 1)
+                self.src.append(torch.cat([torch.stack(prev), ones, x_seq], -1))
                 self.coef.append({key: torch.stack([k[key] for k in coefs]) for key in coefs[0]})
                 x_seq = torch.stack(outs)  # the next layer's input
         # per layer and step, the coefficients shaped to broadcast over the k vectors of a
@@ -126,32 +127,46 @@ class TorchRNNLinearization:
         self.per_step = [_broadcast_coefficients(kind, c, T, H) for c in self.coef]
 
     # -- products ---------------------------------------------------------------------------
+    def _groups(self, l: int) -> list[tuple[slice, list[tuple[tuple[str, ...], int]]]]:
+        """Layer ``l``'s parameter groups: the columns of ``src`` each multiplies, and per row
+        block of the product the parameters it holds (both biases multiply the column of ones)
+        and its width. The GRU's gates treat the input and recurrent parts differently: two
+        groups, input part first; the other kinds sum them: one.
+        """
+        H = self.H
+        n_in = self.src[l].shape[-1] - H - 1
+        w_ih, w_hh, b_ih, b_hh = (f"{n}_l{l}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        if self.kind == "gru":
+            return [
+                (slice(H, None), [((b_ih,), 1), ((w_ih,), n_in)]),
+                (slice(0, H + 1), [((w_hh,), H), ((b_hh,), 1)]),
+            ]
+        return [(slice(0, None), [((w_hh,), H), ((b_ih, b_hh), 1), ((w_ih,), n_in)])]
+
     def _param_parts(self, tang: dict, k: int):
         """Per layer, the parameter part of the pre-activations for every trial and step,
         ``[T, b, k, gH]`` (None where no parameter of it moves): ``(input part, recurrent
-        part)`` for the GRU, whose gates treat them differently, else their sum.
+        part)`` for the GRU, else their sum. One matrix product per part over the columns
+        ``[h_prev, 1, x]``: ``[T·b, cols] @ [cols, k·gH]``.
         """
+        b, T = self.shape
+        gH = _GATES[self.kind] * self.H
         parts = []
         for l in range(self.L):
+            src = self.src[l].reshape(T * b, -1)
             layer = []
-            for src, w, bname in (
-                (self.x[l], f"weight_ih_l{l}", f"bias_ih_l{l}"),
-                (self.h_prev[l], f"weight_hh_l{l}", f"bias_hh_l{l}"),
-            ):
-                part = None
-                if w in tang:  # one product for all rows and columns: [T·b, in] @ [in, k·gH]
-                    dw = tang[w]  # [k, gH, in]
-                    T, b, n_in = src.shape
-                    part = (src.reshape(T * b, n_in) @ dw.permute(2, 0, 1).reshape(n_in, -1)).view(
-                        T, b, k, -1
-                    )
-                if bname in tang:
-                    db = tang[bname].unsqueeze(0).unsqueeze(0)  # [1, 1, k, gH]
-                    part = db.expand(*src.shape[:2], k, -1) if part is None else part + db
-                layer.append(part)
-            if self.kind != "gru":
-                pa, pg = layer
-                layer = [pa if pg is None else (pg if pa is None else pa + pg)]
+            for cols, blocks in self._groups(l):
+                moving = [[tang[n] for n in names if n in tang] for names, _ in blocks]
+                if not any(moving):
+                    layer.append(None)
+                    continue
+                rows = [
+                    sum(ts[1:], ts[0]).reshape(k, gH, w).permute(2, 0, 1).reshape(w, k * gH)
+                    if ts
+                    else src.new_zeros(w, k * gH)
+                    for ts, (_, w) in zip(moving, blocks)
+                ]
+                layer.append((src[:, cols] @ torch.cat(rows)).view(T, b, k, gH))
             parts.append(layer)
         return parts
 
@@ -244,18 +259,19 @@ class TorchRNNLinearization:
                     g2 = mg.view(rows, gates * H)
                     lh[l] = g2 @ self.w_hh[l] if keep is None else torch.addmm(keep, g2, self.w_hh[l])
                 lx = ma.view(rows, gates * H) @ self.w_ih[l] if l > 0 else None
+        # every weight's and bias's gradient: one product per group, [k·gH, T·b] @ [T·b, cols]
         grads = {}
+        names = set(self.spec.names)
         for l in range(L):
-            for mu, src, w, bname in (
-                (mu_a[l], self.x[l], f"weight_ih_l{l}", f"bias_ih_l{l}"),
-                (mu_g[l], self.h_prev[l], f"weight_hh_l{l}", f"bias_hh_l{l}"),
-            ):
-                flat = mu.reshape(T * b, -1)  # [T·b, k·gH]
-                if w in self.spec.names:
-                    n_in = src.shape[-1]
-                    grads[w] = (flat.T @ src.reshape(T * b, n_in)).view(k, -1, n_in)
-                if bname in self.spec.names:
-                    grads[bname] = flat.sum(0).view(k, -1)
+            src = self.src[l].reshape(T * b, -1)
+            for (cols, blocks), mu in zip(self._groups(l), (mu_a[l], mu_g[l])):
+                if not any(n in names for group, _ in blocks for n in group):
+                    continue
+                full = (mu.reshape(T * b, -1).T @ src[:, cols]).view(k, gates * H, -1)
+                for piece, (group, _) in zip(full.split([w for _, w in blocks], dim=-1), blocks):
+                    for n in group:
+                        if n in names:
+                            grads[n] = piece[..., 0] if n.startswith("bias") else piece
         return self.spec.flatten(grads, batch_dims=1)
 
 
