@@ -125,13 +125,10 @@ class CellLinearization:
         products = self._traced_products(k)
         if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
             step, res = products[1], self._residuals
-            cs = (C[0] if k == 1 else C).unbind(-2)
-            e = cs[0].contiguous()
-            es = [e]
+            Y = C[0] if k == 1 else C  # overwritten step by step: C_t x, then the state tangent
+            ys = Y.unbind(-2)
             for t in range(1, T):
-                e = step(res[t], e) + cs[t]
-                es.append(e)
-            Y = torch.stack(es, -2)
+                ys[t].add_(step(res[t], ys[t - 1]))
             Y = Y if self._whole else Y[..., out]
             return Y.unsqueeze(0) if k == 1 else Y
         d = C[:, :, 0]
@@ -155,13 +152,11 @@ class CellLinearization:
                 full = V.new_zeros(*W.shape[:-1], S)
                 full[..., out] = W
                 W = full
-            vs = W.unbind(-2)
-            lam = vs[T - 1].contiguous()
-            ls = [lam]
+            lams = torch.empty(W.shape, dtype=W.dtype, device=W.device)
+            ls, vs = lams.unbind(-2), W.unbind(-2)
+            ls[T - 1].copy_(vs[T - 1])
             for t in range(T - 1, 0, -1):
-                lam = step(res[t], lam) + vs[t - 1]
-                ls.append(lam)
-            lams = torch.stack(ls[::-1], -2)
+                torch.add(vs[t - 1], step(res[t], ls[t]), out=ls[t - 1])
             lams = lams.unsqueeze(0) if k == 1 else lams
         else:
             lams = V.new_zeros(k, b, T, S)
