@@ -47,10 +47,23 @@ def _any_strides(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _mutates(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` has an operation that writes into one of its arguments: replayed per
+    product, it could overwrite the stored residuals or the trajectory.
+    """
+    return any(
+        isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+        for node in gm.graph.nodes
+        if node.op == "call_function"
+    )
+
+
 class _Split:
     """One traced linear map ``a ↦ L(params, s, u) a``: its residual and linear parts."""
 
     def __init__(self, gm: fx.GraphModule):
+        if _mutates(gm):
+            raise ValueError("a traced step writes in place")
         graph = _any_strides(gm).graph
         inputs = [n for n in graph.nodes if n.op == "placeholder"]
         vector = inputs[-1]
@@ -103,6 +116,8 @@ class _Split:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     gm = _any_strides(make_fx(batched, tracing_mode="fake")(*residuals, V))
+                if _mutates(gm):
+                    return None
                 got = gm.forward(*residuals, V)
                 want = torch.stack([self.apply(*residuals, v) for v in V])
             except Exception:  # the columns one by one through autograd's graphs instead

@@ -140,6 +140,27 @@ def test_a_step_that_branches_on_data_keeps_the_autograd_graphs():
     check_products(K, dense_jacobian(model, u), full=False)
 
 
+class InPlaceStep(StepModule):
+    """A step that writes in place. Traces with in-place operations are not used: replayed per
+    product, such an operation could overwrite the residuals a trace stores."""
+
+    def step(self, h, u):
+        nxt = super().step(h, u)
+        return nxt.mul_(0.9)
+
+
+def test_a_step_that_writes_in_place_keeps_the_autograd_graphs():
+    from lanczos_ntk.operators._traced_step import _mutates
+
+    model, u = InPlaceStep(), inputs(B=3)
+    K = lnk.StateNTK(model, u)
+    assert K.plan.path == "cell" and _linearization(K).traced() is None
+    check_products(K, dense_jacobian(model, u), full=False)
+    # and the traces of an ordinary step have no such operation
+    trace = _linearization(lnk.StateNTK(StepModule(), u)).traced()[0]
+    assert not _mutates(trace._vjp.apply.__self__) and not _mutates(trace._jvp.apply.__self__)
+
+
 def test_single_vectors_through_the_step_graphs_when_not_traced(monkeypatch):
     from lanczos_ntk.operators import _cells
 
