@@ -65,7 +65,8 @@ class CellLinearization:
         self._direct = direct
         self._direct_graph = None
         self._steps: list[DualGraph] | None = None
-        self._traced: tuple[StepTrace, list[tuple]] | None | bool = None  # False: untraceable
+        self._traced: tuple[StepTrace, list[tuple]] | None = None
+        self._tried = False  # whether the trace was attempted (None then: untraceable)
 
     def direct(self) -> DualGraph:
         """The direct term ``C x`` (the cell over all ``b·T`` rows at fixed states) as one
@@ -102,9 +103,9 @@ class CellLinearization:
         """The traced state Jacobian and its residuals at every step ``t >= 1`` (index ``t``),
         or None when the cell cannot be traced (then the products go through :meth:`steps`).
         """
-        if self._traced is None:
+        if not self._tried:
+            self._tried = True
             b, T, S = self.shape
-            self._traced = False
             if T > 1:
                 names = list(self.params)
                 values = [self.params[n] for n in names]
@@ -113,7 +114,7 @@ class CellLinearization:
                 if trace is not None:
                     res = [()] + [trace.residuals(values, prev[t], u[t]) for t in range(1, T)]
                     self._traced = (trace, res)
-        return self._traced or None
+        return self._traced
 
     # -- products ---------------------------------------------------------------------------
     def jvp(self, X: torch.Tensor) -> torch.Tensor:
@@ -126,9 +127,9 @@ class CellLinearization:
         if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
             step, res = products[1], self._residuals
             Y = C[0] if k == 1 else C  # overwritten step by step: C_t x, then the state tangent
-            ys = Y.unbind(-2)
+            xs = Y.unbind(-2)
             for t in range(1, T):
-                ys[t].add_(step(res[t], ys[t - 1]))
+                xs[t].add_(step(res[t], xs[t - 1]))
             Y = Y if self._whole else Y[..., out]
             return Y.unsqueeze(0) if k == 1 else Y
         d = C[:, :, 0]

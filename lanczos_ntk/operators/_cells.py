@@ -66,8 +66,8 @@ class Cell:
     def step_trace(
         self, names: Sequence[str], values: Sequence[torch.Tensor], s: torch.Tensor, u: torch.Tensor
     ) -> StepTrace | None:
-        """The state Jacobian traced at ``s``'s shape (:func:`~lanczos_ntk.operators._traced_step.trace_step`),
-        once per shape, dtype and device; None when the cell cannot be traced.
+        """The state Jacobian traced at ``s``'s shape, once per shape, dtype and device
+        (:func:`~lanczos_ntk.operators._traced_step.trace_step`); None when it cannot be.
         """
         key = (tuple(names), tuple(s.shape), tuple(u.shape), s.dtype, u.dtype, s.device)
         if key not in self._traces:

@@ -154,7 +154,7 @@ class TorchRNNLinearization:
         parts = []
         for l in range(self.L):
             src = self.src[l].reshape(T * b, -1)
-            layer = []
+            layer: list[torch.Tensor | None] = []
             for cols, blocks in self._groups(l):
                 moving = [[tang[n] for n in names if n in tang] for names, _ in blocks]
                 if not any(moving):

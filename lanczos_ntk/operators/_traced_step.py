@@ -22,6 +22,7 @@ engine pass among its vectors.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -47,23 +48,45 @@ def _any_strides(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _mutates(gm: fx.GraphModule) -> bool:
-    """Whether ``gm`` has an operation that writes into one of its arguments: replayed per
-    product, it could overwrite the stored residuals or the trajectory.
+def _is_view(node: fx.Node) -> bool:
+    """Whether ``node``'s value may share memory with its first argument (a view or an item)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return True
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in node.target._schema.returns)
+
+
+def _writes_into_inputs(graph: fx.Graph) -> bool:
+    """Whether an operation of ``graph`` writes into the memory of one of its inputs or
+    constants. Replayed per product, it would overwrite the stored residuals, the trajectory or
+    the caller's vector; writing into a tensor made within the graph is harmless.
     """
-    return any(
-        isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
-        for node in gm.graph.nodes
-        if node.op == "call_function"
-    )
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        if not schema.is_mutable:
+            continue
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            roots = value if isinstance(value, (list, tuple)) else [value]
+            for root in roots:
+                while isinstance(root, fx.Node) and _is_view(root):
+                    root = root.args[0]
+                if isinstance(root, fx.Node) and root.op in ("placeholder", "get_attr"):
+                    return True
+    return False
 
 
 class _Split:
     """One traced linear map ``a ↦ L(params, s, u) a``: its residual and linear parts."""
 
     def __init__(self, gm: fx.GraphModule):
-        if _mutates(gm):
-            raise ValueError("a traced step writes in place")
         graph = _any_strides(gm).graph
         inputs = [n for n in graph.nodes if n.op == "placeholder"]
         vector = inputs[-1]
@@ -95,6 +118,8 @@ class _Split:
                 lenv[node] = linear_graph.node_copy(node, lambda n: lenv[n])
         linear_graph.output(lenv[result])
 
+        if _writes_into_inputs(residual_graph) or _writes_into_inputs(linear_graph):
+            raise ValueError("a traced step writes into its inputs")
         # plain bound methods: nn.Module.__call__'s hooks cost more than the small steps
         self.residuals: Callable[..., tuple] = fx.GraphModule(gm, residual_graph).forward
         self.apply: Callable[..., torch.Tensor] = fx.GraphModule(gm, linear_graph).forward
@@ -116,7 +141,7 @@ class _Split:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     gm = _any_strides(make_fx(batched, tracing_mode="fake")(*residuals, V))
-                if _mutates(gm):
+                if _writes_into_inputs(gm.graph):
                     return None
                 got = gm.forward(*residuals, V)
                 want = torch.stack([self.apply(*residuals, v) for v in V])

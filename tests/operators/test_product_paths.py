@@ -94,10 +94,64 @@ def _linearization(K):
     return K.engine._lin[0]
 
 
+class _Iterates(nn.Module):
+    """forward iterates ``step`` from zeros (n = 4 states, 2 inputs)."""
+
+    def forward(self, u):
+        h = torch.zeros(u.shape[0], 4, dtype=u.dtype)
+        out = []
+        for t in range(u.shape[1]):
+            h = self.step(h, u[:, t])
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+class LayersStep(_Iterates):
+    """A step built from torch layers: Linear, softplus, LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.rec, self.inp = nn.Linear(4, 4, dtype=F64), nn.Linear(2, 4, bias=False, dtype=F64)
+        self.norm = nn.LayerNorm(4, dtype=F64)
+
+    def step(self, h, u):
+        return self.norm(nn.functional.softplus(self.rec(h)) + self.inp(u))
+
+
+class PiecewiseStep(_Iterates):
+    """A leaky, clipped step: where and clamp (their derivatives mask by the data)."""
+
+    def __init__(self):
+        super().__init__()
+        g = gen(6)
+        self.W = nn.Parameter(0.5 * torch.randn(4, 4, generator=g, dtype=F64))
+        self.U = nn.Parameter(torch.randn(4, 2, generator=g, dtype=F64))
+
+    def step(self, h, u):
+        a = h @ self.W.T + u @ self.U.T
+        return torch.where(a > 0, a, 0.1 * a).clamp(-3, 3) + 0.5 * h
+
+
+class TorchCellStep(_Iterates):
+    """A step that calls torch's GRUCell (whose kernels write into their own tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.cell = nn.GRUCell(2, 4, dtype=F64)
+
+    def step(self, h, u):
+        return self.cell(u, h)
+
+
 @pytest.mark.parametrize(
     "model",
     [
         StepModule,
+        LayersStep,
+        PiecewiseStep,
+        TorchCellStep,
         lambda: models.GRU(3, 2, seed=3),
         lambda: models.DiagonalSSM(4, 2, seed=1),
         lambda: models.ContinuousNormalForm("hopf", mu=0.1, input_size=2),
@@ -141,24 +195,44 @@ def test_a_step_that_branches_on_data_keeps_the_autograd_graphs():
 
 
 class InPlaceStep(StepModule):
-    """A step that writes in place. Traces with in-place operations are not used: replayed per
-    product, such an operation could overwrite the residuals a trace stores."""
+    """A step that writes in place into a tensor it made (as torch's own cells do inside)."""
 
     def step(self, h, u):
         nxt = super().step(h, u)
         return nxt.mul_(0.9)
 
 
-def test_a_step_that_writes_in_place_keeps_the_autograd_graphs():
-    from lanczos_ntk.operators._traced_step import _mutates
-
+def test_a_step_that_writes_in_place_into_its_own_tensors_is_traced():
     model, u = InPlaceStep(), inputs(B=3)
     K = lnk.StateNTK(model, u)
-    assert K.plan.path == "cell" and _linearization(K).traced() is None
+    assert _linearization(K).traced() is not None
     check_products(K, dense_jacobian(model, u), full=False)
-    # and the traces of an ordinary step have no such operation
-    trace = _linearization(lnk.StateNTK(StepModule(), u)).traced()[0]
-    assert not _mutates(trace._vjp.apply.__self__) and not _mutates(trace._jvp.apply.__self__)
+
+
+def test_traces_that_write_into_their_inputs_are_recognised():
+    """Replayed per product, a write into an input would overwrite stored residuals or the
+    caller's vector; writes into tensors made within the graph are harmless."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lanczos_ntk.operators._traced_step import _writes_into_inputs
+
+    def into_input(a, b):
+        a.add_(b)
+        return 2 * a
+
+    def through_a_view(a, b):
+        a.view(-1)[:2].mul_(b.view(-1)[:2])
+        return a + b
+
+    def into_own(a, b):
+        c = a * 1.0
+        c.add_(b)
+        return c.t().contiguous().mul_(3.0)
+
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    assert _writes_into_inputs(make_fx(into_input)(x.clone(), y).graph)
+    assert _writes_into_inputs(make_fx(through_a_view)(x.clone(), y).graph)
+    assert not _writes_into_inputs(make_fx(into_own)(x, y).graph)
 
 
 def test_single_vectors_through_the_step_graphs_when_not_traced(monkeypatch):
@@ -174,7 +248,10 @@ def test_single_vectors_through_the_step_graphs_when_not_traced(monkeypatch):
 def test_a_trace_that_disagrees_with_autograd_is_refused(monkeypatch):
     from lanczos_ntk.operators import _traced_step
 
-    monkeypatch.setattr(_traced_step.StepTrace, "jvp", lambda self, res, d: 1.001 * self._jvp.apply(*res[1], d))
+    def off(self, res, d):
+        return 1.001 * self._jvp.apply(*res[1], d)
+
+    monkeypatch.setattr(_traced_step.StepTrace, "jvp", off)
     model, u = StepModule(), inputs(B=3)
     K = lnk.StateNTK(model, u)
     assert _linearization(K).traced() is None
