@@ -15,6 +15,7 @@ A cell is accepted only after its iteration reproduces the model's own forward o
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,11 +23,14 @@ from torch import nn
 from torch.func import functional_call
 
 from ._functional import _TORCH_RNNS
+from ._loop_cell import loop_cell_fn
 from ._rnn_path import TorchRNNLinearization, rnn_kind
 from ._rnn_path import trial_bytes as rnn_trial_bytes
 from ._traced_step import StepTrace, trace_step
 
-__all__ = ["Cell", "find_cell"]
+__all__ = ["LOOP", "Cell", "find_cell"]
+
+LOOP = "loop read off forward"  # the name of a cell cut out of a forward without a step method
 
 
 class Cell:
@@ -100,6 +104,12 @@ def _step_cell(model, width: int) -> Cell:
     def fn(params, s, u):
         return functional_call(view, {"m." + k: v for k, v in params.items()}, (s, u))
 
+    return _iterated_cell(model, width, fn, "step")
+
+
+def _iterated_cell(model, width: int, fn: Callable, name: str) -> Cell:
+    """A cell whose state is the output, started from ``model.initial_state`` or zeros."""
+
     def initial(h0, b, dtype, device):
         if h0 is not None:
             return h0
@@ -108,7 +118,7 @@ def _step_cell(model, width: int) -> Cell:
             return init(b, dtype=dtype, device=device)
         return torch.zeros(b, width, dtype=dtype, device=device)
 
-    return Cell(fn, width, slice(0, width), initial, "step")
+    return Cell(fn, width, slice(0, width), initial, name)
 
 
 def _torch_rnn_cell(model) -> Cell | None:
@@ -179,6 +189,12 @@ def _torch_rnn_cell(model) -> Cell | None:
     )
 
 
+#: Cells read off forwards, per module and sizes: reading one costs a symbolic trace (about
+#: 0.1 s), and operators on the same module (a training loop) would read it again. A cached cell
+#: is used only after it reproduces the module's forward and derivatives, like a new one.
+_LOOP_CELLS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Cell]] = weakref.WeakKeyDictionary()
+
+
 def find_cell(
     model: nn.Module, width: int, params: dict, u: torch.Tensor, h0, reference: torch.Tensor
 ) -> Cell | None:
@@ -190,17 +206,62 @@ def find_cell(
         cell = _torch_rnn_cell(model)
     elif callable(getattr(model, "step", None)):
         cell = _step_cell(model, width)
+    elif h0 is None:  # a forward that loops over one update, with no step method
+        key = (width, u.shape[-1], tuple((n, v.shape, v.dtype, v.device) for n, v in params.items()))
+        known = _LOOP_CELLS.get(model, {}).get(key)
+        if known is not None and _reproduces(model, known, params, u, h0, reference):
+            return known
+        fn = loop_cell_fn(model, params, u, width)
+        cell = None if fn is None else _iterated_cell(model, width, fn, LOOP)
+        if cell is not None and _reproduces(model, cell, params, u, h0, reference):
+            _LOOP_CELLS.setdefault(model, {})[key] = cell
+            return cell
+        return None
     else:
         return None
-    if cell is None:
-        return None
+    return cell if cell is not None and _reproduces(model, cell, params, u, h0, reference) else None
+
+
+def _reproduces(model: nn.Module, cell: Cell, params: dict, u: torch.Tensor, h0, reference) -> bool:
+    """Whether iterating ``cell`` gives the model's forward on one trial (and, for a cell read
+    off the forward, its derivatives too).
+    """
     try:
         with torch.no_grad():
             got = cell.states(params, u, h0)[..., cell.out]
     except (RuntimeError, TypeError, ValueError, IndexError):
-        return None
-    if got.shape != reference.shape:
-        return None
-    scale = float(reference.abs().max()) + 1.0
-    tol = 1e3 * torch.finfo(reference.dtype).eps * scale
-    return cell if float((got - reference).abs().max()) <= tol else None
+        return False
+    if got.shape != reference.shape or not _close(got, reference):
+        return False
+    return cell.name != LOOP or _same_derivatives(model, cell, params, u)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    scale = float(want.abs().max()) + 1.0
+    return float((got - want).abs().max()) <= 1e3 * torch.finfo(want.dtype).eps * scale
+
+
+def _same_derivatives(model: nn.Module, cell: Cell, params: dict, u: torch.Tensor) -> bool:
+    """Whether a cell read off the forward has the module's own derivatives: ``Jᵀ v`` on the
+    trial ``u`` through the module's autograd and through the iterated cell. The trace records
+    the operations a custom ``autograd.Function`` runs forward, not its own backward (a
+    surrogate gradient, a straight-through estimator), which only the module's autograd knows.
+    """
+    p = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in params.items()}
+    leaves = [v for v in p.values() if v.requires_grad]
+    try:
+        with torch.enable_grad():
+            want = functional_call(model, p, (u,))
+            got = cell.states(p, u, None)[..., cell.out]
+            v = torch.randn(want.shape, generator=torch.Generator().manual_seed(0), dtype=want.dtype)
+            v = v.to(want.device)
+            g_want = torch.autograd.grad(want, leaves, v, allow_unused=True)
+            g_got = torch.autograd.grad(got, leaves, v, allow_unused=True)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
+    for a, b, leaf in zip(g_got, g_want, leaves):
+        a = torch.zeros_like(leaf) if a is None else a
+        b = torch.zeros_like(leaf) if b is None else b
+        if not _close(a, b):
+            return False
+    return True

@@ -37,6 +37,20 @@ class UserModel(nn.Module):
         return torch.stack(out, 1)
 
 
+class ProjectedUserModel(UserModel):
+    """The same network with its inputs projected for all steps before the loop: the step
+    reads ``x[:, t]`` of a computed ``x``, so no cell is read off the forward (autograd path)."""
+
+    def forward(self, u):
+        x = u @ self.C.T
+        h = torch.zeros(u.shape[0], 3, dtype=u.dtype)
+        out = []
+        for t in range(u.shape[1]):
+            h = self.leak * h + torch.tanh(h @ self.A.T + x[:, t])
+            out.append(h)
+        return torch.stack(out, 1)
+
+
 def torch_rnn(cls):
     torch.manual_seed(0)  # torch's own RNN init draws from the global generator
     return cls(2, 3, batch_first=True, dtype=F64)
@@ -56,6 +70,7 @@ MODELS = {
         for f in models.DISCRETE_FORMS
     },
     "user": UserModel,
+    "user_projected": ProjectedUserModel,
     "torch_rnn": lambda: torch_rnn(nn.RNN),
     "torch_gru": lambda: torch_rnn(nn.GRU),
     "torch_lstm": lambda: torch_rnn(nn.LSTM),
@@ -75,7 +90,7 @@ def test_matvec_and_matmul_match_dense(name):
     assert_operator_close(K.dual(), dense_gram(model, u), rtol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["ctrnn", "gru", "ssm", "map_neimark_sacker", "user"])
+@pytest.mark.parametrize("name", ["ctrnn", "gru", "ssm", "map_neimark_sacker", "user", "user_projected"])
 def test_dual_has_the_same_nonzero_spectrum(name):
     model, u = MODELS[name](), inputs(B=2, T=3)
     K, G = lnk.StateNTK(model, u), lnk.StateNTK(model, u).dual()
@@ -88,7 +103,7 @@ def test_dual_has_the_same_nonzero_spectrum(name):
     assert extra.abs().max() <= 1e-10 * top  # the surplus side holds only zeros
 
 
-@pytest.mark.parametrize("name", ["ctrnn", "rnn", "gru", "flow_hopf", "user", "torch_lstm"])
+@pytest.mark.parametrize("name", ["ctrnn", "rnn", "gru", "flow_hopf", "user", "user_projected", "torch_lstm"])
 def test_chunked_equals_unchunked(name):
     model, u = MODELS[name](), inputs(B=5)
     K1 = lnk.StateNTK(model, u)
@@ -103,13 +118,13 @@ def test_chunked_equals_unchunked(name):
         assert len(K2.engine._lin) == (3 if cache is None else 0)
 
 
-@pytest.mark.parametrize("name", ["ctrnn", "rnn", "gru", "ssm", "map_flip", "user"])
+@pytest.mark.parametrize("name", ["ctrnn", "rnn", "gru", "ssm", "map_flip", "user", "user_projected"])
 def test_jvp_modes_agree(name):
     model, u = MODELS[name](), inputs()
     modes = (
         ["forward", "double_vjp"]
         + (["structured"] if name in ("ctrnn", "rnn") else [])
-        + (["cell"] if name != "user" else [])
+        + (["cell"] if name != "user_projected" else [])
     )
     ops = [lnk.StateNTK(model, u, jvp=m) for m in modes]
     X = torch.randn(ops[0].dual().shape[0], 3, generator=gen(4), dtype=F64)
@@ -125,10 +140,13 @@ def test_auto_mode_choices():
     assert lnk.StateNTK(MODELS["ctrnn"](), u).engine.jvp_mode == "structured"
     for name in ("gru", "ssm", "map_flip", "torch_rnn", "torch_gru", "torch_lstm"):
         assert lnk.StateNTK(MODELS[name](), u).engine.jvp_mode == "cell", name
-    # no step method: the cached autograd graph, J x as a VJP of its VJP; forward mode when
+    # no step method, a plain loop: its update read off the forward is the cell
+    K = lnk.StateNTK(MODELS["user"](), u)
+    assert K.engine.jvp_mode == "cell" and K.plan.cell == "loop read off forward"
+    # no cell at all: the cached autograd graph, J x as a VJP of its VJP; forward mode when
     # the graphs are not kept
-    assert lnk.StateNTK(MODELS["user"](), u).engine.jvp_mode == "double_vjp"
-    assert lnk.StateNTK(MODELS["user"](), u, cache=False).engine.jvp_mode == "forward"
+    assert lnk.StateNTK(MODELS["user_projected"](), u).engine.jvp_mode == "double_vjp"
+    assert lnk.StateNTK(MODELS["user_projected"](), u, cache=False).engine.jvp_mode == "forward"
     # readout outputs go through autograd even for the structured models
     assert lnk.StateNTK(MODELS["ctrnn"](), u, outputs="readout").engine.plan.path == "autograd"
     with pytest.raises(ValueError, match="structured"):
@@ -289,11 +307,12 @@ class OpaqueRNN(nn.Module):
         self.U = nn.Parameter(torch.randn(3, 2, generator=g, dtype=F64))
         self.act = _OpaqueTanh.apply if opaque else torch.tanh
 
-    def forward(self, u):
+    def forward(self, u):  # the inputs projected before the loop: no cell read off it
+        x = u @ self.U.T
         h = torch.zeros(u.shape[0], 3, dtype=u.dtype)
         out = []
         for t in range(u.shape[1]):
-            h = self.act(h @ self.W.T + u[:, t] @ self.U.T)
+            h = self.act(h @ self.W.T + x[:, t])
             out.append(h)
         return torch.stack(out, 1)
 

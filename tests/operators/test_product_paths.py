@@ -452,7 +452,8 @@ def test_wide_blocks_split_by_trials_on_the_closed_form_path(monkeypatch):
 
 
 class _ForwardOnly(nn.Module):
-    """A user's forward-only module (a loop over time, nothing else); ``act`` its nonlinearity."""
+    """A user's forward-only module, its inputs projected for all steps before the loop (so no
+    cell is read off it: the autograd path); ``act`` its nonlinearity."""
 
     act = staticmethod(torch.tanh)
 
@@ -462,11 +463,103 @@ class _ForwardOnly(nn.Module):
         self.U = nn.Parameter(torch.randn(3, 2, generator=gen(2), dtype=F64))
 
     def forward(self, u):
+        x = u @ self.U.T
         h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
         for t in range(u.shape[1]):
-            h = self.act(h @ self.W.T + u[:, t] @ self.U.T)
+            h = self.act(h @ self.W.T + x[:, t])
             out.append(h)
         return torch.stack(out, 1)
+
+
+class _Loop(nn.Module):
+    """Forward-only modules that loop over one update (``update(h, u_t)``), from zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(0.5 * torch.randn(3, 3, generator=gen(1), dtype=F64))
+        self.U = nn.Parameter(torch.randn(3, 2, generator=gen(2), dtype=F64))
+
+    def update(self, h, u, t):
+        return torch.tanh(h @ self.W.T + u @ self.U.T)
+
+    def forward(self, u):
+        h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
+        for t in range(u.shape[1]):
+            h = self.update(h, u[:, t], t)
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+class _LayersLoop(_Loop):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(8)
+        self.cell = nn.GRUCell(2, 3, dtype=F64)
+        self.norm = nn.LayerNorm(3, dtype=F64)
+
+    def update(self, h, u, t):
+        return self.norm(self.cell(u, h)) + 0.1 * h
+
+
+class _Surrogate(torch.autograd.Function):
+    """A step function forward, a smooth surrogate backward (as in spiking networks)."""
+
+    @staticmethod
+    def forward(x):
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g / (1 + x.abs()) ** 2
+
+
+class _SurrogateLoop(_Loop):
+    def update(self, h, u, t):
+        return 0.5 * h + _Surrogate.apply(h @ self.W.T + u @ self.U.T)
+
+
+class _TwoStatesLoop(_Loop):
+    def forward(self, u):
+        h = g = torch.zeros(u.shape[0], 3, dtype=u.dtype)
+        out = []
+        for t in range(u.shape[1]):
+            h, g = torch.tanh(h @ self.W.T + u[:, t] @ self.U.T) + 0.3 * g, h
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+class _AlternatingLoop(_Loop):
+    def update(self, h, u, t):
+        return super().update(h, u, t) * (1.0 if t % 2 else 0.5)
+
+
+class _ReadOutLoop(_Loop):
+    def forward(self, u):
+        return 2.0 * super().forward(u)
+
+
+@pytest.mark.parametrize("model, chunk_size", [(_Loop, None), (_Loop, 2), (_LayersLoop, None)])
+def test_a_forward_that_loops_over_one_update_gets_a_cell(model, chunk_size):
+    model, u = model(), inputs(B=5)
+    K = lnk.StateNTK(model, u, chunk_size=chunk_size)
+    assert K.plan.path == "cell" and K.plan.cell == "loop read off forward"
+    assert _linearization(K).traced() is not None
+    check_products(K, dense_jacobian(model, u))
+
+
+@pytest.mark.parametrize("model", [_SurrogateLoop, _TwoStatesLoop, _AlternatingLoop, _ReadOutLoop])
+def test_loops_without_a_plain_cell_keep_the_autograd_path(model):
+    """An update with its own backward (a surrogate gradient: the traced cell would carry the
+    true derivative), an older state, a step that depends on t, a readout after the loop."""
+    model, u = model(), inputs(B=3)
+    K = lnk.StateNTK(model, u)
+    assert K.plan.path == "autograd"
+    check_products(K, dense_jacobian(model, u), full=False)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1])

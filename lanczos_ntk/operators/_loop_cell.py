@@ -1,0 +1,142 @@
+"""A one-step cell read off a ``forward`` that loops over time.
+
+Recurrent models are often written with no ``step`` method: ``forward(u)`` starts from a state,
+applies the same update at every step and stacks the states. Such a module has a cell although
+it names none. Its forward is traced for a few steps (``make_fx`` with symbolic shapes, so the
+graph holds for any number of trials), and the operations that make the last state from the
+one before it, the parameters and the inputs of that step are cut out of the graph as the cell
+``F(θ, s, u_t)``. The cut is accepted only in the plain form (the step reads the inputs as
+``u[:, t]``, and no state but the previous one), and the cell only once its iteration
+reproduces the module's own forward (:func:`lanczos_ntk.operators._cells.find_cell`); any other
+forward keeps the autograd path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable
+from typing import cast
+
+import torch
+from torch import fx, nn
+from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import make_fx
+
+__all__ = ["loop_cell_fn"]
+
+_aten = torch.ops.aten
+_FULL = 1 << 62  # a slice end at or past this is "to the end"
+
+
+def _whole(node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node`` is ``source`` itself or full slices of it (``u[:]``, ``u[:, :]``)."""
+    while node is not source:
+        if not (node.op == "call_function" and node.target is _aten.slice.Tensor):
+            return False
+        defaults = [None, 0, None, None, 1]  # slice.Tensor(self, dim, start, end, step)
+        base, _, start, end, step = list(node.args) + defaults[len(node.args) :]
+        if start not in (0, None) or step != 1:
+            return False
+        if not (end is None or (isinstance(end, int) and end >= _FULL)):
+            return False
+        if not isinstance(base, fx.Node):
+            return False
+        node = base
+    return True
+
+
+def _cut_step(graph: fx.Graph, num_params: int, steps: int) -> fx.GraphModule | None:
+    """The last step of a traced ``forward`` as a graph ``(*params, s, u_t) -> s'``, or None
+    when the forward does not have the plain form (its output the states stacked over time,
+    each step reading ``u[:, t]`` and the state before it only).
+    """
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    params, u = inputs[:num_params], inputs[num_params]
+    (result,) = [n for n in graph.nodes if n.op == "output"][0].args
+    if not (isinstance(result, fx.Node) and result.target is _aten.stack.default):
+        return None
+    listed = result.args[0]
+    dim = result.args[1] if len(result.args) > 1 else result.kwargs.get("dim", 0)
+    if dim != 1 or not isinstance(listed, (list, tuple)) or len(listed) != steps:
+        return None
+    states = [n for n in listed if isinstance(n, fx.Node)]
+    if len(states) != steps:
+        return None
+    prev, last, t = states[-2], states[-1], steps - 1
+    earlier = set(states[:-2])
+
+    def reads_input(node: fx.Node) -> bool:  # u[:, t] of this step
+        source = node.args[0] if node.args else None
+        return (
+            node.op == "call_function"
+            and node.target is _aten.select.int
+            and tuple(node.args[1:]) == (1, t)
+            and isinstance(source, fx.Node)
+            and _whole(source, u)
+        )
+
+    needed: set[fx.Node] = set()
+    stack = [last]
+    while stack:  # the operations of the last step, back to the state before it
+        node = stack.pop()
+        if node in needed or node is prev or node in params:
+            continue
+        if node is u or node in earlier:
+            return None  # the inputs read in another way, or an older state
+        needed.add(node)
+        if reads_input(node) or (node.target is _aten.sym_size.int and node.args[0] is u):
+            continue
+        stack.extend(node.all_input_nodes)
+
+    cut = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {p: cut.placeholder(f"p{i}") for i, p in enumerate(params)}
+    env[prev] = cut.placeholder("s")
+    u_t = cut.placeholder("u")
+    for node in graph.nodes:
+        if node not in needed:
+            continue
+        if reads_input(node):
+            env[node] = u_t
+        elif node.target is _aten.sym_size.int and node.args[0] is u:
+            axis = {0: 0, 2: 1}.get(cast(int, node.args[1]))  # trials, features of u [b, T, d]
+            if axis is None:
+                return None  # the step depends on the number of steps
+            env[node] = cut.call_function(_aten.sym_size.int, (u_t, axis))
+        else:
+            env[node] = cut.node_copy(node, lambda n: env[n])
+    cut.output(env[last])
+    return fx.GraphModule(nn.Module(), cut)
+
+
+def loop_cell_fn(model: nn.Module, params: dict, u: torch.Tensor, width: int) -> Callable | None:
+    """``F(params, s, u_t)`` cut out of ``model``'s forward, or None (see the module docstring).
+
+    The probe sizes (trials and steps) differ from every size of the parameters and inputs, so
+    that the symbolic trace does not tie the number of trials to another size.
+    """
+    names = list(params)
+    values = [params[n] for n in names]
+    taken = {int(s) for v in values for s in v.shape} | {int(u.shape[-1]), width, 0, 1}
+    steps = next(s for s in itertools.count(3) if s not in taken)
+    trials = next(b for b in itertools.count(steps + 1) if b not in taken)
+    probe = u.new_zeros(trials, steps, u.shape[-1])
+
+    def forward(*flat: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, dict(zip(names, flat[:-1])), (flat[-1],))
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = make_fx(forward, tracing_mode="symbolic")(*values, probe)
+        step = _cut_step(traced.graph, len(values), steps)
+    except Exception:  # a forward the tracer cannot follow: the autograd path
+        return None
+    if step is None:
+        return None
+    run = step.forward
+
+    def fn(p: dict, s: torch.Tensor, u_t: torch.Tensor) -> torch.Tensor:
+        return run(*[p[n] for n in names], s, u_t)
+
+    return fn
