@@ -5,9 +5,10 @@ The data flow inside this package, bottom to top:
 * :mod:`._functional` — a model as a pure function ``f(θ, u)`` (:class:`ModelFunction`) and the
   differentiated parameters (:class:`ParamSpec`, :func:`resolve_params`);
 * :mod:`._budget` — the memory budget and the plan it gives (:class:`ProductPlan`);
-* product paths — :mod:`._closed_form` (CTRNN / DiscreteRNN / ``nn.RNN``), :mod:`._cells` and
-  :mod:`._cell_path` (any model with a one-step cell), :mod:`._rnn_path` (``nn.GRU`` /
-  ``nn.LSTM`` gates), :mod:`._dual_graph` (forward-only modules: cached autodiff);
+* product paths — :mod:`._closed_form` (CTRNN / DiscreteRNN / ``nn.RNN``), :mod:`._cells`,
+  :mod:`._loop_cell`, :mod:`._cell_path` and :mod:`._traced_step` (any model with a one-step
+  cell, named or read off its forward), :mod:`._rnn_path` (``nn.GRU`` / ``nn.LSTM`` gates),
+  :mod:`._dual_graph` (other modules: cached autodiff);
 * :mod:`._engine` — :class:`JacobianEngine`, which picks a path per chunk and holds the cached
   linearisations;
 * :mod:`._operator` — the ``linear_operator`` classes over the engine (:class:`StateNTK`,

@@ -8,9 +8,12 @@ the state. This module finds that form for
 - batch-first ``torch.nn.RNN`` / ``GRU`` / ``LSTM`` (their cell equations written out, weights
   read from the module by name, so fused kernels are not needed),
 - user modules with a documented ``step(h, u) -> h_next`` method whose ``forward(u)`` iterates it
-  from ``initial_state(B)`` (or zeros) and returns the stacked states.
+  from ``initial_state(B)`` (or zeros) and returns the stacked states,
+- user modules without one whose ``forward`` has that form (the update read off a trace,
+  :mod:`lanczos_ntk.operators._loop_cell`).
 
-A cell is accepted only after its iteration reproduces the model's own forward on one trial.
+A cell is accepted only after its iteration reproduces the model's own forward on one trial
+(a cell read off the forward: and the module's own derivatives there).
 """
 
 from __future__ import annotations

@@ -321,7 +321,8 @@ class JacobianEngine:
             raise ValueError(
                 f"jvp='cell' needs outputs='states' and a one-step cell that "
                 f"reproduces the model's forward (a built-in model, a batch-first "
-                f"torch RNN/GRU/LSTM, or a module with step(h, u)); "
+                f"torch RNN/GRU/LSTM, a module with step(h, u), or a forward that "
+                f"loops over one update); "
                 f"{type(model).__name__} has none"
             )
         if self._cell is not None:

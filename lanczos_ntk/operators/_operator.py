@@ -430,8 +430,10 @@ class StateNTK(JacobianProductOperator):
         How ``J x`` is computed. ``"structured"``: the closed-form linear recurrences of the
         CTRNN and DiscreteRNN (DESIGN §1). ``"cell"``: the model's one-step cell linearised
         along the cached trajectory (built-in models, batch-first ``torch.nn.RNN`` / ``GRU`` /
-        ``LSTM`` through their cell equations, and modules with a ``step(h, u)`` method whose
-        ``forward`` iterates it). ``"forward"``: forward-mode AD through the whole forward;
+        ``LSTM`` through their cell equations, modules with a ``step(h, u)`` method whose
+        ``forward`` iterates it, and modules whose ``forward`` loops over one update, read off
+        a symbolic trace of a few steps; see *Scale and memory* in the docs). ``"forward"``:
+        forward-mode AD through the whole forward;
         ``"double_vjp"``: the VJP of a VJP on the cached autograd graph (also for kernels
         without forward mode); ``"linearize"``: ``torch.func.linearize`` of the whole forward,
         traced once per chunk and cached (the trace takes seconds; each product is then several
