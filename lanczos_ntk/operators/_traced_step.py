@@ -16,8 +16,8 @@ in). Each graph is split in two:
 
 A trace is accepted only after its products agree with autograd's on one step of the real
 trajectory; a cell that cannot be traced (data-dependent control flow, operations without a
-trace) keeps the per-step autograd graphs. Single vectors only: a block already shares every
-engine pass among its vectors.
+trace) keeps the per-step autograd graphs. Blocks of ``k`` vectors run the linear part
+traced once more under ``vmap`` (same residuals), checked against it column by column.
 """
 
 from __future__ import annotations
@@ -190,7 +190,8 @@ class StepTrace:
         if k == 1:
             return self.vjp, self.jvp
         shape, dtype, device = self._state
-        example = torch.zeros(k, *shape, dtype=dtype, device=device)
+        gen = torch.Generator(device=device).manual_seed(1)
+        example = torch.randn(k, *shape, generator=gen, dtype=dtype, device=device)
         v = self._vjp.block(residuals[0], example)
         j = self._jvp.block(residuals[1], example)
         if v is None or j is None:
