@@ -87,7 +87,7 @@ def main():
     for row in args.rows:
         case(f"large {row}", row, n, T, B, dtype)
     # about 1e8 states: n=128, T=100, B=8192 -> M = 104,857,600
-    for row in ("ctrnn", "user_step"):
+    for row in ("ctrnn", "user_step", "user_forward"):
         case(f"huge {row}", row, n, T, args.huge_trials, dtype, eig=False)
 
 
