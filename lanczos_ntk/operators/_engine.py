@@ -24,6 +24,7 @@ from ._cells import Cell, find_cell
 from ._closed_form import WeightActivityJacobian, closed_form
 from ._dual_graph import DualGraph
 from ._functional import ModelFunction, ParamSpec, resolve_params
+from ._loop_cell import restoring_attributes
 
 __all__ = [
     "CPU_WORKING_SET",
@@ -460,7 +461,11 @@ class JacobianEngine:
         """A traced JVP of the whole forward on one chunk (``torch.func.linearize``)."""
         # products run inside linear_operator's autograd.Function, where forward-mode AD is
         # switched off: linearize would trace a zero JVP there
-        with warnings.catch_warnings(), forward_ad._set_fwd_grad_enabled(True):
+        with (
+            warnings.catch_warnings(),
+            forward_ad._set_fwd_grad_enabled(True),
+            restoring_attributes(self.fn.model),
+        ):
             # torch.fx's constant folding inside linearize warns about its own graph
             warnings.filterwarnings("ignore", message="Attempted to insert a get_attr", category=UserWarning)
             return torch.func.linearize(lambda q: self.call(q, u, h0), self.params)[1]

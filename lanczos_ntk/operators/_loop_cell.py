@@ -13,9 +13,10 @@ forward keeps the autograd path.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import cast
 
 import torch
@@ -23,10 +24,33 @@ from torch import fx, nn
 from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
-__all__ = ["loop_cell_fn"]
+__all__ = ["loop_cell_fn", "restoring_attributes"]
 
 _aten = torch.ops.aten
 _FULL = 1 << 62  # a slice end at or past this is "to the end"
+
+
+@contextlib.contextmanager
+def restoring_attributes(model: nn.Module) -> Iterator[None]:
+    """Undo what a traced run of ``model``'s forward leaves on its modules' attributes.
+
+    A forward that keeps something (``self.last_state = h``) would otherwise keep a traced
+    tensor (a fake or wrapped one) after the trace, and the module would break later.
+    """
+    saved = [(m, dict(m.__dict__), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attributes, buffers in saved:
+            for now, before in ((m.__dict__, attributes), (m._buffers, buffers)):
+                for key in [k for k in now if k not in before]:
+                    del now[key]
+                for key, value in before.items():
+                    if now.get(key, _MISSING) is not value:
+                        now[key] = value
+
+
+_MISSING = object()
 
 
 def _whole(node: fx.Node, source: fx.Node) -> bool:
@@ -126,7 +150,7 @@ def loop_cell_fn(model: nn.Module, params: dict, u: torch.Tensor, width: int) ->
         return functional_call(model, dict(zip(names, flat[:-1])), (flat[-1],))
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), restoring_attributes(model):
             warnings.simplefilter("ignore")
             traced = make_fx(forward, tracing_mode="symbolic")(*values, probe)
         step = _cut_step(traced.graph, len(values), steps)

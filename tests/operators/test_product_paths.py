@@ -543,6 +543,37 @@ class _ReadOutLoop(_Loop):
         return 2.0 * super().forward(u)
 
 
+class _KeepingLoop(_Loop):
+    """A forward that keeps its last state and a count of calls on the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=F64))
+
+    def forward(self, u):
+        out = super().forward(u)
+        self.last_state = out[:, -1]
+        self.calls = self.calls + 1
+        return out
+
+
+def test_reading_the_loop_leaves_the_module_as_it_was():
+    from lanczos_ntk.operators._loop_cell import loop_cell_fn
+
+    model, u = _KeepingLoop(), inputs(B=3)
+    values = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert loop_cell_fn(model, {k: v.detach() for k, v in values.items()}, u[:1], 3) is not None
+    assert "last_state" not in vars(model) and float(model.calls) == 0.0  # the trace left nothing
+    K = lnk.StateNTK(model, u)
+    assert K.plan.cell == "loop read off forward"
+    # what the module keeps comes from real runs of its forward only, never from the trace
+    for kept in (vars(model).get("last_state"), model.calls):
+        assert kept is None or type(kept) is torch.Tensor
+    model(u)
+    assert type(model.last_state) is torch.Tensor and type(model.calls) is torch.Tensor
+    torch.testing.assert_close(model.last_state, model(u)[:, -1])
+
+
 @pytest.mark.parametrize("model, chunk_size", [(_Loop, None), (_Loop, 2), (_LayersLoop, None)])
 def test_a_forward_that_loops_over_one_update_gets_a_cell(model, chunk_size):
     model, u = model(), inputs(B=5)
