@@ -277,7 +277,17 @@ class JacobianEngine:
             for s in range(0, self.batch, step):
                 sl = slice(s, min(s + step, self.batch))
                 u, h0 = self.chunk_inputs(sl)
-                out = self.call(self.params, u, h0)
+                try:
+                    out = self.call(self.params, u, h0)
+                except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                    if s > 0:  # the first piece ran: not a question of the inputs' shape
+                        raise
+                    raise ValueError(
+                        f"{type(model).__name__}'s forward failed on inputs of shape "
+                        f"{tuple(self.inputs.shape)} ([B, T, d_in]"
+                        + ("" if h0 is None else f", with h0 of shape {tuple(h0.shape)}")
+                        + f"): {err}"
+                    ) from err
                 if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != u.shape[:2]:
                     raise ValueError(
                         f"expected {type(model).__name__} outputs of shape "

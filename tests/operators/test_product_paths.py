@@ -428,6 +428,11 @@ def test_bad_plan_options(kwargs, match):
         lnk.StateNTK(models.CTRNN(3, 2, seed=0), inputs(), **kwargs)
 
 
+def test_a_forward_that_fails_on_the_inputs_says_which_inputs():
+    with pytest.raises(ValueError, match=r"forward failed on inputs of shape \(3, 4, 5\) \(\[B, T, d_in\]\)"):
+        lnk.StateNTK(StepModule(d=2), inputs(d=5))
+
+
 def test_half_precision_models_are_refused():
     with pytest.raises(TypeError, match="half precision"):
         lnk.StateNTK(models.CTRNN(3, 2, seed=0, dtype=torch.float16), inputs().half())
