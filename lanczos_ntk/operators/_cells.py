@@ -111,12 +111,15 @@ def _step_cell(model, width: int) -> Cell:
 
 
 def _iterated_cell(model, width: int, fn: Callable, name: str) -> Cell:
-    """A cell whose state is the output, started from ``model.initial_state`` or zeros."""
+    """A cell whose state is the output, started from ``model.initial_state`` or zeros. It holds
+    the model weakly: a cached cell must not keep its module alive.
+    """
+    module = weakref.ref(model)
 
     def initial(h0, b, dtype, device):
         if h0 is not None:
             return h0
-        init = getattr(model, "initial_state", None)
+        init = getattr(module(), "initial_state", None)
         if callable(init):
             return init(b, dtype=dtype, device=device)
         return torch.zeros(b, width, dtype=dtype, device=device)

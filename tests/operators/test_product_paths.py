@@ -579,6 +579,23 @@ def test_reading_the_loop_leaves_the_module_as_it_was():
     torch.testing.assert_close(model.last_state, model(u)[:, -1])
 
 
+def test_the_cache_of_loop_cells_does_not_keep_modules_alive():
+    import gc
+    import weakref
+
+    from lanczos_ntk.operators import _cells
+
+    model, u = _Loop(), inputs(B=3)
+    K = lnk.StateNTK(model, u)
+    assert model in _cells._LOOP_CELLS and K.plan.cell == "loop read off forward"
+    again = lnk.StateNTK(model, u)  # the cached cell, checked again
+    assert again.engine._cell is K.engine._cell
+    alive = weakref.ref(model)
+    del model, K, again
+    gc.collect()
+    assert alive() is None
+
+
 @pytest.mark.parametrize("model, chunk_size", [(_Loop, None), (_Loop, 2), (_LayersLoop, None)])
 def test_a_forward_that_loops_over_one_update_gets_a_cell(model, chunk_size):
     model, u = model(), inputs(B=5)
