@@ -5,10 +5,11 @@ applies the same update at every step and stacks the states. Such a module has a
 it names none. Its forward is traced for a few steps (``make_fx`` with symbolic shapes, so the
 graph holds for any number of trials), and the operations that make the last state from the
 one before it, the parameters and the inputs of that step are cut out of the graph as the cell
-``F(θ, s, u_t)``. The cut is accepted only in the plain form (the step reads the inputs as
-``u[:, t]``, and no state but the previous one), and the cell only once its iteration
-reproduces the module's own forward (:func:`lanczos_ntk.operators._cells.find_cell`); any other
-forward keeps the autograd path.
+``F(θ, s, u_t)``. The step may read the inputs as ``u[:, t]`` or as ``x[:, t]`` of an ``x``
+computed from them before the loop (an input projection: redone inside the cell on ``u_t``
+alone), and no state but the previous one. The cell is used only once its iteration
+reproduces the module's own forward and derivatives
+(:func:`lanczos_ntk.operators._cells.find_cell`); any other forward keeps the autograd path.
 """
 
 from __future__ import annotations
@@ -53,28 +54,37 @@ def restoring_attributes(model: nn.Module) -> Iterator[None]:
 _MISSING = object()
 
 
-def _whole(node: fx.Node, source: fx.Node) -> bool:
-    """Whether ``node`` is ``source`` itself or full slices of it (``u[:]``, ``u[:, :]``)."""
-    while node is not source:
-        if not (node.op == "call_function" and node.target is _aten.slice.Tensor):
-            return False
+def _unsliced(node: fx.Node) -> fx.Node:
+    """``node`` with full slices taken off (``x[:]``, ``x[:, :]`` are ``x``)."""
+    while node.op == "call_function" and node.target is _aten.slice.Tensor:
         defaults = [None, 0, None, None, 1]  # slice.Tensor(self, dim, start, end, step)
         base, _, start, end, step = list(node.args) + defaults[len(node.args) :]
-        if start not in (0, None) or step != 1:
-            return False
+        if start not in (0, None) or step != 1 or not isinstance(base, fx.Node):
+            break
         if not (end is None or (isinstance(end, int) and end >= _FULL)):
-            return False
-        if not isinstance(base, fx.Node):
-            return False
+            break
         node = base
-    return True
+    return node
 
 
-def _cut_step(graph: fx.Graph, num_params: int, steps: int) -> fx.GraphModule | None:
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _cut_step(traced: fx.GraphModule, num_params: int, steps: int) -> fx.GraphModule | None:
     """The last step of a traced ``forward`` as a graph ``(*params, s, u_t) -> s'``, or None
     when the forward does not have the plain form (its output the states stacked over time,
-    each step reading ``u[:, t]`` and the state before it only).
+    each step reading ``u[:, t]`` or ``x[:, t]`` of an ``x`` made from ``u`` before the loop,
+    and the state before it only).
     """
+    graph = traced.graph
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     params, u = inputs[:num_params], inputs[num_params]
     (result,) = [n for n in graph.nodes if n.op == "output"][0].args
@@ -90,15 +100,26 @@ def _cut_step(graph: fx.Graph, num_params: int, steps: int) -> fx.GraphModule | 
     prev, last, t = states[-2], states[-1], steps - 1
     earlier = set(states[:-2])
 
-    def reads_input(node: fx.Node) -> bool:  # u[:, t] of this step
-        source = node.args[0] if node.args else None
-        return (
-            node.op == "call_function"
-            and node.target is _aten.select.int
-            and tuple(node.args[1:]) == (1, t)
-            and isinstance(source, fx.Node)
-            and _whole(source, u)
-        )
+    def read_at_t(node: fx.Node) -> fx.Node | None:
+        """For ``x[:, t]`` (``select(x, 1, t)``), the ``x`` read: the inputs, or a tensor
+        computed from them (and the parameters) before the loop; else None.
+        """
+        if (
+            node.op != "call_function"
+            or node.target is not _aten.select.int
+            or tuple(node.args[1:]) != (1, t)
+        ):
+            return None
+        source = node.args[0]
+        if not isinstance(source, fx.Node):
+            return None
+        x = _unsliced(source)
+        if x is u:
+            return x
+        before_loop = _ancestors(x)
+        if u in before_loop and not before_loop & (earlier | {prev, last}):
+            return x
+        return None
 
     needed: set[fx.Node] = set()
     stack = [last]
@@ -109,7 +130,7 @@ def _cut_step(graph: fx.Graph, num_params: int, steps: int) -> fx.GraphModule | 
         if node is u or node in earlier:
             return None  # the inputs read in another way, or an older state
         needed.add(node)
-        if reads_input(node) or (node.target is _aten.sym_size.int and node.args[0] is u):
+        if read_at_t(node) is not None or (node.target is _aten.sym_size.int and node.args[0] is u):
             continue
         stack.extend(node.all_input_nodes)
 
@@ -117,11 +138,29 @@ def _cut_step(graph: fx.Graph, num_params: int, steps: int) -> fx.GraphModule | 
     env: dict[fx.Node, fx.Node] = {p: cut.placeholder(f"p{i}") for i, p in enumerate(params)}
     env[prev] = cut.placeholder("s")
     u_t = cut.placeholder("u")
+    # what the forward computes from the inputs before the loop, redone on this step's inputs
+    # alone ([b, 1, d]); valid when it acts on each step separately, which the reproduction
+    # check of the cell confirms
+    one_step: dict[fx.Node, fx.Node] = {}
+
+    def redone(x: fx.Node) -> fx.Node:
+        if x not in one_step:
+            if u not in one_step:
+                one_step[u] = cut.call_function(_aten.unsqueeze.default, (u_t, 1))
+            before_loop = _ancestors(x)
+            for n in graph.nodes:
+                if n in before_loop and n not in one_step:
+                    one_step[n] = env[n] if n in params else cut.node_copy(n, lambda m: one_step[m])
+        return one_step[x]
+
     for node in graph.nodes:
         if node not in needed:
             continue
-        if reads_input(node):
+        x = read_at_t(node)
+        if x is u:
             env[node] = u_t
+        elif x is not None:
+            env[node] = cut.call_function(_aten.select.int, (redone(x), 1, 0))
         elif node.target is _aten.sym_size.int and node.args[0] is u:
             axis = {0: 0, 2: 1}.get(cast(int, node.args[1]))  # trials, features of u [b, T, d]
             if axis is None:
@@ -130,7 +169,7 @@ def _cut_step(graph: fx.Graph, num_params: int, steps: int) -> fx.GraphModule | 
         else:
             env[node] = cut.node_copy(node, lambda n: env[n])
     cut.output(env[last])
-    return fx.GraphModule(nn.Module(), cut)
+    return fx.GraphModule(traced, cut)  # with the constants the forward's trace holds
 
 
 def loop_cell_fn(model: nn.Module, params: dict, u: torch.Tensor, width: int) -> Callable | None:
@@ -152,8 +191,8 @@ def loop_cell_fn(model: nn.Module, params: dict, u: torch.Tensor, width: int) ->
     try:
         with warnings.catch_warnings(), restoring_attributes(model):
             warnings.simplefilter("ignore")
-            traced = make_fx(forward, tracing_mode="symbolic")(*values, probe)
-        step = _cut_step(traced.graph, len(values), steps)
+            traced = make_fx(forward, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*values, probe)
+        step = _cut_step(traced, len(values), steps)
     except Exception:  # a forward the tracer cannot follow: the autograd path
         return None
     if step is None:

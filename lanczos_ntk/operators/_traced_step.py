@@ -140,7 +140,9 @@ class _Split:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    gm = _any_strides(make_fx(batched, tracing_mode="fake")(*residuals, V))
+                    gm = _any_strides(
+                        make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(*residuals, V)
+                    )
                 if _writes_into_inputs(gm.graph):
                     return None
                 got = gm.forward(*residuals, V)
@@ -224,8 +226,8 @@ def trace_step(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trace = StepTrace(
-                _Split(make_fx(vjp, tracing_mode="fake")(*example)),
-                _Split(make_fx(jvp, tracing_mode="fake")(*example)),
+                _Split(make_fx(vjp, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)),
+                _Split(make_fx(jvp, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)),
                 s,
             )
         gen = torch.Generator(device=s.device).manual_seed(0)

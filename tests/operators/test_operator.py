@@ -38,8 +38,8 @@ class UserModel(nn.Module):
 
 
 class ProjectedUserModel(UserModel):
-    """The same network with its inputs projected for all steps before the loop: the step
-    reads ``x[:, t]`` of a computed ``x``, so no cell is read off the forward (autograd path)."""
+    """The same network with its inputs projected for all steps before the loop (the step reads
+    ``x[:, t]`` of a computed ``x``): the projection is redone per step inside the cell."""
 
     def forward(self, u):
         x = u @ self.C.T
@@ -49,6 +49,14 @@ class ProjectedUserModel(UserModel):
             h = self.leak * h + torch.tanh(h @ self.A.T + x[:, t])
             out.append(h)
         return torch.stack(out, 1)
+
+
+class ScaledUserModel(UserModel):
+    """The same network with its states scaled after the loop: the stacked states are not the
+    output, so no cell is read off the forward (the autograd path)."""
+
+    def forward(self, u):
+        return 1.5 * super().forward(u)
 
 
 def torch_rnn(cls):
@@ -71,6 +79,7 @@ MODELS = {
     },
     "user": UserModel,
     "user_projected": ProjectedUserModel,
+    "user_scaled": ScaledUserModel,
     "torch_rnn": lambda: torch_rnn(nn.RNN),
     "torch_gru": lambda: torch_rnn(nn.GRU),
     "torch_lstm": lambda: torch_rnn(nn.LSTM),
@@ -90,7 +99,9 @@ def test_matvec_and_matmul_match_dense(name):
     assert_operator_close(K.dual(), dense_gram(model, u), rtol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["ctrnn", "gru", "ssm", "map_neimark_sacker", "user", "user_projected"])
+@pytest.mark.parametrize(
+    "name", ["ctrnn", "gru", "ssm", "map_neimark_sacker", "user", "user_projected", "user_scaled"]
+)
 def test_dual_has_the_same_nonzero_spectrum(name):
     model, u = MODELS[name](), inputs(B=2, T=3)
     K, G = lnk.StateNTK(model, u), lnk.StateNTK(model, u).dual()
@@ -103,7 +114,7 @@ def test_dual_has_the_same_nonzero_spectrum(name):
     assert extra.abs().max() <= 1e-10 * top  # the surplus side holds only zeros
 
 
-@pytest.mark.parametrize("name", ["ctrnn", "rnn", "gru", "flow_hopf", "user", "user_projected", "torch_lstm"])
+@pytest.mark.parametrize("name", ["ctrnn", "rnn", "gru", "flow_hopf", "user", "user_scaled", "torch_lstm"])
 def test_chunked_equals_unchunked(name):
     model, u = MODELS[name](), inputs(B=5)
     K1 = lnk.StateNTK(model, u)
@@ -118,13 +129,15 @@ def test_chunked_equals_unchunked(name):
         assert len(K2.engine._lin) == (3 if cache is None else 0)
 
 
-@pytest.mark.parametrize("name", ["ctrnn", "rnn", "gru", "ssm", "map_flip", "user", "user_projected"])
+@pytest.mark.parametrize(
+    "name", ["ctrnn", "rnn", "gru", "ssm", "map_flip", "user", "user_projected", "user_scaled"]
+)
 def test_jvp_modes_agree(name):
     model, u = MODELS[name](), inputs()
     modes = (
         ["forward", "double_vjp"]
         + (["structured"] if name in ("ctrnn", "rnn") else [])
-        + (["cell"] if name != "user_projected" else [])
+        + (["cell"] if name != "user_scaled" else [])
     )
     ops = [lnk.StateNTK(model, u, jvp=m) for m in modes]
     X = torch.randn(ops[0].dual().shape[0], 3, generator=gen(4), dtype=F64)
@@ -140,13 +153,15 @@ def test_auto_mode_choices():
     assert lnk.StateNTK(MODELS["ctrnn"](), u).engine.jvp_mode == "structured"
     for name in ("gru", "ssm", "map_flip", "torch_rnn", "torch_gru", "torch_lstm"):
         assert lnk.StateNTK(MODELS[name](), u).engine.jvp_mode == "cell", name
-    # no step method, a plain loop: its update read off the forward is the cell
-    K = lnk.StateNTK(MODELS["user"](), u)
-    assert K.engine.jvp_mode == "cell" and K.plan.cell == "loop read off forward"
+    # no step method, a plain loop (inputs read as they are or projected before the loop):
+    # its update read off the forward is the cell
+    for name in ("user", "user_projected"):
+        K = lnk.StateNTK(MODELS[name](), u)
+        assert K.engine.jvp_mode == "cell" and K.plan.cell == "loop read off forward", name
     # no cell at all: the cached autograd graph, J x as a VJP of its VJP; forward mode when
     # the graphs are not kept
-    assert lnk.StateNTK(MODELS["user_projected"](), u).engine.jvp_mode == "double_vjp"
-    assert lnk.StateNTK(MODELS["user_projected"](), u, cache=False).engine.jvp_mode == "forward"
+    assert lnk.StateNTK(MODELS["user_scaled"](), u).engine.jvp_mode == "double_vjp"
+    assert lnk.StateNTK(MODELS["user_scaled"](), u, cache=False).engine.jvp_mode == "forward"
     # readout outputs go through autograd even for the structured models
     assert lnk.StateNTK(MODELS["ctrnn"](), u, outputs="readout").engine.plan.path == "autograd"
     with pytest.raises(ValueError, match="structured"):
@@ -307,14 +322,13 @@ class OpaqueRNN(nn.Module):
         self.U = nn.Parameter(torch.randn(3, 2, generator=g, dtype=F64))
         self.act = _OpaqueTanh.apply if opaque else torch.tanh
 
-    def forward(self, u):  # the inputs projected before the loop: no cell read off it
-        x = u @ self.U.T
+    def forward(self, u):  # the states scaled after the loop: no cell read off it
         h = torch.zeros(u.shape[0], 3, dtype=u.dtype)
         out = []
         for t in range(u.shape[1]):
-            h = self.act(h @ self.W.T + x[:, t])
+            h = self.act(h @ self.W.T + u[:, t] @ self.U.T)
             out.append(h)
-        return torch.stack(out, 1)
+        return 0.5 * torch.stack(out, 1)
 
 
 def test_kernels_without_forward_mode_fall_back_to_double_vjp():

@@ -457,8 +457,8 @@ def test_wide_blocks_split_by_trials_on_the_closed_form_path(monkeypatch):
 
 
 class _ForwardOnly(nn.Module):
-    """A user's forward-only module, its inputs projected for all steps before the loop (so no
-    cell is read off it: the autograd path); ``act`` its nonlinearity."""
+    """A user's forward-only module, its states scaled after the loop (so no cell is read off
+    it: the autograd path); ``act`` its nonlinearity."""
 
     act = staticmethod(torch.tanh)
 
@@ -468,12 +468,11 @@ class _ForwardOnly(nn.Module):
         self.U = nn.Parameter(torch.randn(3, 2, generator=gen(2), dtype=F64))
 
     def forward(self, u):
-        x = u @ self.U.T
         h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
         for t in range(u.shape[1]):
-            h = self.act(h @ self.W.T + x[:, t])
+            h = self.act(h @ self.W.T + u[:, t] @ self.U.T)
             out.append(h)
-        return torch.stack(out, 1)
+        return 0.5 * torch.stack(out, 1)
 
 
 class _Loop(nn.Module):
@@ -548,6 +547,41 @@ class _ReadOutLoop(_Loop):
         return 2.0 * super().forward(u)
 
 
+class _ProjectedLoop(_Loop):
+    """The inputs projected for all steps before the loop, the step reading ``x[:, t]``."""
+
+    def forward(self, u):
+        x = torch.tanh(u @ self.U.T)
+        h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
+        for t in range(u.shape[1]):
+            h = torch.tanh(h @ self.W.T + x[:, t])
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+class _CumulativeLoop(_Loop):
+    """A projection before the loop that mixes time steps (a running sum): not one step's."""
+
+    def forward(self, u):
+        x = torch.cumsum(u @ self.U.T, 1)
+        h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
+        for t in range(u.shape[1]):
+            h = torch.tanh(h @ self.W.T + x[:, t])
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+class _ConstantLoop(_Loop):
+    """A step that uses a plain tensor attribute (neither parameter nor buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = torch.tensor([1.0, 0.0, 1.0], dtype=F64)
+
+    def update(self, h, u, t):
+        return torch.tanh((h * self.mask) @ self.W.T + u @ self.U.T)
+
+
 class _KeepingLoop(_Loop):
     """A forward that keeps its last state and a count of calls on the module."""
 
@@ -596,7 +630,17 @@ def test_the_cache_of_loop_cells_does_not_keep_modules_alive():
     assert alive() is None
 
 
-@pytest.mark.parametrize("model, chunk_size", [(_Loop, None), (_Loop, 2), (_LayersLoop, None)])
+@pytest.mark.parametrize(
+    "model, chunk_size",
+    [
+        (_Loop, None),
+        (_Loop, 2),
+        (_LayersLoop, None),
+        (_ProjectedLoop, None),
+        (_ProjectedLoop, 2),
+        (_ConstantLoop, None),
+    ],
+)
 def test_a_forward_that_loops_over_one_update_gets_a_cell(model, chunk_size):
     model, u = model(), inputs(B=5)
     K = lnk.StateNTK(model, u, chunk_size=chunk_size)
@@ -605,10 +649,13 @@ def test_a_forward_that_loops_over_one_update_gets_a_cell(model, chunk_size):
     check_products(K, dense_jacobian(model, u))
 
 
-@pytest.mark.parametrize("model", [_SurrogateLoop, _TwoStatesLoop, _AlternatingLoop, _ReadOutLoop])
+@pytest.mark.parametrize(
+    "model", [_SurrogateLoop, _TwoStatesLoop, _AlternatingLoop, _ReadOutLoop, _CumulativeLoop]
+)
 def test_loops_without_a_plain_cell_keep_the_autograd_path(model):
     """An update with its own backward (a surrogate gradient: the traced cell would carry the
-    true derivative), an older state, a step that depends on t, a readout after the loop."""
+    true derivative), an older state, a step that depends on t, a readout after the loop, a
+    projection before the loop that mixes time steps."""
     model, u = model(), inputs(B=3)
     K = lnk.StateNTK(model, u)
     assert K.plan.path == "autograd"
