@@ -78,6 +78,37 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def _stacked(result: fx.Node) -> list[fx.Node] | None:
+    """The states ``h_t`` of an output ``[b, T, S]`` written as ``torch.stack(states, 1)``,
+    ``torch.stack(states).transpose(0, 1)`` (or ``.permute(1, 0, 2)``) or
+    ``torch.cat([h.unsqueeze(1) for h in states], 1)``; else None.
+    """
+
+    def listed(node: fx.Node) -> list[fx.Node] | None:
+        items = node.args[0]
+        if not isinstance(items, (list, tuple)) or not all(isinstance(n, fx.Node) for n in items):
+            return None
+        return [n for n in items if isinstance(n, fx.Node)]
+
+    def dim(node: fx.Node) -> object:
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+    if result.target in (_aten.transpose.int, _aten.permute.default):
+        swapped = tuple(result.args[1:]) in ((0, 1), (1, 0)) or result.args[1] == [1, 0, 2]
+        inner = result.args[0]
+        if not swapped or not isinstance(inner, fx.Node) or inner.target is not _aten.stack.default:
+            return None
+        return listed(inner) if dim(inner) in (0, -3) else None
+    if result.target is _aten.stack.default:
+        return listed(result) if dim(result) in (1, -2) else None
+    if result.target is _aten.cat.default and dim(result) in (1, -2):
+        parts = listed(result)
+        if parts is None or not all(p.target is _aten.unsqueeze.default and p.args[1] in (1, -2) for p in parts):
+            return None
+        return [p.args[0] for p in parts if isinstance(p.args[0], fx.Node)]
+    return None
+
+
 def _cut_step(traced: fx.GraphModule, num_params: int, steps: int) -> fx.GraphModule | None:
     """The last step of a traced ``forward`` as a graph ``(*params, s, u_t) -> s'``, or None
     when the forward does not have the plain form (its output the states stacked over time,
@@ -88,14 +119,8 @@ def _cut_step(traced: fx.GraphModule, num_params: int, steps: int) -> fx.GraphMo
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     params, u = inputs[:num_params], inputs[num_params]
     (result,) = [n for n in graph.nodes if n.op == "output"][0].args
-    if not (isinstance(result, fx.Node) and result.target is _aten.stack.default):
-        return None
-    listed = result.args[0]
-    dim = result.args[1] if len(result.args) > 1 else result.kwargs.get("dim", 0)
-    if dim != 1 or not isinstance(listed, (list, tuple)) or len(listed) != steps:
-        return None
-    states = [n for n in listed if isinstance(n, fx.Node)]
-    if len(states) != steps:
+    states = _stacked(result) if isinstance(result, fx.Node) else None
+    if states is None or len(states) != steps:
         return None
     prev, last, t = states[-2], states[-1], steps - 1
     earlier = set(states[:-2])

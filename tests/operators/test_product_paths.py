@@ -582,6 +582,26 @@ class _ConstantLoop(_Loop):
         return torch.tanh((h * self.mask) @ self.W.T + u @ self.U.T)
 
 
+class _OtherStackings(_Loop):
+    """The states gathered the other usual ways: stack over time then transpose, or concatenate
+    the states unsqueezed at the time axis."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, u):
+        h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
+        for t in range(u.shape[1]):
+            h = self.update(h, u[:, t], t)
+            out.append(h)
+        if self.how == "transpose":
+            return torch.stack(out).transpose(0, 1)
+        if self.how == "permute":
+            return torch.stack(out).permute(1, 0, 2)
+        return torch.cat([h.unsqueeze(-2) for h in out], dim=1)
+
+
 class _KeepingLoop(_Loop):
     """A forward that keeps its last state and a count of calls on the module."""
 
@@ -639,6 +659,9 @@ def test_the_cache_of_loop_cells_does_not_keep_modules_alive():
         (_ProjectedLoop, None),
         (_ProjectedLoop, 2),
         (_ConstantLoop, None),
+        (lambda: _OtherStackings("transpose"), None),
+        (lambda: _OtherStackings("permute"), None),
+        (lambda: _OtherStackings("cat"), None),
     ],
 )
 def test_a_forward_that_loops_over_one_update_gets_a_cell(model, chunk_size):
