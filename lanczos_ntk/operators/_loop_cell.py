@@ -103,7 +103,9 @@ def _stacked(result: fx.Node) -> list[fx.Node] | None:
         return listed(result) if dim(result) in (1, -2) else None
     if result.target is _aten.cat.default and dim(result) in (1, -2):
         parts = listed(result)
-        if parts is None or not all(p.target is _aten.unsqueeze.default and p.args[1] in (1, -2) for p in parts):
+        if parts is None:
+            return None
+        if not all(p.target is _aten.unsqueeze.default and p.args[1] in (1, -2) for p in parts):
             return None
         return [p.args[0] for p in parts if isinstance(p.args[0], fx.Node)]
     return None
