@@ -110,6 +110,19 @@ def _step_cell(model, width: int) -> Cell:
     return _iterated_cell(model, width, fn, "step")
 
 
+def _loop_cell(model, width: int, fn: Callable, size: int, out: slice) -> Cell:
+    """A cell read off the forward: its state the output alone, or the values the loop carries
+    (started from zeros).
+    """
+    if size == width and out == slice(0, width):
+        return _iterated_cell(model, width, fn, LOOP)
+
+    def zeros(h0, b, dtype, device):
+        return torch.zeros(b, size, dtype=dtype, device=device)
+
+    return Cell(fn, size, out, zeros, LOOP)
+
+
 def _iterated_cell(model, width: int, fn: Callable, name: str) -> Cell:
     """A cell whose state is the output, started from ``model.initial_state`` or zeros. It holds
     the model weakly: a cached cell must not keep its module alive.
@@ -217,8 +230,8 @@ def find_cell(
         known = _LOOP_CELLS.get(model, {}).get(key)
         if known is not None and _reproduces(model, known, params, u, h0, reference):
             return known
-        fn = loop_cell_fn(model, params, u, width)
-        cell = None if fn is None else _iterated_cell(model, width, fn, LOOP)
+        found = loop_cell_fn(model, params, u, width)
+        cell = None if found is None else _loop_cell(model, width, *found)
         if cell is not None and _reproduces(model, cell, params, u, h0, reference):
             _LOOP_CELLS.setdefault(model, {})[key] = cell
             return cell

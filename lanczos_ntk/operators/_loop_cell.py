@@ -7,7 +7,8 @@ graph holds for any number of trials), and the operations that make the last sta
 one before it, the parameters and the inputs of that step are cut out of the graph as the cell
 ``F(θ, s, u_t)``. The step may read the inputs as ``u[:, t]`` or as ``x[:, t]`` of an ``x``
 computed from them before the loop (an input projection: redone inside the cell on ``u_t``
-alone), and no state but the previous one. The cell is used only once its iteration
+alone). A loop that carries several values (an LSTM's ``(h, c)``) gets a cell on those values
+side by side (:func:`_cut_carried`), started from zeros. The cell is used only once its iteration
 reproduces the module's own forward and derivatives
 (:func:`lanczos_ntk.operators._cells.find_cell`); any other forward keeps the autograd path.
 """
@@ -199,8 +200,167 @@ def _cut_step(traced: fx.GraphModule, num_params: int, steps: int) -> fx.GraphMo
     return fx.GraphModule(traced, cut)  # with the constants the forward's trace holds
 
 
-def loop_cell_fn(model: nn.Module, params: dict, u: torch.Tensor, width: int) -> Callable | None:
-    """``F(params, s, u_t)`` cut out of ``model``'s forward, or None (see the module docstring).
+def _trailing(node: fx.Node, free: set) -> tuple[int, ...] | None:
+    """The sizes after the first (the trials) of a traced value, as ints: sizes that follow
+    from the parameters' take the values seen in the trace; None if one depends on the symbols
+    in ``free`` (the number of trials or of steps).
+    """
+    val = node.meta.get("val")
+    shape = getattr(val, "shape", None)
+    if shape is None or len(shape) < 2:
+        return None
+    sizes = []
+    for d in shape[1:]:
+        if isinstance(d, torch.SymInt):
+            if d.node.expr.free_symbols & free or d.node.hint is None:
+                return None
+            d = d.node.hint
+        sizes.append(int(d))
+    return tuple(sizes)
+
+
+def _cut_carried(
+    traced: fx.GraphModule, num_params: int, steps: int
+) -> tuple[fx.GraphModule, int, slice] | None:
+    """The step ``t = steps - 2`` of a forward that carries several values from step to step
+    (an LSTM's ``(h, c)``, or ``h @ W`` computed for the next step), as a graph
+    ``(*params, s, u_t) -> s'`` on the carried values flattened into one state ``s [b, S]``;
+    with ``S`` and the slice of ``s`` that is the stacked output. None when the forward does
+    not have that form.
+
+    Every operation is assigned to the last step whose inputs it depends on, or to the first
+    step that uses it if that is later. The values step ``t`` takes from earlier steps and
+    those step ``t + 1`` takes from step ``t`` (or earlier) are the carried state before and
+    after the step, matched in the order the forward makes them; the stacked state is one of
+    them (added when no later step reads it).
+    """
+    graph = traced.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    params, u = inputs[:num_params], inputs[num_params]
+    (result,) = [n for n in graph.nodes if n.op == "output"][0].args
+    states = _stacked(result) if isinstance(result, fx.Node) else None
+    if states is None or len(states) != steps or steps < 4:
+        return None
+    t = steps - 2
+
+    def read(node: fx.Node) -> tuple[int, fx.Node] | None:  # x[:, j] of u or a projection of it
+        if node.op != "call_function" or node.target is not _aten.select.int or node.args[1] != 1:
+            return None
+        source, j = node.args[0], node.args[2]
+        if not isinstance(source, fx.Node) or not isinstance(j, int):
+            return None
+        return j, _unsliced(source)
+
+    step: dict[fx.Node, int] = {}  # the last step whose inputs a value depends on (-1: none)
+    for node in graph.nodes:
+        r = read(node)
+        if r is not None:
+            step[node] = r[0]
+        else:
+            step[node] = max((step[a] for a in node.all_input_nodes), default=-1)
+    for r in (read(n) for n in graph.nodes):
+        if r is not None and r[1] is not u and step[r[1]] != -1:
+            return None  # a "projection" that depends on the steps
+
+    # the gathering of the states into the output is no step's operation
+    gather = _ancestors(result) - set().union(*(_ancestors(h) for h in states))
+    # an operation on the previous steps' values used only by a later step (``h @ Wᵀ`` for the
+    # next step's gates) is that later step's: the carried state stays the loop's own variables
+    for node in reversed(graph.nodes):
+        users = [n for n in node.users if n not in gather and n.op != "output"]
+        if step[node] >= 0 and read(node) is None and node not in states and users:
+            step[node] = max(step[node], min(step[n] for n in users))
+
+    def taken_by(j: int) -> list[fx.Node]:
+        """Values made before step ``j`` and used by it, in the forward's order."""
+        used = {
+            a
+            for n in graph.nodes
+            if step[n] == j and n not in gather and n.op != "output"
+            for a in n.all_input_nodes
+            if 0 <= step[a] < j
+        }
+        return [n for n in graph.nodes if n in used]
+
+    before, after = taken_by(t), taken_by(t + 1)
+    if states[t - 1] not in before and states[t] not in after:
+        before, after = before + [states[t - 1]], after + [states[t]]
+    if (
+        len(before) != len(after)
+        or states[t] not in after
+        or before.index(states[t - 1]) != after.index(states[t])
+    ):
+        return None
+    probe = u.meta.get("val")
+    free = set().union(*(d.node.expr.free_symbols for d in probe.shape[:2] if isinstance(d, torch.SymInt)))
+    sizes = []
+    for a, b in zip(before, after):
+        shape = _trailing(a, free)
+        if shape is None or shape != _trailing(b, free):
+            return None
+        sizes.append(shape)
+
+    cut = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {p: cut.placeholder(f"p{i}") for i, p in enumerate(params)}
+    s_in = cut.placeholder("s")
+    u_t = cut.placeholder("u")
+    widths = [int(torch.Size(sh).numel()) for sh in sizes]
+    offset = 0
+    for node, shape, width in zip(before, sizes, widths):
+        piece = cut.call_function(_aten.slice.Tensor, (s_in, 1, offset, offset + width))
+        env[node] = cut.call_function(_aten.reshape.default, (piece, [-1, *shape]))
+        offset += width
+    one_step: dict[fx.Node, fx.Node] = {}
+
+    def emit(node: fx.Node) -> fx.Node:
+        """``node`` in the cut: step ``t``'s operations, and what they need from before the loop."""
+        if node in env:
+            return env[node]
+        r = read(node)
+        if r is not None and r[0] == t:
+            x = r[1]
+            if x is u:
+                env[node] = u_t
+            else:
+                if u not in one_step:
+                    one_step[u] = cut.call_function(_aten.unsqueeze.default, (u_t, 1))
+                for n in graph.nodes:
+                    if n in _ancestors(x) and n not in one_step:
+                        one_step[n] = env[n] if n in params else cut.node_copy(n, lambda m: one_step[m])
+                env[node] = cut.call_function(_aten.select.int, (one_step[x], 1, 0))
+            return env[node]
+        if node is u or r is not None:
+            raise _NotAStep  # the inputs of another step, or read in another way
+        if node.target is _aten.sym_size.int and node.args[0] is u:
+            axis = {0: 0, 2: 1}.get(cast(int, node.args[1]))
+            if axis is None:
+                raise _NotAStep
+            env[node] = cut.call_function(_aten.sym_size.int, (u_t, axis))
+            return env[node]
+        for a in node.all_input_nodes:
+            emit(a)
+        env[node] = cut.node_copy(node, lambda n: env[n])
+        return env[node]
+
+    try:
+        outs = [cut.call_function(_aten.reshape.default, (emit(n), [-1, w])) for n, w in zip(after, widths)]
+    except _NotAStep:
+        return None
+    cut.output(cut.call_function(_aten.cat.default, (outs, 1)))
+    h = after.index(states[t])
+    start = sum(widths[:h])
+    return fx.GraphModule(traced, cut), offset, slice(start, start + widths[h])
+
+
+class _NotAStep(Exception):
+    """The cut reached what the carried state does not determine (another step's inputs)."""
+
+
+def loop_cell_fn(
+    model: nn.Module, params: dict, u: torch.Tensor, width: int
+) -> tuple[Callable, int, slice] | None:
+    """``(F(params, s, u_t), S, out)`` cut out of ``model``'s forward (``S`` the state size,
+    ``s[..., out]`` the output), or None (see the module docstring).
 
     The probe sizes (trials and steps) differ from every size of the parameters and inputs, so
     that the symbolic trace does not tie the number of trials to another size.
@@ -208,7 +368,7 @@ def loop_cell_fn(model: nn.Module, params: dict, u: torch.Tensor, width: int) ->
     names = list(params)
     values = [params[n] for n in names]
     taken = {int(s) for v in values for s in v.shape} | {int(u.shape[-1]), width, 0, 1}
-    steps = next(s for s in itertools.count(3) if s not in taken)
+    steps = next(s for s in itertools.count(4) if s not in taken)
     trials = next(b for b in itertools.count(steps + 1) if b not in taken)
     probe = u.new_zeros(trials, steps, u.shape[-1])
 
@@ -219,14 +379,19 @@ def loop_cell_fn(model: nn.Module, params: dict, u: torch.Tensor, width: int) ->
         with warnings.catch_warnings(), restoring_attributes(model):
             warnings.simplefilter("ignore")
             traced = make_fx(forward, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*values, probe)
-        step = _cut_step(traced, len(values), steps)
+        single = _cut_step(traced, len(values), steps)
+        cut = (
+            (single, width, slice(0, width))
+            if single is not None
+            else _cut_carried(traced, len(values), steps)
+        )
     except Exception:  # a forward the tracer cannot follow: the autograd path
         return None
-    if step is None:
+    if cut is None:
         return None
-    run = step.forward
+    run = cut[0].forward
 
     def fn(p: dict, s: torch.Tensor, u_t: torch.Tensor) -> torch.Tensor:
         return run(*[p[n] for n in names], s, u_t)
 
-    return fn
+    return fn, cut[1], cut[2]

@@ -537,6 +537,26 @@ class _TwoStatesLoop(_Loop):
         return torch.stack(out, 1)
 
 
+class _LSTMLoop(nn.Module):
+    """An LSTM written out by hand: the loop carries (h, c) and stacks h."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(0.4 * torch.randn(12, 3, generator=gen(11), dtype=F64))
+        self.U = nn.Parameter(torch.randn(12, 2, generator=gen(12), dtype=F64))
+        self.b = nn.Parameter(0.1 * torch.randn(12, generator=gen(13), dtype=F64))
+
+    def forward(self, u):
+        h = c = torch.zeros(u.shape[0], 3, dtype=u.dtype)
+        out = []
+        for t in range(u.shape[1]):
+            i, f, g, o = (h @ self.W.T + u[:, t] @ self.U.T + self.b).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            out.append(h)
+        return torch.stack(out, 1)
+
+
 class _AlternatingLoop(_Loop):
     def update(self, h, u, t):
         return super().update(h, u, t) * (1.0 if t % 2 else 0.5)
@@ -662,6 +682,9 @@ def test_the_cache_of_loop_cells_does_not_keep_modules_alive():
         (lambda: _OtherStackings("transpose"), None),
         (lambda: _OtherStackings("permute"), None),
         (lambda: _OtherStackings("cat"), None),
+        (_TwoStatesLoop, None),
+        (_LSTMLoop, None),
+        (_LSTMLoop, 2),
     ],
 )
 def test_a_forward_that_loops_over_one_update_gets_a_cell(model, chunk_size):
@@ -672,13 +695,11 @@ def test_a_forward_that_loops_over_one_update_gets_a_cell(model, chunk_size):
     check_products(K, dense_jacobian(model, u))
 
 
-@pytest.mark.parametrize(
-    "model", [_SurrogateLoop, _TwoStatesLoop, _AlternatingLoop, _ReadOutLoop, _CumulativeLoop]
-)
+@pytest.mark.parametrize("model", [_SurrogateLoop, _AlternatingLoop, _ReadOutLoop, _CumulativeLoop])
 def test_loops_without_a_plain_cell_keep_the_autograd_path(model):
     """An update with its own backward (a surrogate gradient: the traced cell would carry the
-    true derivative), an older state, a step that depends on t, a readout after the loop, a
-    projection before the loop that mixes time steps."""
+    true derivative), a step that depends on t, a readout after the loop, a projection before
+    the loop that mixes time steps."""
     model, u = model(), inputs(B=3)
     K = lnk.StateNTK(model, u)
     assert K.plan.path == "autograd"
