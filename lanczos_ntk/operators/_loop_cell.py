@@ -324,8 +324,9 @@ def _cut_carried(
             else:
                 if u not in one_step:
                     one_step[u] = cut.call_function(_aten.unsqueeze.default, (u_t, 1))
+                before_loop = _ancestors(x)
                 for n in graph.nodes:
-                    if n in _ancestors(x) and n not in one_step:
+                    if n in before_loop and n not in one_step:
                         one_step[n] = env[n] if n in params else cut.node_copy(n, lambda m: one_step[m])
                 env[node] = cut.call_function(_aten.select.int, (one_step[x], 1, 0))
             return env[node]
