@@ -249,7 +249,8 @@ def _cut_carried(
         source, j = node.args[0], node.args[2]
         if not isinstance(source, fx.Node) or not isinstance(j, int):
             return None
-        return j, _unsliced(source)
+        x = _unsliced(source)
+        return (j, x) if x is u or u in _ancestors(x) else None
 
     step: dict[fx.Node, int] = {}  # the last step whose inputs a value depends on (-1: none)
     for node in graph.nodes:
