@@ -23,6 +23,8 @@ step, which loses at every size measured). A block of ``k`` vectors shares every
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ._dual_graph import DualGraph
@@ -89,15 +91,14 @@ class CellLinearization:
             self._steps = [None] + [step(t) for t in range(1, self.shape[1])]
         return self._steps
 
-    def _traced_products(self, k: int) -> tuple | None:
+    def _traced_products(self, k: int) -> tuple[Callable, Callable, list[tuple]] | None:
+        """``(Aᵀ λ, A δ, residuals per step)`` on the traced path for ``k`` vectors, or None."""
         traced = self.traced()
-        return None if traced is None else traced[0].blocks(traced[1][1], k)
-
-    @property
-    def _residuals(self) -> list[tuple]:
-        traced = self.traced()
-        assert traced is not None  # read only on the traced path
-        return traced[1]
+        if traced is None:
+            return None
+        trace, res = traced
+        products = trace.blocks(res[1], k)
+        return None if products is None else (*products, res)
 
     def traced(self) -> tuple[StepTrace, list[tuple]] | None:
         """The traced state Jacobian and its residuals at every step ``t >= 1`` (index ``t``),
@@ -125,7 +126,7 @@ class CellLinearization:
         out = self.cell.out
         products = self._traced_products(k)
         if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
-            step, res = products[1], self._residuals
+            _, step, res = products
             Y = C[0] if k == 1 else C  # overwritten step by step: C_t x, then the state tangent
             xs = Y.unbind(-2)
             for t in range(1, T):
@@ -147,7 +148,7 @@ class CellLinearization:
         out = self.cell.out
         products = self._traced_products(k)
         if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
-            step, res = products[0], self._residuals
+            step, _, res = products
             W = V[0] if k == 1 else V
             if not self._whole:
                 full = V.new_zeros(*W.shape[:-1], S)

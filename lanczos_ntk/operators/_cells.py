@@ -29,7 +29,7 @@ from ._functional import _TORCH_RNNS
 from ._loop_cell import loop_cell_fn
 from ._rnn_path import TorchRNNLinearization, rnn_kind
 from ._rnn_path import trial_bytes as rnn_trial_bytes
-from ._traced_step import StepTrace, trace_step
+from ._traced_step import StepTrace, same_to_rounding, trace_step
 
 __all__ = ["LOOP", "Cell", "find_cell"]
 
@@ -250,14 +250,9 @@ def _reproduces(model: nn.Module, cell: Cell, params: dict, u: torch.Tensor, h0,
             got = cell.states(params, u, h0)[..., cell.out]
     except (RuntimeError, TypeError, ValueError, IndexError):
         return False
-    if got.shape != reference.shape or not _close(got, reference):
+    if got.shape != reference.shape or not same_to_rounding(got, reference, 1.0):
         return False
     return cell.name != LOOP or _same_derivatives(model, cell, params, u)
-
-
-def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
-    scale = float(want.abs().max()) + 1.0
-    return float((got - want).abs().max()) <= 1e3 * torch.finfo(want.dtype).eps * scale
 
 
 def _same_derivatives(model: nn.Module, cell: Cell, params: dict, u: torch.Tensor) -> bool:
@@ -281,6 +276,6 @@ def _same_derivatives(model: nn.Module, cell: Cell, params: dict, u: torch.Tenso
     for a, b, leaf in zip(g_got, g_want, leaves):
         a = torch.zeros_like(leaf) if a is None else a
         b = torch.zeros_like(leaf) if b is None else b
-        if not _close(a, b):
+        if not same_to_rounding(a, b, 1.0):
             return False
     return True

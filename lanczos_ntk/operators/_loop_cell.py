@@ -8,7 +8,7 @@ one before it, the parameters and the inputs of that step are cut out of the gra
 ``F(θ, s, u_t)``. The step may read the inputs as ``u[:, t]`` or as ``x[:, t]`` of an ``x``
 computed from them before the loop (an input projection: redone inside the cell on ``u_t``
 alone). A loop that carries several values (an LSTM's ``(h, c)``) gets a cell on those values
-side by side (:func:`_cut_carried`), started from zeros. The cell is used only once its iteration
+side by side (:func:`_cut_step`), started from zeros. The cell is used only once its iteration
 reproduces the module's own forward and derivatives
 (:func:`lanczos_ntk.operators._cells.find_cell`); any other forward keeps the autograd path.
 """
@@ -112,94 +112,6 @@ def _stacked(result: fx.Node) -> list[fx.Node] | None:
     return None
 
 
-def _cut_step(traced: fx.GraphModule, num_params: int, steps: int) -> fx.GraphModule | None:
-    """The last step of a traced ``forward`` as a graph ``(*params, s, u_t) -> s'``, or None
-    when the forward does not have the plain form (its output the states stacked over time,
-    each step reading ``u[:, t]`` or ``x[:, t]`` of an ``x`` made from ``u`` before the loop,
-    and the state before it only).
-    """
-    graph = traced.graph
-    inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    params, u = inputs[:num_params], inputs[num_params]
-    (result,) = [n for n in graph.nodes if n.op == "output"][0].args
-    states = _stacked(result) if isinstance(result, fx.Node) else None
-    if states is None or len(states) != steps:
-        return None
-    prev, last, t = states[-2], states[-1], steps - 1
-    earlier = set(states[:-2])
-
-    def read_at_t(node: fx.Node) -> fx.Node | None:
-        """For ``x[:, t]`` (``select(x, 1, t)``), the ``x`` read: the inputs, or a tensor
-        computed from them (and the parameters) before the loop; else None.
-        """
-        if (
-            node.op != "call_function"
-            or node.target is not _aten.select.int
-            or tuple(node.args[1:]) != (1, t)
-        ):
-            return None
-        source = node.args[0]
-        if not isinstance(source, fx.Node):
-            return None
-        x = _unsliced(source)
-        if x is u:
-            return x
-        before_loop = _ancestors(x)
-        if u in before_loop and not before_loop & (earlier | {prev, last}):
-            return x
-        return None
-
-    needed: set[fx.Node] = set()
-    stack = [last]
-    while stack:  # the operations of the last step, back to the state before it
-        node = stack.pop()
-        if node in needed or node is prev or node in params:
-            continue
-        if node is u or node in earlier:
-            return None  # the inputs read in another way, or an older state
-        needed.add(node)
-        if read_at_t(node) is not None or (node.target is _aten.sym_size.int and node.args[0] is u):
-            continue
-        stack.extend(node.all_input_nodes)
-
-    cut = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {p: cut.placeholder(f"p{i}") for i, p in enumerate(params)}
-    env[prev] = cut.placeholder("s")
-    u_t = cut.placeholder("u")
-    # what the forward computes from the inputs before the loop, redone on this step's inputs
-    # alone ([b, 1, d]); valid when it acts on each step separately, which the reproduction
-    # check of the cell confirms
-    one_step: dict[fx.Node, fx.Node] = {}
-
-    def redone(x: fx.Node) -> fx.Node:
-        if x not in one_step:
-            if u not in one_step:
-                one_step[u] = cut.call_function(_aten.unsqueeze.default, (u_t, 1))
-            before_loop = _ancestors(x)
-            for n in graph.nodes:
-                if n in before_loop and n not in one_step:
-                    one_step[n] = env[n] if n in params else cut.node_copy(n, lambda m: one_step[m])
-        return one_step[x]
-
-    for node in graph.nodes:
-        if node not in needed:
-            continue
-        x = read_at_t(node)
-        if x is u:
-            env[node] = u_t
-        elif x is not None:
-            env[node] = cut.call_function(_aten.select.int, (redone(x), 1, 0))
-        elif node.target is _aten.sym_size.int and node.args[0] is u:
-            axis = {0: 0, 2: 1}.get(cast(int, node.args[1]))  # trials, features of u [b, T, d]
-            if axis is None:
-                return None  # the step depends on the number of steps
-            env[node] = cut.call_function(_aten.sym_size.int, (u_t, axis))
-        else:
-            env[node] = cut.node_copy(node, lambda n: env[n])
-    cut.output(env[last])
-    return fx.GraphModule(traced, cut)  # with the constants the forward's trace holds
-
-
 def _trailing(node: fx.Node, free: set) -> tuple[int, ...] | None:
     """The sizes after the first (the trials) of a traced value, as ints: sizes that follow
     from the parameters' take the values seen in the trace; None if one depends on the symbols
@@ -219,14 +131,13 @@ def _trailing(node: fx.Node, free: set) -> tuple[int, ...] | None:
     return tuple(sizes)
 
 
-def _cut_carried(
+def _cut_step(
     traced: fx.GraphModule, num_params: int, steps: int
 ) -> tuple[fx.GraphModule, int, slice] | None:
-    """The step ``t = steps - 2`` of a forward that carries several values from step to step
-    (an LSTM's ``(h, c)``, or ``h @ W`` computed for the next step), as a graph
-    ``(*params, s, u_t) -> s'`` on the carried values flattened into one state ``s [b, S]``;
-    with ``S`` and the slice of ``s`` that is the stacked output. None when the forward does
-    not have that form.
+    """The step ``t = steps - 2`` of a traced forward as a graph ``(*params, s, u_t) -> s'`` on
+    the values the loop carries from step to step (the state alone, or an LSTM's ``(h, c)``)
+    flattened side by side into one state ``s [b, S]``; with ``S`` and the slice of ``s`` that is
+    the stacked output. None when the forward does not have that form.
 
     Every operation is assigned to the last step whose inputs it depends on, or to the first
     step that uses it if that is later. The values step ``t`` takes from earlier steps and
@@ -243,14 +154,19 @@ def _cut_carried(
         return None
     t = steps - 2
 
+    reads: dict[fx.Node, tuple[int, fx.Node] | None] = {}
+    carried = set(states)  # a read is of the inputs, or of what is made of them before the loop
+
     def read(node: fx.Node) -> tuple[int, fx.Node] | None:  # x[:, j] of u or a projection of it
-        if node.op != "call_function" or node.target is not _aten.select.int or node.args[1] != 1:
-            return None
-        source, j = node.args[0], node.args[2]
-        if not isinstance(source, fx.Node) or not isinstance(j, int):
-            return None
-        x = _unsliced(source)
-        return (j, x) if x is u or u in _ancestors(x) else None
+        if node not in reads:
+            reads[node] = None
+            if node.op == "call_function" and node.target is _aten.select.int and node.args[1] == 1:
+                source, j = node.args[0], node.args[2]
+                if isinstance(source, fx.Node) and isinstance(j, int):
+                    x, before_loop = _unsliced(source), _ancestors(source)
+                    if x is u or (u in before_loop and not before_loop & carried):
+                        reads[node] = (j, x)
+        return reads[node]
 
     step: dict[fx.Node, int] = {}  # the last step whose inputs a value depends on (-1: none)
     for node in graph.nodes:
@@ -306,10 +222,14 @@ def _cut_carried(
     s_in = cut.placeholder("s")
     u_t = cut.placeholder("u")
     widths = [int(torch.Size(sh).numel()) for sh in sizes]
+    plain = len(before) == 1 and len(sizes[0]) == 1  # one carried vector: the state as it is
     offset = 0
     for node, shape, width in zip(before, sizes, widths):
-        piece = cut.call_function(_aten.slice.Tensor, (s_in, 1, offset, offset + width))
-        env[node] = cut.call_function(_aten.reshape.default, (piece, [-1, *shape]))
+        if plain:
+            env[node] = s_in
+        else:
+            piece = cut.call_function(_aten.slice.Tensor, (s_in, 1, offset, offset + width))
+            env[node] = cut.call_function(_aten.reshape.default, (piece, [-1, *shape]))
         offset += width
     one_step: dict[fx.Node, fx.Node] = {}
 
@@ -345,10 +265,15 @@ def _cut_carried(
         return env[node]
 
     try:
-        outs = [cut.call_function(_aten.reshape.default, (emit(n), [-1, w])) for n, w in zip(after, widths)]
+        if plain:
+            cut.output(emit(after[0]))
+        else:
+            outs = [
+                cut.call_function(_aten.reshape.default, (emit(n), [-1, w])) for n, w in zip(after, widths)
+            ]
+            cut.output(cut.call_function(_aten.cat.default, (outs, 1)))
     except _NotAStep:
         return None
-    cut.output(cut.call_function(_aten.cat.default, (outs, 1)))
     h = after.index(states[t])
     start = sum(widths[:h])
     return fx.GraphModule(traced, cut), offset, slice(start, start + widths[h])
@@ -381,12 +306,7 @@ def loop_cell_fn(
         with warnings.catch_warnings(), restoring_attributes(model):
             warnings.simplefilter("ignore")
             traced = make_fx(forward, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*values, probe)
-        single = _cut_step(traced, len(values), steps)
-        cut = (
-            (single, width, slice(0, width))
-            if single is not None
-            else _cut_carried(traced, len(values), steps)
-        )
+        cut = _cut_step(traced, len(values), steps)
     except Exception:  # a forward the tracer cannot follow: the autograd path
         return None
     if cut is None:

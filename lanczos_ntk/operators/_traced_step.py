@@ -30,7 +30,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-__all__ = ["StepTrace", "trace_step"]
+__all__ = ["StepTrace", "same_to_rounding", "trace_step"]
 
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
@@ -154,12 +154,19 @@ class _Split:
         return self.blocks[k]
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, vec: torch.Tensor) -> bool:
-    """The same product to rounding: within ``1000 eps`` of the larger of the result and vector."""
+def same_to_rounding(got: torch.Tensor, want: torch.Tensor, scale: float) -> bool:
+    """Whether ``got`` is ``want`` up to rounding: within ``1000 eps`` of ``max |want| + scale``
+    (``scale`` the size of what made them: the vector of a product, or 1).
+    """
     if got.shape != want.shape:
         return False
-    scale = float(want.abs().max()) + float(vec.abs().max())
-    return float((got - want).abs().max()) <= 1e3 * torch.finfo(want.dtype).eps * scale
+    bound = 1e3 * torch.finfo(want.dtype).eps * (float(want.abs().max()) + scale)
+    return float((got - want).abs().max()) <= bound
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, vec: torch.Tensor) -> bool:
+    """The same product to rounding, on the scale of the result and the vector."""
+    return same_to_rounding(got, want, float(vec.abs().max()))
 
 
 class StepTrace:

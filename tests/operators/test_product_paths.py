@@ -18,7 +18,21 @@ def seeded(cls, *args, **kwargs):
     return cls(*args, **kwargs)
 
 
-class StepModule(nn.Module):
+class _Iterates(nn.Module):
+    """forward iterates ``step`` from zeros (``n`` states; 4 unless set)."""
+
+    n = 4
+
+    def forward(self, u):
+        h = torch.zeros(u.shape[0], self.n, dtype=u.dtype)
+        out = []
+        for t in range(u.shape[1]):
+            h = self.step(h, u[:, t])
+            out.append(h)
+        return torch.stack(out, 1)
+
+
+class StepModule(_Iterates):
     """A user's module with a documented one-step method: forward iterates step from zeros."""
 
     def __init__(self, n=3, d=2, seed=5):
@@ -32,14 +46,6 @@ class StepModule(nn.Module):
 
     def step(self, h, u):
         return self.leak * h + torch.sigmoid(h @ self.A.T + u @ self.C.T + self.c) * torch.tanh(h + 1)
-
-    def forward(self, u):
-        h = torch.zeros(u.shape[0], self.n, dtype=u.dtype)
-        out = []
-        for t in range(u.shape[1]):
-            h = self.step(h, u[:, t])
-            out.append(h)
-        return torch.stack(out, 1)
 
 
 class MismatchedStep(StepModule):
@@ -92,18 +98,6 @@ def test_cell_path_through_the_public_grad_when_the_engine_call_is_unavailable(m
 def _linearization(K):
     K.engine._linearization(0)  # built by the first product otherwise
     return K.engine._lin[0]
-
-
-class _Iterates(nn.Module):
-    """forward iterates ``step`` from zeros (n = 4 states, 2 inputs)."""
-
-    def forward(self, u):
-        h = torch.zeros(u.shape[0], 4, dtype=u.dtype)
-        out = []
-        for t in range(u.shape[1]):
-            h = self.step(h, u[:, t])
-            out.append(h)
-        return torch.stack(out, 1)
 
 
 class LayersStep(_Iterates):
@@ -486,12 +480,15 @@ class _Loop(nn.Module):
     def update(self, h, u, t):
         return torch.tanh(h @ self.W.T + u @ self.U.T)
 
-    def forward(self, u):
+    def states(self, u):
         h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
         for t in range(u.shape[1]):
             h = self.update(h, u[:, t], t)
             out.append(h)
-        return torch.stack(out, 1)
+        return out
+
+    def forward(self, u):
+        return torch.stack(self.states(u), 1)
 
 
 class _LayersLoop(_Loop):
@@ -570,8 +567,11 @@ class _ReadOutLoop(_Loop):
 class _ProjectedLoop(_Loop):
     """The inputs projected for all steps before the loop, the step reading ``x[:, t]``."""
 
+    def project(self, u):
+        return torch.tanh(u @ self.U.T)
+
     def forward(self, u):
-        x = torch.tanh(u @ self.U.T)
+        x = self.project(u)
         h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
         for t in range(u.shape[1]):
             h = torch.tanh(h @ self.W.T + x[:, t])
@@ -579,16 +579,11 @@ class _ProjectedLoop(_Loop):
         return torch.stack(out, 1)
 
 
-class _CumulativeLoop(_Loop):
+class _CumulativeLoop(_ProjectedLoop):
     """A projection before the loop that mixes time steps (a running sum): not one step's."""
 
-    def forward(self, u):
-        x = torch.cumsum(u @ self.U.T, 1)
-        h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
-        for t in range(u.shape[1]):
-            h = torch.tanh(h @ self.W.T + x[:, t])
-            out.append(h)
-        return torch.stack(out, 1)
+    def project(self, u):
+        return torch.cumsum(u @ self.U.T, 1)
 
 
 class _ConstantLoop(_Loop):
@@ -611,10 +606,7 @@ class _OtherStackings(_Loop):
         self.how = how
 
     def forward(self, u):
-        h, out = torch.zeros(u.shape[0], 3, dtype=u.dtype), []
-        for t in range(u.shape[1]):
-            h = self.update(h, u[:, t], t)
-            out.append(h)
+        out = self.states(u)
         if self.how == "transpose":
             return torch.stack(out).transpose(0, 1)
         if self.how == "permute":
