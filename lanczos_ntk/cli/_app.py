@@ -42,9 +42,19 @@ class CliError(click.ClickException):
 
 
 class LostRankError(click.ClickException):
-    """A collective with the other ranks of a launched run failed (a rank died or hangs)."""
+    """A collective with the other ranks of a launched run failed (a rank died or hangs).
+
+    Shown, the process ends at once: the backend's teardown after a failed collective can
+    abort the process (``SIGABRT`` instead of the exit code 1) when it runs.
+    """
 
     exit_code = 1
+
+    def show(self, file=None) -> None:
+        super().show(file)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(self.exit_code)
 
 
 # the commands that share trials over the ranks of a torchrun-launched run; the others have
