@@ -22,90 +22,130 @@ __all__ = ["WeightActivityJacobian", "closed_form"]
 
 
 class _Linearization:
+    """The trajectory of one chunk, stored time-major (``[T, b, ·]``) so that every step of the
+    recurrences reads and writes contiguous ``[b, k, n]`` slices in place: per step one matrix
+    product and two fused elementwise operations, nothing stacked or concatenated.
+    """
+
     def __init__(self, owner, params, u, h0):
         self.owner, self.spec = owner, owner.spec
         roles = owner.roles
         m = owner.model
         W, U, b = params[roles["W"]], params[roles["U"]], params[roles["b"]]
         self.W = W
-        self.u = u
-        B, T, _ = u.shape
-        h = torch.zeros(B, m.state_size, dtype=W.dtype, device=W.device) if h0 is None else h0
-        acts, dacts, ds = [], [], []
+        B, T, d_in = u.shape
+        n = m.state_size
+        h = torch.zeros(B, n, dtype=W.dtype, device=W.device) if h0 is None else h0
+        # per step the columns ``[a(h_t), u_t, 1]``: the parameter part of every pre-activation
+        # is then one matrix product, and every weight's gradient one product back
+        self.src = torch.empty(T, B, n + d_in + 1, dtype=W.dtype, device=W.device)
+        self.src[:, :, n : n + d_in] = u.transpose(0, 1)
+        self.src[:, :, -1] = 1
+        self.da: torch.Tensor | None = None
+        self.d: torch.Tensor | float | None = None
         with torch.no_grad():
             for t in range(T):
                 a, da = owner.activity(h)
+                self.src[t, :, :n] = a
                 z = a @ W.T + u[:, t] @ U.T + b
                 h, d = owner.update(h, z)
-                acts.append(a)
-                dacts.append(da)
-                ds.append(d)
-        self.a = torch.stack(acts, 1)  # [b, T, n]
-        self.da = None if dacts[0] is None else torch.stack(dacts, 1)  # [b, T, n]
-        self.d = torch.stack(ds, 1) if isinstance(ds[0], torch.Tensor) else ds[0]
+                if da is not None:
+                    if self.da is None:
+                        self.da = torch.empty(T, B, n, dtype=W.dtype, device=W.device)
+                    self.da[t] = da
+                if isinstance(d, torch.Tensor):
+                    if not isinstance(self.d, torch.Tensor):
+                        self.d = torch.empty(T, B, n, dtype=W.dtype, device=W.device)
+                    self.d[t] = d
+                else:
+                    self.d = float(d)
         self.psi_h = owner.psi_h
-
-    def _d(self, t):
-        return self.d[:, t] if isinstance(self.d, torch.Tensor) else self.d
+        if isinstance(self.d, torch.Tensor) and self.psi_h != 0:
+            raise ValueError("the closed form takes a state-dependent ∂ψ/∂z only with ∂ψ/∂h = 0")
+        self.sizes = (n, d_in)
 
     def rows(self, sl: slice) -> _Linearization:
         """The same linearisation restricted to the trials ``sl`` (views, no copies)."""
         new = object.__new__(_Linearization)
         new.__dict__.update(self.__dict__)
-        new.a, new.u = self.a[sl], self.u[sl]
-        new.da = None if self.da is None else self.da[sl]
-        new.d = self.d[sl] if isinstance(self.d, torch.Tensor) else self.d
+        new.src = self.src[:, sl]
+        new.da = None if self.da is None else self.da[:, sl]
+        new.d = self.d[:, sl] if isinstance(self.d, torch.Tensor) else self.d
         return new
 
+    def _scale(self) -> float:
+        """The scalar ``∂ψ/∂z`` folded into the weights (1 when it varies per state)."""
+        return self.d if isinstance(self.d, float) else 1.0
+
     def jvp(self, X: torch.Tensor) -> torch.Tensor:
-        """``[k, P] -> [k, b, T, n]``."""
+        """``[k, P] -> [k, b, T, n]`` (a view of a time-major buffer)."""
         tang = self.spec.unflatten(X)
         r = self.owner.roles
         k = X.shape[0]
-        B, T, n = self.a.shape
-        c = torch.zeros(k, B, T, n, dtype=X.dtype, device=X.device)
-        if r["W"] in tang:
-            c = c + torch.einsum("kij,btj->kbti", tang[r["W"]], self.a)
-        if r["U"] in tang:
-            c = c + torch.einsum("kij,btj->kbti", tang[r["U"]], self.u)
-        if r["b"] in tang:
-            c = c + tang[r["b"]][:, None, None, :]
-        WT = self.W.T
-        dh = torch.zeros(k, B, n, dtype=X.dtype, device=X.device)
-        out = []
+        n, d_in = self.sizes
+        T, B, cols = self.src.shape
+        # the parameter part, [T·b, cols] @ [cols, k·n]; a scalar ∂ψ/∂z folded in
+        rows = []
+        for role, width in (("W", n), ("U", d_in), ("b", 1)):
+            t = tang.get(r[role])
+            rows.append(
+                X.new_zeros(width, k * n)
+                if t is None
+                else t.reshape(k, n, width).permute(2, 0, 1).reshape(width, k * n)
+            )
+        Y = (self.src.reshape(T * B, cols) @ (torch.cat(rows) * self._scale())).view(T, B, k, n)
+        d = self.d if isinstance(self.d, torch.Tensor) else None
+        WT = (self.W * self._scale()).T
+        da = None if self.da is None else self.da.unsqueeze(2)  # [T, b, 1, n]
+        d4 = None if d is None else d.unsqueeze(2)
+        tmp = X.new_empty(B, k, n) if da is not None else None
         for t in range(T):
-            zt = c[:, :, t]
+            y = Y[t]
             if t > 0:
-                inner = dh if self.da is None else dh * self.da[:, t]
-                zt = zt + inner @ WT
-            dh = self._d(t) * zt if self.psi_h == 0 else self.psi_h * dh + self._d(t) * zt
-            out.append(dh)
-        return torch.stack(out, 2)
+                prev = Y[t - 1]
+                inner = prev if da is None else torch.mul(prev, da[t], out=tmp)
+                y.view(B * k, n).addmm_(inner.view(B * k, n), WT)
+            if d4 is not None:
+                y.mul_(d4[t])
+            if t > 0 and self.psi_h != 0:
+                y.add_(Y[t - 1], alpha=self.psi_h)
+        return Y.permute(2, 1, 0, 3)
 
     def vjp(self, V: torch.Tensor) -> torch.Tensor:
         """``[k, b, T, n] -> [k, P]``."""
         k, B, T, n = V.shape
-        W = self.W
-        lam = torch.zeros(k, B, n, dtype=V.dtype, device=V.device)
-        mus: list[torch.Tensor] = []  # mu_{T-1}, ..., mu_0
+        Vt = V.permute(2, 1, 0, 3)  # [T, b, k, n] (contiguous when V came from jvp)
+        # L[t]: the cotangent on h_{t+1}, then (a state-dependent ∂ψ/∂z) on z_t
+        L = torch.empty(T, B, k, n, dtype=V.dtype, device=V.device)
+        L[T - 1].copy_(Vt[T - 1])
+        d = self.d if isinstance(self.d, torch.Tensor) else None
+        Wd = self.W * self._scale()
+        da = None if self.da is None else self.da.unsqueeze(2)
         for t in range(T - 1, -1, -1):
-            lam = lam + V[:, :, t]  # cotangent on h_{t+1}
-            mu = self._d(t) * lam  # cotangent on z_t
-            mus.append(mu)
-            back = mu @ W
-            if self.da is not None:
-                back = back * self.da[:, t]
-            lam = back if self.psi_h == 0 else self.psi_h * lam + back
-        mu = torch.stack(mus[::-1], 2)  # [k, b, T, n]
+            lam = L[t]
+            if d is not None:
+                lam.mul_(d[t].unsqueeze(1))  # now the cotangent on z_t
+            if t == 0:
+                break
+            back = (lam.view(B * k, n) @ Wd).view(B, k, n)
+            if self.psi_h != 0:
+                torch.add(Vt[t - 1], lam, alpha=self.psi_h, out=L[t - 1])
+            else:
+                L[t - 1].copy_(Vt[t - 1])
+            if da is None:
+                L[t - 1].add_(back)
+            else:
+                L[t - 1].addcmul_(back, da[t])
+        cols = self.src.shape[-1]
+        full = (L.reshape(T * B, k * n).T @ self.src.reshape(T * B, cols)).view(k, n, cols)
+        full = full * self._scale()
         r = self.owner.roles
+        n_, d_in = self.sizes
+        parts = {r["W"]: full[..., :n_], r["U"]: full[..., n_ : n_ + d_in], r["b"]: full[..., -1]}
         grads = {}
         for name in self.spec.names:
-            if name == r["W"]:
-                grads[name] = torch.einsum("kbti,btj->kij", mu, self.a)
-            elif name == r["U"]:
-                grads[name] = torch.einsum("kbti,btj->kij", mu, self.u)
-            elif name == r["b"]:
-                grads[name] = mu.sum(dim=(1, 2))
+            if name in parts:
+                grads[name] = parts[name]
             else:
                 shape = self.spec.shapes[self.spec.names.index(name)]
                 grads[name] = torch.zeros(k, *shape, dtype=V.dtype, device=V.device)

@@ -369,7 +369,7 @@ class JacobianEngine:
         T, c = self.steps, self.width
         d = int(self.inputs.shape[-1])
         if self.jvp_mode == "structured":
-            return (3 * T * c + T * d) * isz, 5 * T * c * isz
+            return T * (3 * c + d + 1) * isz, 5 * T * c * isz  # [a, u, 1], a', ∂ψ/∂z
 
         if self.jvp_mode == "cell":
             assert self._cell is not None  # "cell" is chosen only once a cell is found
