@@ -39,6 +39,10 @@ __all__ = ["TorchRNNLinearization", "rnn_kind", "trial_bytes"]
 
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 FUSED_VJP = ("lstm",)  # kinds whose single-vector Jᵀ v goes through the module's own backward
+# ... while a chunk holds at most this many state numbers b·T·H: past it the explicit adjoint
+# recurrence is the faster (per Jᵀ v, 2 threads, fused / explicit: 0.61 at b=64, T=50,
+# H=64; 0.91 at b=256, T=100, H=64; 1.25 at b=256, T=100, H=128)
+FUSED_VJP_MAX_STATES = 2_000_000
 _COEFS = {"lstm": 6, "gru": 7, "rnn_tanh": 1, "rnn_relu": 1}  # stored coefficients, in units of H
 
 
@@ -77,15 +81,17 @@ class TorchRNNLinearization:
     def __init__(self, kind: str, layers: int, hidden: int, spec, params, u, s0, module_states=None):
         self.kind, self.L, self.H, self.spec = kind, layers, hidden, spec
         # the LSTM's ``Jᵀ v`` of one vector by the module's own fused backward through a
-        # retained graph (medium size: 2.4 ms against 4.5 ms for the explicit recurrence; for
-        # the GRU torch's backward is the slower, 8.2 against 4.7 ms, and for a block of 10
-        # the two are even); blocks and ``J x`` go through the explicit recurrences below
+        # retained graph, on chunks up to FUSED_VJP_MAX_STATES (medium size: 2.0 ms against
+        # 3.3 ms for the explicit recurrence; for the GRU torch's backward is the slower, 8.2
+        # against 4.7 ms, and for a block of 10 the two are even); blocks, ``J x`` and larger
+        # chunks go through the explicit recurrences below
+        b, T, _ = u.shape
+        fused = kind in FUSED_VJP and b * T * hidden * layers <= FUSED_VJP_MAX_STATES
         self.graph = (
             DualGraph(module_states, {n: params[n] for n in spec.names})
-            if module_states is not None and kind in FUSED_VJP
+            if module_states is not None and fused
             else None
         )
-        b, T, _ = u.shape
         self.shape = (b, T)
         H, L = hidden, layers
         self.w_ih = [params[f"weight_ih_l{l}"] for l in range(L)]
@@ -181,11 +187,12 @@ class TorchRNNLinearization:
         rows = b * k
         dh: list[torch.Tensor | None] = [None] * L  # [b·k, H]; None while zero (fixed start)
         dc: list[torch.Tensor | None] = [None] * L
-        ys: list[torch.Tensor] = []
+        ys = X.new_empty(T, b, k, H)  # the top layer writes its state tangents here
         for t in range(T):
             dx = None  # the tangent of the layer's input [b·k, ·] (None: the fixed inputs)
             for l in range(L):
                 w_ih, w_hh, co, h_prev = self.w_ih[l], self.w_hh[l], self.per_step[l][t], dh[l]
+                dest = ys[t] if l == L - 1 else None
                 if kind == "gru":
                     pa, pg = (zero if p is None else p for p in parts[l])
                     a, g = pa[t].reshape(rows, gH), pg[t].reshape(rows, gH)
@@ -193,10 +200,12 @@ class TorchRNNLinearization:
                         a = torch.addmm(a, dx, w_ih.T)
                     if h_prev is not None:
                         g = torch.addmm(g, h_prev, w_hh.T)
-                    s = (a.view(b, k, 3, H) * co["a"]).addcmul_(g.view(b, k, 3, H), co["g"]).sum(2)
+                    s = torch.sum(
+                        (a.view(b, k, 3, H) * co["a"]).addcmul_(g.view(b, k, 3, H), co["g"]), 2, out=dest
+                    )
                     if h_prev is not None:
                         s = s.addcmul_(co["z"], h_prev.view(b, k, H))
-                    new = s.reshape(rows, H)
+                    new = s.view(rows, H)
                 else:
                     p = (zero if parts[l][0] is None else parts[l][0])[t].reshape(rows, gH)
                     if dx is not None:
@@ -210,13 +219,12 @@ class TorchRNNLinearization:
                         if c_prev is not None:
                             c_new = c_new.addcmul_(co["f"], c_prev)
                         dc[l] = c_new
-                        new = (p4[:, :, 3] * co["o"]).addcmul_(co["beta"], c_new).reshape(rows, H)
+                        o = torch.mul(p4[:, :, 3], co["o"], out=dest)
+                        new = o.addcmul_(co["beta"], c_new).view(rows, H)
                     else:
-                        new = (p.view(b, k, H) * co["d"]).reshape(rows, H)
+                        new = torch.mul(p.view(b, k, H), co["d"], out=dest).view(rows, H)
                 dh[l] = dx = new
-            assert dx is not None  # every layer's step sets its state tangent
-            ys.append(dx)
-        return torch.stack(ys).view(T, b, k, H).permute(2, 1, 0, 3)  # [k, b, T, H]
+        return ys.permute(2, 1, 0, 3)  # [k, b, T, H]
 
     def vjp(self, V: torch.Tensor) -> torch.Tensor:
         """``[k, b, T, H] -> [k, P]``."""
@@ -232,9 +240,9 @@ class TorchRNNLinearization:
         rows = b * k
         lh: list[torch.Tensor | None] = [None] * L  # cotangents of each layer's new state
         lc: list[torch.Tensor | None] = [None] * L
+        lh[L - 1] = Vt[T - 1]
         for t in range(T - 1, -1, -1):
-            top = lh[L - 1]
-            lh[L - 1] = Vt[t] if top is None else top.view(b, k, H) + Vt[t]
+            # lh[L - 1] holds v_t plus what step t + 1 sent back (added into v_t by its product)
             lx = None
             for l in range(L - 1, -1, -1):
                 co, ma, mg = self.per_step[l][t], mu_a[l][t], mu_g[l][t]
@@ -243,7 +251,8 @@ class TorchRNNLinearization:
                 if kind == "gru":
                     torch.mul(lam.unsqueeze(2), co["a"], out=ma.view(b, k, 3, H))
                     torch.mul(lam.unsqueeze(2), co["g"], out=mg.view(b, k, 3, H))
-                    keep = (co["z"] * lam).reshape(rows, H)
+                    keep = co["z"] * lam if l < L - 1 or t == 0 else torch.addcmul(Vt[t - 1], co["z"], lam)
+                    keep = keep.reshape(rows, H)
                 elif kind == "lstm":
                     cl = lc[l]
                     total = lam * co["beta"] if cl is None else cl.addcmul(co["beta"], lam)
@@ -257,6 +266,8 @@ class TorchRNNLinearization:
                     keep = None
                 if t > 0:  # the initial state is fixed: no cotangent needed for it
                     g2 = mg.view(rows, gates * H)
+                    if keep is None and l == L - 1:
+                        keep = Vt[t - 1].view(rows, H)
                     lh[l] = g2 @ self.w_hh[l] if keep is None else torch.addmm(keep, g2, self.w_hh[l])
                 lx = ma.view(rows, gates * H) @ self.w_ih[l] if l > 0 else None
         # every weight's and bias's gradient: one product per group, [k·gH, T·b] @ [T·b, cols]

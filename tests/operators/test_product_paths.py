@@ -298,6 +298,21 @@ def test_torch_rnns_with_two_layers_and_initial_states(cls):
         check_products(K, J)
 
 
+@pytest.mark.parametrize("fused_max", [0, 10**9])
+def test_lstm_single_vectors_by_its_own_backward_or_the_adjoint_recurrence(monkeypatch, fused_max):
+    """Small chunks take ``Jᵀ v`` of one vector through the module's own backward, large ones
+    through the explicit adjoint recurrence: both against the dense Jacobian."""
+    from lanczos_ntk.operators import _rnn_path
+
+    monkeypatch.setattr(_rnn_path, "FUSED_VJP_MAX_STATES", fused_max)
+    model = seeded(nn.LSTM, 2, 3, num_layers=2, batch_first=True, dtype=F64)
+    u = inputs(B=4, T=5)
+    K = lnk.StateNTK(model, u, chunk_size=3)
+    check_products(K, dense_jacobian(model, u))
+    fused = [K.engine._linearization(i).graph is not None for i in range(len(K.engine.chunks))]
+    assert fused == [fused_max > 0] * 2
+
+
 @pytest.mark.parametrize(
     "cls, kwargs",
     [
