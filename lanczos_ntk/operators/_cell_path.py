@@ -53,12 +53,14 @@ class CellLinearization:
         with torch.no_grad():
             s0 = cell.initial(h0, b, u.dtype, u.device)
             states = cell.states(params, u, h0)
-        self.prev = torch.cat([s0.unsqueeze(1), states[:, :-1]], 1)  # [b, T, S]
-        self.u = u
+        # time-major ([T, b, ·]), so that every step of the recurrences works on contiguous
+        # slices: the state each step starts from, and its input
+        self.prev = torch.cat([s0.unsqueeze(0), states.transpose(0, 1)[:-1]], 0)  # [T, b, S]
+        self.u = u.transpose(0, 1).contiguous()
         self.shape = (b, T, cell.state_size)
         self._whole = cell.out.indices(cell.state_size) == (0, cell.state_size, 1)  # outputs = state
-        flat_s = self.prev.reshape(b * T, -1)
-        flat_u = u.reshape(b * T, d)
+        flat_s = self.prev.reshape(T * b, -1)
+        flat_u = self.u.reshape(T * b, d)
         self.theta = {n: params[n] for n in spec.names}
 
         def direct(th):
@@ -86,18 +88,20 @@ class CellLinearization:
             cell, params, u = self.cell, self.params, self.u
 
             def step(t):
-                return DualGraph(lambda th: cell(params, th["s"], u[:, t]), {"s": self.prev[:, t]})
+                return DualGraph(lambda th: cell(params, th["s"], u[t]), {"s": self.prev[t]})
 
             self._steps = [None] + [step(t) for t in range(1, self.shape[1])]
         return self._steps
 
     def _traced_products(self, k: int) -> tuple[Callable, Callable, list[tuple]] | None:
-        """``(Aᵀ λ, A δ, residuals per step)`` on the traced path for ``k`` vectors, or None."""
+        """``(Aᵀ λ, A δ, residuals per step)`` on the traced path for ``k`` vectors, each
+        ``f(res, x, acc, out)`` writing ``acc + A x`` into ``out``, or None.
+        """
         traced = self.traced()
         if traced is None:
             return None
         trace, res = traced
-        products = trace.blocks(res[1], k)
+        products = trace.into(k, res[1])
         return None if products is None else (*products, res)
 
     def traced(self) -> tuple[StepTrace, list[tuple]] | None:
@@ -110,7 +114,7 @@ class CellLinearization:
             if T > 1:
                 names = list(self.params)
                 values = [self.params[n] for n in names]
-                prev, u = self.prev.transpose(0, 1).contiguous(), self.u.transpose(0, 1).contiguous()
+                prev, u = self.prev, self.u
                 trace = self.cell.step_trace(names, values, prev[1], u[1])
                 if trace is not None:
                     res = [()] + [trace.residuals(values, prev[t], u[t]) for t in range(1, T)]
@@ -119,25 +123,25 @@ class CellLinearization:
 
     # -- products ---------------------------------------------------------------------------
     def jvp(self, X: torch.Tensor) -> torch.Tensor:
-        """``[k, P] -> [k, b, T, c]``."""
+        """``[k, P] -> [k, b, T, c]`` (a view of a time-major buffer)."""
         b, T, S = self.shape
         k = X.shape[0]
-        C = self.direct().jvp(self.spec.unflatten(X)).reshape(k, b, T, S)
+        C = self.direct().jvp(self.spec.unflatten(X)).reshape(k, T, b, S)
         out = self.cell.out
         products = self._traced_products(k)
         if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
             _, step, res = products
             Y = C[0] if k == 1 else C  # overwritten step by step: C_t x, then the state tangent
-            xs = Y.unbind(-2)
+            xs = Y.unbind(-3)
             for t in range(1, T):
-                xs[t].add_(step(res[t], xs[t - 1]))
-            Y = Y if self._whole else Y[..., out]
-            return Y.unsqueeze(0) if k == 1 else Y
-        d = C[:, :, 0]
+                step(res[t], xs[t - 1], xs[t], xs[t])
+            Y = Y.unsqueeze(0) if k == 1 else Y
+            return (Y if self._whole else Y[..., out]).transpose(1, 2)
+        d = C[:, 0]
         ys = [d[..., out]]
         steps = self.steps()
         for t in range(1, T):
-            d = steps[t].jvp({"s": d}) + C[:, :, t]
+            d = steps[t].jvp({"s": d}) + C[:, t]
             ys.append(d[..., out])
         return torch.stack(ys, 2)
 
@@ -147,28 +151,29 @@ class CellLinearization:
         b, T, S = self.shape
         out = self.cell.out
         products = self._traced_products(k)
+        Vt = V.transpose(1, 2)  # [k, T, b, c]
         if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
             step, _, res = products
-            W = V[0] if k == 1 else V
+            W = Vt[0] if k == 1 else Vt
             if not self._whole:
                 full = V.new_zeros(*W.shape[:-1], S)
                 full[..., out] = W
                 W = full
             lams = torch.empty(W.shape, dtype=W.dtype, device=W.device)
-            ls, vs = lams.unbind(-2), W.unbind(-2)
+            ls, vs = lams.unbind(-3), W.unbind(-3)
             ls[T - 1].copy_(vs[T - 1])
             for t in range(T - 1, 0, -1):
-                torch.add(vs[t - 1], step(res[t], ls[t]), out=ls[t - 1])
+                step(res[t], ls[t], vs[t - 1], ls[t - 1])
             lams = lams.unsqueeze(0) if k == 1 else lams
         else:
-            lams = V.new_zeros(k, b, T, S)
+            lams = V.new_zeros(k, T, b, S)
             lam = V.new_zeros(k, b, S)
             steps = self.steps()
             for t in range(T - 1, -1, -1):
                 lam = lam.clone()
-                lam[..., out] += V[:, :, t]
-                lams[:, :, t] = lam
+                lam[..., out] += Vt[:, t]
+                lams[:, t] = lam
                 if t > 0:
                     lam = steps[t].vjp(lam)["s"]
-        grads = self.direct().vjp(lams.reshape(k, b * T, S))
+        grads = self.direct().vjp(lams.reshape(k, T * b, S))
         return self.spec.flatten(grads, batch_dims=1)

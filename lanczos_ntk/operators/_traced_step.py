@@ -25,12 +25,13 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-__all__ = ["StepTrace", "same_to_rounding", "trace_step"]
+__all__ = ["StepTrace", "accumulating", "same_to_rounding", "trace_step"]
 
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
@@ -83,6 +84,108 @@ def _writes_into_inputs(graph: fx.Graph) -> bool:
     return False
 
 
+_aten = torch.ops.aten
+_SCALED = {_aten.mul.Tensor: 1, _aten.div.Tensor: -1}  # by a number: its power
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else None
+
+
+def _terms(node: Any, memo: dict) -> dict | None:
+    """``node`` as a linear combination ``{atom: coefficient}`` of the nodes that are not sums,
+    differences, negations or multiples by a number of others of its shape (None: an atom).
+    """
+    if node in memo:
+        return memo[node]
+    out = None
+    args = node.args
+    if node.op == "call_function" and _shape(node) is not None:
+        target, here = node.target, _shape(node)
+        same = [isinstance(a, fx.Node) and _shape(a) == here for a in args[:2]]
+        if target in (_aten.add.Tensor, _aten.sub.Tensor) and len(args) == 2 and all(same):
+            alpha = node.kwargs.get("alpha", 1)
+            if isinstance(alpha, (int, float)):
+                sign = alpha if target is _aten.add.Tensor else -alpha
+                out = dict(_terms(args[0], memo) or {args[0]: 1.0})
+                for atom, c in (_terms(args[1], memo) or {args[1]: 1.0}).items():
+                    out[atom] = out.get(atom, 0.0) + sign * c
+        elif target is _aten.neg.default and same[:1] == [True]:
+            out = {a: -c for a, c in (_terms(args[0], memo) or {args[0]: 1.0}).items()}
+        elif target in _SCALED and len(args) == 2 and same[0] and isinstance(args[1], (int, float)):
+            if not isinstance(args[1], bool) and args[1] != 0:
+                f = float(args[1]) ** _SCALED[target]
+                out = {a: f * c for a, c in (_terms(args[0], memo) or {args[0]: 1.0}).items()}
+    memo[node] = out
+    return out
+
+
+def accumulating(gm: fx.GraphModule) -> fx.GraphModule:
+    """From the linear part ``L(r..., v)``: ``(r..., v, acc, out) -> out = acc + L(r..., v)``,
+    with the sums, differences and multiples by numbers folded into as few operations as
+    possible (``0.9 v + 0.1 (d @ W) + acc`` becomes one ``addmm`` and one ``add``, the last
+    writing into ``out``), instead of one pass over the state per operation.
+    """
+    nodes = list(gm.graph.nodes)
+    output = next(n for n in nodes if n.op == "output")
+    (result,) = output.args
+    memo: dict = {}
+    for node in nodes:
+        _terms(node, memo)
+    new = fx.Graph()
+    env: dict = {n: new.placeholder(n.name) for n in nodes if n.op == "placeholder"}
+    env["acc"], out = new.placeholder("acc"), new.placeholder("out")
+    # how often each atom is read, by other atoms and by combinations (an mm read once is
+    # folded into the combination that reads it)
+    reads: dict = {}
+    atoms = [n for n in nodes if n.op == "call_function" and memo[n] is None]
+    for read in [*(u for a in atoms for u in a.all_input_nodes), result]:
+        for atom in memo.get(read) or {read: 1.0}:
+            reads[atom] = reads.get(atom, 0) + 1
+
+    def shape_of(atom) -> tuple | None:
+        return _shape(result) if atom == "acc" else _shape(atom)
+
+    def get(node) -> fx.Node:
+        if node not in env:
+            terms = memo.get(node)
+            env[node] = new.node_copy(node, get) if terms is None else combine(list(terms.items()), None)
+        return env[node]
+
+    def combine(terms: list, into: fx.Node | None) -> fx.Node:
+        terms = [(a, c) for a, c in terms if c != 0.0]
+        if not terms:
+            raise ValueError("a combination that cancels")
+        last: dict[str, Any] = {} if into is None else {"out": into}
+        node = None
+        mm = next(
+            (t for t in terms if t[0] != "acc" and t[0].target is _aten.mm.default and reads.get(t[0]) == 1),
+            None,
+        )
+        base = None
+        if mm is not None:
+            base = next((t for t in terms if t is not mm and shape_of(t[0]) == _shape(mm[0])), None)
+        if mm is not None and base is not None:
+            terms = [t for t in terms if t is not mm and t is not base]
+            m1, m2 = (get(x) for x in mm[0].args)
+            kw: dict[str, Any] = {"beta": base[1], "alpha": mm[1], **({} if terms else last)}
+            node = new.call_function(torch.addmm, (get(base[0]), m1, m2), kw)
+        else:
+            lead = next((t for t in terms if t[1] == 1.0), terms[0])
+            terms = [t for t in terms if t is not lead]
+            node = get(lead[0])
+            if lead[1] != 1.0 or (not terms and into is not None):
+                node = new.call_function(torch.mul, (node, lead[1]), {} if terms else last)
+        for i, (a, c) in enumerate(terms):
+            kw = {"alpha": c, **(last if i == len(terms) - 1 else {})}
+            node = new.call_function(torch.add, (node, get(a)), kw)
+        return node
+
+    new.output(combine([*(memo[result] or {result: 1.0}).items(), ("acc", 1.0)], out))
+    return fx.GraphModule(gm, new)
+
+
 class _Split:
     """One traced linear map ``a ↦ L(params, s, u) a``: its residual and linear parts."""
 
@@ -113,6 +216,8 @@ class _Split:
         linear_graph = fx.Graph()
         lenv = {n: linear_graph.placeholder(f"r{i}") for i, n in enumerate(needed)}
         lenv[vector] = linear_graph.placeholder("vector")
+        for old, placeholder in lenv.items():
+            placeholder.meta = dict(old.meta)  # shapes and dtypes, read by :func:`accumulating`
         for node in graph.nodes:
             if node in linear and node is not vector:
                 lenv[node] = linear_graph.node_copy(node, lambda n: lenv[n])
@@ -122,8 +227,18 @@ class _Split:
             raise ValueError("a traced step writes into its inputs")
         # plain bound methods: nn.Module.__call__'s hooks cost more than the small steps
         self.residuals: Callable[..., tuple] = fx.GraphModule(gm, residual_graph).forward
-        self.apply: Callable[..., torch.Tensor] = fx.GraphModule(gm, linear_graph).forward
+        linear_gm = fx.GraphModule(gm, linear_graph)
+        self.apply: Callable[..., torch.Tensor] = linear_gm.forward
         self.blocks: dict[int, Callable[..., torch.Tensor] | None] = {}
+        # ``out = acc + L v`` with the linear combinations folded (checked by trace_step)
+        try:
+            self.into: Callable[..., torch.Tensor] = accumulating(linear_gm).forward
+        except Exception:  # something the folding does not know: the plain sum
+            self.into = self.plain_into
+
+    def plain_into(self, *args: torch.Tensor) -> torch.Tensor:
+        """``out = acc + L v`` for ``(residuals..., v, acc, out)``, unfolded."""
+        return torch.add(args[-2], self.apply(*args[:-2]), out=args[-1])
 
     def block(self, residuals: tuple, V: torch.Tensor) -> Callable[..., torch.Tensor] | None:
         """The linear part for ``V [k, b, S]`` (traced once per ``k`` under ``vmap``, with the
@@ -192,6 +307,24 @@ class StepTrace:
         """``A δ`` for ``δ [b, S]``."""
         return self._jvp.apply(*residuals[1], delta)
 
+    def into(self, k: int, residuals: tuple) -> tuple[Callable, Callable] | None:
+        """``(vjp, jvp)`` accumulating into an output, ``f(res, x, acc, out)`` writes
+        ``acc + Aᵀ x`` (or ``acc + A x``) into ``out`` and returns it (``out`` may be ``acc``);
+        for blocks ``[k, b, S]`` as :meth:`blocks`, or None.
+        """
+        if k == 1:
+            v, j = self._vjp.into, self._jvp.into
+            return (lambda res, x, acc, out: v(*res[0], x, acc, out)), (
+                lambda res, x, acc, out: j(*res[1], x, acc, out)
+            )
+        products = self.blocks(residuals, k)
+        if products is None:
+            return None
+        vb, jb = products
+        return (lambda res, x, acc, out: torch.add(acc, vb(res, x), out=out)), (
+            lambda res, x, acc, out: torch.add(acc, jb(res, x), out=out)
+        )
+
     def blocks(self, residuals: tuple, k: int) -> tuple[Callable, Callable] | None:
         """``(vjp, jvp)`` for blocks ``[k, b, S]`` with the same residuals (traced on first use
         with ``residuals`` of one step as the example), or None when they cannot be traced.
@@ -253,4 +386,15 @@ def trace_step(
             (want_vjp,) = torch.autograd.grad(y, x, vec)
     except RuntimeError:
         return None
-    return trace if _close(got[0], want_vjp, vec) and _close(got[1], want_jvp, vec) else None
+    if not (_close(got[0], want_vjp, vec) and _close(got[1], want_jvp, vec)):
+        return None
+    acc = torch.randn(s.shape, generator=gen, dtype=s.dtype, device=s.device)
+    for split, res_i, plain in ((trace._vjp, res[0], got[0]), (trace._jvp, res[1], got[1])):
+        try:  # the folded accumulating form, else the plain sum
+            folded = split.into(*res_i, vec, acc, torch.empty_like(acc))
+            ok = _close(folded, acc + plain, vec)
+        except Exception:
+            ok = False
+        if not ok:
+            split.into = split.plain_into
+    return trace

@@ -163,6 +163,102 @@ def test_single_vectors_run_the_traced_state_jacobian(model):
     assert _linearization(K)._steps is None  # no per-step autograd graphs were built
 
 
+def _folded(split) -> bool:
+    return split.into != split.plain_into
+
+
+@pytest.mark.parametrize(
+    "model", [StepModule, LayersStep, PiecewiseStep, TorchCellStep, lambda: models.GRU(3, 2, seed=3)]
+)
+def test_single_vectors_accumulate_through_the_folded_linear_parts(model):
+    """Single vectors run ``acc + A x`` with the linear combinations of the traced parts folded
+    (the products above are against the dense truth; here: the folded form is the one in use)."""
+    model, u = model(), inputs(B=4, T=5)
+    K = lnk.StateNTK(model, u)
+    trace = _linearization(K).traced()[0]
+    check_products(K, dense_jacobian(model, u), full=False)
+    assert _folded(trace._vjp) and _folded(trace._jvp)
+
+
+class EulerStep(_Iterates):
+    """The Euler CTRNN as a user writes its step."""
+
+    def __init__(self, n=4, d=2):
+        super().__init__()
+        g = gen(8)
+        self.W = nn.Parameter(torch.randn(n, n, generator=g, dtype=F64) / n**0.5)
+        self.B = nn.Parameter(torch.randn(n, d, generator=g, dtype=F64))
+        self.n = n
+
+    def step(self, h, u):
+        return h + 0.1 * (-h + torch.tanh(h) @ self.W.T + u @ self.B.T)
+
+
+def test_folding_leaves_the_euler_step_a_few_operations():
+    """``δ + 0.1 (-δ + (tanh'(h) δ) Wᵀ)`` plus the accumulated term: one elementwise product, one
+    addmm and one add (the trace has six operations and the recurrence adds a seventh)."""
+    model, u = EulerStep(), inputs(B=3, T=4)
+    K = lnk.StateNTK(model, u)
+    check_products(K, dense_jacobian(model, u), full=False)
+    trace = _linearization(K).traced()[0]
+    ops = [n for n in trace._jvp.into.__self__.graph.nodes if n.op == "call_function"]
+    assert len(ops) == 3 and any(n.target is torch.addmm for n in ops)
+    assert len([n for n in trace._vjp.into.__self__.graph.nodes if n.op == "call_function"]) <= 5
+
+
+def test_accumulating_on_hand_made_linear_maps():
+    """``out = acc + f(r, v)`` from the folded graph, against ``f`` itself, into a fresh tensor
+    and into ``acc``; a cancelling combination that another operation reads is refused (the
+    plain sum is used then)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lanczos_ntk.operators._traced_step import accumulating
+
+    def mixed(r, W, v):
+        a = v @ W  # folded into an addmm with the other terms
+        return 0.5 * (a - 3.0 * v) + (r * v) / 4.0 - (-v)
+
+    def shared_mm(r, W, v):
+        a = v @ W  # read twice: stays one mm
+        return a * r + (a - v) / 2.0
+
+    def broadcast(r, W, v):
+        return (v + r[:1]) - r[:1] + v.sum(0, keepdim=True)  # sums of other shapes: kept
+
+    r, W, v, acc = (torch.randn(3, 3, generator=gen(i), dtype=F64) for i in range(4))
+    for f in (mixed, shared_mm, broadcast):
+        gm = make_fx(f)(r, W, v)
+        folded = accumulating(gm)
+        want = acc + f(r, W, v)
+        torch.testing.assert_close(folded(r, W, v, acc, torch.empty_like(acc)), want)
+        into = acc.clone()
+        torch.testing.assert_close(folded(r, W, v, into, into), want)
+        torch.testing.assert_close(into, want)
+    ops = [n.target for n in accumulating(make_fx(mixed)(r, W, v)).graph.nodes if n.op == "call_function"]
+    assert torch.addmm in ops and len(ops) == 4  # r*v, addmm, two adds (v's coefficient, acc)
+    gm = make_fx(lambda r, W, v: (v + v) - 2.0 * v)(r, W, v)  # all but acc cancels
+    torch.testing.assert_close(accumulating(gm)(r, W, v, acc, torch.empty_like(acc)), acc)
+    with pytest.raises(ValueError, match="cancels"):  # a cancelling term read by an mm
+        accumulating(make_fx(lambda r, W, v: ((v + v) - 2.0 * v) @ W + v)(r, W, v))
+
+
+def test_a_folded_form_that_disagrees_is_replaced_by_the_plain_sum(monkeypatch):
+    from lanczos_ntk.operators import _traced_step
+
+    real = _traced_step.accumulating
+
+    def off(gm):
+        folded = real(gm)
+        return lambda *args: folded(*args).mul_(1.001)
+
+    monkeypatch.setattr(_traced_step, "accumulating", off)
+    model, u = StepModule(), inputs(B=3)
+    K = lnk.StateNTK(model, u)
+    trace = _linearization(K).traced()[0]
+    assert not _folded(trace._vjp) and not _folded(trace._jvp)
+    check_products(K, dense_jacobian(model, u), full=False)
+
+
 def test_blocks_through_the_step_graphs_when_their_trace_fails(monkeypatch):
     from lanczos_ntk.operators import _traced_step
 
