@@ -43,6 +43,7 @@ FUSED_VJP = ("lstm",)  # kinds whose single-vector Jᵀ v goes through the modul
 # recurrence is the faster (per Jᵀ v, 2 threads, fused / explicit: 0.61 at b=64, T=50,
 # H=64; 0.91 at b=256, T=100, H=64; 1.25 at b=256, T=100, H=128)
 FUSED_VJP_MAX_STATES = 2_000_000
+BLOCK_BYTES = 8 << 20  # the parameter parts and gate cotangents go through in blocks of steps this size
 _COEFS = {"lstm": 6, "gru": 7, "rnn_tanh": 1, "rnn_relu": 1}  # stored coefficients, in units of H
 
 
@@ -149,19 +150,26 @@ class TorchRNNLinearization:
             ]
         return [(slice(0, None), [((w_hh,), H), ((b_ih, b_hh), 1), ((w_ih,), n_in)])]
 
-    def _param_parts(self, tang: dict, k: int):
-        """Per layer, the parameter part of the pre-activations for every trial and step,
-        ``[T, b, k, gH]`` (None where no parameter of it moves): ``(input part, recurrent
-        part)`` for the GRU, else their sum. One matrix product per part over the columns
-        ``[h_prev, 1, x]``: ``[T·b, cols] @ [cols, k·gH]``.
+    def _span(self, k: int, itemsize: int) -> int:
+        """Steps per block of the parameter parts and the gate cotangents: ``[τ, b, k, gH]``
+        tensors of at most BLOCK_BYTES, reused block after block (a tensor over the C
+        allocator's mapping threshold, 32 MiB, is mapped and zeroed anew on every product:
+        a third of the GRU's product at b=256, T=100, H=128).
         """
         b, T = self.shape
+        per_step = b * k * _GATES[self.kind] * self.H * itemsize
+        return max(1, min(T, BLOCK_BYTES // max(per_step, 1)))
+
+    def _param_rows(self, tang: dict, k: int) -> list[list[torch.Tensor | None]]:
+        """Per layer and parameter group, the tangents as ``[cols, k·gH]`` (None where no
+        parameter of the group moves), so that a block of steps' parameter part is
+        ``src[block][:, cols] @ rows``.
+        """
         gH = _GATES[self.kind] * self.H
-        parts = []
+        out = []
         for l in range(self.L):
-            src = self.src[l].reshape(T * b, -1)
             layer: list[torch.Tensor | None] = []
-            for cols, blocks in self._groups(l):
+            for _, blocks in self._groups(l):
                 moving = [[tang[n] for n in names if n in tang] for names, _ in blocks]
                 if not any(moving):
                     layer.append(None)
@@ -169,10 +177,32 @@ class TorchRNNLinearization:
                 rows = [
                     sum(ts[1:], ts[0]).reshape(k, gH, w).permute(2, 0, 1).reshape(w, k * gH)
                     if ts
-                    else src.new_zeros(w, k * gH)
+                    else self.src[l].new_zeros(w, k * gH)
                     for ts, (_, w) in zip(moving, blocks)
                 ]
-                layer.append((src[:, cols] @ torch.cat(rows)).view(T, b, k, gH))
+                layer.append(torch.cat(rows))
+            out.append(layer)
+        return out
+
+    def _param_parts(self, rows: list, k: int, t0: int, t1: int, into: list) -> list:
+        """Per layer, the parameter part of the pre-activations of steps ``t0 .. t1 - 1``,
+        ``[t1 - t0, b, k, gH]`` written into ``into`` (None where no parameter moves):
+        ``(input part, recurrent part)`` for the GRU, else their sum. One matrix product per
+        part over the columns ``[h_prev, 1, x]``.
+        """
+        b, _ = self.shape
+        gH = _GATES[self.kind] * self.H
+        parts = []
+        for l in range(self.L):
+            src = self.src[l][t0:t1].reshape((t1 - t0) * b, -1)
+            layer: list[torch.Tensor | None] = []
+            for g, ((cols, _), m) in enumerate(zip(self._groups(l), rows[l])):
+                if m is None:
+                    layer.append(None)
+                    continue
+                buf = into[l][g][: t1 - t0]
+                torch.mm(src[:, cols], m, out=buf.view((t1 - t0) * b, k * gH))
+                layer.append(buf)
             parts.append(layer)
         return parts
 
@@ -181,21 +211,27 @@ class TorchRNNLinearization:
         k = X.shape[0]
         b, T = self.shape
         H, L, kind = self.H, self.L, self.kind
-        parts = self._param_parts(self.spec.unflatten(X), k)
         gH = _GATES[kind] * H
-        zero = X.new_zeros(1, 1, 1, gH).expand(T, b, k, gH)  # no parameter of a layer moves
+        rows_of = self._param_rows(self.spec.unflatten(X), k)
+        span = self._span(k, X.element_size())
+        into = [[X.new_empty(span, b, k, gH) for _ in self._groups(l)] for l in range(L)]
+        zero = X.new_zeros(1, 1, gH).expand(b, k, gH)  # no parameter of a layer moves
         rows = b * k
         dh: list[torch.Tensor | None] = [None] * L  # [b·k, H]; None while zero (fixed start)
         dc: list[torch.Tensor | None] = [None] * L
         ys = X.new_empty(T, b, k, H)  # the top layer writes its state tangents here
+        parts: list = []
         for t in range(T):
+            if t % span == 0:
+                parts = self._param_parts(rows_of, k, t, min(T, t + span), into)
+            i = t % span
             dx = None  # the tangent of the layer's input [b·k, ·] (None: the fixed inputs)
             for l in range(L):
                 w_ih, w_hh, co, h_prev = self.w_ih[l], self.w_hh[l], self.per_step[l][t], dh[l]
                 dest = ys[t] if l == L - 1 else None
                 if kind == "gru":
-                    pa, pg = (zero if p is None else p for p in parts[l])
-                    a, g = pa[t].reshape(rows, gH), pg[t].reshape(rows, gH)
+                    a, g = (zero if q is None else q[i] for q in parts[l])
+                    a, g = a.reshape(rows, gH), g.reshape(rows, gH)
                     if dx is not None:
                         a = torch.addmm(a, dx, w_ih.T)
                     if h_prev is not None:
@@ -207,7 +243,8 @@ class TorchRNNLinearization:
                         s = s.addcmul_(co["z"], h_prev.view(b, k, H))
                     new = s.view(rows, H)
                 else:
-                    p = (zero if parts[l][0] is None else parts[l][0])[t].reshape(rows, gH)
+                    q = parts[l][0]
+                    p = (zero if q is None else q[i]).reshape(rows, gH)
                     if dx is not None:
                         p = torch.addmm(p, dx, w_ih.T)
                     if h_prev is not None:
@@ -235,17 +272,23 @@ class TorchRNNLinearization:
         H, L, kind = self.H, self.L, self.kind
         Vt = V.permute(2, 1, 0, 3).contiguous()  # [T, b, k, H], time-major: one copy
         gates = _GATES[kind]
-        mu_a = [V.new_empty(T, b, k, gates * H) for _ in range(L)]  # input-part cotangents
-        mu_g = mu_a if kind != "gru" else [V.new_empty(T, b, k, gates * H) for _ in range(L)]
+        span = self._span(k, V.element_size())
+        # the gate cotangents of a block of steps: input part, and recurrent part (the GRU's;
+        # the other kinds' are the same), reused block after block
+        mu_a = [V.new_empty(span, b, k, gates * H) for _ in range(L)]
+        mu_g = mu_a if kind != "gru" else [V.new_empty(span, b, k, gates * H) for _ in range(L)]
+        names = set(self.spec.names)
+        sums: dict[tuple[int, int], torch.Tensor] = {}  # (layer, group) -> [k·gH, cols]
         rows = b * k
         lh: list[torch.Tensor | None] = [None] * L  # cotangents of each layer's new state
         lc: list[torch.Tensor | None] = [None] * L
         lh[L - 1] = Vt[T - 1]
         for t in range(T - 1, -1, -1):
+            i = t % span
             # lh[L - 1] holds v_t plus what step t + 1 sent back (added into v_t by its product)
             lx = None
             for l in range(L - 1, -1, -1):
-                co, ma, mg = self.per_step[l][t], mu_a[l][t], mu_g[l][t]
+                co, ma, mg = self.per_step[l][t], mu_a[l][i], mu_g[l][i]
                 terms = [x.view(b, k, H) for x in (lh[l], lx) if x is not None]
                 lam = terms[0] if len(terms) == 1 else terms[0] + terms[1]  # never none
                 if kind == "gru":
@@ -270,19 +313,27 @@ class TorchRNNLinearization:
                         keep = Vt[t - 1].view(rows, H)
                     lh[l] = g2 @ self.w_hh[l] if keep is None else torch.addmm(keep, g2, self.w_hh[l])
                 lx = ma.view(rows, gates * H) @ self.w_ih[l] if l > 0 else None
-        # every weight's and bias's gradient: one product per group, [k·gH, T·b] @ [T·b, cols]
+            if i == 0:  # a block of steps done: its share of the weights' gradients
+                t1 = min(T, t + span)
+                for l in range(L):
+                    src = self.src[l][t:t1].reshape((t1 - t) * b, -1)
+                    for g, ((cols, blocks), mu) in enumerate(zip(self._groups(l), (mu_a[l], mu_g[l]))):
+                        if not any(n in names for group, _ in blocks for n in group):
+                            continue
+                        m = mu[: t1 - t].reshape((t1 - t) * b, -1).T
+                        if (l, g) in sums:
+                            sums[l, g].addmm_(m, src[:, cols])
+                        else:
+                            sums[l, g] = m @ src[:, cols]
+        # every weight's and bias's gradient: [k·gH, cols] per group, summed over the blocks
         grads = {}
-        names = set(self.spec.names)
-        for l in range(L):
-            src = self.src[l].reshape(T * b, -1)
-            for (cols, blocks), mu in zip(self._groups(l), (mu_a[l], mu_g[l])):
-                if not any(n in names for group, _ in blocks for n in group):
-                    continue
-                full = (mu.reshape(T * b, -1).T @ src[:, cols]).view(k, gates * H, -1)
-                for piece, (group, _) in zip(full.split([w for _, w in blocks], dim=-1), blocks):
-                    for n in group:
-                        if n in names:
-                            grads[n] = piece[..., 0] if n.startswith("bias") else piece
+        for (l, g), total in sums.items():
+            _, blocks = self._groups(l)[g]
+            full = total.view(k, gates * H, -1)
+            for piece, (group, _) in zip(full.split([w for _, w in blocks], dim=-1), blocks):
+                for n in group:
+                    if n in names:
+                        grads[n] = piece[..., 0] if n.startswith("bias") else piece
         return self.spec.flatten(grads, batch_dims=1)
 
 

@@ -394,6 +394,23 @@ def test_torch_rnns_with_two_layers_and_initial_states(cls):
         check_products(K, J)
 
 
+@pytest.mark.parametrize("cls", [nn.RNN, nn.GRU, nn.LSTM])
+@pytest.mark.parametrize("span", [1, 2])
+def test_torch_rnns_in_blocks_of_steps(monkeypatch, cls, span):
+    """The parameter parts and the gate cotangents go through in blocks of steps (one step,
+    or two, which do not divide ``T = 5``), the gradients summed over the blocks."""
+    from lanczos_ntk.operators import _rnn_path
+
+    model = seeded(cls, 2, 3, num_layers=2, batch_first=True, dtype=F64)
+    gates = _rnn_path._GATES[_rnn_path.rnn_kind(model)]
+    monkeypatch.setattr(_rnn_path, "BLOCK_BYTES", span * 2 * gates * 3 * 8)  # b=2, H=3, float64
+    monkeypatch.setattr(_rnn_path, "FUSED_VJP_MAX_STATES", 0)
+    u = inputs(B=2, T=5)
+    K = lnk.StateNTK(model, u)
+    assert K.engine._linearization(0)._span(1, 8) == span
+    check_products(K, dense_jacobian(model, u))
+
+
 @pytest.mark.parametrize("fused_max", [0, 10**9])
 def test_lstm_single_vectors_by_its_own_backward_or_the_adjoint_recurrence(monkeypatch, fused_max):
     """Small chunks take ``Jᵀ v`` of one vector through the module's own backward, large ones
