@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from ._dual_graph import DualGraph
-from ._traced_step import StepTrace
+from ._traced_step import DirectTrace, StepTrace
 
 __all__ = ["CellLinearization"]
 
@@ -68,6 +68,7 @@ class CellLinearization:
 
         self._direct = direct
         self._direct_graph = None
+        self._direct_traced: DirectTrace | None | bool = False  # False: not tried yet
         self._steps: list[DualGraph] | None = None
         self._traced: tuple[StepTrace, list[tuple]] | None = None
         self._tried = False  # whether the trace was attempted (None then: untraceable)
@@ -79,6 +80,18 @@ class CellLinearization:
         if self._direct_graph is None:
             self._direct_graph = DualGraph(self._direct, self.theta)
         return self._direct_graph
+
+    def traced_direct(self) -> DirectTrace | None:
+        """The direct term traced into straight-line code over all ``b·T`` rows (single
+        vectors), or None (then :meth:`direct`'s graph serves them too).
+        """
+        if self._direct_traced is False:
+            b, T, S = self.shape
+            names = list(self.params)
+            values = [self.params[n] for n in names]
+            flat_s, flat_u = self.prev.reshape(T * b, S), self.u.reshape(T * b, -1)
+            self._direct_traced = self.cell.direct_trace(names, values, list(self.theta), flat_s, flat_u)
+        return self._direct_traced if isinstance(self._direct_traced, DirectTrace) else None
 
     def steps(self) -> list[DualGraph]:
         """The cell's graph at every step ``t >= 1`` as a function of the state (index ``t``;
@@ -126,7 +139,13 @@ class CellLinearization:
         """``[k, P] -> [k, b, T, c]`` (a view of a time-major buffer)."""
         b, T, S = self.shape
         k = X.shape[0]
-        C = self.direct().jvp(self.spec.unflatten(X)).reshape(k, T, b, S)
+        tang = self.spec.unflatten(X)
+        fast = self.traced_direct() if k == 1 else None
+        if fast is not None:
+            C = X.new_empty(k, T, b, S)
+            fast.jvp([tang[n][0] for n in self.theta], out=C.view(T * b, S))
+        else:
+            C = self.direct().jvp(tang).reshape(k, T, b, S)
         out = self.cell.out
         products = self._traced_products(k)
         if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
@@ -175,5 +194,10 @@ class CellLinearization:
                 lams[:, t] = lam
                 if t > 0:
                     lam = steps[t].vjp(lam)["s"]
-        grads = self.direct().vjp(lams.reshape(k, T * b, S))
+        fast = self.traced_direct() if k == 1 else None
+        if fast is not None:
+            parts = fast.vjp(lams.reshape(T * b, S))
+            grads = {n: g.unsqueeze(0) for n, g in zip(self.theta, parts)}
+        else:
+            grads = self.direct().vjp(lams.reshape(k, T * b, S))
         return self.spec.flatten(grads, batch_dims=1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from ._functional import _TORCH_RNNS
 from ._loop_cell import loop_cell_fn
 from ._rnn_path import TorchRNNLinearization, rnn_kind
 from ._rnn_path import trial_bytes as rnn_trial_bytes
-from ._traced_step import StepTrace, same_to_rounding, trace_step
+from ._traced_step import DirectTrace, StepTrace, same_to_rounding, trace_direct, trace_step
 
 __all__ = ["LOOP", "Cell", "find_cell"]
 
@@ -65,7 +66,7 @@ class Cell:
     ):
         self.fn, self.state_size, self.out, self.initial, self.name = fn, state_size, out, initial, name
         self.closed_form, self.trial_bytes = closed_form, trial_bytes
-        self._traces: dict[tuple, StepTrace | None] = {}
+        self._traces: dict[tuple, Any] = {}  # step traces and direct-term traces, per shape
 
     def __call__(self, params, s, u):
         return self.fn(params, s, u)
@@ -80,6 +81,29 @@ class Cell:
         if key not in self._traces:
             self._traces[key] = trace_step(self.fn, names, values, s, u)
         return self._traces[key]
+
+    def direct_trace(
+        self,
+        names: Sequence[str],
+        values: Sequence[torch.Tensor],
+        moving: Sequence[str],
+        s: torch.Tensor,
+        u: torch.Tensor,
+    ) -> DirectTrace | None:
+        """The direct term over the rows ``s, u`` traced (once per shape, dtype, device and set
+        of differentiated parameters, :func:`~lanczos_ntk.operators._traced_step.trace_direct`)
+        with its residuals at these values; None when it cannot be.
+        """
+        key = ("direct", tuple(names), tuple(moving), tuple(s.shape), tuple(u.shape), s.dtype, u.dtype)
+        if key not in self._traces:
+            self._traces[key] = trace_direct(self.fn, names, values, moving, s, u)
+        form = self._traces[key]
+        if form is None:
+            return None
+        try:
+            return DirectTrace(form, (*values, s, u))
+        except Exception:  # the values do not replay: the recorded graph instead
+            return None
 
     def states(self, params, u, h0) -> torch.Tensor:
         """Iterate the cell: all states ``[b, T, S]`` after each step (no autograd)."""

@@ -25,13 +25,21 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-__all__ = ["StepTrace", "accumulating", "same_to_rounding", "trace_step"]
+__all__ = [
+    "DirectForm",
+    "DirectTrace",
+    "StepTrace",
+    "accumulating",
+    "same_to_rounding",
+    "trace_direct",
+    "trace_step",
+]
 
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
@@ -44,6 +52,21 @@ def _any_strides(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _VIEWS:
             node.target = torch.ops.aten.reshape.default
+    # a matrix transposed twice is the matrix (``permute(x, [1, 0])`` of a matrix is ``x.t()``):
+    # the products' matrix multiplications then read the terms they are summed with directly
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.permute.default and list(node.args[1]) == [1, 0]:
+            node.target, node.args = torch.ops.aten.t.default, (node.args[0],)
+        inner = node.args[0] if node.args else None
+        if (
+            node.target is torch.ops.aten.t.default
+            and isinstance(inner, fx.Node)
+            and inner.op == "call_function"
+            and inner.target is torch.ops.aten.t.default
+        ):
+            node.replace_all_uses_with(inner.args[0])
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -121,11 +144,13 @@ def _terms(node: Any, memo: dict) -> dict | None:
     return out
 
 
-def accumulating(gm: fx.GraphModule) -> fx.GraphModule:
-    """From the linear part ``L(r..., v)``: ``(r..., v, acc, out) -> out = acc + L(r..., v)``,
-    with the sums, differences and multiples by numbers folded into as few operations as
-    possible (``0.9 v + 0.1 (d @ W) + acc`` becomes one ``addmm`` and one ``add``, the last
-    writing into ``out``), instead of one pass over the state per operation.
+def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
+    """From the linear part ``L(r..., v)``: ``(r..., v, acc, out) -> out = acc + L(r..., v)``
+    (``acc=False``: ``(r..., v, out) -> out = L(r..., v)``, ``out`` not an input), with the
+    sums, differences and multiples by numbers folded into as few operations as possible
+    (``0.9 v + 0.1 (d @ W) + acc`` becomes one ``addmm`` and one ``add``, the last writing into
+    ``out``; matrix products summed with others become ``addmm`` s), instead of one pass over
+    the state per operation.
     """
     nodes = list(gm.graph.nodes)
     output = next(n for n in nodes if n.op == "output")
@@ -135,7 +160,9 @@ def accumulating(gm: fx.GraphModule) -> fx.GraphModule:
         _terms(node, memo)
     new = fx.Graph()
     env: dict = {n: new.placeholder(n.name) for n in nodes if n.op == "placeholder"}
-    env["acc"], out = new.placeholder("acc"), new.placeholder("out")
+    if acc:
+        env["acc"] = new.placeholder("acc")
+    out = new.placeholder("out")
     # how often each atom is read, by other atoms and by combinations (an mm read once is
     # folded into the combination that reads it)
     reads: dict = {}
@@ -158,48 +185,64 @@ def accumulating(gm: fx.GraphModule) -> fx.GraphModule:
         if not terms:
             raise ValueError("a combination that cancels")
         last: dict[str, Any] = {} if into is None else {"out": into}
+        # without acc (which ``out`` may alias) every operation can write into ``out``
+        every = into is not None and all(a != "acc" for a, _ in terms)
+
+        def out_if(final: bool) -> dict[str, Any]:
+            return last if final or every else {}
+
         node = None
-        mm = next(
-            (t for t in terms if t[0] != "acc" and t[0].target is _aten.mm.default and reads.get(t[0]) == 1),
-            None,
-        )
+        mms = [t for t in terms if t[0] != "acc" and t[0].target is _aten.mm.default and reads.get(t[0]) == 1]
+        mm = mms[0] if mms else None
         base = None
         if mm is not None:
-            base = next((t for t in terms if t is not mm and shape_of(t[0]) == _shape(mm[0])), None)
+            fits = [t for t in terms if t is not mm and shape_of(t[0]) == _shape(mm[0])]
+            base = next((t for t in fits if t not in mms), fits[0] if fits else None)  # not an mm
         if mm is not None and base is not None:
             terms = [t for t in terms if t is not mm and t is not base]
             m1, m2 = (get(x) for x in mm[0].args)
-            kw: dict[str, Any] = {"beta": base[1], "alpha": mm[1], **({} if terms else last)}
+            kw: dict[str, Any] = {"beta": base[1], "alpha": mm[1], **out_if(not terms)}
             node = new.call_function(torch.addmm, (get(base[0]), m1, m2), kw)
+            # the other matrix products of the sum, each one more addmm onto it
+            more = [t for t in terms if t in mms]
+            terms = [t for t in terms if t not in mms]
+            for i, (a, c) in enumerate(more):
+                kw = {"alpha": c, **out_if(not terms and i == len(more) - 1)}
+                node = new.call_function(torch.addmm, (node, *(get(x) for x in a.args)), kw)
         else:
             lead = next((t for t in terms if t[1] == 1.0), terms[0])
             terms = [t for t in terms if t is not lead]
             node = get(lead[0])
             if lead[1] != 1.0 or (not terms and into is not None):
-                node = new.call_function(torch.mul, (node, lead[1]), {} if terms else last)
+                node = new.call_function(torch.mul, (node, lead[1]), out_if(not terms))
         for i, (a, c) in enumerate(terms):
-            kw = {"alpha": c, **(last if i == len(terms) - 1 else {})}
+            kw = {"alpha": c, **out_if(i == len(terms) - 1)}
             node = new.call_function(torch.add, (node, get(a)), kw)
         return node
 
-    new.output(combine([*(memo[result] or {result: 1.0}).items(), ("acc", 1.0)], out))
+    terms = list((memo[result] or {result: 1.0}).items())
+    new.output(combine([*terms, ("acc", 1.0)] if acc else terms, out))
     return fx.GraphModule(gm, new)
 
 
 class _Split:
-    """One traced linear map ``a ↦ L(params, s, u) a``: its residual and linear parts."""
+    """One traced linear map ``a ↦ L(params, s, u) a``: its residual and linear parts
+    (``vectors_in``: how many of the last inputs make up ``a``; the map may have several outputs).
+    """
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, vectors_in: int = 1):
         graph = _any_strides(gm).graph
         inputs = [n for n in graph.nodes if n.op == "placeholder"]
-        vector = inputs[-1]
+        vectors = inputs[len(inputs) - vectors_in :]
         output = next(n for n in graph.nodes if n.op == "output")
         flat_out = output.args[0]
-        (result,) = flat_out if isinstance(flat_out, (list, tuple)) else (flat_out,)
-        linear = {vector}
+        results = list(flat_out) if isinstance(flat_out, (list, tuple)) else [flat_out]
+        linear = set(vectors)
         for node in graph.nodes:
             if node.op != "output" and any(a in linear for a in node.all_input_nodes):
                 linear.add(node)
+        if any(not isinstance(r, fx.Node) or r not in linear for r in results):
+            raise ValueError("an output that does not depend on the vector")
         needed = [
             n
             for n in graph.nodes
@@ -215,13 +258,15 @@ class _Split:
 
         linear_graph = fx.Graph()
         lenv = {n: linear_graph.placeholder(f"r{i}") for i, n in enumerate(needed)}
-        lenv[vector] = linear_graph.placeholder("vector")
+        for i, v in enumerate(vectors):
+            lenv[v] = linear_graph.placeholder("vector" if vectors_in == 1 else f"vector{i}")
         for old, placeholder in lenv.items():
             placeholder.meta = dict(old.meta)  # shapes and dtypes, read by :func:`accumulating`
         for node in graph.nodes:
-            if node in linear and node is not vector:
+            if node in linear and node not in vectors:
                 lenv[node] = linear_graph.node_copy(node, lambda n: lenv[n])
-        linear_graph.output(lenv[result])
+        single = not isinstance(flat_out, (list, tuple))
+        linear_graph.output(lenv[results[0]] if single else tuple(lenv[r] for r in results))
 
         if _writes_into_inputs(residual_graph) or _writes_into_inputs(linear_graph):
             raise ValueError("a traced step writes into its inputs")
@@ -229,12 +274,15 @@ class _Split:
         self.residuals: Callable[..., tuple] = fx.GraphModule(gm, residual_graph).forward
         linear_gm = fx.GraphModule(gm, linear_graph)
         self.apply: Callable[..., torch.Tensor] = linear_gm.forward
+        self.owner, self.linear_graph = gm, linear_graph  # for other forms of the same map
         self.blocks: dict[int, Callable[..., torch.Tensor] | None] = {}
         # ``out = acc + L v`` with the linear combinations folded (checked by trace_step)
-        try:
-            self.into: Callable[..., torch.Tensor] = accumulating(linear_gm).forward
-        except Exception:  # something the folding does not know: the plain sum
-            self.into = self.plain_into
+        self.into: Callable[..., torch.Tensor] = self.plain_into
+        if single and vectors_in == 1:
+            try:
+                self.into = accumulating(linear_gm).forward
+            except Exception:  # something the folding does not know: the plain sum
+                pass
 
     def plain_into(self, *args: torch.Tensor) -> torch.Tensor:
         """``out = acc + L v`` for ``(residuals..., v, acc, out)``, unfolded."""
@@ -398,3 +446,103 @@ def trace_step(
         if not ok:
             split.into = split.plain_into
     return trace
+
+
+class DirectForm(NamedTuple):
+    """The traced direct term of a cell at one shape: ``Cᵀ λ`` and ``C x`` as split graphs, and
+    ``C x`` with its sums folded, written into a buffer (None: the plain graph, then a copy).
+    """
+
+    vjp: _Split
+    jvp: _Split
+    jvp_into: Callable[..., torch.Tensor] | None
+
+
+class DirectTrace:
+    """The direct term of a cell over all ``b·T`` rows at once (``C x`` and ``Cᵀ λ``, with
+    ``C = ∂F/∂θ`` at the stored states), as traced linear parts with their residuals evaluated
+    once: the straight-line counterpart of recording the cell's autograd graph over all rows and
+    taking ``C x`` as the VJP of its VJP. Single vectors; blocks keep the graph.
+    """
+
+    def __init__(self, form: DirectForm, args: tuple):
+        self._form = form
+        self._res = (form.vjp.residuals(*args), form.jvp.residuals(*args))
+
+    def vjp(self, lam: torch.Tensor) -> tuple:
+        """``Cᵀ λ`` for ``λ [b·T, S]``: one tensor per differentiated parameter."""
+        out = self._form.vjp.apply(*self._res[0], lam)
+        return out if isinstance(out, tuple) else (out,)
+
+    def jvp(self, tangents: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """``C x`` for the tangents of the differentiated parameters: ``[b·T, S]``, written
+        into ``out`` when given.
+        """
+        into = self._form.jvp_into
+        if out is not None and into is not None:
+            return into(*self._res[1], *tangents, out)
+        got = self._form.jvp.apply(*self._res[1], *tangents)
+        return got if out is None else out.copy_(got)
+
+
+def trace_direct(
+    cell: Callable,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    moving: Sequence[str],
+    s: torch.Tensor,
+    u: torch.Tensor,
+) -> DirectForm | None:
+    """Trace the direct term of ``cell(params_by_name, s, u)`` in the parameters ``moving`` at
+    the shapes of the rows ``s, u`` (all trials and steps), and check it against autograd at
+    these values; None when it cannot be traced or disagrees. Make a :class:`DirectTrace` of
+    the result for the values of a trajectory.
+    """
+    count, m = len(params), len(moving)
+
+    def vjp(*flat: torch.Tensor) -> tuple:
+        p = dict(zip(names, flat[:count]))
+        x, v = flat[count], flat[count + 1]
+
+        def f(*theta: torch.Tensor) -> torch.Tensor:
+            return cell({**p, **dict(zip(moving, theta))}, x, v)
+
+        return torch.func.vjp(f, *(p[n] for n in moving))[1](flat[-1])
+
+    def jvp(*flat: torch.Tensor) -> torch.Tensor:  # the VJP of the VJP in the cotangent
+        head, tangents = flat[: count + 2], flat[count + 2 :]
+        zero = torch.zeros_like(flat[count])
+        return torch.func.vjp(lambda a: vjp(*head, a), zero)[1](tuple(tangents))[0]
+
+    by_name = dict(zip(names, params))
+    gen = torch.Generator(device=s.device).manual_seed(0)
+    lam = torch.randn(s.shape, generator=gen, dtype=s.dtype, device=s.device)
+    tangents = [torch.randn(by_name[n].shape, generator=gen, dtype=s.dtype, device=s.device) for n in moving]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            v = _Split(make_fx(vjp, tracing_mode="fake", _allow_non_fake_inputs=True)(*params, s, u, lam))
+            j = _Split(
+                make_fx(jvp, tracing_mode="fake", _allow_non_fake_inputs=True)(*params, s, u, *tangents),
+                vectors_in=m,
+            )
+        try:
+            into = accumulating(fx.GraphModule(j.owner, j.linear_graph), acc=False).forward
+        except Exception:  # something the folding does not know: the plain graph
+            into = None
+        traced = DirectTrace(DirectForm(v, j, into), (*params, s, u))
+        got_vjp, got_jvp = traced.vjp(lam), traced.jvp(tangents)
+        with torch.enable_grad():  # autograd's products at the same point
+            theta = [by_name[n].detach().requires_grad_(True) for n in moving]
+            y = cell({**by_name, **dict(zip(moving, theta))}, s, u)
+            w = torch.zeros_like(y, requires_grad=True)
+            back = torch.autograd.grad(y, theta, w, create_graph=True)
+            (want_jvp,) = torch.autograd.grad(back, w, tangents, retain_graph=True)
+            want_vjp = torch.autograd.grad(y, theta, lam)
+        scale = torch.tensor(max(float(t.abs().max()) for t in tangents))
+        if into is not None and not _close(traced.jvp(tangents, torch.empty_like(got_jvp)), got_jvp, scale):
+            into = None
+    except Exception:  # the recorded graph stays
+        return None
+    ok = _close(got_jvp, want_jvp, scale) and all(_close(g, w_, lam) for g, w_ in zip(got_vjp, want_vjp))
+    return DirectForm(v, j, into) if ok else None

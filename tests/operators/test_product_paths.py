@@ -242,6 +242,63 @@ def test_accumulating_on_hand_made_linear_maps():
         accumulating(make_fx(lambda r, W, v: ((v + v) - 2.0 * v) @ W + v)(r, W, v))
 
 
+def test_two_matrix_products_and_a_bias_fold_into_two_addmms_without_acc():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lanczos_ntk.operators._traced_step import accumulating
+
+    def direct(a, x, W, U, b):  # the direct term of an Euler step: its tangents W, U, b
+        return 0.1 * (a @ W.t() + x @ U.t() + b.reshape(1, -1).expand(a.shape[0], -1))
+
+    g = gen(5)
+    a, x = torch.randn(6, 3, generator=g, dtype=F64), torch.randn(6, 2, generator=g, dtype=F64)
+    W, U, b = torch.randn(3, 3, dtype=F64), torch.randn(3, 2, dtype=F64), torch.randn(3, dtype=F64)
+    folded = accumulating(make_fx(direct)(a, x, W, U, b), acc=False)
+    out = torch.full((6, 3), float("nan"), dtype=F64)
+    got = folded(a, x, W, U, b, out)
+    torch.testing.assert_close(got, direct(a, x, W, U, b))
+    torch.testing.assert_close(out, direct(a, x, W, U, b))
+    ops = [n.target for n in folded.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.addmm) == 2 and torch.add not in ops and torch.mul not in ops
+
+
+@pytest.mark.parametrize("params", [None, ["W"], ["B", "W"]])
+def test_the_direct_term_of_a_cell_is_traced(params):
+    """Single vectors take the direct term ``C x`` / ``Cᵀ λ`` over all rows from its traced
+    form (``C x`` folded into a buffer), for all parameters or some; against the dense truth."""
+    model, u = EulerStep(), inputs(B=3, T=4)
+    K = lnk.StateNTK(model, u, params=params)
+    lin = _linearization(K)
+    check_products(K, dense_jacobian(model, u, params=params), full=False)
+    assert lin.traced_direct() is not None
+    form = next(v for key, v in lin.cell._traces.items() if key[0] == "direct")
+    assert form.jvp_into is not None
+
+
+def test_the_direct_term_keeps_its_graph_when_not_traced(monkeypatch):
+    from lanczos_ntk.operators import _cells
+
+    monkeypatch.setattr(_cells, "trace_direct", lambda *args: None)
+    model, u = StepModule(), inputs(B=3)
+    K = lnk.StateNTK(model, u)
+    check_products(K, dense_jacobian(model, u), full=False)
+    assert _linearization(K).traced_direct() is None
+
+
+def test_a_traced_direct_term_that_disagrees_is_refused(monkeypatch):
+    from lanczos_ntk.operators import _traced_step
+
+    real = _traced_step.DirectTrace.vjp
+    monkeypatch.setattr(
+        _traced_step.DirectTrace, "vjp", lambda self, lam: tuple(1.001 * g for g in real(self, lam))
+    )
+    model, u = StepModule(), inputs(B=3)
+    K = lnk.StateNTK(model, u)
+    assert _linearization(K).traced_direct() is None
+    monkeypatch.setattr(_traced_step.DirectTrace, "vjp", real)
+    check_products(K, dense_jacobian(model, u), full=False)
+
+
 def test_a_folded_form_that_disagrees_is_replaced_by_the_plain_sum(monkeypatch):
     from lanczos_ntk.operators import _traced_step
 
