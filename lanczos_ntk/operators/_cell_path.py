@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from ._dual_graph import DualGraph
+from ._scratch import Scratch, fresh
 from ._traced_step import DirectTrace, StepTrace
 
 __all__ = ["CellLinearization"]
@@ -43,6 +44,8 @@ class CellLinearization:
     params : all parameters and buffers by name (snapshot values)
     u : inputs ``[b, T, d]``; h0 : the model's initial state or None
     """
+
+    scratch: Scratch | None = None  # work buffers lent by the engine
 
     def __init__(self, cell, spec, params, u, h0):
         # the graphs are recorded by the first product, so that a linearisation used to size a
@@ -135,14 +138,16 @@ class CellLinearization:
         return self._traced
 
     # -- products ---------------------------------------------------------------------------
-    def jvp(self, X: torch.Tensor) -> torch.Tensor:
-        """``[k, P] -> [k, b, T, c]`` (a view of a time-major buffer)."""
+    def jvp(self, X: torch.Tensor, reuse_out: bool = False) -> torch.Tensor:
+        """``[k, P] -> [k, b, T, c]`` (a view of a time-major buffer; with ``reuse_out``, of a
+        scratch buffer that the next product overwrites).
+        """
         b, T, S = self.shape
         k = X.shape[0]
         tang = self.spec.unflatten(X)
         fast = self.traced_direct() if k == 1 else None
         if fast is not None:
-            C = X.new_empty(k, T, b, S)
+            C = fresh("cell.jvp", (k, T, b, S), X, self.scratch if reuse_out else None)
             fast.jvp([tang[n][0] for n in self.theta], out=C.view(T * b, S))
         else:
             C = self.direct().jvp(tang).reshape(k, T, b, S)
@@ -178,7 +183,7 @@ class CellLinearization:
                 full = V.new_zeros(*W.shape[:-1], S)
                 full[..., out] = W
                 W = full
-            lams = torch.empty(W.shape, dtype=W.dtype, device=W.device)
+            lams = fresh("cell.vjp", tuple(W.shape), W, self.scratch)
             ls, vs = lams.unbind(-3), W.unbind(-3)
             ls[T - 1].copy_(vs[T - 1])
             for t in range(T - 1, 0, -1):

@@ -30,7 +30,15 @@ from ._functional import _TORCH_RNNS
 from ._loop_cell import loop_cell_fn
 from ._rnn_path import TorchRNNLinearization, rnn_kind
 from ._rnn_path import trial_bytes as rnn_trial_bytes
-from ._traced_step import DirectTrace, StepTrace, same_to_rounding, trace_direct, trace_step
+from ._traced_step import (
+    DirectTrace,
+    StepTrace,
+    check_direct,
+    check_step,
+    same_to_rounding,
+    trace_direct,
+    trace_step,
+)
 
 __all__ = ["LOOP", "Cell", "find_cell"]
 
@@ -66,7 +74,15 @@ class Cell:
     ):
         self.fn, self.state_size, self.out, self.initial, self.name = fn, state_size, out, initial, name
         self.closed_form, self.trial_bytes = closed_form, trial_bytes
-        self._traces: dict[tuple, Any] = {}  # step traces and direct-term traces, per shape
+        # step traces and direct-term traces, per shape; shared by the cells of one module
+        # (share_traces), each checked by every cell that uses it before its first use there
+        self._traces: dict[tuple, Any] = {}
+        self._checked: set[tuple] = set()
+
+    def share_traces(self, traces: dict) -> Cell:
+        """Use (and add to) ``traces``, the traces of the module's earlier cells."""
+        self._traces = traces
+        return self
 
     def __call__(self, params, s, u):
         return self.fn(params, s, u)
@@ -78,8 +94,11 @@ class Cell:
         (:func:`~lanczos_ntk.operators._traced_step.trace_step`); None when it cannot be.
         """
         key = (tuple(names), tuple(s.shape), tuple(u.shape), s.dtype, u.dtype, s.device)
-        if key not in self._traces:
-            self._traces[key] = trace_step(self.fn, names, values, s, u)
+        if key not in self._checked:  # traced here, or by an earlier cell: checked here
+            known = self._traces.get(key)
+            if known is None or not check_step(known, self.fn, names, values, s, u):
+                self._traces[key] = trace_step(self.fn, names, values, s, u)
+            self._checked.add(key)
         return self._traces[key]
 
     def direct_trace(
@@ -94,9 +113,12 @@ class Cell:
         of differentiated parameters, :func:`~lanczos_ntk.operators._traced_step.trace_direct`)
         with its residuals at these values; None when it cannot be.
         """
-        key = ("direct", tuple(names), tuple(moving), tuple(s.shape), tuple(u.shape), s.dtype, u.dtype)
-        if key not in self._traces:
-            self._traces[key] = trace_direct(self.fn, names, values, moving, s, u)
+        key = ("direct", tuple(names), tuple(moving), tuple(s.shape), tuple(u.shape), s.dtype, s.device)
+        if key not in self._checked:
+            known = self._traces.get(key)
+            known = None if known is None else check_direct(known, self.fn, names, values, moving, s, u)
+            self._traces[key] = known or trace_direct(self.fn, names, values, moving, s, u)
+            self._checked.add(key)
         form = self._traces[key]
         if form is None:
             return None
@@ -131,7 +153,8 @@ def _step_cell(model, width: int) -> Cell:
     def fn(params, s, u):
         return functional_call(view, {"m." + k: v for k, v in params.items()}, (s, u))
 
-    return _iterated_cell(model, width, fn, "step")
+    # the traces (code, not values) serve the module's later operators, each checked again
+    return _iterated_cell(model, width, fn, "step").share_traces(_STEP_TRACES.setdefault(model, {}))
 
 
 def _loop_cell(model, width: int, fn: Callable, size: int, out: slice) -> Cell:
@@ -236,6 +259,7 @@ def _torch_rnn_cell(model) -> Cell | None:
 #: 0.1 s), and operators on the same module (a training loop) would read it again. A cached cell
 #: is used only after it reproduces the module's forward and derivatives, like a new one.
 _LOOP_CELLS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Cell]] = weakref.WeakKeyDictionary()
+_STEP_TRACES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Any]] = weakref.WeakKeyDictionary()
 
 
 def find_cell(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..models import CTRNN, DiscreteRNN
+from ._scratch import Scratch, fresh
 
 __all__ = ["WeightActivityJacobian", "closed_form"]
 
@@ -26,6 +27,8 @@ class _Linearization:
     recurrences reads and writes contiguous ``[b, k, n]`` slices in place: per step one matrix
     product and two fused elementwise operations, nothing stacked or concatenated.
     """
+
+    scratch: Scratch | None = None  # work buffers lent by the engine
 
     def __init__(self, owner, params, u, h0):
         self.owner, self.spec = owner, owner.spec
@@ -77,8 +80,10 @@ class _Linearization:
         """The scalar ``∂ψ/∂z`` folded into the weights (1 when it varies per state)."""
         return self.d if isinstance(self.d, float) else 1.0
 
-    def jvp(self, X: torch.Tensor) -> torch.Tensor:
-        """``[k, P] -> [k, b, T, n]`` (a view of a time-major buffer)."""
+    def jvp(self, X: torch.Tensor, reuse_out: bool = False) -> torch.Tensor:
+        """``[k, P] -> [k, b, T, n]`` (a view of a time-major buffer; with ``reuse_out``, of a
+        scratch buffer that the next product overwrites).
+        """
         tang = self.spec.unflatten(X)
         r = self.owner.roles
         k = X.shape[0]
@@ -93,12 +98,14 @@ class _Linearization:
                 if t is None
                 else t.reshape(k, n, width).permute(2, 0, 1).reshape(width, k * n)
             )
-        Y = (self.src.reshape(T * B, cols) @ (torch.cat(rows) * self._scale())).view(T, B, k, n)
+        Y = fresh("closed.jvp", (T * B, k * n), X, self.scratch if reuse_out else None)
+        torch.mm(self.src.reshape(T * B, cols), torch.cat(rows) * self._scale(), out=Y)
+        Y = Y.view(T, B, k, n)
         d = self.d if isinstance(self.d, torch.Tensor) else None
         WT = (self.W * self._scale()).T
         da = None if self.da is None else self.da.unsqueeze(2)  # [T, b, 1, n]
         d4 = None if d is None else d.unsqueeze(2)
-        tmp = X.new_empty(B, k, n) if da is not None else None
+        tmp = fresh("closed.tmp", (B, k, n), X, self.scratch) if da is not None else None
         for t in range(T):
             y = Y[t]
             if t > 0:
@@ -116,7 +123,7 @@ class _Linearization:
         k, B, T, n = V.shape
         Vt = V.permute(2, 1, 0, 3)  # [T, b, k, n] (contiguous when V came from jvp)
         # L[t]: the cotangent on h_{t+1}, then (a state-dependent ∂ψ/∂z) on z_t
-        L = torch.empty(T, B, k, n, dtype=V.dtype, device=V.device)
+        L = fresh("closed.vjp", (T, B, k, n), V, self.scratch)
         L[T - 1].copy_(Vt[T - 1])
         d = self.d if isinstance(self.d, torch.Tensor) else None
         Wd = self.W * self._scale()

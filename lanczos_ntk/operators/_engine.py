@@ -25,6 +25,7 @@ from ._closed_form import WeightActivityJacobian, closed_form
 from ._dual_graph import DualGraph
 from ._functional import ModelFunction, ParamSpec, resolve_params
 from ._loop_cell import restoring_attributes
+from ._scratch import Scratch
 
 __all__ = [
     "CPU_WORKING_SET",
@@ -177,6 +178,7 @@ class JacobianEngine:
             slice(s, min(s + self.chunk_size, self.batch)) for s in range(0, self.batch, self.chunk_size)
         ]
         self._lin: dict[int, object] = {}
+        self._scratch = Scratch()  # work buffers lent to the product paths
         self.total_M = self.M
         if self.group is not None:  # the rows of every rank (a collective: all ranks build)
             total = torch.tensor([self.M], dtype=torch.int64)
@@ -463,6 +465,8 @@ class JacobianEngine:
             lin = DualGraph(lambda q: self.call(q, u, h0), self.params)
             if self.jvp_mode == "linearize":  # J x by a traced JVP of the whole forward
                 lin.linearized = self._trace(u, h0)
+        if hasattr(lin, "scratch"):
+            lin.scratch = self._scratch  # work buffers shared by the chunks, product to product
         if self.cache:
             self._lin[i] = lin
         return lin
@@ -517,7 +521,8 @@ class JacobianEngine:
                 groups = self._row_groups(X.shape[0], sl.stop - sl.start)
                 if len(groups) > 1:
                     return torch.cat([lin.rows(g).jvp(X) for g in groups], dim=1)
-            return lin.jvp(X)
+            # the result is used (and copied) before the next product: a scratch buffer
+            return lin.jvp(X, reuse_out=True)
         tangents = self.spec.unflatten(X)
         if self.jvp_mode == "forward":
             u, h0 = self.chunk_inputs(self.chunks[i])

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ._dual_graph import DualGraph
+from ._scratch import Scratch, fresh
 
 __all__ = ["TorchRNNLinearization", "rnn_kind", "trial_bytes"]
 
@@ -78,6 +79,8 @@ class TorchRNNLinearization:
     params : all parameters by name; u : inputs ``[b, T, d]``
     s0 : the flat initial state ``[b, S]`` (hidden states of every layer, then cell states)
     """
+
+    scratch: Scratch | None = None  # work buffers lent by the engine
 
     def __init__(self, kind: str, layers: int, hidden: int, spec, params, u, s0, module_states=None):
         self.kind, self.L, self.H, self.spec = kind, layers, hidden, spec
@@ -206,20 +209,30 @@ class TorchRNNLinearization:
             parts.append(layer)
         return parts
 
-    def jvp(self, X: torch.Tensor) -> torch.Tensor:
-        """``[k, P] -> [k, b, T, H]``."""
+    def jvp(self, X: torch.Tensor, reuse_out: bool = False) -> torch.Tensor:
+        """``[k, P] -> [k, b, T, H]`` (with ``reuse_out``, a view of a scratch buffer that the
+        next product overwrites).
+        """
         k = X.shape[0]
         b, T = self.shape
         H, L, kind = self.H, self.L, self.kind
         gH = _GATES[kind] * H
         rows_of = self._param_rows(self.spec.unflatten(X), k)
         span = self._span(k, X.element_size())
-        into = [[X.new_empty(span, b, k, gH) for _ in self._groups(l)] for l in range(L)]
+        into = [
+            [
+                fresh(f"rnn.parts{l}.{g}", (span, b, k, gH), X, self.scratch)
+                for g in range(len(self._groups(l)))
+            ]
+            for l in range(L)
+        ]
         zero = X.new_zeros(1, 1, gH).expand(b, k, gH)  # no parameter of a layer moves
         rows = b * k
         dh: list[torch.Tensor | None] = [None] * L  # [b·k, H]; None while zero (fixed start)
         dc: list[torch.Tensor | None] = [None] * L
-        ys = X.new_empty(T, b, k, H)  # the top layer writes its state tangents here
+        ys = fresh(
+            "rnn.jvp", (T, b, k, H), X, self.scratch if reuse_out else None
+        )  # the top layer's tangents
         parts: list = []
         for t in range(T):
             if t % span == 0:
@@ -275,8 +288,10 @@ class TorchRNNLinearization:
         span = self._span(k, V.element_size())
         # the gate cotangents of a block of steps: input part, and recurrent part (the GRU's;
         # the other kinds' are the same), reused block after block
-        mu_a = [V.new_empty(span, b, k, gates * H) for _ in range(L)]
-        mu_g = mu_a if kind != "gru" else [V.new_empty(span, b, k, gates * H) for _ in range(L)]
+        mu_a = [fresh(f"rnn.mu_a{l}", (span, b, k, gates * H), V, self.scratch) for l in range(L)]
+        mu_g = mu_a
+        if kind == "gru":
+            mu_g = [fresh(f"rnn.mu_g{l}", (span, b, k, gates * H), V, self.scratch) for l in range(L)]
         names = set(self.spec.names)
         sums: dict[tuple[int, int], torch.Tensor] = {}  # (layer, group) -> [k·gH, cols]
         rows = b * k

@@ -36,6 +36,8 @@ __all__ = [
     "DirectTrace",
     "StepTrace",
     "accumulating",
+    "check_direct",
+    "check_step",
     "same_to_rounding",
     "trace_direct",
     "trace_step",
@@ -389,14 +391,10 @@ class StepTrace:
         return (lambda res, L: v(*res[0], L)), (lambda res, D: j(*res[1], D))
 
 
-def trace_step(
-    cell: Callable, names: Sequence[str], params: Sequence[torch.Tensor], s: torch.Tensor, u: torch.Tensor
-) -> StepTrace | None:
-    """Trace ``cell(params_by_name, s, u)``'s state Jacobian products at ``s``'s shape, and
-    check them against autograd at ``(s, u)``; None when the cell cannot be traced or the
-    traced products disagree.
+def _step_products(cell: Callable, names: Sequence[str], count: int):
+    """``(at, vjp, jvp)``: the cell at ``(params..., s, u)`` as a function of the state, and its
+    VJP and VJP-of-VJP in the state as functions of ``(params..., s, u, vector)``.
     """
-    count = len(params)
 
     def at(flat: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         p = dict(zip(names, flat[:count]))
@@ -409,6 +407,17 @@ def trace_step(
         zero = torch.zeros_like(flat[count])
         return torch.func.vjp(lambda a: vjp(*flat[:-1], a), zero)[1](flat[-1])[0]
 
+    return at, vjp, jvp
+
+
+def trace_step(
+    cell: Callable, names: Sequence[str], params: Sequence[torch.Tensor], s: torch.Tensor, u: torch.Tensor
+) -> StepTrace | None:
+    """Trace ``cell(params_by_name, s, u)``'s state Jacobian products at ``s``'s shape, and
+    check them against autograd at ``(s, u)`` (:func:`check_step`); None when the cell cannot
+    be traced or the traced products disagree.
+    """
+    _, vjp, jvp = _step_products(cell, names, len(params))
     example = (*params, s, u, torch.zeros_like(s))
     try:
         with warnings.catch_warnings():
@@ -418,24 +427,39 @@ def trace_step(
                 _Split(make_fx(jvp, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)),
                 s,
             )
-        gen = torch.Generator(device=s.device).manual_seed(0)
-        vec = torch.randn(s.shape, generator=gen, dtype=s.dtype, device=s.device)
+    except Exception:  # any failure to trace: the autograd graphs stay
+        return None
+    return trace if check_step(trace, cell, names, params, s, u) else None
+
+
+def check_step(
+    trace: StepTrace,
+    cell: Callable,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    s: torch.Tensor,
+    u: torch.Tensor,
+) -> bool:
+    """Whether ``trace``'s products agree with autograd's on ``cell`` at ``(s, u)``; the folded
+    accumulating forms that do not agree with the plain ones are replaced by them.
+    """
+    at, _, _ = _step_products(cell, names, len(params))
+    gen = torch.Generator(device=s.device).manual_seed(0)
+    vec = torch.randn(s.shape, generator=gen, dtype=s.dtype, device=s.device)
+    try:
         res = trace.residuals(params, s, u)
         got = (trace.vjp(res, vec), trace.jvp(res, vec))
-    except Exception:  # any failure to trace or to replay: the autograd graphs stay
-        return None
-    try:  # autograd's products at the same point: Aᵀ vec, and A vec as the VJP of the VJP
-        with torch.enable_grad():
+        with torch.enable_grad():  # autograd's products: Aᵀ vec, and A vec as the VJP of the VJP
             x = s.detach().requires_grad_(True)
-            y = at(example)(x)
+            y = at((*params, s, u))(x)
             w = torch.zeros_like(y, requires_grad=True)
             (back,) = torch.autograd.grad(y, x, w, create_graph=True)
             (want_jvp,) = torch.autograd.grad(back, w, vec, retain_graph=True)
             (want_vjp,) = torch.autograd.grad(y, x, vec)
-    except RuntimeError:
-        return None
+    except Exception:  # a trace that does not replay here, or a cell autograd cannot take
+        return False
     if not (_close(got[0], want_vjp, vec) and _close(got[1], want_jvp, vec)):
-        return None
+        return False
     acc = torch.randn(s.shape, generator=gen, dtype=s.dtype, device=s.device)
     for split, res_i, plain in ((trace._vjp, res[0], got[0]), (trace._jvp, res[1], got[1])):
         try:  # the folded accumulating form, else the plain sum
@@ -445,7 +469,7 @@ def trace_step(
             ok = False
         if not ok:
             split.into = split.plain_into
-    return trace
+    return True
 
 
 class DirectForm(NamedTuple):
@@ -485,20 +509,8 @@ class DirectTrace:
         return got if out is None else out.copy_(got)
 
 
-def trace_direct(
-    cell: Callable,
-    names: Sequence[str],
-    params: Sequence[torch.Tensor],
-    moving: Sequence[str],
-    s: torch.Tensor,
-    u: torch.Tensor,
-) -> DirectForm | None:
-    """Trace the direct term of ``cell(params_by_name, s, u)`` in the parameters ``moving`` at
-    the shapes of the rows ``s, u`` (all trials and steps), and check it against autograd at
-    these values; None when it cannot be traced or disagrees. Make a :class:`DirectTrace` of
-    the result for the values of a trajectory.
-    """
-    count, m = len(params), len(moving)
+def _direct_products(cell: Callable, names: Sequence[str], count: int, moving: Sequence[str]):
+    """``(vjp, jvp)`` of the direct term as functions of ``(params..., s, u, vectors...)``."""
 
     def vjp(*flat: torch.Tensor) -> tuple:
         p = dict(zip(names, flat[:count]))
@@ -514,23 +526,61 @@ def trace_direct(
         zero = torch.zeros_like(flat[count])
         return torch.func.vjp(lambda a: vjp(*head, a), zero)[1](tuple(tangents))[0]
 
+    return vjp, jvp
+
+
+def trace_direct(
+    cell: Callable,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    moving: Sequence[str],
+    s: torch.Tensor,
+    u: torch.Tensor,
+) -> DirectForm | None:
+    """Trace the direct term of ``cell(params_by_name, s, u)`` in the parameters ``moving`` at
+    the shapes of the rows ``s, u`` (all trials and steps), and check it against autograd at
+    these values (:func:`check_direct`); None when it cannot be traced or disagrees. Make a
+    :class:`DirectTrace` of the result for the values of a trajectory.
+    """
+    vjp, jvp = _direct_products(cell, names, len(params), moving)
     by_name = dict(zip(names, params))
-    gen = torch.Generator(device=s.device).manual_seed(0)
-    lam = torch.randn(s.shape, generator=gen, dtype=s.dtype, device=s.device)
-    tangents = [torch.randn(by_name[n].shape, generator=gen, dtype=s.dtype, device=s.device) for n in moving]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            lam = torch.zeros_like(s)
+            tangents = [torch.zeros_like(by_name[n]) for n in moving]
             v = _Split(make_fx(vjp, tracing_mode="fake", _allow_non_fake_inputs=True)(*params, s, u, lam))
             j = _Split(
                 make_fx(jvp, tracing_mode="fake", _allow_non_fake_inputs=True)(*params, s, u, *tangents),
-                vectors_in=m,
+                vectors_in=len(moving),
             )
         try:
             into = accumulating(fx.GraphModule(j.owner, j.linear_graph), acc=False).forward
         except Exception:  # something the folding does not know: the plain graph
             into = None
-        traced = DirectTrace(DirectForm(v, j, into), (*params, s, u))
+    except Exception:  # the recorded graph stays
+        return None
+    return check_direct(DirectForm(v, j, into), cell, names, params, moving, s, u)
+
+
+def check_direct(
+    form: DirectForm,
+    cell: Callable,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    moving: Sequence[str],
+    s: torch.Tensor,
+    u: torch.Tensor,
+) -> DirectForm | None:
+    """``form`` if its products agree with autograd's on ``cell`` over the rows ``s, u`` (its
+    folded ``C x`` dropped when that alone disagrees), else None.
+    """
+    by_name = dict(zip(names, params))
+    gen = torch.Generator(device=s.device).manual_seed(0)
+    lam = torch.randn(s.shape, generator=gen, dtype=s.dtype, device=s.device)
+    tangents = [torch.randn(by_name[n].shape, generator=gen, dtype=s.dtype, device=s.device) for n in moving]
+    try:
+        traced = DirectTrace(form._replace(jvp_into=None), (*params, s, u))
         got_vjp, got_jvp = traced.vjp(lam), traced.jvp(tangents)
         with torch.enable_grad():  # autograd's products at the same point
             theta = [by_name[n].detach().requires_grad_(True) for n in moving]
@@ -540,9 +590,17 @@ def trace_direct(
             (want_jvp,) = torch.autograd.grad(back, w, tangents, retain_graph=True)
             want_vjp = torch.autograd.grad(y, theta, lam)
         scale = torch.tensor(max(float(t.abs().max()) for t in tangents))
-        if into is not None and not _close(traced.jvp(tangents, torch.empty_like(got_jvp)), got_jvp, scale):
-            into = None
-    except Exception:  # the recorded graph stays
+        ok = _close(got_jvp, want_jvp, scale) and all(_close(g, w_, lam) for g, w_ in zip(got_vjp, want_vjp))
+    except Exception:  # a trace that does not replay here
         return None
-    ok = _close(got_jvp, want_jvp, scale) and all(_close(g, w_, lam) for g, w_ in zip(got_vjp, want_vjp))
-    return DirectForm(v, j, into) if ok else None
+    if not ok:
+        return None
+    if form.jvp_into is not None:
+        try:
+            folded = DirectTrace(form, (*params, s, u)).jvp(tangents, torch.empty_like(got_jvp))
+            same = _close(folded, got_jvp, scale)
+        except Exception:
+            same = False
+        if not same:
+            form = form._replace(jvp_into=None)
+    return form

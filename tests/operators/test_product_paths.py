@@ -946,3 +946,72 @@ def test_linearize_needs_forward_mode():
     K = lnk.StateNTK(model, u)  # auto: the VJP of a VJP
     assert K.plan.jvp == "double_vjp"
     check_products(K, dense_jacobian(model, u))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: models.CTRNN(3, 2, seed=0).double(),
+        StepModule,
+        lambda: seeded(nn.GRU, 2, 3, batch_first=True, dtype=F64),
+    ],
+)
+def test_results_do_not_share_the_work_buffers(model):
+    """The product paths reuse their work buffers from product to product: what a product
+    returned stays as it was after the next ones (in every form: J x, Jᵀ v, K, G)."""
+    model, u = model(), inputs(B=3, T=4)
+    K = lnk.StateNTK(model, u)
+    G = K.dual()
+    J = dense_jacobian(model, u)
+    x1, x2 = (torch.randn(J.shape[1], 1, generator=gen(s), dtype=F64) for s in (1, 2))
+    v1, v2 = (torch.randn(J.shape[0], 1, generator=gen(s), dtype=F64) for s in (3, 4))
+    kept = [K.jvp(x1), K.vjp(v1), K.matmul(v1), G.matmul(x1)]
+    for _ in range(2):
+        K.jvp(x2), K.vjp(v2), K.matmul(v2), G.matmul(x2)
+    want = [J @ x1, J.T @ v1, J @ (J.T @ v1), J.T @ (J @ x1)]
+    for got, ref in zip(kept, want):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert K.engine._scratch.nbytes > 0
+
+
+def test_later_operators_on_a_step_module_reuse_its_traces(monkeypatch):
+    """The traces of a module's step are code, not values: a second operator (new weights, new
+    inputs of the same shapes) checks and reuses them instead of tracing again; a step changed
+    in between fails the check and is traced anew; the traces do not keep the module alive."""
+    import gc
+    import types
+    import weakref
+
+    from lanczos_ntk.operators import _cells
+
+    traced = {"step": 0, "direct": 0}
+    for name, key in (("trace_step", "step"), ("trace_direct", "direct")):
+        real = getattr(_cells, name)
+
+        def counting(*args, real=real, key=key):
+            traced[key] += 1
+            return real(*args)
+
+        monkeypatch.setattr(_cells, name, counting)
+    model, u = EulerStep(), inputs(B=3, T=4)
+    check_products(lnk.StateNTK(model, u), dense_jacobian(model, u), full=False)
+    assert traced == {"step": 1, "direct": 1}
+    with torch.no_grad():
+        model.W.mul_(0.5)
+    u2 = inputs(B=3, T=4, seed=9)
+    K = lnk.StateNTK(model, u2)
+    check_products(K, dense_jacobian(model, u2), full=False)
+    assert traced == {"step": 1, "direct": 1}
+    assert _linearization(K).traced() is not None and _linearization(K).traced_direct() is not None
+
+    def other_step(self, h, x):  # the same shapes, other derivatives
+        return h + 0.1 * (-h + torch.sin(h) @ self.W.T + x @ self.B.T)
+
+    model.step = types.MethodType(other_step, model)
+    check_products(lnk.StateNTK(model, u2), dense_jacobian(model, u2), full=False)
+    assert traced == {"step": 2, "direct": 2}
+    del model.step
+    alive = weakref.ref(model)
+    del model, K
+    gc.collect()
+    assert alive() is None
