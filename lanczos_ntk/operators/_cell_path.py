@@ -145,11 +145,15 @@ class CellLinearization:
         b, T, S = self.shape
         k = X.shape[0]
         tang = self.spec.unflatten(X)
-        fast = self.traced_direct() if k == 1 else None
-        if fast is not None:
+        fast = self.traced_direct()
+        C = None
+        if fast is not None and k == 1:
             C = fresh("cell.jvp", (k, T, b, S), X, self.scratch if reuse_out else None)
             fast.jvp([tang[n][0] for n in self.theta], out=C.view(T * b, S))
-        else:
+        elif fast is not None:
+            got = fast.jvp_block([tang[n] for n in self.theta])
+            C = None if got is None else got.view(k, T, b, S)
+        if C is None:
             C = self.direct().jvp(tang).reshape(k, T, b, S)
         out = self.cell.out
         products = self._traced_products(k)
@@ -199,10 +203,14 @@ class CellLinearization:
                 lams[:, t] = lam
                 if t > 0:
                     lam = steps[t].vjp(lam)["s"]
-        fast = self.traced_direct() if k == 1 else None
-        if fast is not None:
-            parts = fast.vjp(lams.reshape(T * b, S))
-            grads = {n: g.unsqueeze(0) for n, g in zip(self.theta, parts)}
+        fast = self.traced_direct()
+        parts = None
+        if fast is not None and k == 1:
+            parts = tuple(g.unsqueeze(0) for g in fast.vjp(lams.reshape(T * b, S)))
+        elif fast is not None:
+            parts = fast.vjp_block(lams.reshape(k, T * b, S))
+        if parts is not None:
+            grads = dict(zip(self.theta, parts))
         else:
             grads = self.direct().vjp(lams.reshape(k, T * b, S))
         return self.spec.flatten(grads, batch_dims=1)

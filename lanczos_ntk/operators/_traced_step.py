@@ -290,14 +290,15 @@ class _Split:
         """``out = acc + L v`` for ``(residuals..., v, acc, out)``, unfolded."""
         return torch.add(args[-2], self.apply(*args[:-2]), out=args[-1])
 
-    def block(self, residuals: tuple, V: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-        """The linear part for ``V [k, b, S]`` (traced once per ``k`` under ``vmap``, with the
-        same residuals), checked against :attr:`apply` column by column; None if it fails.
+    def block(self, residuals: tuple, *vectors: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+        """The linear part for ``k`` vectors at once (each input ``[k, ...]``; traced once per
+        ``k`` under ``vmap``, with the same residuals), checked against :attr:`apply` column by
+        column; None if it fails. Its outputs carry the ``k`` first.
         """
-        k = V.shape[0]
+        k = vectors[0].shape[0]
         if k not in self.blocks:
             self.blocks[k] = None
-            vmapped = torch.func.vmap(self.apply, in_dims=(None,) * len(residuals) + (0,))
+            vmapped = torch.func.vmap(self.apply, in_dims=(None,) * len(residuals) + (0,) * len(vectors))
 
             def batched(*args: torch.Tensor) -> torch.Tensor:  # a signature make_fx can read
                 return vmapped(*args)
@@ -306,15 +307,25 @@ class _Split:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     gm = _any_strides(
-                        make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(*residuals, V)
+                        make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(
+                            *residuals, *vectors
+                        )
                     )
                 if _writes_into_inputs(gm.graph):
                     return None
-                got = gm.forward(*residuals, V)
-                want = torch.stack([self.apply(*residuals, v) for v in V])
+                got = gm.forward(*residuals, *vectors)
+                columns = [self.apply(*residuals, *col) for col in zip(*vectors)]
             except Exception:  # the columns one by one through autograd's graphs instead
                 return None
-            if _close(got, want, V):
+            scale = max(float(v.abs().max()) for v in vectors)
+            if isinstance(got, tuple):
+                same = all(
+                    same_to_rounding(g, torch.stack([c[i] for c in columns]), scale)
+                    for i, g in enumerate(got)
+                )
+            else:
+                same = same_to_rounding(got, torch.stack(columns), scale)
+            if same:
                 self.blocks[k] = gm.forward
         return self.blocks[k]
 
@@ -486,7 +497,7 @@ class DirectTrace:
     """The direct term of a cell over all ``b·T`` rows at once (``C x`` and ``Cᵀ λ``, with
     ``C = ∂F/∂θ`` at the stored states), as traced linear parts with their residuals evaluated
     once: the straight-line counterpart of recording the cell's autograd graph over all rows and
-    taking ``C x`` as the VJP of its VJP. Single vectors; blocks keep the graph.
+    taking ``C x`` as the VJP of its VJP. Blocks through the same parts traced under ``vmap``.
     """
 
     def __init__(self, form: DirectForm, args: tuple):
@@ -497,6 +508,21 @@ class DirectTrace:
         """``Cᵀ λ`` for ``λ [b·T, S]``: one tensor per differentiated parameter."""
         out = self._form.vjp.apply(*self._res[0], lam)
         return out if isinstance(out, tuple) else (out,)
+
+    def vjp_block(self, lams: torch.Tensor) -> tuple | None:
+        """``Cᵀ λ`` for ``k`` vectors ``λ [k, b·T, S]`` (one tensor ``[k, ...]`` per
+        differentiated parameter), or None when the block form cannot be traced.
+        """
+        fn = self._form.vjp.block(self._res[0], lams)
+        if fn is None:
+            return None
+        out = fn(*self._res[0], lams)
+        return out if isinstance(out, tuple) else (out,)
+
+    def jvp_block(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """``C x`` for ``k`` vectors (tangents ``[k, ...]``): ``[k, b·T, S]``, or None."""
+        fn = self._form.jvp.block(self._res[1], *tangents)
+        return None if fn is None else fn(*self._res[1], *tangents)
 
     def jvp(self, tangents: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         """``C x`` for the tangents of the differentiated parameters: ``[b·T, S]``, written

@@ -264,8 +264,9 @@ def test_two_matrix_products_and_a_bias_fold_into_two_addmms_without_acc():
 
 @pytest.mark.parametrize("params", [None, ["W"], ["B", "W"]])
 def test_the_direct_term_of_a_cell_is_traced(params):
-    """Single vectors take the direct term ``C x`` / ``Cᵀ λ`` over all rows from its traced
-    form (``C x`` folded into a buffer), for all parameters or some; against the dense truth."""
+    """Single vectors and blocks take the direct term ``C x`` / ``Cᵀ λ`` over all rows from its
+    traced form (``C x`` of one vector folded into a buffer), for all parameters or some;
+    against the dense truth."""
     model, u = EulerStep(), inputs(B=3, T=4)
     K = lnk.StateNTK(model, u, params=params)
     lin = _linearization(K)
@@ -273,6 +274,9 @@ def test_the_direct_term_of_a_cell_is_traced(params):
     assert lin.traced_direct() is not None
     form = next(v for key, v in lin.cell._traces.items() if key[0] == "direct")
     assert form.jvp_into is not None
+    # blocks of 4 through the same parts traced under vmap: no graph over all rows recorded
+    assert form.jvp.blocks[4] is not None and form.vjp.blocks[4] is not None
+    assert lin._direct_graph is None
 
 
 def test_the_direct_term_keeps_its_graph_when_not_traced(monkeypatch):
@@ -319,7 +323,7 @@ def test_a_folded_form_that_disagrees_is_replaced_by_the_plain_sum(monkeypatch):
 def test_blocks_through_the_step_graphs_when_their_trace_fails(monkeypatch):
     from lanczos_ntk.operators import _traced_step
 
-    monkeypatch.setattr(_traced_step._Split, "block", lambda self, residuals, V: None)
+    monkeypatch.setattr(_traced_step._Split, "block", lambda self, residuals, *vectors: None)
     model, u = StepModule(), inputs(B=3)
     K = lnk.StateNTK(model, u)
     check_products(K, dense_jacobian(model, u), full=False)
