@@ -93,7 +93,12 @@ class CellLinearization:
             names = list(self.params)
             values = [self.params[n] for n in names]
             flat_s, flat_u = self.prev.reshape(T * b, S), self.u.reshape(T * b, -1)
-            self._direct_traced = self.cell.direct_trace(names, values, list(self.theta), flat_s, flat_u)
+            found = self.cell.direct_trace(names, values, list(self.theta), flat_s, flat_u)
+            if found is None and not self.cell.direct_traced(names, list(self.theta), flat_s, flat_u):
+                return None  # not traced yet: asked again at the next product
+            self._direct_traced = found
+            if found is not None:
+                self._direct_graph = None  # the traced form serves single vectors and blocks
         return self._direct_traced if isinstance(self._direct_traced, DirectTrace) else None
 
     def steps(self) -> list[DualGraph]:
@@ -145,6 +150,7 @@ class CellLinearization:
         b, T, S = self.shape
         k = X.shape[0]
         tang = self.spec.unflatten(X)
+        self.cell.count_products(k)
         fast = self.traced_direct()
         C = None
         if fast is not None and k == 1:
@@ -203,6 +209,7 @@ class CellLinearization:
                 lams[:, t] = lam
                 if t > 0:
                     lam = steps[t].vjp(lam)["s"]
+        self.cell.count_products(k)
         fast = self.traced_direct()
         parts = None
         if fast is not None and k == 1:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -43,6 +42,24 @@ from ._traced_step import (
 __all__ = ["LOOP", "Cell", "find_cell"]
 
 LOOP = "loop read off forward"  # the name of a cell cut out of a forward without a step method
+
+
+# vectors through a module's cells before its direct term is traced: the trace and its check
+# cost about as much as the traced form saves over the recorded graph in 50–100 products (0.04 s
+# against 0.3 ms per product at the medium size, 0.17 s against 2.5 ms at 3.3M states), so a
+# first top-10 solve (about 45 products, 48 with its check) never pays for it, and longer runs
+# (SLQ, later operators on the same module) have it from the 64th vector on
+DIRECT_TRACE_AFTER = 64
+
+
+def _direct_key(names: Sequence[str], moving: Sequence[str], s: torch.Tensor, u: torch.Tensor) -> tuple:
+    return ("direct", tuple(names), tuple(moving), tuple(s.shape), tuple(u.shape), s.dtype, s.device)
+
+
+class Traces(dict):
+    """The traces of a module's cells by shape, and how many vectors went through them."""
+
+    products = 0
 
 
 class Cell:
@@ -76,10 +93,10 @@ class Cell:
         self.closed_form, self.trial_bytes = closed_form, trial_bytes
         # step traces and direct-term traces, per shape; shared by the cells of one module
         # (share_traces), each checked by every cell that uses it before its first use there
-        self._traces: dict[tuple, Any] = {}
+        self._traces: Traces = Traces()
         self._checked: set[tuple] = set()
 
-    def share_traces(self, traces: dict) -> Cell:
+    def share_traces(self, traces: Traces) -> Cell:
         """Use (and add to) ``traces``, the traces of the module's earlier cells."""
         self._traces = traces
         return self
@@ -113,7 +130,9 @@ class Cell:
         of differentiated parameters, :func:`~lanczos_ntk.operators._traced_step.trace_direct`)
         with its residuals at these values; None when it cannot be.
         """
-        key = ("direct", tuple(names), tuple(moving), tuple(s.shape), tuple(u.shape), s.dtype, s.device)
+        key = _direct_key(names, moving, s, u)
+        if key not in self._traces and self._traces.products < DIRECT_TRACE_AFTER:
+            return None  # not yet worth a trace (see DIRECT_TRACE_AFTER)
         if key not in self._checked:
             known = self._traces.get(key)
             known = None if known is None else check_direct(known, self.fn, names, values, moving, s, u)
@@ -126,6 +145,16 @@ class Cell:
             return DirectTrace(form, (*values, s, u))
         except Exception:  # the values do not replay: the recorded graph instead
             return None
+
+    def direct_traced(
+        self, names: Sequence[str], moving: Sequence[str], s: torch.Tensor, u: torch.Tensor
+    ) -> bool:
+        """Whether the direct term at these shapes was traced (or found untraceable)."""
+        return _direct_key(names, moving, s, u) in self._traces
+
+    def count_products(self, k: int) -> None:
+        """Count ``k`` vectors through the cell's direct term (see DIRECT_TRACE_AFTER)."""
+        self._traces.products += k
 
     def states(self, params, u, h0) -> torch.Tensor:
         """Iterate the cell: all states ``[b, T, S]`` after each step (no autograd)."""
@@ -154,7 +183,7 @@ def _step_cell(model, width: int) -> Cell:
         return functional_call(view, {"m." + k: v for k, v in params.items()}, (s, u))
 
     # the traces (code, not values) serve the module's later operators, each checked again
-    return _iterated_cell(model, width, fn, "step").share_traces(_STEP_TRACES.setdefault(model, {}))
+    return _iterated_cell(model, width, fn, "step").share_traces(_STEP_TRACES.setdefault(model, Traces()))
 
 
 def _loop_cell(model, width: int, fn: Callable, size: int, out: slice) -> Cell:
@@ -259,7 +288,7 @@ def _torch_rnn_cell(model) -> Cell | None:
 #: 0.1 s), and operators on the same module (a training loop) would read it again. A cached cell
 #: is used only after it reproduces the module's forward and derivatives, like a new one.
 _LOOP_CELLS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Cell]] = weakref.WeakKeyDictionary()
-_STEP_TRACES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+_STEP_TRACES: weakref.WeakKeyDictionary[nn.Module, Traces] = weakref.WeakKeyDictionary()
 
 
 def find_cell(

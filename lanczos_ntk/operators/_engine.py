@@ -390,7 +390,9 @@ class JacobianEngine:
                     with torch.enable_grad():
                         lin._direct(theta)
 
-                return saved_bytes(direct) + lin.prev.numel() * isz
+                # the traced direct term keeps what its VJP and its VJP of the VJP read (each
+                # at most what the graph saves; its blocks, or a cell it cannot trace, the graph)
+                return 2 * saved_bytes(direct) + lin.prev.numel() * isz
             p = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
 
             def run():

@@ -262,8 +262,16 @@ def test_two_matrix_products_and_a_bias_fold_into_two_addmms_without_acc():
     assert ops.count(torch.addmm) == 2 and torch.add not in ops and torch.mul not in ops
 
 
+@pytest.fixture
+def direct_now(monkeypatch):
+    """The direct term traced from the first product on (not after DIRECT_TRACE_AFTER)."""
+    from lanczos_ntk.operators import _cells
+
+    monkeypatch.setattr(_cells, "DIRECT_TRACE_AFTER", 0)
+
+
 @pytest.mark.parametrize("params", [None, ["W"], ["B", "W"]])
-def test_the_direct_term_of_a_cell_is_traced(params):
+def test_the_direct_term_of_a_cell_is_traced(direct_now, params):
     """Single vectors and blocks take the direct term ``C x`` / ``Cᵀ λ`` over all rows from its
     traced form (``C x`` of one vector folded into a buffer), for all parameters or some;
     against the dense truth."""
@@ -289,7 +297,7 @@ def test_the_direct_term_keeps_its_graph_when_not_traced(monkeypatch):
     assert _linearization(K).traced_direct() is None
 
 
-def test_a_traced_direct_term_that_disagrees_is_refused(monkeypatch):
+def test_a_traced_direct_term_that_disagrees_is_refused(monkeypatch, direct_now):
     from lanczos_ntk.operators import _traced_step
 
     real = _traced_step.DirectTrace.vjp
@@ -978,7 +986,7 @@ def test_results_do_not_share_the_work_buffers(model):
     assert K.engine._scratch.nbytes > 0
 
 
-def test_later_operators_on_a_step_module_reuse_its_traces(monkeypatch):
+def test_later_operators_on_a_step_module_reuse_its_traces(monkeypatch, direct_now):
     """The traces of a module's step are code, not values: a second operator (new weights, new
     inputs of the same shapes) checks and reuses them instead of tracing again; a step changed
     in between fails the check and is traced anew; the traces do not keep the module alive."""
@@ -1019,3 +1027,24 @@ def test_later_operators_on_a_step_module_reuse_its_traces(monkeypatch):
     del model, K
     gc.collect()
     assert alive() is None
+
+
+def test_the_direct_term_is_traced_once_enough_vectors_went_through():
+    """A first top-10 solve (about 45 products) keeps the recorded graph of the direct term;
+    from DIRECT_TRACE_AFTER vectors through the module's cells on, its traced form serves
+    (the graph released), here in the middle of a run of products."""
+    from lanczos_ntk.operators._cells import DIRECT_TRACE_AFTER
+
+    model, u = EulerStep(), inputs(B=3, T=4)
+    K = lnk.StateNTK(model, u)
+    J = dense_jacobian(model, u)
+    lin = _linearization(K)
+    X = torch.randn(J.shape[1], 1, generator=gen(6), dtype=F64)
+    for i in range(DIRECT_TRACE_AFTER + 2):
+        torch.testing.assert_close(K.jvp(X), J @ X, rtol=1e-10, atol=1e-12)
+        assert (lin._direct_traced is False) == (i + 1 < DIRECT_TRACE_AFTER)  # from the 64th on
+    assert lin.traced_direct() is not None and lin._direct_graph is None
+    check_products(K, J, full=False)
+    later = lnk.StateNTK(model, u)  # the module's count carries over: traced at once
+    later.jvp(X)
+    assert _linearization(later).traced_direct() is not None
