@@ -44,12 +44,16 @@ __all__ = ["LOOP", "Cell", "find_cell"]
 LOOP = "loop read off forward"  # the name of a cell cut out of a forward without a step method
 
 
-# vectors through a module's cells before its direct term is traced: the trace and its check
-# cost about as much as the traced form saves over the recorded graph in 50–100 products (0.04 s
-# against 0.3 ms per product at the medium size, 0.17 s against 2.5 ms at 3.3M states), so a
-# first top-10 solve (about 45 products, 48 with its check) never pays for it, and longer runs
-# (SLQ, later operators on the same module) have it from the 64th vector on
+# vectors through a module's cells before its direct term is traced, on chunks of fewer than
+# DIRECT_TRACE_NOW states: there the trace and its check (0.04 s at b=64, T=50, S=64) cost about
+# what the traced form saves in 100 products (0.3 ms each), so a first top-10 solve (48
+# products with its check) keeps the recorded graph, and longer runs (SLQ, later operators on
+# the same module) have the traced form from the 64th vector on. On larger chunks the saving
+# (2.5 ms per product at 3.3M states) pays for the trace (0.17 s) within a top-10 solve:
+# traced at once (first top-10 at 3.3M states, three fresh modules each: 1.35-1.43 s against
+# 1.46-1.57 s deferred)
 DIRECT_TRACE_AFTER = 64
+DIRECT_TRACE_NOW = 1_000_000
 
 
 def _direct_key(names: Sequence[str], moving: Sequence[str], s: torch.Tensor, u: torch.Tensor) -> tuple:
@@ -131,7 +135,8 @@ class Cell:
         with its residuals at these values; None when it cannot be.
         """
         key = _direct_key(names, moving, s, u)
-        if key not in self._traces and self._traces.products < DIRECT_TRACE_AFTER:
+        soon = self._traces.products >= DIRECT_TRACE_AFTER or s.numel() >= DIRECT_TRACE_NOW
+        if key not in self._traces and not soon:
             return None  # not yet worth a trace (see DIRECT_TRACE_AFTER)
         if key not in self._checked:
             known = self._traces.get(key)

@@ -243,12 +243,8 @@ class TorchRNNLinearization:
                 w_ih, w_hh, co, h_prev = self.w_ih[l], self.w_hh[l], self.per_step[l][t], dh[l]
                 dest = ys[t] if l == L - 1 else None
                 if kind == "gru":
-                    a, g = (zero if q is None else q[i] for q in parts[l])
-                    a, g = a.reshape(rows, gH), g.reshape(rows, gH)
-                    if dx is not None:
-                        a = torch.addmm(a, dx, w_ih.T)
-                    if h_prev is not None:
-                        g = torch.addmm(g, h_prev, w_hh.T)
+                    a = _plus_product(parts[l][0], i, zero, rows, dx, w_ih)
+                    g = _plus_product(parts[l][1], i, zero, rows, h_prev, w_hh)
                     s = torch.sum(
                         (a.view(b, k, 3, H) * co["a"]).addcmul_(g.view(b, k, 3, H), co["g"]), 2, out=dest
                     )
@@ -256,21 +252,17 @@ class TorchRNNLinearization:
                         s = s.addcmul_(co["z"], h_prev.view(b, k, H))
                     new = s.view(rows, H)
                 else:
-                    q = parts[l][0]
-                    p = (zero if q is None else q[i]).reshape(rows, gH)
-                    if dx is not None:
-                        p = torch.addmm(p, dx, w_ih.T)
+                    p = _plus_product(parts[l][0], i, zero, rows, dx, w_ih)
                     if h_prev is not None:
-                        p = torch.addmm(p, h_prev, w_hh.T)
+                        p = p.addmm_(h_prev, w_hh.T)  # p is this product's own buffer
                     if kind == "lstm":
-                        p4 = p.view(b, k, 4, H)
-                        c_new = (p4[:, :, :3] * co["ifg"]).sum(2)
+                        m = p.view(b, k, 4, H) * co["io"]  # every gate times its coefficient
+                        c_new = m[:, :, :3].sum(2)
                         c_prev = dc[l]
                         if c_prev is not None:
                             c_new = c_new.addcmul_(co["f"], c_prev)
                         dc[l] = c_new
-                        o = torch.mul(p4[:, :, 3], co["o"], out=dest)
-                        new = o.addcmul_(co["beta"], c_new).view(rows, H)
+                        new = torch.addcmul(m[:, :, 3], co["beta"], c_new, out=dest).view(rows, H)
                     else:
                         new = torch.mul(p.view(b, k, H), co["d"], out=dest).view(rows, H)
                 dh[l] = dx = new
@@ -352,6 +344,17 @@ class TorchRNNLinearization:
         return self.spec.flatten(grads, batch_dims=1)
 
 
+def _plus_product(part, i: int, zero: torch.Tensor, rows: int, x, w: torch.Tensor) -> torch.Tensor:
+    """``part[i] + x wᵀ`` as ``[rows, ·]`` (``x`` None: no product), in place in ``part`` (this
+    product's own buffer); a new tensor when ``part`` is None (no parameter of it moves).
+    """
+    if part is None:
+        base = zero.reshape(rows, -1)
+        return base if x is None else torch.addmm(base, x, w.T)
+    out = part[i].view(rows, -1)
+    return out if x is None else out.addmm_(x, w.T)
+
+
 def _broadcast_coefficients(kind: str, coef: dict, T: int, H: int) -> list[dict[str, torch.Tensor]]:
     """Per step ``t``, the layer's coefficients as ``[b, 1, H]`` (or ``[b, 1, gates, H]`` for
     the gate-stacked ones), which broadcast over the ``k`` vectors of a block.
@@ -360,7 +363,11 @@ def _broadcast_coefficients(kind: str, coef: dict, T: int, H: int) -> list[dict[
     for key, v in coef.items():  # v: [T, b, width]
         width = v.shape[-1]
         shaped[key] = v.view(T, v.shape[1], 1, width // H, H) if width > H else v.unsqueeze(2)
-    return [{key: v[t] for key, v in shaped.items()} for t in range(T)]
+    steps = [{key: v[t] for key, v in shaped.items()} for t in range(T)]
+    if "io" in shaped:  # the LSTM's input, forget and cell gates, and its output gate: views
+        for co in steps:
+            co["ifg"], co["o"] = co["io"][:, :, :3], co["io"][:, :, 3]
+    return steps
 
 
 def _step(kind, a, g, h, c):
@@ -371,9 +378,8 @@ def _step(kind, a, g, h, c):
         c_new = f * c + i * gg
         tc = torch.tanh(c_new)
         h_new = o * tc
-        coef = {
-            "ifg": torch.cat([gg * i * (1 - i), c * f * (1 - f), i * (1 - gg * gg)], -1),
-            "o": tc * o * (1 - o),
+        coef = {  # the gates' coefficients in torch's gate order (i, f, g, o)
+            "io": torch.cat([gg * i * (1 - i), c * f * (1 - f), i * (1 - gg * gg), tc * o * (1 - o)], -1),
             "beta": o * (1 - tc * tc),
             "f": f,
         }

@@ -1048,3 +1048,13 @@ def test_the_direct_term_is_traced_once_enough_vectors_went_through():
     later = lnk.StateNTK(model, u)  # the module's count carries over: traced at once
     later.jvp(X)
     assert _linearization(later).traced_direct() is not None
+
+
+def test_the_direct_term_of_large_chunks_is_traced_at_once(monkeypatch):
+    from lanczos_ntk.operators import _cells
+
+    model, u = EulerStep(), inputs(B=3, T=4)
+    monkeypatch.setattr(_cells, "DIRECT_TRACE_NOW", 3 * 4 * model.n)  # this chunk's states
+    K = lnk.StateNTK(model, u)
+    check_products(K, dense_jacobian(model, u), full=False)
+    assert _linearization(K).traced_direct() is not None and _linearization(K)._direct_graph is None
