@@ -146,15 +146,62 @@ def _terms(node: Any, memo: dict) -> dict | None:
     return out
 
 
+# operations homogeneous of degree one in the argument positions listed: ``f(c x) = c f(x)``
+_HOMOGENEOUS = {
+    _aten.mm.default: (0, 1),
+    _aten.tanh_backward.default: (0,),
+    _aten.sigmoid_backward.default: (0,),
+    _aten.t.default: (0,),
+    _aten.permute.default: (0,),
+    _aten.reshape.default: (0,),
+    _aten.expand.default: (0,),
+    _aten.sum.dim_IntList: (0,),
+}
+
+
+def _scales_pushed_down(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` with multiples by numbers moved past the operations homogeneous in
+    them (``mm(0.1 v, W)`` becomes ``0.1 mm(v, W)``), down to the sums that fold them for free
+    (or to the outputs). Every operation keeps its shape, so no pass is added.
+    """
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    moved = True
+    while moved:
+        moved = False
+        for node in list(copy.nodes):
+            if node.op != "call_function" or node.target is not _aten.mul.Tensor or len(node.args) != 2:
+                continue
+            x, c = node.args
+            if not isinstance(x, fx.Node) or not isinstance(c, (int, float)) or isinstance(c, bool):
+                continue
+            for user in list(node.users):
+                where = _HOMOGENEOUS.get(user.target) if user.op == "call_function" else None
+                if where is None or any(a is node for i, a in enumerate(user.args) if i not in where):
+                    continue
+                if sum(a is node for a in user.args) != 1 or "val" not in user.meta:
+                    continue
+                user.replace_input_with(node, x)
+                with copy.inserting_after(user):
+                    scaled = copy.call_function(_aten.mul.Tensor, (user, c))
+                scaled.meta = dict(user.meta)
+                user.replace_all_uses_with(scaled, delete_user_cb=lambda u, s=scaled: u is not s)
+                moved = True
+            if not node.users:
+                copy.erase_node(node)
+    return copy
+
+
 def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
     """From the linear part ``L(r..., v)``: ``(r..., v, acc, out) -> out = acc + L(r..., v)``
     (``acc=False``: ``(r..., v, out) -> out = L(r..., v)``, ``out`` not an input), with the
     sums, differences and multiples by numbers folded into as few operations as possible
     (``0.9 v + 0.1 (d @ W) + acc`` becomes one ``addmm`` and one ``add``, the last writing into
     ``out``; matrix products summed with others become ``addmm`` s), instead of one pass over
-    the state per operation.
+    the state per operation. Multiples by numbers are first moved past the operations
+    homogeneous in them, so that they reach the sums.
     """
-    nodes = list(gm.graph.nodes)
+    nodes = list(_scales_pushed_down(gm.graph).nodes)
     output = next(n for n in nodes if n.op == "output")
     (result,) = output.args
     memo: dict = {}
@@ -491,6 +538,7 @@ class DirectForm(NamedTuple):
     vjp: _Split
     jvp: _Split
     jvp_into: Callable[..., torch.Tensor] | None
+    vjp_scaled_late: Callable[..., tuple] | None = None  # Cᵀ λ with its scalings moved to the outputs
 
 
 class DirectTrace:
@@ -506,7 +554,8 @@ class DirectTrace:
 
     def vjp(self, lam: torch.Tensor) -> tuple:
         """``Cᵀ λ`` for ``λ [b·T, S]``: one tensor per differentiated parameter."""
-        out = self._form.vjp.apply(*self._res[0], lam)
+        fn = self._form.vjp_scaled_late or self._form.vjp.apply
+        out = fn(*self._res[0], lam)
         return out if isinstance(out, tuple) else (out,)
 
     def vjp_block(self, lams: torch.Tensor) -> tuple | None:
@@ -584,9 +633,13 @@ def trace_direct(
             into = accumulating(fx.GraphModule(j.owner, j.linear_graph), acc=False).forward
         except Exception:  # something the folding does not know: the plain graph
             into = None
+        try:  # Cᵀ λ scales the M-sized λ by the step's constants: scale the gradients instead
+            late = fx.GraphModule(v.owner, _scales_pushed_down(v.linear_graph)).forward
+        except Exception:
+            late = None
     except Exception:  # the recorded graph stays
         return None
-    return check_direct(DirectForm(v, j, into), cell, names, params, moving, s, u)
+    return check_direct(DirectForm(v, j, into, late), cell, names, params, moving, s, u)
 
 
 def check_direct(
@@ -606,7 +659,7 @@ def check_direct(
     lam = torch.randn(s.shape, generator=gen, dtype=s.dtype, device=s.device)
     tangents = [torch.randn(by_name[n].shape, generator=gen, dtype=s.dtype, device=s.device) for n in moving]
     try:
-        traced = DirectTrace(form._replace(jvp_into=None), (*params, s, u))
+        traced = DirectTrace(form._replace(jvp_into=None, vjp_scaled_late=None), (*params, s, u))
         got_vjp, got_jvp = traced.vjp(lam), traced.jvp(tangents)
         with torch.enable_grad():  # autograd's products at the same point
             theta = [by_name[n].detach().requires_grad_(True) for n in moving]
@@ -629,4 +682,12 @@ def check_direct(
             same = False
         if not same:
             form = form._replace(jvp_into=None)
+    if form.vjp_scaled_late is not None:
+        try:
+            late = DirectTrace(form, (*params, s, u)).vjp(lam)
+            same = len(late) == len(got_vjp) and all(_close(a, b, lam) for a, b in zip(late, got_vjp))
+        except Exception:
+            same = False
+        if not same:
+            form = form._replace(vjp_scaled_late=None)
     return form

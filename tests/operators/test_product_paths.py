@@ -242,6 +242,25 @@ def test_accumulating_on_hand_made_linear_maps():
         accumulating(make_fx(lambda r, W, v: ((v + v) - 2.0 * v) @ W + v)(r, W, v))
 
 
+def test_multiples_by_numbers_move_past_homogeneous_operations():
+    """``v + tanh'(y) ⊙ ((0.1 v) W) - 0.1 v`` (an Euler step's ``Aᵀ λ``): the 0.1 moves past the
+    matrix product and ``tanh_backward`` into the sum, so no pass scales ``v`` alone."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lanczos_ntk.operators._traced_step import accumulating
+
+    def adjoint(y, W, v):
+        s = 0.1 * v
+        return v + torch.ops.aten.tanh_backward(s @ W, y) - s
+
+    g = gen(11)
+    y, W, v, acc = (torch.randn(4, 4, generator=g, dtype=F64) for _ in range(4))
+    folded = accumulating(make_fx(adjoint)(y, W, v))
+    torch.testing.assert_close(folded(y, W, v, acc, torch.empty_like(acc)), acc + adjoint(y, W, v))
+    ops = [n.target for n in folded.graph.nodes if n.op == "call_function"]
+    assert torch.mul not in ops and torch.ops.aten.mul.Tensor not in ops and len(ops) == 4
+
+
 def test_two_matrix_products_and_a_bias_fold_into_two_addmms_without_acc():
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -281,7 +300,7 @@ def test_the_direct_term_of_a_cell_is_traced(direct_now, params):
     check_products(K, dense_jacobian(model, u, params=params), full=False)
     assert lin.traced_direct() is not None
     form = next(v for key, v in lin.cell._traces.items() if key[0] == "direct")
-    assert form.jvp_into is not None
+    assert form.jvp_into is not None and form.vjp_scaled_late is not None
     # blocks of 4 through the same parts traced under vmap: no graph over all rows recorded
     assert form.jvp.blocks[4] is not None and form.vjp.blocks[4] is not None
     assert lin._direct_graph is None
