@@ -158,9 +158,11 @@ class CellLinearization:
             fast.jvp([tang[n][0] for n in self.theta], out=C.view(T * b, S))
         elif fast is not None:
             got = fast.jvp_block([tang[n] for n in self.theta])
-            C = None if got is None else got.view(k, T, b, S)
+            C = None if got is None else got.reshape(k, T, b, S)
         if C is None:
             C = self.direct().jvp(tang).reshape(k, T, b, S)
+        if not _writable(C, X):  # the recurrence below writes into C
+            C = C.clone(memory_format=torch.contiguous_format)
         out = self.cell.out
         products = self._traced_products(k)
         if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
@@ -221,3 +223,12 @@ class CellLinearization:
         else:
             grads = self.direct().vjp(lams.reshape(k, T * b, S))
         return self.spec.flatten(grads, batch_dims=1)
+
+
+def _writable(C: torch.Tensor, X: torch.Tensor) -> bool:
+    """Whether ``C`` may be written in place: no two of its elements share memory (a direct term
+    ``C x`` that is a broadcast tangent, for a cell whose only parameter is an additive bias, is
+    an ``expand`` of it) and it does not share the vector's memory.
+    """
+    overlap = any(stride == 0 and size > 1 for stride, size in zip(C.stride(), C.shape))
+    return not overlap and C.untyped_storage().data_ptr() != X.untyped_storage().data_ptr()

@@ -1077,3 +1077,36 @@ def test_the_direct_term_of_large_chunks_is_traced_at_once(monkeypatch):
     K = lnk.StateNTK(model, u)
     check_products(K, dense_jacobian(model, u), full=False)
     assert _linearization(K).traced_direct() is not None and _linearization(K)._direct_graph is None
+
+
+class BiasStep(_Iterates):
+    """A step whose bias enters additively: its direct term ``C x`` is the tangent broadcast."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        g = gen(12)
+        self.W = nn.Parameter(torch.randn(n, n, generator=g, dtype=F64) / 2)
+        self.b = nn.Parameter(torch.randn(n, generator=g, dtype=F64))
+        self.n = n
+
+    def step(self, h, u):
+        return torch.tanh(h @ self.W.T + u.sum(-1, keepdim=True)) + self.b
+
+
+@pytest.mark.parametrize("after", [0, 10**9])
+@pytest.mark.parametrize("params", [["b"], None])
+def test_a_direct_term_that_broadcasts_the_tangent(monkeypatch, after, params):
+    """``C x`` may come back as a broadcast (``expand``) of the bias tangent, from the traced
+    form or the recorded graph: the recurrence must not write into it (nor into the vector)."""
+    from lanczos_ntk.operators import _cells
+
+    monkeypatch.setattr(_cells, "DIRECT_TRACE_AFTER", after)
+    model, u = BiasStep(), inputs(B=3, T=5)
+    J = dense_jacobian(model, u, params=params)
+    K = lnk.StateNTK(model, u, params=params)
+    X = torch.randn(J.shape[1], 3, generator=gen(13), dtype=F64)
+    before = X.clone()
+    check_products(K, J, full=False)
+    for k in (1, 3):
+        torch.testing.assert_close(K.jvp(X[:, :k]), J @ before[:, :k], rtol=1e-10, atol=1e-12)
+    assert torch.equal(X, before)
