@@ -211,8 +211,7 @@ class CellLinearization:
                 lams[:, t] = lam
                 if t > 0:
                     lam = steps[t].vjp(lam)["s"]
-        self.cell.count_products(k)
-        fast = self.traced_direct()
+        fast = self.traced_direct()  # counted by J x: a K or G product is one vector
         parts = None
         if fast is not None and k == 1:
             parts = tuple(g.unsqueeze(0) for g in fast.vjp(lams.reshape(T * b, S)))

@@ -158,7 +158,9 @@ class Cell:
         return _direct_key(names, moving, s, u) in self._traces
 
     def count_products(self, k: int) -> None:
-        """Count ``k`` vectors through the cell's direct term (see DIRECT_TRACE_AFTER)."""
+        """Count ``k`` vectors through ``J x`` (see DIRECT_TRACE_AFTER; a ``K`` or ``G``
+        product, one ``J x`` and one ``Jᵀ v``, counts once).
+        """
         self._traces.products += k
 
     def states(self, params, u, h0) -> torch.Tensor:

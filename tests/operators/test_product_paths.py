@@ -1069,6 +1069,22 @@ def test_the_direct_term_is_traced_once_enough_vectors_went_through():
     assert _linearization(later).traced_direct() is not None
 
 
+def test_a_gram_product_counts_once_towards_the_direct_trace():
+    """A ``G`` product (one ``J x``, one ``Jᵀ v``) is one vector: a top-10 solve of 48 of them
+    on a fresh module stays below DIRECT_TRACE_AFTER = 64 and keeps the recorded graph."""
+    from lanczos_ntk.operators._cells import DIRECT_TRACE_AFTER
+
+    model, u = EulerStep(), inputs(B=3, T=4)
+    K = lnk.StateNTK(model, u)
+    J = dense_jacobian(model, u)
+    X = torch.randn(J.shape[1], 1, generator=gen(7), dtype=F64)
+    for _ in range(DIRECT_TRACE_AFTER - 1):
+        torch.testing.assert_close(K.dual().matmul(X), J.T @ (J @ X), rtol=1e-10, atol=1e-12)
+    assert _linearization(K)._direct_traced is False
+    K.dual().matmul(X)
+    assert _linearization(K).traced_direct() is not None
+
+
 def test_the_direct_term_of_large_chunks_is_traced_at_once(monkeypatch):
     from lanczos_ntk.operators import _cells
 
