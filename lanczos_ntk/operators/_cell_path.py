@@ -17,8 +17,10 @@ along the trajectory. Cells that cannot be traced go through the cell's graph at
 of that VJP. Either way a step
 costs a few small operations on ``[b, S]`` tensors and reads nothing of size ``b·S²`` (storing
 every ``A_t`` instead costs ``S`` passes over all rows to build and ``b·S²`` numbers read per
-step, which loses at every size measured). A block of ``k`` vectors shares every pass (the
-``k`` tangents are one batch dimension).
+step, which loses at every size measured). A block of ``k`` vectors shares the recurrences'
+passes: its buffers are time-major ``[T, k, b, S]``, so a step is one ``[k·b, S]`` block of rows
+(one matrix product); the direct term, one or two large matrix products per vector already,
+goes vector by vector.
 """
 
 from __future__ import annotations
@@ -144,40 +146,39 @@ class CellLinearization:
 
     # -- products ---------------------------------------------------------------------------
     def jvp(self, X: torch.Tensor, reuse_out: bool = False) -> torch.Tensor:
-        """``[k, P] -> [k, b, T, c]`` (a view of a time-major buffer; with ``reuse_out``, of a
-        scratch buffer that the next product overwrites).
+        """``[k, P] -> [k, b, T, c]`` (a view of a time-major buffer ``[T, k, b, S]``; with
+        ``reuse_out``, of a scratch buffer that the next product overwrites).
         """
         b, T, S = self.shape
         k = X.shape[0]
         tang = self.spec.unflatten(X)
         self.cell.count_products(k)
         fast = self.traced_direct()
-        C = None
+        # C_t x for every step, time-major with the k vectors of a step together, so that a
+        # step of the recurrence is one [k·b, S] block of rows; overwritten step by step by
+        # the state tangents
+        C = fresh("cell.jvp", (T, k, b, S), X, self.scratch if reuse_out else None)
         if fast is not None and k == 1:
-            C = fresh("cell.jvp", (k, T, b, S), X, self.scratch if reuse_out else None)
             fast.jvp([tang[n][0] for n in self.theta], out=C.view(T * b, S))
-        elif fast is not None:
-            got = fast.jvp_block([tang[n] for n in self.theta])
-            C = None if got is None else got.reshape(k, T, b, S)
-        if C is None:
-            C = self.direct().jvp(tang).reshape(k, T, b, S)
-        if not _writable(C, X):  # the recurrence below writes into C
-            C = C.clone(memory_format=torch.contiguous_format)
+        elif fast is not None:  # vector by vector (see DirectTrace), each into its columns
+            one = fresh("cell.jvp_one", (T * b, S), X, self.scratch)
+            for j in range(k):
+                C[:, j].copy_(fast.jvp([tang[n][j] for n in self.theta], out=one).view(T, b, S))
+        else:  # a broadcast tangent (an additive bias) comes back as an expand view: copied
+            C.copy_(self.direct().jvp(tang).reshape(k, T, b, S).transpose(0, 1))
         out = self.cell.out
         products = self._traced_products(k)
         if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
             _, step, res = products
-            Y = C[0] if k == 1 else C  # overwritten step by step: C_t x, then the state tangent
-            xs = Y.unbind(-3)
+            xs = (C[:, 0] if k == 1 else C).unbind(0)
             for t in range(1, T):
                 step(res[t], xs[t - 1], xs[t], xs[t])
-            Y = Y.unsqueeze(0) if k == 1 else Y
-            return (Y if self._whole else Y[..., out]).transpose(1, 2)
-        d = C[:, 0]
+            return (C if self._whole else C[..., out]).permute(1, 2, 0, 3)
+        d = C[0]
         ys = [d[..., out]]
         steps = self.steps()
         for t in range(1, T):
-            d = steps[t].jvp({"s": d}) + C[:, t]
+            d = steps[t].jvp({"s": d}) + C[t]
             ys.append(d[..., out])
         return torch.stack(ys, 2)
 
@@ -187,47 +188,39 @@ class CellLinearization:
         b, T, S = self.shape
         out = self.cell.out
         products = self._traced_products(k)
-        Vt = V.transpose(1, 2)  # [k, T, b, c]
+        Vt = V.permute(2, 0, 1, 3)  # [T, k, b, c]
         if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
             step, _, res = products
-            W = Vt[0] if k == 1 else Vt
-            if not self._whole:
-                full = V.new_zeros(*W.shape[:-1], S)
-                full[..., out] = W
-                W = full
-            lams = fresh("cell.vjp", tuple(W.shape), W, self.scratch)
-            ls, vs = lams.unbind(-3), W.unbind(-3)
-            ls[T - 1].copy_(vs[T - 1])
+            # v time-major in one copy (as the products of J x leave it, that is a plain copy);
+            # the recurrence then adds into it in place: λ_{t-1} = v_{t-1} + A_tᵀ λ_t
+            lams = fresh("cell.vjp", (T, k, b, S), V, self.scratch)
+            if self._whole:
+                lams.copy_(Vt)
+            else:
+                lams.zero_()
+                lams[..., out] = Vt
+            ls = (lams[:, 0] if k == 1 else lams).unbind(0)
             for t in range(T - 1, 0, -1):
-                step(res[t], ls[t], vs[t - 1], ls[t - 1])
-            lams = lams.unsqueeze(0) if k == 1 else lams
+                step(res[t], ls[t], ls[t - 1], ls[t - 1])
         else:
-            lams = V.new_zeros(k, T, b, S)
+            lams = V.new_zeros(T, k, b, S)
             lam = V.new_zeros(k, b, S)
             steps = self.steps()
             for t in range(T - 1, -1, -1):
                 lam = lam.clone()
-                lam[..., out] += Vt[:, t]
-                lams[:, t] = lam
+                lam[..., out] += Vt[t]
+                lams[t] = lam
                 if t > 0:
                     lam = steps[t].vjp(lam)["s"]
         fast = self.traced_direct()  # counted by J x: a K or G product is one vector
         parts = None
         if fast is not None and k == 1:
-            parts = tuple(g.unsqueeze(0) for g in fast.vjp(lams.reshape(T * b, S)))
-        elif fast is not None:
-            parts = fast.vjp_block(lams.reshape(k, T * b, S))
+            parts = tuple(g.unsqueeze(0) for g in fast.vjp(lams.view(T * b, S)))
+        elif fast is not None:  # vector by vector (see DirectTrace)
+            each = [fast.vjp(lams[:, j].reshape(T * b, S)) for j in range(k)]
+            parts = tuple(torch.stack(g) for g in zip(*each))
         if parts is not None:
             grads = dict(zip(self.theta, parts))
         else:
-            grads = self.direct().vjp(lams.reshape(k, T * b, S))
+            grads = self.direct().vjp(lams.transpose(0, 1).reshape(k, T * b, S))
         return self.spec.flatten(grads, batch_dims=1)
-
-
-def _writable(C: torch.Tensor, X: torch.Tensor) -> bool:
-    """Whether ``C`` may be written in place: no two of its elements share memory (a direct term
-    ``C x`` that is a broadcast tangent, for a cell whose only parameter is an additive bias, is
-    an ``expand`` of it) and it does not share the vector's memory.
-    """
-    overlap = any(stride == 0 and size > 1 for stride, size in zip(C.stride(), C.shape))
-    return not overlap and C.untyped_storage().data_ptr() != X.untyped_storage().data_ptr()

@@ -67,15 +67,6 @@ class _Linearization:
             raise ValueError("the closed form takes a state-dependent ∂ψ/∂z only with ∂ψ/∂h = 0")
         self.sizes = (n, d_in)
 
-    def rows(self, sl: slice) -> _Linearization:
-        """The same linearisation restricted to the trials ``sl`` (views, no copies)."""
-        new = object.__new__(_Linearization)
-        new.__dict__.update(self.__dict__)
-        new.src = self.src[:, sl]
-        new.da = None if self.da is None else self.da[:, sl]
-        new.d = self.d[:, sl] if isinstance(self.d, torch.Tensor) else self.d
-        return new
-
     def _scale(self) -> float:
         """The scalar ``∂ψ/∂z`` folded into the weights (1 when it varies per state)."""
         return self.d if isinstance(self.d, float) else 1.0

@@ -153,14 +153,75 @@ class TorchCellStep(_Iterates):
 )
 def test_single_vectors_run_the_traced_state_jacobian(model):
     """Single vectors and blocks go through the cell's state Jacobian traced into straight-line
-    code (the block form traced under vmap), against the dense truth."""
+    code (blocks by the folded form over k·b rows, or the form traced under vmap), against the
+    dense truth."""
     model, u = model(), inputs(B=4, T=5)
     K = lnk.StateNTK(model, u)
     assert K.plan.path == "cell"
     trace = _linearization(K).traced()[0]
     check_products(K, dense_jacobian(model, u))
-    assert trace._vjp.blocks[4] is not None and trace._jvp.blocks[4] is not None
+    for split in (trace._vjp, trace._jvp):
+        assert split._rows_into.get(4) is not None or split.blocks.get(4) is not None
     assert _linearization(K)._steps is None  # no per-step autograd graphs were built
+
+
+@pytest.mark.parametrize(
+    "model", [StepModule, PiecewiseStep, TorchCellStep, lambda: models.GRU(3, 2, seed=3)]
+)
+def test_blocks_accumulate_through_the_folded_form_over_all_rows(model):
+    """A block of k vectors runs the folded form of one vector with its matrix products over
+    the k·b rows of a step (no vmap trace), against the dense truth. (LayersStep's LayerNorm
+    backward has the row's shape written in: its blocks take the vmap trace, tested above.)"""
+    model, u = model(), inputs(B=4, T=5)
+    K = lnk.StateNTK(model, u)
+    trace = _linearization(K).traced()[0]
+    check_products(K, dense_jacobian(model, u), full=False)
+    for split in (trace._vjp, trace._jvp):
+        assert split._rows_into[4] is not None and 4 not in split.blocks
+
+
+def test_rows_batched_refuses_a_map_with_its_shape_written_in():
+    """A linear part that reshapes to the single vector's shape does not act row by row on a
+    block: its row form is refused (blocks then take the vmap trace or the graphs), not run
+    wrongly; the folded form of one vector stays."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lanczos_ntk.operators._traced_step import _Split
+
+    W = torch.randn(3, 3, generator=gen(4), dtype=F64)
+
+    def linear(r, v):  # flattens the state: fine for one vector, wrong for a block
+        return (v.reshape(-1) * r.reshape(-1)).reshape(2, 3) @ W
+
+    r = torch.randn(2, 3, generator=gen(5), dtype=F64)
+    zero = torch.zeros(2, 3, dtype=F64)
+    split = _Split(make_fx(linear, tracing_mode="fake", _allow_non_fake_inputs=True)(r, zero))
+    res = split.residuals(r)
+    assert split.into != split.plain_into  # folded for one vector
+    assert split.rows_into(res, 4) is None
+    v, acc = torch.randn(2, 3, generator=gen(6), dtype=F64), torch.randn(2, 3, generator=gen(7), dtype=F64)
+    got = split.into(*res, v, acc, torch.empty(2, 3, dtype=F64))
+    assert torch.allclose(got, acc + (v * r) @ W, rtol=1e-13)
+
+
+def test_rows_batched_matrix_products_write_into_rows_that_do_not_merge():
+    """The row forms of mm/addmm on blocks ``[k, b, S]``: views of rows written in place, rows
+    that do not merge (a time-major slice of ``[k, T, b, S]``) through a copy; both exact."""
+    from lanczos_ntk.operators._traced_step import _addmm_rows, _mm_rows
+
+    g = gen(7)
+    a, W = torch.randn(3, 4, 5, generator=g, dtype=F64), torch.randn(5, 2, generator=g, dtype=F64)
+    base = torch.randn(3, 4, 2, generator=g, dtype=F64)
+    want = 0.5 * base + 2.0 * torch.einsum("kbs,sn->kbn", a, W)
+    assert torch.allclose(_mm_rows(a, W), torch.einsum("kbs,sn->kbn", a, W), rtol=1e-13)
+    out = torch.empty(3, 4, 2, dtype=F64)
+    assert _addmm_rows(base, a, W, beta=0.5, alpha=2.0, out=out) is out
+    assert torch.allclose(out, want, rtol=1e-13)
+    buf = torch.zeros(3, 6, 4, 2, dtype=F64)  # [k, T, b, S]: the step-2 slice does not merge
+    strided = buf[:, 2]
+    strided.copy_(base)
+    assert _addmm_rows(strided, a, W, beta=0.5, alpha=2.0, out=strided) is strided
+    assert torch.allclose(buf[:, 2], want, rtol=1e-13) and buf[:, 1].abs().max() == 0
 
 
 def _folded(split) -> bool:
@@ -301,9 +362,10 @@ def test_the_direct_term_of_a_cell_is_traced(direct_now, params):
     assert lin.traced_direct() is not None
     form = next(v for key, v in lin.cell._traces.items() if key[0] == "direct")
     assert form.jvp_into is not None and form.vjp_scaled_late is not None
-    # blocks of 4 through the same parts traced under vmap: no graph over all rows recorded
-    assert form.jvp.blocks[4] is not None and form.vjp.blocks[4] is not None
+    # blocks of 4 through the same traced parts, vector by vector: no graph over all rows
+    # recorded, no vmap trace of the direct term
     assert lin._direct_graph is None
+    assert not form.jvp.blocks and not form.vjp.blocks
 
 
 def test_the_direct_term_keeps_its_graph_when_not_traced(monkeypatch):
@@ -351,6 +413,7 @@ def test_blocks_through_the_step_graphs_when_their_trace_fails(monkeypatch):
     from lanczos_ntk.operators import _traced_step
 
     monkeypatch.setattr(_traced_step._Split, "block", lambda self, residuals, *vectors: None)
+    monkeypatch.setattr(_traced_step._Split, "rows_into", lambda self, residuals, k: None)
     model, u = StepModule(), inputs(B=3)
     K = lnk.StateNTK(model, u)
     check_products(K, dense_jacobian(model, u), full=False)
@@ -656,13 +719,10 @@ def test_cell_path_gram_matches_dense_for_normal_forms():
         assert_operator_close(K.dual(), dense_gram(model, u), rtol=1e-10)
 
 
-def test_wide_blocks_split_by_trials_on_the_closed_form_path(monkeypatch):
-    import lanczos_ntk.operators._engine as engine
-
+def test_wide_blocks_on_the_closed_form_path_match_dense():
     model, u = models.CTRNN(4, 2, gain=1.7, seed=1), inputs(B=5)
-    monkeypatch.setattr(engine, "CPU_WORKING_SET", 1)  # one trial per pass
     K = lnk.StateNTK(model, u)
-    assert len(K.engine._row_groups(4, 5)) == 5 and len(K.engine._row_groups(1, 5)) == 1
+    assert K.plan.path == "closed_form"
     check_products(K, dense_jacobian(model, u), full=False)
 
 
