@@ -345,13 +345,14 @@ def thick_restart_lanczos(
         restarts += 1
         p = min(len(cand), ncv - b, k + max(0, (ncv - b - k) // 2))
         sel = cand[:p]
-        Y = state.Q[:, :m] @ Z[:, sel]
+        # the basis is stored vector by vector: the kept Ritz vectors as rows [p, n]
+        Y = torch.mm(Z[:, sel].T, state.Q[:, :m].T)
         nxt = state.Q[:, m : m + b].clone()
         if state.AQ is not None:
-            state.AQ[:, :p] = state.AQ[:, :m] @ Z[:, sel]
+            state.AQ[:, :p] = torch.mm(Z[:, sel].T, state.AQ[:, :m].T).T
         state.Q.zero_()
         state.T.zero_()
-        state.Q[:, :p] = Y
+        state.Q[:, :p] = Y.T
         state.Q[:, p : p + b] = nxt
         state.T[:p, :p] = torch.diag(theta[sel])
         state.T[p : p + b, :p] = coupling[:, sel]
