@@ -233,6 +233,16 @@ class TorchRNNLinearization:
         ys = fresh(
             "rnn.jvp", (T, b, k, H), X, self.scratch if reuse_out else None
         )  # the top layer's tangents
+        # made once per product, not per step: the transposed weights, the top layer's rows
+        # per step, and for the LSTM the gates times their coefficients and the cell tangents
+        # (two buffers, this step's and the previous one)
+        w_ihT = [w.T for w in self.w_ih]
+        w_hhT = [w.T for w in self.w_hh]
+        tops = ys.unbind(0)
+        if kind == "lstm":
+            m4 = [fresh(f"rnn.m{l}", (b, k, 4, H), X, self.scratch) for l in range(L)]
+            ifg, og = [m[:, :, :3] for m in m4], [m[:, :, 3] for m in m4]
+            cells = [[fresh(f"rnn.c{l}.{j}", (b, k, H), X, self.scratch) for j in (0, 1)] for l in range(L)]
         parts: list = []
         for t in range(T):
             if t % span == 0:
@@ -240,11 +250,11 @@ class TorchRNNLinearization:
             i = t % span
             dx = None  # the tangent of the layer's input [b·k, ·] (None: the fixed inputs)
             for l in range(L):
-                w_ih, w_hh, co, h_prev = self.w_ih[l], self.w_hh[l], self.per_step[l][t], dh[l]
-                dest = ys[t] if l == L - 1 else None
+                co, h_prev = self.per_step[l][t], dh[l]
+                dest = tops[t] if l == L - 1 else None
                 if kind == "gru":
-                    a = _plus_product(parts[l][0], i, zero, rows, dx, w_ih)
-                    g = _plus_product(parts[l][1], i, zero, rows, h_prev, w_hh)
+                    a = _plus_product(parts[l][0], i, zero, rows, dx, w_ihT[l])
+                    g = _plus_product(parts[l][1], i, zero, rows, h_prev, w_hhT[l])
                     s = torch.sum(
                         (a.view(b, k, 3, H) * co["a"]).addcmul_(g.view(b, k, 3, H), co["g"]), 2, out=dest
                     )
@@ -252,17 +262,17 @@ class TorchRNNLinearization:
                         s = s.addcmul_(co["z"], h_prev.view(b, k, H))
                     new = s.view(rows, H)
                 else:
-                    p = _plus_product(parts[l][0], i, zero, rows, dx, w_ih)
+                    p = _plus_product(parts[l][0], i, zero, rows, dx, w_ihT[l])
                     if h_prev is not None:
-                        p = p.addmm_(h_prev, w_hh.T)  # p is this product's own buffer
+                        p = p.addmm_(h_prev, w_hhT[l])  # p is this product's own buffer
                     if kind == "lstm":
-                        m = p.view(b, k, 4, H) * co["io"]  # every gate times its coefficient
-                        c_new = m[:, :, :3].sum(2)
+                        torch.mul(p.view(b, k, 4, H), co["io"], out=m4[l])  # every gate times its coefficient
+                        c_new = torch.sum(ifg[l], 2, out=cells[l][t & 1])
                         c_prev = dc[l]
                         if c_prev is not None:
-                            c_new = c_new.addcmul_(co["f"], c_prev)
+                            c_new.addcmul_(co["f"], c_prev)
                         dc[l] = c_new
-                        new = torch.addcmul(m[:, :, 3], co["beta"], c_new, out=dest).view(rows, H)
+                        new = torch.addcmul(og[l], co["beta"], c_new, out=dest).view(rows, H)
                     else:
                         new = torch.mul(p.view(b, k, H), co["d"], out=dest).view(rows, H)
                 dh[l] = dx = new
@@ -344,15 +354,16 @@ class TorchRNNLinearization:
         return self.spec.flatten(grads, batch_dims=1)
 
 
-def _plus_product(part, i: int, zero: torch.Tensor, rows: int, x, w: torch.Tensor) -> torch.Tensor:
-    """``part[i] + x wᵀ`` as ``[rows, ·]`` (``x`` None: no product), in place in ``part`` (this
-    product's own buffer); a new tensor when ``part`` is None (no parameter of it moves).
+def _plus_product(part, i: int, zero: torch.Tensor, rows: int, x, wT: torch.Tensor) -> torch.Tensor:
+    """``part[i] + x wᵀ`` as ``[rows, ·]`` (``x`` None: no product; ``wT`` the transposed
+    weight), in place in ``part`` (this product's own buffer); a new tensor when ``part`` is
+    None (no parameter of it moves).
     """
     if part is None:
         base = zero.reshape(rows, -1)
-        return base if x is None else torch.addmm(base, x, w.T)
+        return base if x is None else torch.addmm(base, x, wT)
     out = part[i].view(rows, -1)
-    return out if x is None else out.addmm_(x, w.T)
+    return out if x is None else out.addmm_(x, wT)
 
 
 def _broadcast_coefficients(kind: str, coef: dict, T: int, H: int) -> list[dict[str, torch.Tensor]]:
