@@ -115,7 +115,7 @@ class _Linearization:
         Vt = V.permute(2, 1, 0, 3)  # [T, b, k, n] (contiguous when V came from jvp)
         # L[t]: the cotangent on h_{t+1}, then (a state-dependent ∂ψ/∂z) on z_t
         L = fresh("closed.vjp", (T, B, k, n), V, self.scratch)
-        L[T - 1].copy_(Vt[T - 1])
+        L.copy_(Vt)  # v time-major in one copy; the recurrence adds into it in place
         d = self.d if isinstance(self.d, torch.Tensor) else None
         Wd = self.W * self._scale()
         da = None if self.da is None else self.da.unsqueeze(2)
@@ -125,15 +125,12 @@ class _Linearization:
                 lam.mul_(d[t].unsqueeze(1))  # now the cotangent on z_t
             if t == 0:
                 break
-            back = (lam.view(B * k, n) @ Wd).view(B, k, n)
             if self.psi_h != 0:
-                torch.add(Vt[t - 1], lam, alpha=self.psi_h, out=L[t - 1])
-            else:
-                L[t - 1].copy_(Vt[t - 1])
+                L[t - 1].add_(lam, alpha=self.psi_h)
             if da is None:
-                L[t - 1].add_(back)
+                L[t - 1].view(B * k, n).addmm_(lam.view(B * k, n), Wd)
             else:
-                L[t - 1].addcmul_(back, da[t])
+                L[t - 1].addcmul_((lam.view(B * k, n) @ Wd).view(B, k, n), da[t])
         cols = self.src.shape[-1]
         full = (L.reshape(T * B, k * n).T @ self.src.reshape(T * B, cols)).view(k, n, cols)
         full = full * self._scale()

@@ -545,11 +545,12 @@ class JacobianEngine:
         return cols
 
     # -- whole operator ------------------------------------------------------------------------
-    def _split(self, V: torch.Tensor, i: int) -> torch.Tensor:
+    def _split(self, Vk: torch.Tensor, i: int) -> torch.Tensor:
+        """Chunk ``i``'s part of the vectors ``Vk [k, M]`` as ``[k, b, T, c]``."""
         sl = self.chunks[i]
         n_per = self.steps * self.width
-        block = V[sl.start * n_per : sl.stop * n_per]
-        return block.T.reshape(V.shape[1], sl.stop - sl.start, self.steps, self.width)
+        rows = Vk[:, sl.start * n_per : sl.stop * n_per]
+        return rows.reshape(Vk.shape[0], sl.stop - sl.start, self.steps, self.width)
 
     def _columns(self, k: int):
         """Column groups of a block of ``k`` vectors that fit the budget in one pass."""
@@ -560,8 +561,9 @@ class JacobianEngine:
         """``Jᵀ V`` for ``V [M, k]``; returns ``[P, k]`` (one pass over the chunks)."""
         out = torch.zeros(V.shape[1], self.P, dtype=self.dtype, device=self.device)
         for cols in self._columns(V.shape[1]):
+            Vk = _vector_rows(V[:, cols], self._scratch)
             for i in range(len(self.chunks)):
-                out[cols] += self.vjp_chunk(i, self._split(V[:, cols], i))
+                out[cols] += self.vjp_chunk(i, self._split(Vk, i))
         self.num_vjp_vectors += V.shape[1]
         return self._reduce(out).T
 
@@ -610,6 +612,27 @@ class JacobianEngine:
         if self.group is not None:
             torch.distributed.all_reduce(out, group=self.group)
         return out
+
+
+def _vector_rows(V: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """``V [M, k]`` as ``[k, M]``, each vector contiguous (a view when it already is; else
+    in a work buffer of ``scratch``, valid until the next product).
+
+    A block usually arrives row-major (the ``k`` entries of a state together). On the CPU the
+    transpose goes through a product with the identity, which is exact (one nonzero term per
+    entry) and 4x faster than a strided copy (``3.3M × 10``: 11 against 41 ms); the copy
+    serves when the product is not finite (``0 · inf`` would spread to the other vectors) and
+    on other devices (where it is bandwidth bound, and the test would synchronise).
+    """
+    Vt = V.T
+    if Vt.is_contiguous() or V.shape[1] == 1:
+        return Vt.contiguous()
+    out = scratch.get("engine.rows", tuple(Vt.shape), V)
+    if V.device.type == "cpu" and V.dtype in (torch.float32, torch.float64):
+        torch.mm(torch.eye(V.shape[1], dtype=V.dtype), Vt, out=out)
+        if bool(torch.isfinite(out.sum())):
+            return out
+    return out.copy_(Vt)
 
 
 def _rebuild_engine(model: nn.Module, inputs: torch.Tensor, config: dict) -> JacobianEngine:

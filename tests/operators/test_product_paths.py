@@ -1186,3 +1186,22 @@ def test_a_direct_term_that_broadcasts_the_tangent(monkeypatch, after, params):
     for k in (1, 3):
         torch.testing.assert_close(K.jvp(X[:, :k]), J @ before[:, :k], rtol=1e-10, atol=1e-12)
     assert torch.equal(X, before)
+
+
+def test_a_row_major_block_is_transposed_exactly_even_with_an_infinite_entry():
+    """Blocks arrive row-major ``[M, k]``; the engine reads them vector by vector through a
+    product with the identity, exact to the bit, and by a plain copy when that product is not
+    finite (``0 · inf`` would otherwise spread into the other vectors)."""
+    from lanczos_ntk.operators._engine import _vector_rows
+    from lanczos_ntk.operators._scratch import Scratch
+
+    for dtype in (torch.float32, F64):
+        V = torch.randn(1001, 5, generator=gen(8), dtype=dtype)
+        V[3, 2] = torch.finfo(dtype).tiny / 4  # subnormal
+        got = _vector_rows(V, Scratch())
+        assert got.is_contiguous() and torch.equal(got, V.T)
+        V[7, 1] = float("inf")
+        got = _vector_rows(V, Scratch())
+        assert torch.equal(got, V.T) and torch.isfinite(got[[0, 2, 3, 4]]).all()
+    single = torch.randn(9, 1, dtype=F64)
+    assert _vector_rows(single, Scratch()).data_ptr() == single.data_ptr()  # a view
