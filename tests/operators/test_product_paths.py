@@ -392,6 +392,35 @@ def test_a_traced_direct_term_that_disagrees_is_refused(monkeypatch, direct_now)
     check_products(K, dense_jacobian(model, u), full=False)
 
 
+@pytest.mark.parametrize("wrong", [False, True])
+def test_the_direct_term_is_checked_on_rows_spread_over_times_and_trials(monkeypatch, direct_now, wrong):
+    """check_direct compares with autograd on every few rows (CHECK_ROWS), the traced parts
+    running over all of them: a right trace is taken (and agrees with the dense truth), one
+    whose ``Cᵀ λ`` is off by 1% on a compared row is refused."""
+    from lanczos_ntk.operators import _traced_step
+
+    model, u = StepModule(), inputs(B=3)
+    rows = u.shape[0] * u.shape[1]
+    monkeypatch.setattr(_traced_step, "CHECK_ROWS", 4)  # every ceil(rows / 4)-th row compared
+    wrong_row = -(-rows // 4)  # the second compared row
+    if wrong:
+        real = _traced_step.DirectTrace.vjp
+
+        def vjp(self, lam):
+            one = torch.zeros_like(lam)
+            one[wrong_row] = lam[wrong_row]
+            return tuple(g + 0.01 * e for g, e in zip(real(self, lam), real(self, one)))
+
+        monkeypatch.setattr(_traced_step.DirectTrace, "vjp", vjp)
+    K = lnk.StateNTK(model, u)
+    traced = _linearization(K).traced_direct()
+    if not wrong:
+        assert traced is not None
+        check_products(K, dense_jacobian(model, u), full=False)
+    else:
+        assert traced is None
+
+
 def test_a_folded_form_that_disagrees_is_replaced_by_the_plain_sum(monkeypatch):
     from lanczos_ntk.operators import _traced_step
 
