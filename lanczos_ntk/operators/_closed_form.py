@@ -91,23 +91,35 @@ class _Linearization:
             )
         Y = fresh("closed.jvp", (T * B, k * n), X, self.scratch if reuse_out else None)
         torch.mm(self.src.reshape(T * B, cols), torch.cat(rows) * self._scale(), out=Y)
-        Y = Y.view(T, B, k, n)
-        d = self.d if isinstance(self.d, torch.Tensor) else None
         WT = (self.W * self._scale()).T
-        da = None if self.da is None else self.da.unsqueeze(2)  # [T, b, 1, n]
-        d4 = None if d is None else d.unsqueeze(2)
+        ys, flat = Y.view(T, B, k, n).unbind(0), Y.view(T, B * k, n).unbind(0)  # views per step
+        da, d4 = self._per_step()
+        psi = self.psi_h
         tmp = fresh("closed.tmp", (B, k, n), X, self.scratch) if da is not None else None
-        for t in range(T):
-            y = Y[t]
-            if t > 0:
-                prev = Y[t - 1]
-                inner = prev if da is None else torch.mul(prev, da[t], out=tmp)
-                y.view(B * k, n).addmm_(inner.view(B * k, n), WT)
+        tmp_flat = None if tmp is None else tmp.view(B * k, n)
+        if d4 is not None:
+            ys[0].mul_(d4[0])
+        for t in range(1, T):
+            if da is None:
+                flat[t].addmm_(flat[t - 1], WT)
+            else:
+                torch.mul(ys[t - 1], da[t], out=tmp)
+                flat[t].addmm_(tmp_flat, WT)
             if d4 is not None:
-                y.mul_(d4[t])
-            if t > 0 and self.psi_h != 0:
-                y.add_(Y[t - 1], alpha=self.psi_h)
-        return Y.permute(2, 1, 0, 3)
+                ys[t].mul_(d4[t])
+            if psi != 0:
+                ys[t].add_(ys[t - 1], alpha=psi)
+        return Y.view(T, B, k, n).permute(2, 1, 0, 3)
+
+    def _per_step(self) -> tuple[tuple | None, tuple | None]:
+        """``a'(h_t)`` and a state-dependent ``∂ψ/∂z`` per step as ``[b, 1, n]`` views that
+        broadcast over a block (None where they are not tensors), made once.
+        """
+        if not hasattr(self, "_steps"):
+            da = None if self.da is None else self.da.unsqueeze(2).unbind(0)
+            d = self.d.unsqueeze(2).unbind(0) if isinstance(self.d, torch.Tensor) else None
+            self._steps = (da, d)
+        return self._steps
 
     def vjp(self, V: torch.Tensor) -> torch.Tensor:
         """``[k, b, T, n] -> [k, P]``."""
@@ -116,21 +128,25 @@ class _Linearization:
         # L[t]: the cotangent on h_{t+1}, then (a state-dependent ∂ψ/∂z) on z_t
         L = fresh("closed.vjp", (T, B, k, n), V, self.scratch)
         L.copy_(Vt)  # v time-major in one copy; the recurrence adds into it in place
-        d = self.d if isinstance(self.d, torch.Tensor) else None
         Wd = self.W * self._scale()
-        da = None if self.da is None else self.da.unsqueeze(2)
-        for t in range(T - 1, -1, -1):
-            lam = L[t]
-            if d is not None:
-                lam.mul_(d[t].unsqueeze(1))  # now the cotangent on z_t
-            if t == 0:
-                break
-            if self.psi_h != 0:
-                L[t - 1].add_(lam, alpha=self.psi_h)
+        ls, flat = L.unbind(0), L.view(T, B * k, n).unbind(0)  # views per step
+        da, d4 = self._per_step()
+        psi = self.psi_h
+        back = fresh("closed.back", (B * k, n), V, self.scratch) if da is not None else None
+        back3 = None if back is None else back.view(B, k, n)
+        for t in range(T - 1, 0, -1):
+            lam = ls[t]
+            if d4 is not None:
+                lam.mul_(d4[t])  # now the cotangent on z_t
+            if psi != 0:
+                ls[t - 1].add_(lam, alpha=psi)
             if da is None:
-                L[t - 1].view(B * k, n).addmm_(lam.view(B * k, n), Wd)
+                flat[t - 1].addmm_(flat[t], Wd)
             else:
-                L[t - 1].addcmul_((lam.view(B * k, n) @ Wd).view(B, k, n), da[t])
+                torch.mm(flat[t], Wd, out=back)
+                ls[t - 1].addcmul_(back3, da[t])
+        if d4 is not None:
+            ls[0].mul_(d4[0])
         cols = self.src.shape[-1]
         full = (L.reshape(T * B, k * n).T @ self.src.reshape(T * B, cols)).view(k, n, cols)
         full = full * self._scale()
