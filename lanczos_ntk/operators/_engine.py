@@ -409,10 +409,13 @@ class JacobianEngine:
             # the graph of its VJP
             assert self._cell is not None  # "cell" is chosen only once a cell is found
             S = self._cell.state_size
-            return 4 * per + T * d * isz, per + 3 * T * S * isz
-        # the dual graph of a VJP of a VJP, or the traced JVP next to the VJP's graph
+            # per vector: the direct term and the tangents, the cotangents, one vector's
+            # direct term in a block, and the vector read row by row
+            return 4 * per + T * d * isz, per + 4 * T * S * isz
+        # the dual graph of a VJP of a VJP, or the traced JVP next to the VJP's graph; per
+        # vector its outputs, its cotangents and the vector read row by row
         factor = 2 if self.jvp_mode in ("double_vjp", "linearize") else 1
-        return factor * per + T * d * isz, per + 2 * T * c * isz
+        return factor * per + T * d * isz, per + 3 * T * c * isz
 
     def _make_plan(self, budget: int, chunk_size: int | None, cache: bool | None) -> ProductPlan:
         c, w = self._trial_bytes()
@@ -545,12 +548,14 @@ class JacobianEngine:
         return cols
 
     # -- whole operator ------------------------------------------------------------------------
-    def _split(self, Vk: torch.Tensor, i: int) -> torch.Tensor:
-        """Chunk ``i``'s part of the vectors ``Vk [k, M]`` as ``[k, b, T, c]``."""
+    def _split(self, V: torch.Tensor, i: int) -> torch.Tensor:
+        """Chunk ``i``'s rows of ``V [M, k]`` as ``[k, b, T, c]``, each vector contiguous (a
+        work buffer, valid until the next product, when ``V`` is row-major).
+        """
         sl = self.chunks[i]
         n_per = self.steps * self.width
-        rows = Vk[:, sl.start * n_per : sl.stop * n_per]
-        return rows.reshape(Vk.shape[0], sl.stop - sl.start, self.steps, self.width)
+        rows = _vector_rows(V[sl.start * n_per : sl.stop * n_per], self._scratch)
+        return rows.view(V.shape[1], sl.stop - sl.start, self.steps, self.width)
 
     def _columns(self, k: int):
         """Column groups of a block of ``k`` vectors that fit the budget in one pass."""
@@ -561,9 +566,8 @@ class JacobianEngine:
         """``Jᵀ V`` for ``V [M, k]``; returns ``[P, k]`` (one pass over the chunks)."""
         out = torch.zeros(V.shape[1], self.P, dtype=self.dtype, device=self.device)
         for cols in self._columns(V.shape[1]):
-            Vk = _vector_rows(V[:, cols], self._scratch)
             for i in range(len(self.chunks)):
-                out[cols] += self.vjp_chunk(i, self._split(Vk, i))
+                out[cols] += self.vjp_chunk(i, self._split(V[:, cols], i))
         self.num_vjp_vectors += V.shape[1]
         return self._reduce(out).T
 

@@ -65,7 +65,7 @@ def trial_bytes(kind: str, layers: int, hidden: int, d: int, T: int, itemsize: i
     if kind in FUSED_VJP:
         cached += T * (inputs + layers * (g + 3 * H))  # the module's retained graph (gates, states)
     cotangents = (2 if kind == "gru" else 1) * layers * g
-    work = T * (2 * layers * g + cotangents + 2 * H)  # parameter parts, μ, outputs
+    work = T * (2 * layers * g + cotangents + 3 * H)  # parameter parts, μ, outputs, v by rows
     return cached * itemsize, work * itemsize
 
 
