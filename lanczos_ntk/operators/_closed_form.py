@@ -95,8 +95,8 @@ class _Linearization:
         ys, flat = Y.view(T, B, k, n).unbind(0), Y.view(T, B * k, n).unbind(0)  # views per step
         da, d4 = self._per_step()
         psi = self.psi_h
-        tmp = fresh("closed.tmp", (B, k, n), X, self.scratch) if da is not None else None
-        tmp_flat = None if tmp is None else tmp.view(B * k, n)
+        tmp = fresh("closed.tmp", (B, k, n), X, self.scratch)  # a'(h) ⊙ δ (unused without a')
+        tmp_flat = tmp.view(B * k, n)
         if d4 is not None:
             ys[0].mul_(d4[0])
         for t in range(1, T):
@@ -132,8 +132,8 @@ class _Linearization:
         ls, flat = L.unbind(0), L.view(T, B * k, n).unbind(0)  # views per step
         da, d4 = self._per_step()
         psi = self.psi_h
-        back = fresh("closed.back", (B * k, n), V, self.scratch) if da is not None else None
-        back3 = None if back is None else back.view(B, k, n)
+        back = fresh("closed.back", (B * k, n), V, self.scratch)  # λ Wd (unused without a')
+        back3 = back.view(B, k, n)
         for t in range(T - 1, 0, -1):
             lam = ls[t]
             if d4 is not None:
