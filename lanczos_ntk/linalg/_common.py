@@ -28,8 +28,9 @@ def as_work(mv: Matmul, dtype: torch.dtype, device: torch.device | str) -> Matmu
     """Wrap ``mv`` so it takes and returns float64 on ``device``, calling it in ``dtype``."""
 
     def work(X: torch.Tensor) -> torch.Tensor:
-        # a copy: the caller's basis must survive a matvec that returns or edits its input
-        Y = mv(X.to(dtype=dtype, device=device, copy=True))
+        # a contiguous copy: the caller's basis must survive a matvec that returns or edits its
+        # input, and a matvec may view its input as it likes
+        Y = mv(X.to(dtype=dtype, device=device, copy=True, memory_format=torch.contiguous_format))
         if not isinstance(Y, torch.Tensor):
             raise TypeError(f"the matvec returned {type(Y).__name__}, expected a torch.Tensor")
         if Y.shape != X.shape:

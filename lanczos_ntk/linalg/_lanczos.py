@@ -297,7 +297,7 @@ def lanczos(
     B = state.T[m : m + b, m - b : m]
     R = state.Q[:, m : m + b] @ B
     return LanczosDecomposition(
-        basis=state.Q[:, :m].clone(),
+        basis=state.Q[:, :m].clone(memory_format=torch.contiguous_format),
         T=T,
         residual=R,
         alpha=torch.diagonal(T).clone(),

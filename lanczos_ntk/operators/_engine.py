@@ -623,20 +623,39 @@ def _vector_rows(V: torch.Tensor, scratch: Scratch) -> torch.Tensor:
     in a work buffer of ``scratch``, valid until the next product).
 
     A block usually arrives row-major (the ``k`` entries of a state together). On the CPU the
-    transpose goes through a product with the identity, which is exact (one nonzero term per
-    entry) and 4x faster than a strided copy (``3.3M × 10``: 11 against 41 ms); the copy
-    serves when the product is not finite (``0 · inf`` would spread to the other vectors) and
-    on other devices (where it is bandwidth bound, and the test would synchronise).
+    transpose goes through a product with the identity, which is exact in full precision (one
+    nonzero term per entry; a ``-0.0`` may come back as ``0.0``) and 4x faster than a strided
+    copy (``3.3M × 10``: 11 against 41 ms); the copy serves when the product is not finite
+    (``0 · inf`` would spread to the other vectors), when float32 products run in reduced
+    precision, and on other devices (where it is bandwidth bound, and the test would
+    synchronise).
     """
     Vt = V.T
     if Vt.is_contiguous() or V.shape[1] == 1:
         return Vt.contiguous()
-    out = scratch.get("engine.rows", tuple(Vt.shape), V)
-    if V.device.type == "cpu" and V.dtype in (torch.float32, torch.float64):
-        torch.mm(torch.eye(V.shape[1], dtype=V.dtype), Vt, out=out)
+    k, rows = Vt.shape
+    # one flat buffer the size of the largest chunk's rows, so that an uneven last chunk takes a
+    # prefix of it instead of a new allocation
+    buf = scratch.get("engine.rows", (max(k * rows, scratch.sizes.get("engine.rows", 0)),), V)
+    out = buf[: k * rows].view(k, rows)
+    if V.device.type == "cpu" and _exact_matmul(V.dtype):
+        torch.mm(torch.eye(k, dtype=V.dtype), Vt, out=out)
         if bool(torch.isfinite(out.sum())):
             return out
     return out.copy_(Vt)
+
+
+def _exact_matmul(dtype: torch.dtype) -> bool:
+    """Whether a CPU matrix product in ``dtype`` is carried out in full precision (float64, or
+    float32 unless torch was told to use reduced precision, e.g. bfloat16 passes, for float32
+    matrix products: those would round the entries the identity picks out).
+    """
+    if dtype == torch.float64:
+        return True
+    if dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest":
+        return False
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
 
 
 def _rebuild_engine(model: nn.Module, inputs: torch.Tensor, config: dict) -> JacobianEngine:

@@ -44,6 +44,11 @@ class Scratch:
         self._buffers.clear()
 
     @property
+    def sizes(self) -> dict[str, int]:
+        """Elements held under each name."""
+        return {name: b.numel() for name, b in self._buffers.items()}
+
+    @property
     def nbytes(self) -> int:
         """Bytes held."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
