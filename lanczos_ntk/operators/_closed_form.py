@@ -63,6 +63,10 @@ class _Linearization:
                 else:
                     self.d = float(d)
         self.psi_h = owner.psi_h
+        # a'(h_t) and a state-dependent ∂ψ/∂z per step as [b, 1, n] views that broadcast over a
+        # block (None where they are not tensors)
+        self.da_t = None if self.da is None else self.da.unsqueeze(2).unbind(0)
+        self.d_t = self.d.unsqueeze(2).unbind(0) if isinstance(self.d, torch.Tensor) else None
         if isinstance(self.d, torch.Tensor) and self.psi_h != 0:
             raise ValueError("the closed form takes a state-dependent ∂ψ/∂z only with ∂ψ/∂h = 0")
         self.sizes = (n, d_in)
@@ -93,7 +97,7 @@ class _Linearization:
         torch.mm(self.src.reshape(T * B, cols), torch.cat(rows) * self._scale(), out=Y)
         WT = (self.W * self._scale()).T
         ys, flat = Y.view(T, B, k, n).unbind(0), Y.view(T, B * k, n).unbind(0)  # views per step
-        da, d4 = self._per_step()
+        da, d4 = self.da_t, self.d_t
         psi = self.psi_h
         tmp = fresh("closed.tmp", (B, k, n), X, self.scratch)  # a'(h) ⊙ δ (unused without a')
         tmp_flat = tmp.view(B * k, n)
@@ -111,16 +115,6 @@ class _Linearization:
                 ys[t].add_(ys[t - 1], alpha=psi)
         return Y.view(T, B, k, n).permute(2, 1, 0, 3)
 
-    def _per_step(self) -> tuple[tuple | None, tuple | None]:
-        """``a'(h_t)`` and a state-dependent ``∂ψ/∂z`` per step as ``[b, 1, n]`` views that
-        broadcast over a block (None where they are not tensors), made once.
-        """
-        if not hasattr(self, "_steps"):
-            da = None if self.da is None else self.da.unsqueeze(2).unbind(0)
-            d = self.d.unsqueeze(2).unbind(0) if isinstance(self.d, torch.Tensor) else None
-            self._steps = (da, d)
-        return self._steps
-
     def vjp(self, V: torch.Tensor) -> torch.Tensor:
         """``[k, b, T, n] -> [k, P]``."""
         k, B, T, n = V.shape
@@ -130,7 +124,7 @@ class _Linearization:
         L.copy_(Vt)  # v time-major in one copy; the recurrence adds into it in place
         Wd = self.W * self._scale()
         ls, flat = L.unbind(0), L.view(T, B * k, n).unbind(0)  # views per step
-        da, d4 = self._per_step()
+        da, d4 = self.da_t, self.d_t
         psi = self.psi_h
         back = fresh("closed.back", (B * k, n), V, self.scratch)  # λ Wd (unused without a')
         back3 = back.view(B, k, n)

@@ -318,19 +318,29 @@ _ROW_FORMS: dict[Any, Callable[..., torch.Tensor]] = {_aten.mm.default: _mm_rows
 # operations with a dimension argument: (position of the dimension(s), extra rank of the
 # result over the input's: unsqueeze counts a dimension more)
 _DIM_ARGS: dict[Any, tuple[int, int]] = {
-    _aten.cat.default: (1, 0),
-    _aten.slice.Tensor: (1, 0),
-    _aten.select.int: (1, 0),
-    _aten.sum.dim_IntList: (1, 0),
-    _aten.mean.dim: (1, 0),
-    _aten.split.Tensor: (2, 0),
-    _aten.split_with_sizes.default: (2, 0),
+    **dict.fromkeys(
+        (
+            _aten.cat.default,
+            _aten.slice.Tensor,
+            _aten.select.int,
+            _aten.sum.dim_IntList,
+            _aten.mean.dim,
+            _aten.squeeze.dim,
+            _aten._softmax.default,
+            _aten._log_softmax.default,
+        ),
+        (1, 0),
+    ),
+    **dict.fromkeys(
+        (
+            _aten.split.Tensor,
+            _aten.split_with_sizes.default,
+            _aten._softmax_backward_data.default,
+            _aten._log_softmax_backward_data.default,
+        ),
+        (2, 0),
+    ),
     _aten.unsqueeze.default: (1, 1),
-    _aten.squeeze.dim: (1, 0),
-    _aten._softmax.default: (1, 0),
-    _aten._softmax_backward_data.default: (2, 0),
-    _aten._log_softmax.default: (1, 0),
-    _aten._log_softmax_backward_data.default: (2, 0),
 }
 
 
@@ -499,35 +509,32 @@ class _Split:
             )
             try:
                 fn = rows_batched(self._folded).forward
-                ok = True
-                for res in (residuals, drawn):
+
+                def agrees(res: tuple) -> bool:  # fresh out, and out aliasing acc
                     want = torch.stack([acc[j] + self.apply(*res, vec[j]) for j in range(k)])
                     with warnings.catch_warnings():  # e.g. an out= of the wrong shape, resized
                         warnings.simplefilter("ignore")
-                        got = fn(*res, vec, acc.clone(), torch.empty_like(acc))
-                        aliased = acc.clone()
-                        got_aliased = fn(*res, vec, aliased, aliased)
-                    scale = float(vec.abs().max())
-                    ok = (
-                        ok
-                        and same_to_rounding(got, want, scale)
-                        and same_to_rounding(got_aliased, want, scale)
-                    )
-                if ok:
+                        got = [
+                            fn(*res, vec, acc.clone(), torch.empty_like(acc)),
+                            fn(*res, vec, *[acc.clone()] * 2),
+                        ]
+                    return all(same_to_rounding(g, want, float(vec.abs().max())) for g in got)
+
+                if agrees(residuals) and agrees(drawn):
                     self._rows_into[k] = fn
             except Exception:  # a shape written into the map, or an operation not row by row
                 pass
         return self._rows_into[k]
 
-    def block(self, residuals: tuple, *vectors: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-        """The linear part for ``k`` vectors at once (each input ``[k, ...]``; traced once per
-        ``k`` under ``vmap``, with the same residuals), checked against :attr:`apply` column by
-        column; None if it fails. Its outputs carry the ``k`` first.
+    def block(self, residuals: tuple, vectors: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+        """The linear part for ``k`` vectors ``[k, ...]`` at once (traced once per ``k`` under
+        ``vmap``, with the same residuals), checked against :attr:`apply` column by column;
+        None if it fails. Its output carries the ``k`` first.
         """
-        k = vectors[0].shape[0]
+        k = vectors.shape[0]
         if k not in self.blocks:
             self.blocks[k] = None
-            vmapped = torch.func.vmap(self.apply, in_dims=(None,) * len(residuals) + (0,) * len(vectors))
+            vmapped = torch.func.vmap(self.apply, in_dims=(None,) * len(residuals) + (0,))
 
             def batched(*args: torch.Tensor) -> torch.Tensor:  # a signature make_fx can read
                 return vmapped(*args)
@@ -537,24 +544,16 @@ class _Split:
                     warnings.simplefilter("ignore")
                     gm = _any_strides(
                         make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(
-                            *residuals, *vectors
+                            *residuals, vectors
                         )
                     )
                 if _writes_into_inputs(gm.graph):
                     return None
-                got = gm.forward(*residuals, *vectors)
-                columns = [self.apply(*residuals, *col) for col in zip(*vectors)]
+                got = gm.forward(*residuals, vectors)
+                want = torch.stack([self.apply(*residuals, col) for col in vectors])
             except Exception:  # the columns one by one through autograd's graphs instead
                 return None
-            scale = max(float(v.abs().max()) for v in vectors)
-            if isinstance(got, tuple):
-                same = all(
-                    same_to_rounding(g, torch.stack([c[i] for c in columns]), scale)
-                    for i, g in enumerate(got)
-                )
-            else:
-                same = same_to_rounding(got, torch.stack(columns), scale)
-            if same:
+            if same_to_rounding(got, want, float(vectors.abs().max())):
                 self.blocks[k] = gm.forward
         return self.blocks[k]
 
