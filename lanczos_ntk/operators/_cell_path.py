@@ -182,8 +182,10 @@ class CellLinearization:
             ys.append(d[..., out])
         return torch.stack(ys, 2)
 
-    def vjp(self, V: torch.Tensor) -> torch.Tensor:
-        """``[k, b, T, c] -> [k, P]``."""
+    def vjp(self, V: torch.Tensor, consume: bool = False) -> torch.Tensor:
+        """``[k, b, T, c] -> [k, P]`` (with ``consume``, ``V`` may be overwritten: the
+        recurrence then runs in place in a time-major ``V``, as :meth:`jvp` leaves it).
+        """
         k = V.shape[0]
         b, T, S = self.shape
         out = self.cell.out
@@ -191,12 +193,16 @@ class CellLinearization:
         Vt = V.permute(2, 0, 1, 3)  # [T, k, b, c]
         if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
             step, _, res = products
-            # v time-major in one copy (as the products of J x leave it, that is a plain copy);
-            # the recurrence then adds into it in place: λ_{t-1} = v_{t-1} + A_tᵀ λ_t
-            lams = fresh("cell.vjp", (T, k, b, S), V, self.scratch)
-            if self._whole:
+            # v time-major in one copy (as the products of J x leave it, that is a plain copy,
+            # and none for a consumed V); the recurrence then adds into it in place:
+            # λ_{t-1} = v_{t-1} + A_tᵀ λ_t
+            if consume and self._whole and Vt.is_contiguous():
+                lams = Vt
+            elif self._whole:
+                lams = fresh("cell.vjp", (T, k, b, S), V, self.scratch)
                 lams.copy_(Vt)
             else:
+                lams = fresh("cell.vjp", (T, k, b, S), V, self.scratch)
                 lams.zero_()
                 lams[..., out] = Vt
             ls = (lams[:, 0] if k == 1 else lams).unbind(0)

@@ -115,13 +115,19 @@ class _Linearization:
                 ys[t].add_(ys[t - 1], alpha=psi)
         return Y.view(T, B, k, n).permute(2, 1, 0, 3)
 
-    def vjp(self, V: torch.Tensor) -> torch.Tensor:
-        """``[k, b, T, n] -> [k, P]``."""
+    def vjp(self, V: torch.Tensor, consume: bool = False) -> torch.Tensor:
+        """``[k, b, T, n] -> [k, P]`` (with ``consume``, ``V`` may be overwritten: the
+        recurrence then runs in place in a time-major ``V``, as :meth:`jvp` leaves it).
+        """
         k, B, T, n = V.shape
         Vt = V.permute(2, 1, 0, 3)  # [T, b, k, n] (contiguous when V came from jvp)
-        # L[t]: the cotangent on h_{t+1}, then (a state-dependent ∂ψ/∂z) on z_t
-        L = fresh("closed.vjp", (T, B, k, n), V, self.scratch)
-        L.copy_(Vt)  # v time-major in one copy; the recurrence adds into it in place
+        # L[t]: the cotangent on h_{t+1}, then (a state-dependent ∂ψ/∂z) on z_t; v time-major
+        # in one copy (none for a consumed V), the recurrence adds into it in place
+        if consume and Vt.is_contiguous():
+            L = Vt
+        else:
+            L = fresh("closed.vjp", (T, B, k, n), V, self.scratch)
+            L.copy_(Vt)
         Wd = self.W * self._scale()
         ls, flat = L.unbind(0), L.view(T, B * k, n).unbind(0)  # views per step
         da, d4 = self.da_t, self.d_t

@@ -496,11 +496,13 @@ class JacobianEngine:
         step = k if torch.device(self.device).type != "cpu" else max(1, working_set // max(per_column, 1))
         return [slice(s, min(s + step, k)) for s in range(0, k, step)]
 
-    def vjp_chunk(self, i: int, V: torch.Tensor) -> torch.Tensor:
-        """``J_iᵀ V`` for ``V [k, b, T, c]``; returns ``[k, P]``."""
+    def vjp_chunk(self, i: int, V: torch.Tensor, consume: bool = False) -> torch.Tensor:
+        """``J_iᵀ V`` for ``V [k, b, T, c]``; returns ``[k, P]``. With ``consume``, ``V`` is a
+        work buffer that the product may overwrite (``J_i X`` inside ``Jᵀ J X``).
+        """
         lin = self._linearization(i)
         if self.jvp_mode in ("structured", "cell"):
-            return lin.vjp(V)
+            return lin.vjp(V, consume=consume)
         return self.spec.flatten(lin.vjp(V), batch_dims=1)  # all k share one reverse pass
 
     def jvp_chunk(self, i: int, X: torch.Tensor) -> torch.Tensor:
@@ -606,7 +608,7 @@ class JacobianEngine:
         out = torch.zeros_like(Xt)
         for cols in self._columns(X.shape[1]):
             for i in range(len(self.chunks)):
-                out[cols] += self.vjp_chunk(i, self.jvp_chunk(i, Xt[cols]))
+                out[cols] += self.vjp_chunk(i, self.jvp_chunk(i, Xt[cols]), consume=True)
         self._count_jvp(X.shape[1])
         self.num_vjp_vectors += X.shape[1]
         return self._reduce(out).T

@@ -278,8 +278,10 @@ class TorchRNNLinearization:
                 dh[l] = dx = new
         return ys.permute(2, 1, 0, 3)  # [k, b, T, H]
 
-    def vjp(self, V: torch.Tensor) -> torch.Tensor:
-        """``[k, b, T, H] -> [k, P]``."""
+    def vjp(self, V: torch.Tensor, consume: bool = False) -> torch.Tensor:
+        """``[k, b, T, H] -> [k, P]`` (``V`` is only read; ``consume`` is accepted as by the
+        other paths).
+        """
         k = V.shape[0]
         if k == 1 and self.graph is not None:
             return self.spec.flatten(self.graph.vjp(V), batch_dims=1)

@@ -1098,6 +1098,35 @@ def test_linearize_needs_forward_mode():
 
 
 @pytest.mark.parametrize(
+    "model, buffer",
+    [(lambda: models.CTRNN(3, 2, seed=0).double(), "closed.vjp"), (StepModule, "cell.vjp")],
+)
+def test_a_gram_product_runs_its_adjoint_in_place_of_its_own_tangents(model, buffer):
+    """Inside Jᵀ J X the adjoint recurrence runs in the buffer J X was written to (no copy, no
+    second buffer), with the same result as J and Jᵀ one after the other; K's adjoint, whose
+    input is the caller's, still copies it."""
+    model, u = model(), inputs(B=3, T=4)
+    big = lnk.StateNTK(model, u).plan
+    one = (big.cache_bytes + big.work_bytes_per_vector) // 3  # a trial's share
+    K = lnk.StateNTK(model, u, memory_budget=int(1.5 * one))
+    assert K.plan.num_chunks > 1
+    J = dense_jacobian(model, u)
+    X = torch.randn(J.shape[1], 3, generator=gen(5), dtype=F64)
+    for k in (1, 3):
+        got = K.dual().matmul(X[:, :k])
+        torch.testing.assert_close(got, J.T @ (J @ X[:, :k]), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, K.vjp(K.jvp(X[:, :k])), rtol=1e-12, atol=1e-12)
+    K.engine._scratch.clear()
+    K.dual().matmul(X)
+    assert buffer not in K.engine._scratch.sizes
+    V = K.jvp(X)
+    before = V.clone()
+    K.vjp(V)
+    assert buffer in K.engine._scratch.sizes
+    torch.testing.assert_close(V, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
     "model",
     [
         lambda: models.CTRNN(3, 2, seed=0).double(),
