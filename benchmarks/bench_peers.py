@@ -198,37 +198,40 @@ def peer_per_product(f, params, u):
     return scipy_top(matvec, P, u.dtype)
 
 
+def linearize_works(f, params, u):
+    """Whether ``torch.func.linearize``'s function gives ``J x`` here, call after call: torch
+    2.13's linearize of ``nn.GRU`` / ``nn.LSTM`` (CPU) is right on its first call only. Checked
+    once per row, outside the timed pipelines."""
+    tangents, P = _tangents(params)
+    t = tangents(torch.randn(P, 1, generator=torch.Generator().manual_seed(3), dtype=u.dtype))
+    t = {k: c[0] for k, c in t.items()}
+    try:
+        _, jvp_fn = linearize(lambda p: f(p, u), params)
+        want = jvp(lambda p: f(p, u), (params,), (t,))[1]
+    except NotImplementedError:  # no forward mode
+        return False
+    scale = 1e-4 * float(want.abs().max())
+    return all(float((jvp_fn(t) - want).abs().max()) <= scale for _ in range(2))
+
+
 class Linearised:
     """The peer's ``G`` products with the forward done once: ``torch.func.linearize`` for ``J x``
-    (without a working forward mode, a VJP of the retained graph's VJP) and the retained graph
-    for ``Jᵀ``; for one column (:meth:`matvec`), a block column by column (:meth:`looped`) or
-    a block in one batched call (:meth:`batched`: ``vmap`` of the linearised ``J``, or
-    ``is_grads_batched`` through the double-backward graph, then a batched ``autograd.grad``).
+    where it works (:func:`linearize_works`), else a VJP of the retained graph's VJP, and the
+    retained graph for ``Jᵀ``; for one column (:meth:`matvec`), a block column by column
+    (:meth:`looped`) or a block in one batched call (:meth:`batched`: ``vmap`` of the linearised
+    ``J``, or ``is_grads_batched`` through the double-backward graph, then a batched
+    ``autograd.grad``).
     """
 
-    def __init__(self, f, params, u):
+    def __init__(self, f, params, u, use_linearize):
         self.tangents, self.P = _tangents(params)
         self.names = list(params)
         self.leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         self.out = f(self.leaves, u)
-        w = torch.zeros_like(self.out, requires_grad=True)
-        self.gw = torch.autograd.grad(self.out, self._leaves(), w, create_graph=True)
-        self.w = w
-        self.jvp_fn = None
-        try:
-            _, jvp_fn = linearize(lambda p: f(p, u), params)
-            # torch 2.13's linearize of nn.GRU / nn.LSTM gives the right J x on its first call
-            # only: a function whose calls disagree with J x from scratch is not used
-            t = self.tangents(
-                torch.randn(self.P, 1, generator=torch.Generator().manual_seed(3), dtype=u.dtype)
-            )
-            t = {k: c[0] for k, c in t.items()}
-            want = jvp(lambda p: f(p, u), (params,), (t,))[1]
-            scale = 1e-4 * float(want.abs().max())
-            if all(float((jvp_fn(t) - want).abs().max()) <= scale for _ in range(2)):
-                self.jvp_fn = jvp_fn
-        except NotImplementedError:  # no forward mode
-            pass
+        self.jvp_fn = linearize(lambda p: f(p, u), params)[1] if use_linearize else None
+        if self.jvp_fn is None:
+            self.w = torch.zeros_like(self.out, requires_grad=True)
+            self.gw = torch.autograd.grad(self.out, self._leaves(), self.w, create_graph=True)
 
     def _leaves(self):
         return [self.leaves[k] for k in self.names]
@@ -239,52 +242,49 @@ class Linearised:
         ts = [t[k] for k in self.names]
         return torch.autograd.grad(self.gw, self.w, ts, retain_graph=True, is_grads_batched=batched)[0]
 
+    def _back(self, Jx, batched=False):
+        g = torch.autograd.grad(self.out, self._leaves(), Jx, retain_graph=True, is_grads_batched=batched)
+        return _flat(g if batched else [a[None] for a in g])
+
     def matvec(self, x):
-        t = {k: c[0] for k, c in self.tangents(x).items()}
-        g = torch.autograd.grad(self.out, self._leaves(), self._jx(t), retain_graph=True)
-        return _flat([a[None] for a in g])
+        return self._back(self._jx({k: c[0] for k, c in self.tangents(x).items()}))
 
     def looped(self, X):
         return torch.cat([self.matvec(X[:, j : j + 1]) for j in range(X.shape[1])], 1)
 
     def batched(self, X):
-        Jx = self._jx(self.tangents(X), batched=True)
-        return _flat(
-            torch.autograd.grad(self.out, self._leaves(), Jx, retain_graph=True, is_grads_batched=True)
-        )
+        return self._back(self._jx(self.tangents(X), batched=True), batched=True)
 
 
-def peer_linearised(f, params, u):
-    lin = Linearised(f, params, u)
+def peer_linearised(f, params, u, use_linearize):
+    lin = Linearised(f, params, u, use_linearize)
     return scipy_top(lin.matvec, lin.P, u.dtype)
 
 
-def peer_block_forms(f, params, u):
+def peer_block_forms(f, params, u, use_linearize):
     """``G X`` for a block of columns as a user of ``torch.func`` would write it:
     ``{form: build}``, ``build()`` returning the product function: the linearised products
     column by column or batched (:class:`Linearised`), and a batched call from scratch (``J X``
-    by ``vmap`` of forward-mode ``jvp``, ``Jᵀ`` by ``autograd.grad(..., is_grads_batched=True)``).
+    by ``vmap`` of forward-mode ``jvp``, ``Jᵀ`` through the retained graph as in the others).
     """
-    tangents, _ = _tangents(params)
 
     def scratch_batched():
-        lin = Linearised(f, params, u)  # for its retained graph
+        lin = Linearised(f, params, u, use_linearize)  # its retained graph for Jᵀ
 
         def fn(X):
-            Jx = torch.func.vmap(lambda t: jvp(lambda p: f(p, u), (params,), (t,))[1])(tangents(X))
-            g = torch.autograd.grad(lin.out, lin._leaves(), Jx, retain_graph=True, is_grads_batched=True)
-            return _flat(g)
+            Jx = torch.func.vmap(lambda t: jvp(lambda p: f(p, u), (params,), (t,))[1])(lin.tangents(X))
+            return lin._back(Jx, batched=True)
 
         return fn
 
     return {
-        "looped": lambda: Linearised(f, params, u).looped,
-        "batched": lambda: Linearised(f, params, u).batched,
+        "looped": lambda: Linearised(f, params, u, use_linearize).looped,
+        "batched": lambda: Linearised(f, params, u, use_linearize).batched,
         "batched from scratch": scratch_batched,
     }
 
 
-def peer_slq(f, params, u, dtype):
+def peer_slq(f, params, u, dtype, use_linearize):
     """linear_operator's SLQ on the peer's fastest block product: ``(form, (seconds, products, T))``.
 
     Every form is checked against products from scratch (and dropped when it disagrees or
@@ -294,7 +294,7 @@ def peer_slq(f, params, u, dtype):
     X = torch.randn(P, 10, generator=torch.Generator().manual_seed(2), dtype=dtype)
     want = torch.cat([per_product(X[:, j : j + 1]) for j in range(3)], 1)
     times = {}
-    for name, build in peer_block_forms(f, params, u).items():
+    for name, build in peer_block_forms(f, params, u, use_linearize).items():
         try:
             fn = build()
             got = fn(X)[:, :3]
@@ -372,10 +372,11 @@ def row_figures(row, n, T, B, dtype, skip_peers=False, skip_slq=False, repeat=2)
     )
     fig["plain_s"], fig["plain_products"] = t_plain, plain.num_matvecs
     ours = np.sort(res.eigenvalues.double().numpy())
+    lin_ok = fig["linearize"] = not skip_peers and linearize_works(f, params, u)
     if not skip_peers:
         t1, ref = timed(lambda: peer_per_product(f, params, u), repeat)
         with PeakRSS() as mem:
-            t2, ref2 = timed(lambda: peer_linearised(f, params, u), repeat)
+            t2, ref2 = timed(lambda: peer_linearised(f, params, u, lin_ok), repeat)
         fig["peer_mib"] = mem.mib
         fig["peer_s"] = min(t1, t2)
         fig["peer_which"] = "per-product" if t1 <= t2 else "linearised"
@@ -403,7 +404,9 @@ def row_figures(row, n, T, B, dtype, skip_peers=False, skip_slq=False, repeat=2)
         )[0]
         t_lo, n_lo, T_ours = lo_slq_seconds(side.matmul, side.shape[0], 10, 40, dtype)
         fig["slq_same"], fig["slq_lo_products"] = t_lo / t_slq, n_lo
-        peer = peer_slq(f, params, u, dtype) if not skip_peers and side is G else None  # the peer's is G
+        peer = (
+            peer_slq(f, params, u, dtype, lin_ok) if not skip_peers and side is G else None
+        )  # the peer's is G
         if peer is not None:
             which, (t_peer, _, T_peer) = peer
             fig["slq_peer"], fig["slq_peer_which"] = t_peer / t_slq, which
@@ -455,7 +458,10 @@ def main():
                 f"{row}: peer {fg['slq_peer_which']}, {fg['slq_lo_products']} products, "
                 f"T[0,0] agree {fg['slq_agree']:.1e}"
             )
-        plans.append(f"  {row}: {fg['plan']}")
+        how = "torch.func.linearize" if fg["linearize"] else "a VJP of the retained graph's VJP"
+        plans.append(
+            f"  {row}: {fg['plan']}" + ("" if args.skip_peers else f"; linearised peer's J x: {how}")
+        )
         peer = fg.get("peer_s", float("nan"))
         print(
             f"{row:13s} {fg['ours_s']:9.3f} {peer:8.3f} {peer / fg['ours_s']:7.2f}x "

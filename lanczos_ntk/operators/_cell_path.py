@@ -198,13 +198,13 @@ class CellLinearization:
             # λ_{t-1} = v_{t-1} + A_tᵀ λ_t
             if consume and self._whole and Vt.is_contiguous():
                 lams = Vt
-            elif self._whole:
-                lams = fresh("cell.vjp", (T, k, b, S), V, self.scratch)
-                lams.copy_(Vt)
             else:
                 lams = fresh("cell.vjp", (T, k, b, S), V, self.scratch)
-                lams.zero_()
-                lams[..., out] = Vt
+                if self._whole:
+                    lams.copy_(Vt)
+                else:
+                    lams.zero_()
+                    lams[..., out] = Vt
             ls = (lams[:, 0] if k == 1 else lams).unbind(0)
             for t in range(T - 1, 0, -1):
                 step(res[t], ls[t], ls[t - 1], ls[t - 1])

@@ -99,8 +99,9 @@ class _Linearization:
         ys, flat = Y.view(T, B, k, n).unbind(0), Y.view(T, B * k, n).unbind(0)  # views per step
         da, d4 = self.da_t, self.d_t
         psi = self.psi_h
-        tmp = fresh("closed.tmp", (B, k, n), X, self.scratch)  # a'(h) ⊙ δ (unused without a')
-        tmp_flat = tmp.view(B * k, n)
+        if da is not None:
+            tmp = fresh("closed.tmp", (B, k, n), X, self.scratch)  # a'(h) ⊙ δ
+            tmp_flat = tmp.view(B * k, n)
         if d4 is not None:
             ys[0].mul_(d4[0])
         for t in range(1, T):
@@ -132,8 +133,9 @@ class _Linearization:
         ls, flat = L.unbind(0), L.view(T, B * k, n).unbind(0)  # views per step
         da, d4 = self.da_t, self.d_t
         psi = self.psi_h
-        back = fresh("closed.back", (B * k, n), V, self.scratch)  # λ Wd (unused without a')
-        back3 = back.view(B, k, n)
+        if da is not None:
+            back = fresh("closed.back", (B * k, n), V, self.scratch)  # λ Wd
+            back3 = back.view(B, k, n)
         for t in range(T - 1, 0, -1):
             lam = ls[t]
             if d4 is not None:
