@@ -279,23 +279,29 @@ class TorchRNNLinearization:
         return ys.permute(2, 1, 0, 3)  # [k, b, T, H]
 
     def vjp(self, V: torch.Tensor, consume: bool = False) -> torch.Tensor:
-        """``[k, b, T, H] -> [k, P]`` (``V`` is only read; ``consume`` is accepted as by the
-        other paths).
+        """``[k, b, T, H] -> [k, P]``. The adjoint recurrence accumulates into a time-major
+        copy of ``V``; with ``consume`` (``V`` a work buffer the caller gives up, already
+        time-major when it is ``J x`` of this path), into ``V`` itself.
         """
         k = V.shape[0]
         if k == 1 and self.graph is not None:
             return self.spec.flatten(self.graph.vjp(V), batch_dims=1)
         b, T = self.shape
         H, L, kind = self.H, self.L, self.kind
-        Vt = V.permute(2, 1, 0, 3).contiguous()  # [T, b, k, H], time-major: one copy
+        Vt = V.permute(2, 1, 0, 3)  # [T, b, k, H], time-major
+        Vt = Vt.contiguous() if consume else Vt.clone(memory_format=torch.contiguous_format)
         gates = _GATES[kind]
+        gru = kind == "gru"
         span = self._span(k, V.element_size())
         # the gate cotangents of a block of steps: input part, and recurrent part (the GRU's;
         # the other kinds' are the same), reused block after block
         mu_a = [fresh(f"rnn.mu_a{l}", (span, b, k, gates * H), V, self.scratch) for l in range(L)]
         mu_g = mu_a
-        if kind == "gru":
+        if gru:
             mu_g = [fresh(f"rnn.mu_g{l}", (span, b, k, gates * H), V, self.scratch) for l in range(L)]
+            # the first layer's state cotangents, from which its input-gate cotangents are made
+            # block by block (they feed no recurrence): with one layer, those in Vt
+            lam0 = Vt if L == 1 else fresh("rnn.lam0", (span, b, k, H), V, self.scratch)
         names = set(self.spec.names)
         sums: dict[tuple[int, int], torch.Tensor] = {}  # (layer, group) -> [k·gH, cols]
         rows = b * k
@@ -304,17 +310,23 @@ class TorchRNNLinearization:
         lh[L - 1] = Vt[T - 1]
         for t in range(T - 1, -1, -1):
             i = t % span
-            # lh[L - 1] holds v_t plus what step t + 1 sent back (added into v_t by its product)
+            # lh[L - 1] is Vt[t]: v_t plus what step t + 1 sent back (added in place)
             lx = None
             for l in range(L - 1, -1, -1):
                 co, ma, mg = self.per_step[l][t], mu_a[l][i], mu_g[l][i]
                 terms = [x.view(b, k, H) for x in (lh[l], lx) if x is not None]
-                lam = terms[0] if len(terms) == 1 else terms[0] + terms[1]  # never none
-                if kind == "gru":
-                    torch.mul(lam.unsqueeze(2), co["a"], out=ma.view(b, k, 3, H))
+                if gru and l == 0 and L > 1:
+                    lam = lam0[i]
+                    if len(terms) == 2:
+                        torch.add(*terms, out=lam)
+                    else:
+                        lam.copy_(terms[0])
+                else:
+                    lam = terms[0] if len(terms) == 1 else terms[0] + terms[1]  # never none
+                if gru:
+                    if l > 0:
+                        torch.mul(lam.unsqueeze(2), co["a"], out=ma.view(b, k, 3, H))
                     torch.mul(lam.unsqueeze(2), co["g"], out=mg.view(b, k, 3, H))
-                    keep = co["z"] * lam if l < L - 1 or t == 0 else torch.addcmul(Vt[t - 1], co["z"], lam)
-                    keep = keep.reshape(rows, H)
                 elif kind == "lstm":
                     cl = lc[l]
                     total = lam * co["beta"] if cl is None else cl.addcmul(co["beta"], lam)
@@ -322,18 +334,27 @@ class TorchRNNLinearization:
                     torch.mul(total.unsqueeze(2), co["ifg"], out=m4[:, :, :3])
                     torch.mul(lam, co["o"], out=m4[:, :, 3])
                     lc[l] = co["f"] * total
-                    keep = None
                 else:
                     torch.mul(lam, co["d"], out=ma)
-                    keep = None
                 if t > 0:  # the initial state is fixed: no cotangent needed for it
                     g2 = mg.view(rows, gates * H)
-                    if keep is None and l == L - 1:
-                        keep = Vt[t - 1].view(rows, H)
-                    lh[l] = g2 @ self.w_hh[l] if keep is None else torch.addmm(keep, g2, self.w_hh[l])
+                    if l == L - 1:  # into v_{t-1}, in place
+                        prev = Vt[t - 1]
+                        if gru:
+                            prev.addcmul_(co["z"], lam)
+                        lh[l] = prev.view(rows, H).addmm_(g2, self.w_hh[l])
+                    elif gru:
+                        lh[l] = torch.addmm((co["z"] * lam).view(rows, H), g2, self.w_hh[l])
+                    else:
+                        lh[l] = g2 @ self.w_hh[l]
                 lx = ma.view(rows, gates * H) @ self.w_ih[l] if l > 0 else None
             if i == 0:  # a block of steps done: its share of the weights' gradients
                 t1 = min(T, t + span)
+                if gru:  # the first layer's input-gate cotangents, for the whole block
+                    n = t1 - t
+                    lam = (Vt[t:t1] if L == 1 else lam0[:n]).unsqueeze(3)
+                    coef = self.coef[0]["a"][t:t1].view(n, b, 1, 3, H)
+                    torch.mul(lam, coef, out=mu_a[0][:n].view(n, b, k, 3, H))
                 for l in range(L):
                     src = self.src[l][t:t1].reshape((t1 - t) * b, -1)
                     for g, ((cols, blocks), mu) in enumerate(zip(self._groups(l), (mu_a[l], mu_g[l]))):

@@ -605,12 +605,13 @@ def test_torch_rnns_with_two_layers_and_initial_states(cls):
 
 @pytest.mark.parametrize("cls", [nn.RNN, nn.GRU, nn.LSTM])
 @pytest.mark.parametrize("span", [1, 2])
-def test_torch_rnns_in_blocks_of_steps(monkeypatch, cls, span):
+@pytest.mark.parametrize("layers", [1, 2])
+def test_torch_rnns_in_blocks_of_steps(monkeypatch, cls, span, layers):
     """The parameter parts and the gate cotangents go through in blocks of steps (one step,
     or two, which do not divide ``T = 5``), the gradients summed over the blocks."""
     from lanczos_ntk.operators import _rnn_path
 
-    model = seeded(cls, 2, 3, num_layers=2, batch_first=True, dtype=F64)
+    model = seeded(cls, 2, 3, num_layers=layers, batch_first=True, dtype=F64)
     gates = _rnn_path._GATES[_rnn_path.rnn_kind(model)]
     monkeypatch.setattr(_rnn_path, "BLOCK_BYTES", span * 2 * gates * 3 * 8)  # b=2, H=3, float64
     monkeypatch.setattr(_rnn_path, "FUSED_VJP_MAX_STATES", 0)
@@ -618,6 +619,31 @@ def test_torch_rnns_in_blocks_of_steps(monkeypatch, cls, span):
     K = lnk.StateNTK(model, u)
     assert K.engine._linearization(0)._span(1, 8) == span
     check_products(K, dense_jacobian(model, u))
+
+
+@pytest.mark.parametrize("cls, layers", [(nn.GRU, 1), (nn.GRU, 2), (nn.LSTM, 1), (nn.LSTM, 2), (nn.RNN, 2)])
+def test_torch_rnn_adjoint_writes_into_its_input_only_when_consumed(monkeypatch, cls, layers):
+    """The adjoint recurrence of torch's recurrent layers accumulates into a time-major copy of
+    its input, and into the input itself when the caller gives it up (``consume``, as ``Jᵀ J X``
+    does with ``J X``): an input already laid out time-major (where a copy would otherwise be a
+    view) is left alone unless consumed, and both agree with the dense ``Jᵀ v``."""
+    from lanczos_ntk.operators import _rnn_path
+
+    monkeypatch.setattr(_rnn_path, "FUSED_VJP_MAX_STATES", 0)  # the LSTM's explicit recurrence
+    model, u = seeded(cls, 2, 3, num_layers=layers, batch_first=True, dtype=F64), inputs(B=3, T=5)
+    K = lnk.StateNTK(model, u)
+    lin = K.engine._linearization(0)
+    J = dense_jacobian(model, u)
+    B, T, H = 3, 5, 3
+    for k in (1, 3):
+        time_major = torch.randn(T, B, k, H, generator=gen(k), dtype=F64)
+        V = time_major.permute(2, 1, 0, 3)  # [k, b, T, H], a permuted view
+        want = (J.T @ V.reshape(k, -1).T).T
+        before = time_major.clone()
+        torch.testing.assert_close(lin.vjp(V), want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(time_major, before, rtol=0, atol=0)
+        torch.testing.assert_close(lin.vjp(V, consume=True), want, rtol=1e-10, atol=1e-12)
+        assert not torch.equal(time_major, before)  # consumed: the recurrence ran in it
 
 
 @pytest.mark.parametrize("fused_max", [0, 10**9])
