@@ -36,6 +36,7 @@ Run: ``python benchmarks/bench_peers.py [--size medium|large] [--rows ctrnn user
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import re
 import time
@@ -113,10 +114,16 @@ class PeakRSS:
     """Peak resident memory of the process while the block runs, above what it held on entry:
     the kernel's high-water mark (``VmHWM``), reset on entry through ``/proc/self/clear_refs``.
     No sampling thread: one would take the GIL from the timed Python loops (it slowed
-    lanczos_ntk's top-10 by 7-10%). ``nan`` where the mark cannot be reset (not Linux).
+    lanczos_ntk's top-10 by 7-10%). Freed heap memory is handed back to the system first
+    (glibc's ``malloc_trim``), so that what an earlier pipeline freed does not hide this one's
+    growth. ``nan`` where the mark cannot be reset (not Linux).
     """
 
     def __enter__(self):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc: the growth is counted from what the heap already holds
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")

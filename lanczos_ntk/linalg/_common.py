@@ -14,6 +14,11 @@ Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 WORK_DTYPE = torch.float64
 
+#: Reorthogonalisation: a second Gram–Schmidt pass only when the first removed more than this
+#: share of a vector's norm (Daniel, Gragg, Kaufman & Stewart 1976); below it one pass leaves
+#: the vector orthogonal to the basis to working accuracy.
+DGKS_ETA = 1.0 / math.sqrt(2.0)
+
 
 class NumericalWarning(UserWarning):
     """A numerical difficulty the result survived but the caller may want to know about."""

@@ -6,16 +6,22 @@ operator: blocks are cast to the operator's dtype and device for each product an
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from ._common import WORK_DTYPE, Matmul, as_work, breakdown_tol, default_generator, finfo_eps, random_block
+from ._common import (
+    DGKS_ETA,
+    WORK_DTYPE,
+    Matmul,
+    as_work,
+    breakdown_tol,
+    default_generator,
+    finfo_eps,
+    random_block,
+)
 
 __all__ = ["LanczosDecomposition", "lanczos"]
-
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
 
 
 class LanczosDecomposition(NamedTuple):
@@ -196,7 +202,7 @@ class KrylovState:
         before = torch.linalg.vector_norm(W, dim=0)
         H = self._project_out(W, c + b)
         after = torch.linalg.vector_norm(W, dim=0)
-        if bool((after < _SQRT_HALF * before).any()):
+        if bool((after < DGKS_ETA * before).any()):
             H += self._project_out(W, c + b)
             after = torch.linalg.vector_norm(W, dim=0)
         Hc = H[c : c + b]

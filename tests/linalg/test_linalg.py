@@ -303,6 +303,21 @@ def test_slq_measure_converges_in_wasserstein():
     assert dists[1] < 0.5 * dists[0]
 
 
+def test_quadrature_with_all_steps_recovers_a_wide_spectrum_without_ghosts():
+    """``n`` steps on ``n`` distinct eigenvalues over six decades: with the basis kept
+    orthogonal (one Gram–Schmidt pass, a second where the first removed most of the vector)
+    every probe's nodes are the spectrum; without reorthogonalisation copies ("ghosts") of the
+    large eigenvalues crowd out small ones."""
+    lam = torch.logspace(-3, 3, 60, dtype=F64)
+    A = with_spectrum(lam)
+    q = lanczos_quadrature(mm(A), 60, 3, 60, generator=gen(1))
+    torch.testing.assert_close(
+        q.nodes.sort(1).values, lam.expand(3, 60), rtol=0, atol=1e-12 * float(lam.max())
+    )
+    plain = lanczos_quadrature(mm(A), 60, 3, 60, generator=gen(1), reorthogonalize=False)
+    assert float((plain.nodes.sort(1).values - lam).abs().max()) > 0.1 * float(lam.max())
+
+
 def test_quadrature_without_reorthogonalisation_still_estimates():
     lam = spectra(150)["wishart"]
     A = with_spectrum(lam)
