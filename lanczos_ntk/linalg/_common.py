@@ -14,9 +14,9 @@ Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 WORK_DTYPE = torch.float64
 
-#: Reorthogonalisation: a second Gram–Schmidt pass only when the first removed more than this
-#: share of a vector's norm (Daniel, Gragg, Kaufman & Stewart 1976); below it one pass leaves
-#: the vector orthogonal to the basis to working accuracy.
+#: Reorthogonalisation: a second Gram–Schmidt pass only when the first left less than this
+#: fraction of a vector's norm (took more than half of its squared norm; Daniel, Gragg,
+#: Kaufman & Stewart 1976); otherwise one pass leaves it orthogonal to working accuracy.
 DGKS_ETA = 1.0 / math.sqrt(2.0)
 
 

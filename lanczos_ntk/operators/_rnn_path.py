@@ -299,10 +299,13 @@ class TorchRNNLinearization:
         mu_g = mu_a
         if gru:
             mu_g = [fresh(f"rnn.mu_g{l}", (span, b, k, gates * H), V, self.scratch) for l in range(L)]
-            # the first layer's state cotangents, from which its input-gate cotangents are made
-            # block by block (they feed no recurrence): with one layer, those in Vt
-            lam0 = Vt if L == 1 else fresh("rnn.lam0", (span, b, k, H), V, self.scratch)
         names = set(self.spec.names)
+        # the GRU's first-layer input-gate cotangents feed no recurrence: made block by block
+        # (where its input weights move) from the layer's state cotangents, which with one
+        # layer are those in Vt
+        gates_a0 = gru and bool(names & {"weight_ih_l0", "bias_ih_l0"})
+        if gates_a0:
+            lam0 = Vt if L == 1 else fresh("rnn.lam0", (span, b, k, H), V, self.scratch)
         sums: dict[tuple[int, int], torch.Tensor] = {}  # (layer, group) -> [k·gH, cols]
         rows = b * k
         lh: list[torch.Tensor | None] = [None] * L  # cotangents of each layer's new state
@@ -315,7 +318,7 @@ class TorchRNNLinearization:
             for l in range(L - 1, -1, -1):
                 co, ma, mg = self.per_step[l][t], mu_a[l][i], mu_g[l][i]
                 terms = [x.view(b, k, H) for x in (lh[l], lx) if x is not None]
-                if gru and l == 0 and L > 1:
+                if gates_a0 and l == 0 and L > 1:
                     lam = lam0[i]
                     if len(terms) == 2:
                         torch.add(*terms, out=lam)
@@ -350,7 +353,7 @@ class TorchRNNLinearization:
                 lx = ma.view(rows, gates * H) @ self.w_ih[l] if l > 0 else None
             if i == 0:  # a block of steps done: its share of the weights' gradients
                 t1 = min(T, t + span)
-                if gru:  # the first layer's input-gate cotangents, for the whole block
+                if gates_a0:  # the first layer's input-gate cotangents, for the whole block
                     n = t1 - t
                     lam = (Vt[t:t1] if L == 1 else lam0[:n]).unsqueeze(3)
                     coef = self.coef[0]["a"][t:t1].view(n, b, 1, 3, H)
@@ -380,11 +383,11 @@ class TorchRNNLinearization:
 def _plus_product(part, i: int, zero: torch.Tensor, rows: int, x, wT: torch.Tensor) -> torch.Tensor:
     """``part[i] + x wᵀ`` as ``[rows, ·]`` (``x`` None: no product; ``wT`` the transposed
     weight), in place in ``part`` (this product's own buffer); a new tensor when ``part`` is
-    None (no parameter of it moves).
+    None (no parameter of it moves), which the caller may also write into.
     """
     if part is None:
         base = zero.reshape(rows, -1)
-        return base if x is None else torch.addmm(base, x, wT)
+        return base.clone() if x is None else torch.addmm(base, x, wT)
     out = part[i].view(rows, -1)
     return out if x is None else out.addmm_(x, wT)
 

@@ -681,6 +681,17 @@ def test_torch_rnns_closed_form_for_some_parameters(cls, kwargs):
     check_products(K, dense_jacobian(model, u, params=names))
 
 
+@pytest.mark.parametrize("cls", [nn.RNN, nn.GRU, nn.LSTM])
+@pytest.mark.parametrize("name", ["weight_ih_l1", "weight_hh_l1"])
+def test_torch_rnns_with_only_an_upper_layer_differentiated(cls, name):
+    """No parameter of the first layer moves and its input is fixed: its tangent starts from
+    zero at every step (written into, not an expanded zero)."""
+    model, u = seeded(cls, 2, 3, num_layers=2, batch_first=True, dtype=F64), inputs(B=3, T=4)
+    K = lnk.StateNTK(model, u, params=[name])
+    assert "closed form" in K.plan.cell
+    check_products(K, dense_jacobian(model, u, params=[name]))
+
+
 def test_relu_rnn_and_no_bias():
     torch.manual_seed(1)
     model = nn.RNN(2, 4, nonlinearity="relu", bias=False, batch_first=True, dtype=F64)
