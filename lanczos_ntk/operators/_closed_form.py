@@ -150,7 +150,9 @@ class _Linearization:
         if d4 is not None:
             ls[0].mul_(d4[0])
         cols = self.src.shape[-1]
-        full = (L.reshape(T * B, k * n).T @ self.src.reshape(T * B, cols)).view(k, n, cols)
+        # [cols, T·B] x [T·B, k·n], transposed after: the few columns as the product's short
+        # side (CTRNN, b=256, T=100, n=128, block of 10: 34 against 53 ms the other way round)
+        full = (self.src.reshape(T * B, cols).T @ L.reshape(T * B, k * n)).T.view(k, n, cols)
         full = full * self._scale()
         r = self.owner.roles
         n_, d_in = self.sizes

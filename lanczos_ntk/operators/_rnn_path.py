@@ -306,7 +306,7 @@ class TorchRNNLinearization:
         gates_a0 = gru and bool(names & {"weight_ih_l0", "bias_ih_l0"})
         if gates_a0:
             lam0 = Vt if L == 1 else fresh("rnn.lam0", (span, b, k, H), V, self.scratch)
-        sums: dict[tuple[int, int], torch.Tensor] = {}  # (layer, group) -> [k·gH, cols]
+        sums: dict[tuple[int, int], torch.Tensor] = {}  # (layer, group) -> [cols, k·gH]
         rows = b * k
         lh: list[torch.Tensor | None] = [None] * L  # cotangents of each layer's new state
         lc: list[torch.Tensor | None] = [None] * L
@@ -363,14 +363,18 @@ class TorchRNNLinearization:
                     for g, ((cols, blocks), mu) in enumerate(zip(self._groups(l), (mu_a[l], mu_g[l]))):
                         if not any(n in names for group, _ in blocks for n in group):
                             continue
-                        m = mu[: t1 - t].reshape((t1 - t) * b, -1).T
+                        # as [cols, rows] x [rows, k·gH]: the few columns of the input group
+                        # as the short side of the product (the other way round, [k·gH, rows] x
+                        # [rows, 3], took 5.1 against 0.9 ms for the GRU at b=256, T=100, H=128)
+                        m = mu[: t1 - t].reshape((t1 - t) * b, -1)
                         if (l, g) in sums:
-                            sums[l, g].addmm_(m, src[:, cols])
+                            sums[l, g].addmm_(src[:, cols].T, m)
                         else:
-                            sums[l, g] = m @ src[:, cols]
+                            sums[l, g] = src[:, cols].T @ m
         # every weight's and bias's gradient: [k·gH, cols] per group, summed over the blocks
         grads = {}
-        for (l, g), total in sums.items():
+        for (l, g), summed in sums.items():
+            total = summed.T
             _, blocks = self._groups(l)[g]
             full = total.view(k, gates * H, -1)
             for piece, (group, _) in zip(full.split([w for _, w in blocks], dim=-1), blocks):
