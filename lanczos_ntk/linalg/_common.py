@@ -20,6 +20,21 @@ WORK_DTYPE = torch.float64
 DGKS_ETA = 1.0 / math.sqrt(2.0)
 
 
+def reorthogonalize(W: torch.Tensor, project_out: Callable[[torch.Tensor], torch.Tensor]):
+    """Gram–Schmidt of the columns of ``W`` against a basis, in place: one pass of
+    ``project_out`` (which subtracts the components and returns their coefficients), and a
+    second for all columns when any kept less than :data:`DGKS_ETA` of its norm. Returns the
+    coefficients summed over the passes and the columns' norms after.
+    """
+    before = torch.linalg.vector_norm(W, dim=0)
+    H = project_out(W)
+    after = torch.linalg.vector_norm(W, dim=0)
+    if bool((after < DGKS_ETA * before).any()):
+        H = H + project_out(W)
+        after = torch.linalg.vector_norm(W, dim=0)
+    return H, after
+
+
 class NumericalWarning(UserWarning):
     """A numerical difficulty the result survived but the caller may want to know about."""
 

@@ -11,7 +11,6 @@ from typing import NamedTuple
 import torch
 
 from ._common import (
-    DGKS_ETA,
     WORK_DTYPE,
     Matmul,
     as_work,
@@ -19,6 +18,7 @@ from ._common import (
     default_generator,
     finfo_eps,
     random_block,
+    reorthogonalize,
 )
 
 __all__ = ["LanczosDecomposition", "lanczos"]
@@ -199,12 +199,7 @@ class KrylovState:
             W.addcmul_(Qj, D, value=-1.0)  # a product with [1, 1] costs more than this
         else:
             W.addmm_(Qj, D, alpha=-1.0)
-        before = torch.linalg.vector_norm(W, dim=0)
-        H = self._project_out(W, c + b)
-        after = torch.linalg.vector_norm(W, dim=0)
-        if bool((after < DGKS_ETA * before).any()):
-            H += self._project_out(W, c + b)
-            after = torch.linalg.vector_norm(W, dim=0)
+        H, after = reorthogonalize(W, lambda W: self._project_out(W, c + b))
         Hc = H[c : c + b]
         D += 0.5 * (Hc + Hc.T)
         self.T[c : c + b, c : c + b] = D

@@ -7,7 +7,6 @@ from typing import NamedTuple
 import torch
 
 from ._common import (
-    DGKS_ETA,
     WORK_DTYPE,
     Matmul,
     as_work,
@@ -15,6 +14,7 @@ from ._common import (
     default_generator,
     finfo_eps,
     random_block,
+    reorthogonalize,
 )
 
 __all__ = ["QuadratureNodes", "lanczos_quadrature"]
@@ -38,23 +38,22 @@ class QuadratureNodes(NamedTuple):
     breakdowns: int
 
 
-def _project_out(W: torch.Tensor, basis: torch.Tensor) -> None:
+def _project_out(W: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """One classical Gram–Schmidt pass of ``W [n, p]`` against ``basis [p, j, n]`` per probe
-    (in place): two batched matrix products, one small ``[j, n]`` basis per probe.
+    (in place): two batched matrix products, one small ``[j, n]`` basis per probe. Returns the
+    coefficients ``[p, j, 1]``.
     """
     H = torch.bmm(basis, W.T.unsqueeze(-1))  # [p, j, 1]
     W -= torch.bmm(basis.transpose(1, 2), H).squeeze(-1).T
+    return H
 
 
 def _reorth(W: torch.Tensor, basis: torch.Tensor) -> None:
-    """Reorthogonalise ``W [n, p]`` against each probe's basis (in place): one pass, and a
-    second for all probes when any probe's norm fell below ``DGKS_ETA`` of what it was (the
-    basis is then read twice per step, not four times).
+    """Reorthogonalise ``W [n, p]`` against each probe's basis (in place): one pass, a second
+    only where :func:`reorthogonalize` asks for it (the basis then read twice per step, not
+    four times).
     """
-    before = torch.linalg.vector_norm(W, dim=0)
-    _project_out(W, basis)
-    if bool((torch.linalg.vector_norm(W, dim=0) < DGKS_ETA * before).any()):
-        _project_out(W, basis)
+    reorthogonalize(W, lambda W: _project_out(W, basis))
 
 
 def lanczos_quadrature(

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 from ._dual_graph import DualGraph
-from ._scratch import Scratch, fresh
+from ._scratch import Scratch, fresh, writable
 from ._traced_step import DirectTrace, StepTrace
 
 __all__ = ["CellLinearization"]
@@ -196,15 +196,12 @@ class CellLinearization:
             # v time-major in one copy (as the products of J x leave it, that is a plain copy,
             # and none for a consumed V); the recurrence then adds into it in place:
             # λ_{t-1} = v_{t-1} + A_tᵀ λ_t
-            if consume and self._whole and Vt.is_contiguous():
-                lams = Vt
+            if self._whole:
+                lams = writable(Vt, consume, "cell.vjp", self.scratch)
             else:
                 lams = fresh("cell.vjp", (T, k, b, S), V, self.scratch)
-                if self._whole:
-                    lams.copy_(Vt)
-                else:
-                    lams.zero_()
-                    lams[..., out] = Vt
+                lams.zero_()
+                lams[..., out] = Vt
             ls = (lams[:, 0] if k == 1 else lams).unbind(0)
             for t in range(T - 1, 0, -1):
                 step(res[t], ls[t], ls[t - 1], ls[t - 1])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..models import CTRNN, DiscreteRNN
-from ._scratch import Scratch, fresh
+from ._scratch import Scratch, fresh, writable
 
 __all__ = ["WeightActivityJacobian", "closed_form"]
 
@@ -124,11 +124,7 @@ class _Linearization:
         Vt = V.permute(2, 1, 0, 3)  # [T, b, k, n] (contiguous when V came from jvp)
         # L[t]: the cotangent on h_{t+1}, then (a state-dependent ∂ψ/∂z) on z_t; v time-major
         # in one copy (none for a consumed V), the recurrence adds into it in place
-        if consume and Vt.is_contiguous():
-            L = Vt
-        else:
-            L = fresh("closed.vjp", (T, B, k, n), V, self.scratch)
-            L.copy_(Vt)
+        L = writable(Vt, consume, "closed.vjp", self.scratch)
         Wd = self.W * self._scale()
         ls, flat = L.unbind(0), L.view(T, B * k, n).unbind(0)  # views per step
         da, d4 = self.da_t, self.d_t

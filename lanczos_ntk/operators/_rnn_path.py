@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ._dual_graph import DualGraph
-from ._scratch import Scratch, fresh
+from ._scratch import Scratch, fresh, writable
 
 __all__ = ["TorchRNNLinearization", "rnn_kind", "trial_bytes"]
 
@@ -152,6 +152,10 @@ class TorchRNNLinearization:
                 (slice(0, H + 1), [((w_hh,), H), ((b_hh,), 1)]),
             ]
         return [(slice(0, None), [((w_hh,), H), ((b_ih, b_hh), 1), ((w_ih,), n_in)])]
+
+    def _moves(self, l: int, g: int, names: set[str]) -> bool:
+        """Whether a parameter of layer ``l``'s group ``g`` (see :meth:`_groups`) is differentiated."""
+        return any(n in names for group, _ in self._groups(l)[g][1] for n in group)
 
     def _span(self, k: int, itemsize: int) -> int:
         """Steps per block of the parameter parts and the gate cotangents: ``[τ, b, k, gH]``
@@ -288,8 +292,7 @@ class TorchRNNLinearization:
             return self.spec.flatten(self.graph.vjp(V), batch_dims=1)
         b, T = self.shape
         H, L, kind = self.H, self.L, self.kind
-        Vt = V.permute(2, 1, 0, 3)  # [T, b, k, H], time-major
-        Vt = Vt.contiguous() if consume else Vt.clone(memory_format=torch.contiguous_format)
+        Vt = writable(V.permute(2, 1, 0, 3), consume, "rnn.vjp", self.scratch)  # [T, b, k, H]
         gates = _GATES[kind]
         gru = kind == "gru"
         span = self._span(k, V.element_size())
@@ -303,7 +306,7 @@ class TorchRNNLinearization:
         # the GRU's first-layer input-gate cotangents feed no recurrence: made block by block
         # (where its input weights move) from the layer's state cotangents, which with one
         # layer are those in Vt
-        gates_a0 = gru and bool(names & {"weight_ih_l0", "bias_ih_l0"})
+        gates_a0 = gru and self._moves(0, 0, names)
         if gates_a0:
             lam0 = Vt if L == 1 else fresh("rnn.lam0", (span, b, k, H), V, self.scratch)
         sums: dict[tuple[int, int], torch.Tensor] = {}  # (layer, group) -> [cols, k·gH]
@@ -360,8 +363,8 @@ class TorchRNNLinearization:
                     torch.mul(lam, coef, out=mu_a[0][:n].view(n, b, k, 3, H))
                 for l in range(L):
                     src = self.src[l][t:t1].reshape((t1 - t) * b, -1)
-                    for g, ((cols, blocks), mu) in enumerate(zip(self._groups(l), (mu_a[l], mu_g[l]))):
-                        if not any(n in names for group, _ in blocks for n in group):
+                    for g, ((cols, _), mu) in enumerate(zip(self._groups(l), (mu_a[l], mu_g[l]))):
+                        if not self._moves(l, g, names):
                             continue
                         # as [cols, rows] x [rows, k·gH]: the few columns of the input group
                         # as the short side of the product (the other way round, [k·gH, rows] x

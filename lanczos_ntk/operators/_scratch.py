@@ -59,3 +59,13 @@ def fresh(name: str, shape: tuple[int, ...], like: torch.Tensor, scratch: Scratc
     if scratch is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     return scratch.get(name, shape, like)
+
+
+def writable(view: torch.Tensor, consume: bool, name: str, scratch: Scratch | None) -> torch.Tensor:
+    """``view``'s values in a contiguous tensor the caller may write into: ``view`` itself when
+    it is contiguous and its owner gave it up (``consume``: a product's own ``J x`` inside
+    ``Jᵀ J x``), else a copy in the work buffer ``name``.
+    """
+    if consume and view.is_contiguous():
+        return view
+    return fresh(name, tuple(view.shape), view, scratch).copy_(view)
