@@ -199,10 +199,10 @@ def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
     """From the linear part ``L(r..., v)``: ``(r..., v, acc, out) -> out = acc + L(r..., v)``
     (``acc=False``: ``(r..., v, out) -> out = L(r..., v)``, ``out`` not an input), with the
     sums, differences and multiples by numbers folded into as few operations as possible
-    (``0.9 v + 0.1 (d @ W) + acc`` becomes one ``addmm`` and one ``add``, the last writing into
-    ``out``; matrix products summed with others become ``addmm`` s), instead of one pass over
-    the state per operation. Multiples by numbers are first moved past the operations
-    homogeneous in them, so that they reach the sums.
+    (``acc + 0.9 v + 0.1 (d @ W)`` becomes ``out = acc + 0.9 v`` and ``out += 0.1 d @ W``;
+    matrix products summed with others become ``addmm`` s), instead of one pass over the state
+    per operation. Multiples by numbers are first moved past the operations homogeneous in
+    them, so that they reach the sums. ``out`` may be ``acc`` itself, never ``v``.
     """
     nodes = list(_scales_pushed_down(gm.graph).nodes)
     output = next(n for n in nodes if n.op == "output")
@@ -232,19 +232,45 @@ def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
             env[node] = new.node_copy(node, get) if terms is None else combine(list(terms.items()), None)
         return env[node]
 
+    def folded_mm(t: tuple) -> bool:  # a matrix product read only by this combination
+        return t[0] != "acc" and t[0].target is _aten.mm.default and reads.get(t[0]) == 1
+
+    def accumulate(terms: list, into: fx.Node) -> fx.Node:
+        """``out = acc + Σ c·atom`` with ``out`` possibly ``acc`` itself: the first operation
+        reads ``acc`` and writes ``out`` (an elementwise sum or an ``addmm``, both safe with
+        ``out`` aliasing ``acc``), every later one adds into ``out`` in place, so no
+        intermediate of the state's size is made (a block step of 10 at b=64, S=64: 3.1
+        against 2.4 ms with the sum made first and added to ``acc`` after).
+        """
+        rest = [t for t in terms if t[0] != "acc"]
+        if not rest:  # the linear part cancels: out = acc
+            return new.call_function(torch.mul, (env["acc"], 1.0), {"out": into})
+        mms = [t for t in rest if folded_mm(t)]
+        others = [t for t in rest if t not in mms]
+        node = env["acc"]
+        for a, c in others[:1]:
+            node = new.call_function(torch.add, (node, get(a)), {"alpha": c, "out": into})
+        for a, c in mms:
+            m1, m2 = (get(x) for x in a.args)
+            node = new.call_function(torch.addmm, (node, m1, m2), {"alpha": c, "out": into})
+        for a, c in others[1:]:
+            node = new.call_function(torch.add, (node, get(a)), {"alpha": c, "out": into})
+        return node
+
     def combine(terms: list, into: fx.Node | None) -> fx.Node:
         terms = [(a, c) for a, c in terms if c != 0.0]
         if not terms:
             raise ValueError("a combination that cancels")
+        if into is not None and any(a == "acc" for a, _ in terms):
+            return accumulate(terms, into)
         last: dict[str, Any] = {} if into is None else {"out": into}
-        # without acc (which ``out`` may alias) every operation can write into ``out``
-        every = into is not None and all(a != "acc" for a, _ in terms)
+        every = into is not None  # no acc here (see accumulate): every operation may write out
 
         def out_if(final: bool) -> dict[str, Any]:
             return last if final or every else {}
 
         node = None
-        mms = [t for t in terms if t[0] != "acc" and t[0].target is _aten.mm.default and reads.get(t[0]) == 1]
+        mms = [t for t in terms if folded_mm(t)]
         mm = mms[0] if mms else None
         base = None
         if mm is not None:
@@ -300,15 +326,15 @@ def _addmm_rows(
         kw = {} if out is None else {"out": out}
         return torch.addmm(base, a, b, beta=beta, alpha=alpha, **kw)
     shape = (*a.shape[:-1], b.shape[-1])
-    flat_base = base.expand(shape).reshape(-1, shape[-1])
     flat_a = a.reshape(-1, a.shape[-1])
-    if out is not None:
-        try:
-            flat_out = out.view(-1, shape[-1])
-        except RuntimeError:  # rows that do not merge: through a new tensor
-            return out.copy_(torch.addmm(flat_base, flat_a, b, beta=beta, alpha=alpha).view(shape))
+    if out is not None and out.is_contiguous():  # rows that merge: in place, out may be base
+        flat_out = out.view(-1, shape[-1])
+        flat_base = flat_out if base is out else base.expand(shape).reshape(-1, shape[-1])
         torch.addmm(flat_base, flat_a, b, beta=beta, alpha=alpha, out=flat_out)
         return out
+    flat_base = base.expand(shape).reshape(-1, shape[-1])
+    if out is not None:  # through a new tensor
+        return out.copy_(torch.addmm(flat_base, flat_a, b, beta=beta, alpha=alpha).view(shape))
     return torch.addmm(flat_base, flat_a, b, beta=beta, alpha=alpha).view(shape)
 
 
@@ -706,9 +732,11 @@ def check_step(
         return False
     acc = torch.randn(s.shape, generator=gen, dtype=s.dtype, device=s.device)
     for split, res_i, plain in ((trace._vjp, res[0], got[0]), (trace._jvp, res[1], got[1])):
-        try:  # the folded accumulating form, else the plain sum
+        try:  # the folded accumulating form (into a new tensor, and into acc), else the plain sum
             folded = split.into(*res_i, vec, acc, torch.empty_like(acc))
-            ok = _close(folded, acc + plain, vec)
+            inplace = acc.clone()
+            split.into(*res_i, vec, inplace, inplace)
+            ok = _close(folded, acc + plain, vec) and _close(inplace, acc + plain, vec)
         except Exception:
             ok = False
         if not ok:

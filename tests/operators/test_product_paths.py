@@ -285,7 +285,8 @@ class EulerStep(_Iterates):
 
 def test_folding_leaves_the_euler_step_a_few_operations():
     """``δ + 0.1 (-δ + (tanh'(h) δ) Wᵀ)`` plus the accumulated term: one elementwise product, one
-    addmm and one add (the trace has six operations and the recurrence adds a seventh)."""
+    addmm and one add (the trace has six operations and the recurrence adds a seventh), the
+    sums written into the output one after the other."""
     model, u = EulerStep(), inputs(B=3, T=4)
     K = lnk.StateNTK(model, u)
     check_products(K, dense_jacobian(model, u), full=False)
@@ -293,6 +294,9 @@ def test_folding_leaves_the_euler_step_a_few_operations():
     ops = [n for n in trace._jvp.into.__self__.graph.nodes if n.op == "call_function"]
     assert len(ops) == 3 and any(n.target is torch.addmm for n in ops)
     assert len([n for n in trace._vjp.into.__self__.graph.nodes if n.op == "call_function"]) <= 5
+    for split in (trace._jvp, trace._vjp):  # the sums accumulate into out: no state-sized temporary
+        sums = [n for n in split.into.__self__.graph.nodes if n.target in (torch.add, torch.addmm)]
+        assert sums and all("out" in n.kwargs for n in sums)
 
 
 def test_accumulating_on_hand_made_linear_maps():
