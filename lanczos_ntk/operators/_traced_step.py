@@ -77,6 +77,45 @@ def _any_strides(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _derivatives_as_factors(graph: fx.Graph, vectors: Sequence[fx.Node]) -> None:
+    """Rewrite, in place, ``tanh_backward(x, y)`` and ``sigmoid_backward(x, y)`` whose ``x``
+    depends on the vector and ``y`` does not as ``x * d``, the factor ``d`` (``1 - y²``,
+    ``y (1 - y)``) made from ``y`` alone: ``d`` then is a residual, evaluated once per step
+    instead of in every product, and a sum of such terms folds into one ``addcmul``
+    (:func:`accumulating`).
+    """
+    linear = set(vectors)
+    for node in graph.nodes:
+        if node.op != "output" and any(a in linear for a in node.all_input_nodes):
+            linear.add(node)
+    mul, rsub = _aten.mul.Tensor, _aten.rsub.Scalar
+    for node in list(graph.nodes):
+        kinds = (_aten.tanh_backward.default, _aten.sigmoid_backward.default)
+        if node.op != "call_function" or node.target not in kinds or len(node.args) != 2 or node.kwargs:
+            continue
+        x, y = node.args
+        if x not in linear or not isinstance(y, fx.Node) or y in linear or "val" not in y.meta:
+            continue
+        with graph.inserting_before(node):
+            if node.target is _aten.tanh_backward.default:  # 1 - y²
+                made = [graph.call_function(mul, (y, y))]
+                made.append(graph.call_function(rsub, (made[0], 1)))
+            else:  # y (1 - y)
+                made = [graph.call_function(rsub, (y, 1))]
+                made.append(graph.call_function(mul, (y, made[0])))
+            scaled = graph.call_function(mul, (x, made[-1]))
+        for m in made:
+            m.meta = {"val": y.meta["val"]}
+        scaled.meta = dict(node.meta)
+        node.replace_all_uses_with(scaled)
+        graph.erase_node(node)
+
+
+def _both_nodes(node: fx.Node) -> bool:
+    """Whether ``node`` has exactly two arguments, both nodes (not numbers)."""
+    return len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs
+
+
 def _is_view(node: fx.Node) -> bool:
     """Whether ``node``'s value may share memory with its first argument (a view or an item)."""
     if node.op != "call_function":
@@ -180,6 +219,8 @@ def _scales_pushed_down(graph: fx.Graph) -> fx.Graph:
                 continue
             for user in list(node.users):
                 where = _HOMOGENEOUS.get(user.target) if user.op == "call_function" else None
+                if user.op == "call_function" and user.target is _aten.mul.Tensor and _both_nodes(user):
+                    where = (0, 1)  # an elementwise product with another tensor (not a scale)
                 if where is None or any(a is node for i, a in enumerate(user.args) if i not in where):
                     continue
                 if sum(a is node for a in user.args) != 1 or "val" not in user.meta:
@@ -235,6 +276,10 @@ def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
     def folded_mm(t: tuple) -> bool:  # a matrix product read only by this combination
         return t[0] != "acc" and t[0].target is _aten.mm.default and reads.get(t[0]) == 1
 
+    def folded_mul(t: tuple) -> bool:  # an elementwise product read only by this combination
+        a = t[0]
+        return a != "acc" and a.target is _aten.mul.Tensor and reads.get(a) == 1 and _both_nodes(a)
+
     def accumulate(terms: list, into: fx.Node) -> fx.Node:
         """``out = acc + Σ c·atom`` with ``out`` possibly ``acc`` itself: the first operation
         reads ``acc`` and writes ``out`` (an elementwise sum or an ``addmm``, both safe with
@@ -246,13 +291,17 @@ def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
         if not rest:  # the linear part cancels: out = acc
             return new.call_function(torch.mul, (env["acc"], 1.0), {"out": into})
         mms = [t for t in rest if folded_mm(t)]
-        others = [t for t in rest if t not in mms]
+        muls = [t for t in rest if folded_mul(t)]
+        others = [t for t in rest if t not in mms and t not in muls]
         node = env["acc"]
         for a, c in others[:1]:
             node = new.call_function(torch.add, (node, get(a)), {"alpha": c, "out": into})
         for a, c in mms:
             m1, m2 = (get(x) for x in a.args)
             node = new.call_function(torch.addmm, (node, m1, m2), {"alpha": c, "out": into})
+        for a, c in muls:
+            m1, m2 = (get(x) for x in a.args)
+            node = new.call_function(torch.addcmul, (node, m1, m2), {"value": c, "out": into})
         for a, c in others[1:]:
             node = new.call_function(torch.add, (node, get(a)), {"alpha": c, "out": into})
         return node
@@ -414,7 +463,11 @@ def _row_by_row(node: fx.Node) -> bool:
     the rows of a block or name its first dimension.
     """
     target = node.target
-    if target in (torch.add, torch.mul, operator.getitem) or target in _ROW_FORMS or target in _DIM_ARGS:
+    if (
+        target in (torch.add, torch.mul, torch.addcmul, operator.getitem)
+        or target in _ROW_FORMS
+        or target in _DIM_ARGS
+    ):
         return True
     return target in _ELEMENTWISE or torch.Tag.pointwise in getattr(target, "tags", ())
 
@@ -453,6 +506,7 @@ class _Split:
         graph = _any_strides(gm).graph
         inputs = [n for n in graph.nodes if n.op == "placeholder"]
         vectors = inputs[len(inputs) - vectors_in :]
+        _derivatives_as_factors(graph, vectors)
         output = next(n for n in graph.nodes if n.op == "output")
         flat_out = output.args[0]
         results = list(flat_out) if isinstance(flat_out, (list, tuple)) else [flat_out]

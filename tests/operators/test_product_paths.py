@@ -328,7 +328,8 @@ def test_accumulating_on_hand_made_linear_maps():
         torch.testing.assert_close(folded(r, W, v, into, into), want)
         torch.testing.assert_close(into, want)
     ops = [n.target for n in accumulating(make_fx(mixed)(r, W, v)).graph.nodes if n.op == "call_function"]
-    assert torch.addmm in ops and len(ops) == 4  # r*v, addmm, two adds (v's coefficient, acc)
+    # v's multiple onto acc, then addmm and addcmul (r*v) into out
+    assert ops == [torch.add, torch.addmm, torch.addcmul]
     gm = make_fx(lambda r, W, v: (v + v) - 2.0 * v)(r, W, v)  # all but acc cancels
     torch.testing.assert_close(accumulating(gm)(r, W, v, acc, torch.empty_like(acc)), acc)
     with pytest.raises(ValueError, match="cancels"):  # a cancelling term read by an mm
@@ -352,6 +353,40 @@ def test_multiples_by_numbers_move_past_homogeneous_operations():
     torch.testing.assert_close(folded(y, W, v, acc, torch.empty_like(acc)), acc + adjoint(y, W, v))
     ops = [n.target for n in folded.graph.nodes if n.op == "call_function"]
     assert torch.mul not in ops and torch.ops.aten.mul.Tensor not in ops and len(ops) == 4
+
+
+@pytest.mark.parametrize("kind", ["tanh", "sigmoid"])
+def test_activation_derivatives_become_residual_factors(kind):
+    """``Aᵀ λ = 0.9 λ + 0.1 φ'(y) ⊙ (λ W)`` with ``φ'`` through ``tanh_backward`` /
+    ``sigmoid_backward``: the derivative ``1 - y²`` / ``y(1 - y)`` is a residual of the split
+    (made once per step) and the accumulating form is ``add, mm, addcmul``; the products agree
+    with the original map, into a fresh output and into ``acc``."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lanczos_ntk.operators._traced_step import _Split
+
+    backward = getattr(torch.ops.aten, f"{kind}_backward")
+    act = getattr(torch, kind)
+
+    def adjoint(h, W, v):
+        return 0.9 * v + 0.1 * backward(v @ W, act(h))
+
+    g = gen(12)
+    h, W, v, acc = (torch.randn(5, 4, generator=g, dtype=F64) for _ in range(4))
+    W = W[:4]
+    split = _Split(make_fx(adjoint)(h, W, v))
+    res = split.residuals(h, W)
+    want = adjoint(h, W, v)
+    deriv = 1 - act(h) ** 2 if kind == "tanh" else act(h) * (1 - act(h))
+    assert any(r.shape == deriv.shape and torch.allclose(r, deriv) for r in res)
+    assert not any(n.target is backward.default for n in split.linear_graph.nodes)
+    torch.testing.assert_close(split.apply(*res, v), want)
+    torch.testing.assert_close(split.into(*res, v, acc, torch.empty_like(acc)), acc + want)
+    into = acc.clone()
+    split.into(*res, v, into, into)
+    torch.testing.assert_close(into, acc + want)
+    ops = [n.target for n in split.into.__self__.graph.nodes if n.op == "call_function"]
+    assert ops == [torch.add, torch.ops.aten.mm.default, torch.addcmul]
 
 
 def test_two_matrix_products_and_a_bias_fold_into_two_addmms_without_acc():
