@@ -144,6 +144,11 @@ class CellLinearization:
                     self._traced = (trace, res)
         return self._traced
 
+    def _rows(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        """A work buffer ``[b·T, k, S]`` for a block's direct term, rows ordered ``(t, b)``."""
+        b, T, S = self.shape
+        return fresh("cell.rows", (T * b, k, S), like, self.scratch)
+
     # -- products ---------------------------------------------------------------------------
     def jvp(self, X: torch.Tensor, reuse_out: bool = False) -> torch.Tensor:
         """``[k, P] -> [k, b, T, c]`` (a view of a time-major buffer ``[T, k, b, S]``; with
@@ -160,7 +165,9 @@ class CellLinearization:
         C = fresh("cell.jvp", (T, k, b, S), X, self.scratch if reuse_out else None)
         if fast is not None and k == 1:
             fast.jvp([tang[n][0] for n in self.theta], out=C.view(T * b, S))
-        elif fast is not None:  # vector by vector (see DirectTrace), each into its columns
+        elif fast is not None and fast.block_jvp([tang[n] for n in self.theta], rows := self._rows(k, X)):
+            C.copy_(rows.view(T, b, k, S).transpose(1, 2))  # the block in one pass, then time-major
+        elif fast is not None:  # vector by vector, each into its columns
             one = fresh("cell.jvp_one", (T * b, S), X, self.scratch)
             for j in range(k):
                 C[:, j].copy_(fast.jvp([tang[n][j] for n in self.theta], out=one).view(T, b, S))
@@ -219,9 +226,13 @@ class CellLinearization:
         parts = None
         if fast is not None and k == 1:
             parts = tuple(g.unsqueeze(0) for g in fast.vjp(lams.view(T * b, S)))
-        elif fast is not None:  # vector by vector (see DirectTrace)
-            each = [fast.vjp(lams[:, j].reshape(T * b, S)) for j in range(k)]
-            parts = tuple(torch.stack(g) for g in zip(*each))
+        elif fast is not None:  # the block in one pass (its rows side by side), else vector by vector
+            rows = self._rows(k, V)
+            rows.view(T, b, k, S).copy_(lams.transpose(1, 2))
+            parts = fast.block_vjp(rows)
+            if parts is None:
+                each = [fast.vjp(lams[:, j].reshape(T * b, S)) for j in range(k)]
+                parts = tuple(torch.stack(g) for g in zip(*each))
         if parts is not None:
             grads = dict(zip(self.theta, parts))
         else:

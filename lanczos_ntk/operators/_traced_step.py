@@ -34,6 +34,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ._block_direct import Block, run_block
+
 __all__ = [
     "DirectForm",
     "DirectTrace",
@@ -807,16 +809,18 @@ class DirectForm(NamedTuple):
     jvp: _Split
     jvp_into: Callable[..., torch.Tensor] | None
     vjp_scaled_late: Callable[..., tuple] | None = None  # Cᵀ λ with its scalings moved to the outputs
+    # per (direction, k): whether the graphs run a block of k in one pass (see DirectTrace)
+    blocks: dict | None = None
 
 
 class DirectTrace:
     """The direct term of a cell over all ``b·T`` rows at once (``C x`` and ``Cᵀ λ``, with
     ``C = ∂F/∂θ`` at the stored states), as traced linear parts with their residuals evaluated
     once: the straight-line counterpart of recording the cell's autograd graph over all rows and
-    taking ``C x`` as the VJP of its VJP. A block goes through it one vector at a time: each
-    vector's ``C x`` is one or two large matrix products already, and the ``vmap``'d form of
-    the same parts made ``[k, b·T, S]`` intermediates that cost more per vector than single
-    vectors (block of 10 at b=256, T=100, S=128: 1.3-1.5 against 1.0).
+    taking ``C x`` as the VJP of its VJP. A block of ``k`` vectors runs the same graphs once
+    with the ``k`` vectors of a row side by side (:mod:`lanczos_ntk.operators._block_direct`;
+    rows ``[b·T, k, S]``), checked once per ``k`` against the vectors one by one; where that
+    form fails, one vector at a time.
     """
 
     def __init__(self, form: DirectForm, args: tuple, residuals: tuple | None = None):
@@ -838,6 +842,75 @@ class DirectTrace:
             return into(*self._res[1], *tangents, out)
         got = self._form.jvp.apply(*self._res[1], *tangents)
         return got if out is None else out.copy_(got)
+
+    def block_jvp(self, tangents: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
+        """``C X`` for the tangents of ``k`` vectors (``[k, ...]`` each) into ``out``
+        ``[b·T, k, S]`` in one pass; False (``out`` unspecified) where the block form is refused.
+        """
+        k = out.shape[1]
+        if not self._block_ok("jvp", k, out):
+            return False
+        self._run_jvp(tangents, out)
+        return True
+
+    def block_vjp(self, lam: torch.Tensor) -> tuple | None:
+        """``Cᵀ Λ`` for ``Λ [b·T, k, S]`` in one pass: ``[k, ...]`` per parameter, or None where
+        the block form is refused.
+        """
+        return self._run_vjp(lam) if self._block_ok("vjp", lam.shape[1], lam) else None
+
+    def _run_jvp(self, tangents: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        k = out.shape[1]
+        blocks = [Block(t, rows=False) for t in tangents]
+        into = self._form.jvp_into
+        if into is not None:
+            run_block(_module(into), (*self._res[1], *blocks, Block(out, rows=True)), k)
+        else:
+            got = run_block(_module(self._form.jvp.apply), (*self._res[1], *blocks), k)
+            out.copy_(got.as_rows())
+
+    def _run_vjp(self, lam: torch.Tensor) -> tuple:
+        fn = self._form.vjp_scaled_late or self._form.vjp.apply
+        got = run_block(_module(fn), (*self._res[0], Block(lam, rows=True)), lam.shape[1])
+        got = got if isinstance(got, tuple) else (got,)
+        return tuple(g.front() for g in got)
+
+    def _block_ok(self, side: str, k: int, like: torch.Tensor) -> bool:
+        """Whether the block form of ``side`` works for ``k`` vectors: tried once per form and
+        ``k`` on random vectors against the vectors one by one (to rounding).
+        """
+        known = self._form.blocks
+        if known is None:
+            return False
+        if (side, k) not in known:
+            known[side, k] = False
+            gen = torch.Generator(device=like.device).manual_seed(3)
+            kw: dict[str, Any] = {"dtype": like.dtype, "device": like.device}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if side == "jvp":
+                        shapes = [r.shape for r in self.vjp(torch.zeros_like(like[:, 0]))]
+                        tang = [torch.randn(k, *sh, generator=gen, **kw) for sh in shapes]
+                        rows = torch.empty_like(like)
+                        self._run_jvp(tang, rows)
+                        each = torch.stack([self.jvp([t[j] for t in tang]) for j in range(k)], 1)
+                        known[side, k] = same_to_rounding(rows, each, 1.0)
+                    else:
+                        lam = torch.randn(like.shape, generator=gen, **kw)
+                        grads = self._run_vjp(lam)
+                        ones = [torch.stack(g) for g in zip(*(self.vjp(lam[:, j]) for j in range(k)))]
+                        known[side, k] = len(grads) == len(ones) and all(
+                            same_to_rounding(g, w, float(lam.abs().max())) for g, w in zip(grads, ones)
+                        )
+            except Exception:  # an operation the block form does not know: vector by vector
+                known[side, k] = False
+        return known[side, k]
+
+
+def _module(fn: Callable) -> fx.GraphModule:
+    """The graph module behind a traced form's bound ``forward``."""
+    return getattr(fn, "__self__")  # noqa: B009 -- a bound method's owner
 
 
 def _direct_products(cell: Callable, names: Sequence[str], count: int, moving: Sequence[str]):
@@ -895,7 +968,7 @@ def trace_direct(
             late = None
     except Exception:  # the recorded graph stays
         return None
-    return check_direct(DirectForm(v, j, into, late), cell, names, params, moving, s, u)
+    return check_direct(DirectForm(v, j, into, late, {}), cell, names, params, moving, s, u)
 
 
 CHECK_ROWS = 4096  # rows of the direct term that check_direct compares with autograd's

@@ -1380,3 +1380,86 @@ def test_a_row_major_block_is_transposed_exactly_even_with_an_infinite_entry():
     small = torch.randn(20, 2, generator=gen(11), dtype=F64)
     got = _vector_rows(small, scratch)
     assert torch.equal(got, small.T) and got.data_ptr() == big.data_ptr()
+
+
+def _direct_form(K):
+    return next(v for key, v in _linearization(K).cell._traces.items() if key[0] == "direct")
+
+
+@pytest.mark.parametrize(
+    "make, in_one_pass",
+    [
+        (EulerStep, True),  # matrix products with the tangents, and over the rows
+        (StepModule, True),  # a bias broadcast over the rows (expand), summed back
+        (BiasStep, True),  # an additive bias: C x is the tangent itself
+        (TorchCellStep, True),  # torch's GRUCell: gates sliced and concatenated
+        (_LSTMLoop, True),  # two states side by side: slice_backward
+        (_ProjectedLoop, True),  # the input projection redone on u_t: select_backward
+        (PiecewiseStep, True),  # where
+        (LayersStep, False),  # layer norm's backward returns a tuple: vector by vector
+    ],
+)
+def test_the_direct_term_of_a_block_goes_in_one_pass(direct_now, make, in_one_pass):
+    """A block's ``C X`` and ``Cᵀ Λ`` run the traced graphs once, the ``k`` vectors of a row
+    side by side, where every operation has a block rule (checked once per ``k`` against the
+    vectors one by one); either way every product agrees with the dense truth."""
+    model, u = make(), inputs(B=3, T=4)
+    K = lnk.StateNTK(model, u)
+    check_products(K, dense_jacobian(model, u), full=False)
+    form = _direct_form(K)
+    assert form.blocks == {("jvp", 4): in_one_pass, ("vjp", 4): in_one_pass}
+
+
+def test_a_block_form_that_disagrees_is_refused(direct_now, monkeypatch):
+    """A block rule that computes something else fails the check against the vectors one by one:
+    the block goes vector by vector, and agrees with the dense truth."""
+    from lanczos_ntk.operators import _block_direct
+
+    real = _block_direct._mm
+
+    def off(a, b, k):
+        got = real(a, b, k)
+        return _block_direct.Block(1.001 * got.t, got.rows)
+
+    monkeypatch.setattr(_block_direct, "_mm", off)
+    model, u = EulerStep(), inputs(B=3, T=4)
+    K = lnk.StateNTK(model, u)
+    check_products(K, dense_jacobian(model, u), full=False)
+    assert _direct_form(K).blocks == {("jvp", 4): False, ("vjp", 4): False}
+
+
+def test_run_block_on_hand_made_linear_maps():
+    """``run_block`` on traced maps of tangents (``[k, ...]``) to rows and of rows (``[R, k, ...]``)
+    to gradients against the maps applied vector by vector: products with the tangents on
+    either side, a transposed product over the rows, sums over rows and columns, broadcasts,
+    slices, selects and concatenations."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lanczos_ntk.operators._block_direct import Block, run_block
+
+    R, S, c, k = 6, 4, 3, 5
+    g = gen(14)
+    r = torch.randn(R, c, generator=g, dtype=F64)
+    y = torch.randn(R, S, generator=g, dtype=F64)
+
+    def forward(r, y, W, b):  # tangents -> rows
+        z = r @ W.T + b
+        return torch.cat([y[:, :2] * z[:, 2:], -z[:, :2]], 1) + 0.5 * (y @ W[:, :S].T)[:, :S]
+
+    def backward(r, y, lam):  # rows -> gradients
+        m = lam * (1 - y * y)
+        return m.T @ r, m.sum(0), lam.select(1, 0) @ r, (lam[:, 1:3] * y[:, :2]).sum(0, keepdim=True)
+
+    W = torch.randn(k, S, c + S, generator=g, dtype=F64)
+    b = torch.randn(k, S, generator=g, dtype=F64)
+    lam = torch.randn(R, k, S, generator=g, dtype=F64)
+    r2 = torch.cat([r, y], 1)
+    fwd = make_fx(forward)(r2, y, W[0], b[0])
+    got = run_block(fwd, (r2, y, Block(W, rows=False), Block(b, rows=False)), k).as_rows()
+    want = torch.stack([forward(r2, y, W[j], b[j]) for j in range(k)], 1)
+    torch.testing.assert_close(got, want)
+    bwd = make_fx(backward)(r, y, lam[:, 0])
+    got = run_block(bwd, (r, y, Block(lam, rows=True)), k)
+    for j in range(k):
+        for part, one in zip(got, backward(r, y, lam[:, j])):
+            torch.testing.assert_close(part.front()[j], one)
