@@ -148,17 +148,68 @@ def _pointwise(target: Any) -> bool:
     return torch.Tag.pointwise in getattr(target, "tags", ())
 
 
-def run_block(gm: fx.GraphModule, args: Sequence[Any], k: int) -> Any:
+def _is(node: Any, *targets: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _fusions(gm: fx.GraphModule) -> tuple[dict[fx.Node, list], dict[fx.Node, fx.Node]]:
+    """The products that share a pass, found once per graph.
+
+    - *over the rows*: ``t(x) @ r_i`` for several residuals ``r_i`` and ``x.sum(0)`` (a column
+      of ones), all of the same value ``x``: one ``[Σ m_i + 1, R] @ [R, k·S]``, as
+      ``[h, u, 1]ᵀ λ`` gives every weight's and bias's gradient in the closed forms;
+    - *into the rows*: a chain ``addmm(... addmm(base, r_1, P_1) ..., r_n, P_n)`` (each link read
+      only by the next), a broadcast bias as its base: one ``[R, Σ m_i + 1] @ [Σ m_i + 1, k·S]``.
+
+    Returns ``{x: [(member, residual or None for the sum)]}`` and ``{link: last link}`` for every
+    link of a chain but the last (computed with the last).
+    """
+    cached = getattr(gm, "_block_fusions", None)
+    if cached is not None:
+        return cached
+    over: dict[fx.Node, list] = {}
+    for node in gm.graph.nodes:
+        if _is(node, _aten.mm.default) and _is(node.args[0], _aten.t.default):
+            r = node.args[1]
+            if isinstance(r, fx.Node) and r.op == "placeholder":
+                over.setdefault(node.args[0].args[0], []).append((node, r))
+        elif _is(node, _aten.sum.dim_IntList) and list(node.args[1]) in ([0], [-2]) and len(node.args) <= 3:
+            over.setdefault(node.args[0], []).append((node, None))
+    over = {x: items for x, items in over.items() if len(items) > 1}
+    links: dict[fx.Node, fx.Node] = {}  # a link -> the next (which adds to it, scaled by 1)
+    for node in gm.graph.nodes:
+        base = node.args[0] if _is(node, torch.addmm, _aten.addmm.default) else None
+        if isinstance(base, fx.Node) and _is(base, torch.addmm, _aten.addmm.default) and len(base.users) == 1:
+            if node.kwargs.get("beta", 1) == 1:
+                links[base] = node
+    last = {}
+    for link in links:
+        end = links[link]
+        while end in links:
+            end = links[end]
+        last[link] = end
+    setattr(gm, "_block_fusions", (over, last))  # noqa: B010 -- kept with the graph it describes
+    return over, last
+
+
+def run_block(gm: fx.GraphModule, args: Sequence[Any], k: int, cache: dict | None = None) -> Any:
     """Run ``gm`` with some of its inputs :class:`Block` s of ``k`` vectors; the values that
-    depend on them come out as blocks (outputs too; nested in tuples as they are).
+    depend on them come out as blocks (outputs too; nested in tuples as they are). ``cache``
+    keeps the residuals put side by side for the fused products (:func:`_fusions`) from one
+    call to the next (the residuals must then be the same tensors).
     """
     env: dict[fx.Node, Any] = {}
     it = iter(args)
+    over, chained = _fusions(gm)
+    ends = set(chained.values())
+    cache = {} if cache is None else cache
 
     def val(a: Any) -> Any:
         return fx.node.map_arg(a, lambda n: env[n])
 
     for node in gm.graph.nodes:
+        if node in env:  # computed with the product it shares a pass with
+            continue
         if node.op == "placeholder":
             env[node] = next(it)
             continue
@@ -166,6 +217,11 @@ def run_block(gm: fx.GraphModule, args: Sequence[Any], k: int) -> Any:
             return val(node.args[0])
         if node.op != "call_function":
             raise NotImplementedError(f"{node.op} in a traced graph")
+        if node in chained:  # a link of a chain: with its last
+            continue
+        if node in ends:
+            env[node] = _chain(node, chained, env, k, cache)
+            continue
         a = tuple(val(node.args))
         kw = dict(val(node.kwargs))
         flat = list(a) + [x for x in kw.values()]
@@ -174,8 +230,104 @@ def run_block(gm: fx.GraphModule, args: Sequence[Any], k: int) -> Any:
         ):
             env[node] = node.target(*a, **kw)  # a value of the residuals alone
             continue
+        x = _over_rows(node, over)
+        if x is not None and isinstance(env[x], Block) and env[x].rows:
+            env.update(_products_over_rows(env[x], over[x], env, k, cache))
+            continue
         env[node] = _apply(node, a, kw, k)
     raise NotImplementedError("a graph without an output")
+
+
+def _over_rows(node: fx.Node, over: dict) -> fx.Node | None:
+    """The value ``x`` whose products over the rows ``node`` is one of, or None."""
+    for x, items in over.items():
+        if any(node is m for m, _ in items):
+            return x
+    return None
+
+
+def _side_by_side(parts: list[torch.Tensor], ones: bool, cache: dict) -> torch.Tensor:
+    """``[r_1, ..., r_n (, 1)]`` as columns of one matrix, kept in ``cache``."""
+    key = (tuple(id(p) for p in parts), ones)
+    if key not in cache:
+        cols = [p.reshape(p.shape[0], -1) for p in parts]
+        if ones:
+            cols.append(parts[0].new_ones(parts[0].shape[0], 1))
+        cache[key] = (torch.cat(cols, 1), parts)  # the parts kept alive: their ids stay theirs
+    return cache[key][0]
+
+
+def _products_over_rows(x: Block, items: list, env: dict, k: int, cache: dict) -> dict:
+    """Every member of a group over the rows of ``x`` (see :func:`_fusions`) from one product."""
+    residuals = [env[r] for _, r in items if r is not None]
+    ones = any(r is None for _, r in items)
+    R = x.t.shape[0]
+    if x.rank != 2 or any(
+        not isinstance(r, torch.Tensor) or r.dim() != 2 or r.shape[0] != R for r in residuals
+    ):
+        raise NotImplementedError("products over the rows with a residual that is not [rows, m]")
+    L = _side_by_side(residuals, ones, cache)
+    flat = x.t.reshape(R, -1)  # [R, k·S]
+    S = flat.shape[1] // k
+    got = torch.mm(L.T, flat)  # [Σ m (+1), k·S]
+    out, at = {}, 0
+    for node, r in items:
+        if r is None:
+            part = got[-1].view(k, S)
+            keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+            out[node] = Block(part.unsqueeze(1) if keep else part, False)
+        else:
+            m = env[r].shape[1]
+            out[node] = Block(got[at : at + m].T.view(k, S, m), False)
+            at += m
+    return out
+
+
+def _chain(last: fx.Node, chained: dict, env: dict, k: int, cache: dict) -> Block:
+    """A chain of ``addmm`` s (see :func:`_fusions`) as one product into its last link's output."""
+    links = [n for n, end in chained.items() if end is last]
+    order = {n: i for i, n in enumerate(last.graph.nodes)}
+    links = sorted(links, key=order.__getitem__) + [last]
+    first = links[0]
+    residuals, rhs = [], []
+    for link in links:
+        r, p = env[link.args[1]], env[link.args[2]]
+        if (
+            not isinstance(r, torch.Tensor)
+            or isinstance(r, Block)
+            or not isinstance(p, Block)
+            or r.dim() != 2
+        ):
+            raise NotImplementedError("a chain of products that are not residual @ tangent")
+        f = p.front()
+        alpha = link.kwargs.get("alpha", 1)
+        rhs.append(f.permute(1, 0, 2).reshape(f.shape[1], k * f.shape[2]) * alpha)
+        residuals.append(r)
+    base = env[first.args[0]]
+    beta = first.kwargs.get("beta", 1)
+    R, width = residuals[0].shape[0], rhs[0].shape[1]
+    bias = _is(first.args[0], _aten.expand.default) and isinstance(base, Block) and base.rows
+    if bias:  # a broadcast row: a column of ones
+        row = base.t[:1].reshape(1, width)
+        if base.t.stride(0) != 0:
+            bias = False
+    if bias:
+        rhs.append(row * beta)
+    L = _side_by_side(residuals, bool(bias), cache)
+    M = torch.cat(rhs, 0)
+    out = env[last.kwargs["out"]] if "out" in last.kwargs else None
+    dest = None
+    if out is not None:
+        dest = out.as_rows()
+        if not dest.is_contiguous() or tuple(dest.shape) != (R, k, width // k):
+            raise NotImplementedError("an output of another layout")
+    flat_out = None if dest is None else dest.view(R, width)
+    if bias:
+        got = torch.mm(L, M, out=flat_out) if flat_out is not None else torch.mm(L, M)
+    else:
+        b = _layout(base, True, 2).expand(R, k, width // k).reshape(R, width)
+        got = torch.addmm(b, L, M, beta=beta, **({"out": flat_out} if flat_out is not None else {}))
+    return out if out is not None else Block(got.view(R, k, width // k), True)
 
 
 def _apply(node: fx.Node, a: tuple, kw: dict, k: int) -> Block:  # noqa: C901 -- one rule per operation

@@ -826,6 +826,7 @@ class DirectTrace:
     def __init__(self, form: DirectForm, args: tuple, residuals: tuple | None = None):
         self._form = form
         self._res = residuals or (form.vjp.residuals(*args), form.jvp.residuals(*args))
+        self._side_by_side: dict = {}  # residuals put together for the block products (run_block)
 
     def vjp(self, lam: torch.Tensor) -> tuple:
         """``Cᵀ λ`` for ``λ [b·T, S]``: one tensor per differentiated parameter."""
@@ -864,14 +865,14 @@ class DirectTrace:
         blocks = [Block(t, rows=False) for t in tangents]
         into = self._form.jvp_into
         if into is not None:
-            run_block(_module(into), (*self._res[1], *blocks, Block(out, rows=True)), k)
+            run_block(_module(into), (*self._res[1], *blocks, Block(out, rows=True)), k, self._side_by_side)
         else:
-            got = run_block(_module(self._form.jvp.apply), (*self._res[1], *blocks), k)
+            got = run_block(_module(self._form.jvp.apply), (*self._res[1], *blocks), k, self._side_by_side)
             out.copy_(got.as_rows())
 
     def _run_vjp(self, lam: torch.Tensor) -> tuple:
         fn = self._form.vjp_scaled_late or self._form.vjp.apply
-        got = run_block(_module(fn), (*self._res[0], Block(lam, rows=True)), lam.shape[1])
+        got = run_block(_module(fn), (*self._res[0], Block(lam, rows=True)), lam.shape[1], self._side_by_side)
         got = got if isinstance(got, tuple) else (got,)
         return tuple(g.front() for g in got)
 

@@ -1413,15 +1413,19 @@ def test_the_direct_term_of_a_block_goes_in_one_pass(direct_now, make, in_one_pa
 def test_a_block_form_that_disagrees_is_refused(direct_now, monkeypatch):
     """A block rule that computes something else fails the check against the vectors one by one:
     the block goes vector by vector, and agrees with the dense truth."""
-    from lanczos_ntk.operators import _block_direct
+    from lanczos_ntk.operators import _traced_step
+    from lanczos_ntk.operators._block_direct import Block
 
-    real = _block_direct._mm
+    real = _traced_step.run_block
 
-    def off(a, b, k):
-        got = real(a, b, k)
-        return _block_direct.Block(1.001 * got.t, got.rows)
+    def off(*args):  # 0.1% off: C X in place in its output, Cᵀ Λ's gradients
+        got = real(*args)
+        if isinstance(got, Block):
+            got.t.mul_(1.001)
+            return got
+        return tuple(Block(1.001 * g.t, g.rows) for g in got)
 
-    monkeypatch.setattr(_block_direct, "_mm", off)
+    monkeypatch.setattr(_traced_step, "run_block", off)
     model, u = EulerStep(), inputs(B=3, T=4)
     K = lnk.StateNTK(model, u)
     check_products(K, dense_jacobian(model, u), full=False)
@@ -1463,3 +1467,20 @@ def test_run_block_on_hand_made_linear_maps():
     for j in range(k):
         for part, one in zip(got, backward(r, y, lam[:, j])):
             torch.testing.assert_close(part.front()[j], one)
+
+
+def test_a_block_shares_passes_over_the_rows(direct_now):
+    """The Euler cell with a bias (``StepModule``): ``C X`` is one product ``[h, u, 1] M`` (a
+    chain of ``addmm`` s and the broadcast bias), ``Cᵀ Λ`` one product ``[h, u, 1]ᵀ Λ`` (both
+    weights' products over the rows and the bias's sum), as in the closed forms."""
+    from lanczos_ntk.operators._block_direct import _fusions
+    from lanczos_ntk.operators._traced_step import _module
+
+    model, u = StepModule(), inputs(B=3, T=4)
+    K = lnk.StateNTK(model, u)
+    check_products(K, dense_jacobian(model, u), full=False)
+    form = _direct_form(K)
+    _, chain = _fusions(_module(form.jvp_into))
+    over, _ = _fusions(_module(form.vjp_scaled_late or form.vjp.apply))
+    assert len(chain) == 1  # two products (W, B) into one
+    assert [sorted(r is None for _, r in items) for items in over.values()] == [[False, False, True]]
