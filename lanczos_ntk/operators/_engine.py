@@ -409,9 +409,9 @@ class JacobianEngine:
             # the graph of its VJP
             assert self._cell is not None  # "cell" is chosen only once a cell is found
             S = self._cell.state_size
-            # per vector: the direct term and the tangents, the cotangents, one vector's
-            # direct term in a block, and the vector read row by row
-            return 4 * per + T * d * isz, per + 4 * T * S * isz
+            # per vector: the direct term and the tangents, the cotangents, a block's direct
+            # term with its rows side by side (or one vector's), and the vector read row by row
+            return 4 * per + T * d * isz, per + 5 * T * S * isz
         # the dual graph of a VJP of a VJP, or the traced JVP next to the VJP's graph; per
         # vector its outputs, its cotangents and the vector read row by row
         factor = 2 if self.jvp_mode in ("double_vjp", "linearize") else 1
