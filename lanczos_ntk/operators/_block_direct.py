@@ -11,13 +11,15 @@ vectors carried in one of two layouts:
   ``[R, k, ...]``: the ``k`` vectors of a row side by side, so that a matrix product with a
   parameter-sized matrix is one product over ``R·k`` rows (``[R·k, m] @ [m, p]``) or with the
   ``k`` vectors' matrices side by side (``[R, m] @ [m, k·p]``), and a product over the rows
-  (``λᵀ r``, a weight gradient) is one ``[k·S, R] @ [R, m]``;
+  (``λᵀ r``, a weight gradient) is one ``[m, R] @ [R, k·S]``, transposed after;
 - *front*: anything else (a parameter tangent, a gradient) as ``[k, ...]``.
 
 Values that do not depend on the vectors (the residuals) broadcast against these: one with a
-rows dimension gets a singleton for ``k``. Operations outside the small set below raise
-``NotImplementedError``; the caller then checks the result against the vector-by-vector form
-once and falls back to it on any failure.
+rows dimension gets a singleton for ``k``. Products that read the same rows share one pass
+(:func:`_fusions`): the residuals side by side with a column of ones, as the closed forms'
+``[h, u, 1]``. Operations outside the small set below raise ``NotImplementedError``; the caller
+checks the block form once per ``k`` against the vectors one by one and falls back to them on
+any failure.
 """
 
 from __future__ import annotations
