@@ -31,9 +31,24 @@ from typing import Any, cast
 import torch
 from torch import fx
 
-__all__ = ["Block", "run_block"]
+__all__ = ["ELEMENTWISE", "Block", "run_block"]
 
 _aten = torch.ops.aten
+
+# elementwise operations without torch's ``pointwise`` tag
+ELEMENTWISE = {
+    getattr(_aten, name).default
+    for name in (
+        "softplus_backward",
+        "gelu_backward",
+        "elu_backward",
+        "leaky_relu_backward",
+        "hardtanh_backward",
+        "silu_backward",
+        "log_sigmoid_backward",
+    )
+    if hasattr(_aten, name)
+}
 
 
 class Block:
@@ -79,13 +94,14 @@ def _fixed(r: Any, rank: int) -> Any:
     return r
 
 
-def _align(args: Sequence[Any]) -> tuple[list[Any], bool]:
-    """Elementwise operands as tensors that broadcast like one vector's (:func:`_layout`): in
-    the rows layout when a block is, or a residual has a rows dimension. Returns the operands
-    and whether the result is in rows.
+def _align(args: Sequence[Any], rank: int | None = None) -> tuple[list[Any], bool]:
+    """Elementwise operands as tensors that broadcast like one vector's (:func:`_layout`) to a
+    result of one-vector rank ``rank`` (default: the blocks' highest): in the rows layout when a
+    block is, or a residual has a rows dimension. Returns the operands and whether the result is
+    in rows.
     """
     blocks = [a for a in args if isinstance(a, Block)]
-    rank = max(b.rank for b in blocks)
+    rank = max(b.rank for b in blocks) if rank is None else rank
     rows = any(b.rows and b.rank == rank for b in blocks) or any(
         isinstance(a, torch.Tensor) and a.dim() == rank and rank >= 1 for a in args
     )
@@ -147,7 +163,7 @@ def _shape_of(node: fx.Node) -> tuple[int, ...]:
 
 
 def _pointwise(target: Any) -> bool:
-    return torch.Tag.pointwise in getattr(target, "tags", ())
+    return target in ELEMENTWISE or torch.Tag.pointwise in getattr(target, "tags", ())
 
 
 def _is(node: Any, *targets: Any) -> bool:
@@ -169,19 +185,31 @@ def _fusions(gm: fx.GraphModule) -> tuple[dict[fx.Node, list], dict[fx.Node, fx.
     cached = getattr(gm, "_block_fusions", None)
     if cached is not None:
         return cached
+
+    def residual(n: Any) -> bool:
+        return isinstance(n, fx.Node) and n.op == "placeholder"
+
+    def matrix(n: Any) -> bool:  # a value known to be a matrix for one vector
+        val = n.meta.get("val") if isinstance(n, fx.Node) else None
+        return isinstance(val, torch.Tensor) and val.dim() == 2
+
     over: dict[fx.Node, list] = {}
     for node in gm.graph.nodes:
-        if _is(node, _aten.mm.default) and _is(node.args[0], _aten.t.default):
-            r = node.args[1]
-            if isinstance(r, fx.Node) and r.op == "placeholder":
-                over.setdefault(node.args[0].args[0], []).append((node, r))
+        if _is(node, _aten.mm.default) and _is(node.args[0], _aten.t.default) and residual(node.args[1]):
+            over.setdefault(node.args[0].args[0], []).append((node, node.args[1]))
         elif _is(node, _aten.sum.dim_IntList) and list(node.args[1]) in ([0], [-2]) and len(node.args) <= 3:
-            over.setdefault(node.args[0], []).append((node, None))
-    over = {x: items for x, items in over.items() if len(items) > 1}
+            if matrix(node.args[0]):
+                over.setdefault(node.args[0], []).append((node, None))
+    # a group shares a pass: two members or more, one of them a product with a residual
+    over = {x: items for x, items in over.items() if len(items) > 1 and any(r is not None for _, r in items)}
     links: dict[fx.Node, fx.Node] = {}  # a link -> the next (which adds to it, scaled by 1)
+
+    def is_link(n: Any) -> bool:  # residual @ a value of the vectors
+        return _is(n, torch.addmm, _aten.addmm.default) and residual(n.args[1]) and not residual(n.args[2])
+
     for node in gm.graph.nodes:
-        base = node.args[0] if _is(node, torch.addmm, _aten.addmm.default) else None
-        if isinstance(base, fx.Node) and _is(base, torch.addmm, _aten.addmm.default) and len(base.users) == 1:
+        base = node.args[0] if is_link(node) else None
+        if isinstance(base, fx.Node) and is_link(base) and len(base.users) == 1:
             if node.kwargs.get("beta", 1) == 1:
                 links[base] = node
     last = {}
@@ -382,6 +410,9 @@ def _apply(node: fx.Node, a: tuple, kw: dict, k: int) -> Block:  # noqa: C901 --
         if x.rows and len(shape) >= 1 and shape[0] == x.t.shape[0]:
             return Block(x.t.reshape(shape[0], k, *shape[1:]), True)
         return Block(x.front().reshape(k, *shape), False)
+    if target is _aten.sum.default:  # over everything but the k vectors
+        x = a[0]
+        return Block(x.t.sum([d for d in range(x.t.dim()) if d != (1 if x.rows else 0)]), False)
     if target is _aten.sum.dim_IntList:
         x = a[0]
         named = a[1] if len(a) > 1 else kw.get("dim")
@@ -436,7 +467,7 @@ def _apply(node: fx.Node, a: tuple, kw: dict, k: int) -> Block:  # noqa: C901 --
     if target in (torch.add, torch.mul, torch.addcmul) or _pointwise(target):
         alpha = kw.pop("alpha", None)
         value = kw.pop("value", None)
-        ops, rows = _align(a)
+        ops, rows = _align(a, len(_shape_of(node)) if "val" in node.meta else None)
         if sum(isinstance(x, Block) for x in a) > 1 and target in (_aten.mul.Tensor, torch.mul):
             raise NotImplementedError("a product of two values of the vectors")
         extra = {} if alpha is None else {"alpha": alpha}

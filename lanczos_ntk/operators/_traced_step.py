@@ -34,6 +34,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ._block_direct import ELEMENTWISE as _ELEMENTWISE
 from ._block_direct import Block, run_block
 
 __all__ = [
@@ -440,22 +441,6 @@ def _from_the_end(node: fx.Node) -> tuple:
     args = list(node.args)
     args[pos] = [neg(d) for d in dim] if isinstance(dim, (list, tuple)) else neg(dim)
     return tuple(args)
-
-
-# elementwise operations without torch's ``pointwise`` tag
-_ELEMENTWISE = {
-    getattr(_aten, name).default
-    for name in (
-        "softplus_backward",
-        "gelu_backward",
-        "elu_backward",
-        "leaky_relu_backward",
-        "hardtanh_backward",
-        "silu_backward",
-        "log_sigmoid_backward",
-    )
-    if hasattr(_aten, name)
-}
 
 
 def _row_by_row(node: fx.Node) -> bool:

@@ -1386,6 +1386,40 @@ def _direct_form(K):
     return next(v for key, v in _linearization(K).cell._traces.items() if key[0] == "direct")
 
 
+class _HandGRU(_Iterates):
+    """A GRU written out: the candidate reads ``r ⊙ h``, so a tangent passes through a second
+    matrix product."""
+
+    def __init__(self, n=3, d=2):
+        super().__init__()
+        g = gen(15)
+        self.Wg = nn.Parameter(0.5 * torch.randn(2 * n, n + d, generator=g, dtype=F64))
+        self.bg = nn.Parameter(0.5 * torch.randn(2 * n, generator=g, dtype=F64))
+        self.Wn = nn.Parameter(0.5 * torch.randn(n, n + d, generator=g, dtype=F64))
+        self.bn = nn.Parameter(0.5 * torch.randn(n, generator=g, dtype=F64))
+        self.n = n
+
+    def step(self, h, u):
+        r, z = torch.sigmoid(torch.cat([h, u], 1) @ self.Wg.T + self.bg).chunk(2, -1)
+        c = torch.tanh(torch.cat([r * h, u], 1) @ self.Wn.T + self.bn)
+        return (1 - z) * c + z * h
+
+
+class _ScalarGain(_Iterates):
+    """A gain that is one number."""
+
+    def __init__(self, n=3, d=2):
+        super().__init__()
+        g = gen(16)
+        self.a = nn.Parameter(torch.tensor(0.7, dtype=F64))
+        self.W = nn.Parameter(0.5 * torch.randn(n, n, generator=g, dtype=F64))
+        self.U = nn.Parameter(0.5 * torch.randn(n, d, generator=g, dtype=F64))
+        self.n = n
+
+    def step(self, h, u):
+        return 0.7 * h + self.a * torch.tanh(h @ self.W.T + u @ self.U.T)
+
+
 @pytest.mark.parametrize(
     "make, in_one_pass",
     [
@@ -1396,7 +1430,9 @@ def _direct_form(K):
         (_LSTMLoop, True),  # two states side by side: slice_backward
         (_ProjectedLoop, True),  # the input projection redone on u_t: select_backward
         (PiecewiseStep, True),  # where
-        (LayersStep, False),  # layer norm's backward returns a tuple: vector by vector
+        (_HandGRU, True),  # a tangent through a second product: outside the chain of products
+        (_ScalarGain, True),  # a 0-dim parameter: its gradient sums over everything
+        (LayersStep, (True, False)),  # softplus; layer norm's backward returns a tuple: one by one
     ],
 )
 def test_the_direct_term_of_a_block_goes_in_one_pass(direct_now, make, in_one_pass):
@@ -1407,7 +1443,8 @@ def test_the_direct_term_of_a_block_goes_in_one_pass(direct_now, make, in_one_pa
     K = lnk.StateNTK(model, u)
     check_products(K, dense_jacobian(model, u), full=False)
     form = _direct_form(K)
-    assert form.blocks == {("jvp", 4): in_one_pass, ("vjp", 4): in_one_pass}
+    jvp, vjp = in_one_pass if isinstance(in_one_pass, tuple) else (in_one_pass, in_one_pass)
+    assert form.blocks == {("jvp", 4): jvp, ("vjp", 4): vjp}
 
 
 def test_a_block_form_that_disagrees_is_refused(direct_now, monkeypatch):
@@ -1454,6 +1491,12 @@ def test_run_block_on_hand_made_linear_maps():
         m = lam * (1 - y * y)
         return m.T @ r, m.sum(0), lam.select(1, 0) @ r, (lam[:, 1:3] * y[:, :2]).sum(0, keepdim=True)
 
+    # a parameter-shaped value times a residual with a rows dimension (the result has the
+    # residual's rank), with as many vectors as rows
+    gm = make_fx(lambda r, db: db * r)(y, y[0])
+    db = torch.randn(R, S, generator=g, dtype=F64)
+    got = run_block(gm, (y, Block(db, rows=False)), R).as_rows()
+    torch.testing.assert_close(got, torch.stack([db[j] * y for j in range(R)], 1))
     W = torch.randn(k, S, c + S, generator=g, dtype=F64)
     b = torch.randn(k, S, generator=g, dtype=F64)
     lam = torch.randn(R, k, S, generator=g, dtype=F64)
