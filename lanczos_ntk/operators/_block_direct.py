@@ -16,7 +16,7 @@ vectors carried in one of two layouts:
 
 Values that do not depend on the vectors (the residuals) broadcast against these: one with a
 rows dimension gets a singleton for ``k``. Products that read the same rows share one pass
-(:func:`_fusions`): the residuals side by side with a column of ones, as the closed forms'
+(:class:`_Fusions`): the residuals side by side with a column of ones, as the closed forms'
 ``[h, u, 1]``. Operations outside the small set below raise ``NotImplementedError``; the caller
 checks the block form once per ``k`` against the vectors one by one and falls back to them on
 any failure.
@@ -170,68 +170,78 @@ def _is(node: Any, *targets: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
-def _fusions(gm: fx.GraphModule) -> tuple[dict[fx.Node, list], dict[fx.Node, fx.Node]]:
-    """The products that share a pass, found once per graph.
+class _Fusions:
+    """The products of a graph that share a pass, found once per graph.
 
     - *over the rows*: ``t(x) @ r_i`` for several residuals ``r_i`` and ``x.sum(0)`` (a column
       of ones), all of the same value ``x``: one ``[Σ m_i + 1, R] @ [R, k·S]``, as
-      ``[h, u, 1]ᵀ λ`` gives every weight's and bias's gradient in the closed forms;
-    - *into the rows*: a chain ``addmm(... addmm(base, r_1, P_1) ..., r_n, P_n)`` (each link read
-      only by the next), a broadcast bias as its base: one ``[R, Σ m_i + 1] @ [Σ m_i + 1, k·S]``.
-
-    Returns ``{x: [(member, residual or None for the sum)]}`` and ``{link: last link}`` for every
-    link of a chain but the last (computed with the last).
+      ``[h, u, 1]ᵀ λ`` gives every weight's and bias's gradient in the closed forms
+      (``over``: ``x -> [(member, residual or None for the sum)]``, ``member``: its ``x``);
+    - *into the rows*: a chain ``addmm(... addmm(base, r_1, P_1) ..., r_n, P_n)`` of
+      ``residual @ tangent`` products, each read only by the next, a broadcast bias as its base:
+      one ``[R, Σ m_i + 1] @ [Σ m_i + 1, k·S]`` (``chains``: last link -> its links in order;
+      ``inner``: the links computed with their last).
     """
-    cached = getattr(gm, "_block_fusions", None)
-    if cached is not None:
-        return cached
 
-    def residual(n: Any) -> bool:
-        return isinstance(n, fx.Node) and n.op == "placeholder"
+    def __init__(self, graph: fx.Graph):
+        def residual(n: Any) -> bool:
+            return isinstance(n, fx.Node) and n.op == "placeholder"
 
-    def matrix(n: Any) -> bool:  # a value known to be a matrix for one vector
-        val = n.meta.get("val") if isinstance(n, fx.Node) else None
-        return isinstance(val, torch.Tensor) and val.dim() == 2
+        def matrix(n: Any) -> bool:  # a value known to be a matrix for one vector
+            val = n.meta.get("val") if isinstance(n, fx.Node) else None
+            return isinstance(val, torch.Tensor) and val.dim() == 2
 
-    over: dict[fx.Node, list] = {}
-    for node in gm.graph.nodes:
-        if _is(node, _aten.mm.default) and _is(node.args[0], _aten.t.default) and residual(node.args[1]):
-            over.setdefault(node.args[0].args[0], []).append((node, node.args[1]))
-        elif _is(node, _aten.sum.dim_IntList) and list(node.args[1]) in ([0], [-2]) and len(node.args) <= 3:
-            if matrix(node.args[0]):
-                over.setdefault(node.args[0], []).append((node, None))
-    # a group shares a pass: two members or more, one of them a product with a residual
-    over = {x: items for x, items in over.items() if len(items) > 1 and any(r is not None for _, r in items)}
-    links: dict[fx.Node, fx.Node] = {}  # a link -> the next (which adds to it, scaled by 1)
+        over: dict[fx.Node, list] = {}
+        for node in graph.nodes:
+            if _is(node, _aten.mm.default) and _is(node.args[0], _aten.t.default) and residual(node.args[1]):
+                over.setdefault(node.args[0].args[0], []).append((node, node.args[1]))
+            elif (
+                _is(node, _aten.sum.dim_IntList) and list(node.args[1]) in ([0], [-2]) and len(node.args) <= 3
+            ):
+                if matrix(node.args[0]):
+                    over.setdefault(node.args[0], []).append((node, None))
+        # a group shares a pass: two members or more, one of them a product with a residual
+        self.over = {x: it for x, it in over.items() if len(it) > 1 and any(r is not None for _, r in it)}
+        self.member = {m: x for x, it in self.over.items() for m, _ in it}
 
-    def is_link(n: Any) -> bool:  # residual @ a value of the vectors
-        return _is(n, torch.addmm, _aten.addmm.default) and residual(n.args[1]) and not residual(n.args[2])
+        def is_link(n: Any) -> bool:  # residual @ a value of the vectors
+            return (
+                _is(n, torch.addmm, _aten.addmm.default) and residual(n.args[1]) and not residual(n.args[2])
+            )
 
-    for node in gm.graph.nodes:
-        base = node.args[0] if is_link(node) else None
-        if isinstance(base, fx.Node) and is_link(base) and len(base.users) == 1:
-            if node.kwargs.get("beta", 1) == 1:
-                links[base] = node
-    last = {}
-    for link in links:
-        end = links[link]
-        while end in links:
-            end = links[end]
-        last[link] = end
-    setattr(gm, "_block_fusions", (over, last))  # noqa: B010 -- kept with the graph it describes
-    return over, last
+        nxt: dict[fx.Node, fx.Node] = {}  # a link -> the next (which adds to it, scaled by 1)
+        for node in graph.nodes:
+            base = node.args[0] if is_link(node) else None
+            if isinstance(base, fx.Node) and is_link(base) and len(base.users) == 1:
+                if node.kwargs.get("beta", 1) == 1:
+                    nxt[base] = node
+        self.chains: dict[fx.Node, list[fx.Node]] = {}
+        for first in [n for n in graph.nodes if n in nxt and n not in nxt.values()]:
+            links = [first]
+            while links[-1] in nxt:
+                links.append(nxt[links[-1]])
+            self.chains[links[-1]] = links
+        self.inner = {n for links in self.chains.values() for n in links[:-1]}
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> _Fusions:
+        """Found once per graph module, kept with it."""
+        found = getattr(gm, "_block_fusions", None)
+        if found is None:
+            found = cls(gm.graph)
+            setattr(gm, "_block_fusions", found)  # noqa: B010 -- kept with the graph it describes
+        return found
 
 
 def run_block(gm: fx.GraphModule, args: Sequence[Any], k: int, cache: dict | None = None) -> Any:
     """Run ``gm`` with some of its inputs :class:`Block` s of ``k`` vectors; the values that
     depend on them come out as blocks (outputs too; nested in tuples as they are). ``cache``
-    keeps the residuals put side by side for the fused products (:func:`_fusions`) from one
+    keeps the residuals put side by side for the fused products (:class:`_Fusions`) from one
     call to the next (the residuals must then be the same tensors).
     """
     env: dict[fx.Node, Any] = {}
     it = iter(args)
-    over, chained = _fusions(gm)
-    ends = set(chained.values())
+    fused = _Fusions.of(gm)
     cache = {} if cache is None else cache
 
     def val(a: Any) -> Any:
@@ -247,10 +257,10 @@ def run_block(gm: fx.GraphModule, args: Sequence[Any], k: int, cache: dict | Non
             return val(node.args[0])
         if node.op != "call_function":
             raise NotImplementedError(f"{node.op} in a traced graph")
-        if node in chained:  # a link of a chain: with its last
+        if node in fused.inner:  # a link of a chain: with its last
             continue
-        if node in ends:
-            env[node] = _chain(node, chained, env, k, cache)
+        if node in fused.chains:
+            env[node] = _chain(fused.chains[node], env, k, cache)
             continue
         a = tuple(val(node.args))
         kw = dict(val(node.kwargs))
@@ -260,20 +270,12 @@ def run_block(gm: fx.GraphModule, args: Sequence[Any], k: int, cache: dict | Non
         ):
             env[node] = node.target(*a, **kw)  # a value of the residuals alone
             continue
-        x = _over_rows(node, over)
+        x = fused.member.get(node)
         if x is not None and isinstance(env[x], Block) and env[x].rows:
-            env.update(_products_over_rows(env[x], over[x], env, k, cache))
+            env.update(_products_over_rows(env[x], fused.over[x], env, k, cache))
             continue
         env[node] = _apply(node, a, kw, k)
     raise NotImplementedError("a graph without an output")
-
-
-def _over_rows(node: fx.Node, over: dict) -> fx.Node | None:
-    """The value ``x`` whose products over the rows ``node`` is one of, or None."""
-    for x, items in over.items():
-        if any(node is m for m, _ in items):
-            return x
-    return None
 
 
 def _side_by_side(parts: list[torch.Tensor], ones: bool, cache: dict) -> torch.Tensor:
@@ -288,7 +290,7 @@ def _side_by_side(parts: list[torch.Tensor], ones: bool, cache: dict) -> torch.T
 
 
 def _products_over_rows(x: Block, items: list, env: dict, k: int, cache: dict) -> dict:
-    """Every member of a group over the rows of ``x`` (see :func:`_fusions`) from one product."""
+    """Every member of a group over the rows of ``x`` (see :class:`_Fusions`) from one product."""
     residuals = [env[r] for _, r in items if r is not None]
     ones = any(r is None for _, r in items)
     R = x.t.shape[0]
@@ -313,36 +315,26 @@ def _products_over_rows(x: Block, items: list, env: dict, k: int, cache: dict) -
     return out
 
 
-def _chain(last: fx.Node, chained: dict, env: dict, k: int, cache: dict) -> Block:
-    """A chain of ``addmm`` s (see :func:`_fusions`) as one product into its last link's output."""
-    links = [n for n, end in chained.items() if end is last]
-    order = {n: i for i, n in enumerate(last.graph.nodes)}
-    links = sorted(links, key=order.__getitem__) + [last]
-    first = links[0]
+def _chain(links: list[fx.Node], env: dict, k: int, cache: dict) -> Block:
+    """A chain of ``addmm`` s (see :class:`_Fusions`) as one product into its last link's output."""
+    first, last = links[0], links[-1]
     residuals, rhs = [], []
     for link in links:
         r, p = env[link.args[1]], env[link.args[2]]
-        if (
-            not isinstance(r, torch.Tensor)
-            or isinstance(r, Block)
-            or not isinstance(p, Block)
-            or r.dim() != 2
-        ):
+        if not isinstance(r, torch.Tensor) or not isinstance(p, Block) or r.dim() != 2:
             raise NotImplementedError("a chain of products that are not residual @ tangent")
         f = p.front()
-        alpha = link.kwargs.get("alpha", 1)
+        alpha = cast(float, link.kwargs.get("alpha", 1))
         rhs.append(f.permute(1, 0, 2).reshape(f.shape[1], k * f.shape[2]) * alpha)
         residuals.append(r)
     base = env[first.args[0]]
-    beta = first.kwargs.get("beta", 1)
+    beta = cast(float, first.kwargs.get("beta", 1))
     R, width = residuals[0].shape[0], rhs[0].shape[1]
+    # a row broadcast over the rows (a bias): one more row of M, against a column of ones
     bias = _is(first.args[0], _aten.expand.default) and isinstance(base, Block) and base.rows
-    if bias:  # a broadcast row: a column of ones
-        row = base.t[:1].reshape(1, width)
-        if base.t.stride(0) != 0:
-            bias = False
+    bias = bias and base.t.stride(0) == 0
     if bias:
-        rhs.append(row * beta)
+        rhs.append(base.t[:1].reshape(1, width) * beta)
     L = _side_by_side(residuals, bool(bias), cache)
     M = torch.cat(rhs, 0)
     out = env[last.kwargs["out"]] if "out" in last.kwargs else None

@@ -19,8 +19,9 @@ costs a few small operations on ``[b, S]`` tensors and reads nothing of size ``b
 every ``A_t`` instead costs ``S`` passes over all rows to build and ``b·S²`` numbers read per
 step, which loses at every size measured). A block of ``k`` vectors shares the recurrences'
 passes: its buffers are time-major ``[T, k, b, S]``, so a step is one ``[k·b, S]`` block of rows
-(one matrix product); the direct term, one or two large matrix products per vector already,
-goes vector by vector.
+(one matrix product); the direct term runs once for the block with the ``k`` vectors of a row
+side by side (``[b·T, k, S]``, :mod:`lanczos_ntk.operators._block_direct`), copied to and from
+the time-major layout, or vector by vector where that form is refused.
 """
 
 from __future__ import annotations
@@ -226,13 +227,12 @@ class CellLinearization:
         parts = None
         if fast is not None and k == 1:
             parts = tuple(g.unsqueeze(0) for g in fast.vjp(lams.view(T * b, S)))
-        elif fast is not None:  # the block in one pass (its rows side by side), else vector by vector
-            rows = self._rows(k, V)
-            rows.view(T, b, k, S).copy_(lams.transpose(1, 2))
+        elif fast is not None and fast.block_ready("vjp", rows := self._rows(k, V)):
+            rows.view(T, b, k, S).copy_(lams.transpose(1, 2))  # the block's rows side by side
             parts = fast.block_vjp(rows)
-            if parts is None:
-                each = [fast.vjp(lams[:, j].reshape(T * b, S)) for j in range(k)]
-                parts = tuple(torch.stack(g) for g in zip(*each))
+        elif fast is not None:  # vector by vector
+            each = [fast.vjp(lams[:, j].reshape(T * b, S)) for j in range(k)]
+            parts = tuple(torch.stack(g) for g in zip(*each))
         if parts is not None:
             grads = dict(zip(self.theta, parts))
         else:

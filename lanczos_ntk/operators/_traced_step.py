@@ -80,6 +80,15 @@ def _any_strides(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _linear_nodes(graph: fx.Graph, vectors: Sequence[fx.Node]) -> set[fx.Node]:
+    """The nodes of ``graph`` whose values depend on ``vectors`` (those included)."""
+    linear = set(vectors)
+    for node in graph.nodes:
+        if node.op != "output" and any(a in linear for a in node.all_input_nodes):
+            linear.add(node)
+    return linear
+
+
 def _derivatives_as_factors(graph: fx.Graph, vectors: Sequence[fx.Node]) -> None:
     """Rewrite, in place, ``tanh_backward(x, y)`` and ``sigmoid_backward(x, y)`` whose ``x``
     depends on the vector and ``y`` does not as ``x * d``, the factor ``d`` (``1 - y²``,
@@ -87,10 +96,7 @@ def _derivatives_as_factors(graph: fx.Graph, vectors: Sequence[fx.Node]) -> None
     instead of in every product, and a sum of such terms folds into one ``addcmul``
     (:func:`accumulating`).
     """
-    linear = set(vectors)
-    for node in graph.nodes:
-        if node.op != "output" and any(a in linear for a in node.all_input_nodes):
-            linear.add(node)
+    linear = _linear_nodes(graph, vectors)
     mul, rsub = _aten.mul.Tensor, _aten.rsub.Scalar
     for node in list(graph.nodes):
         kinds = (_aten.tanh_backward.default, _aten.sigmoid_backward.default)
@@ -497,10 +503,7 @@ class _Split:
         output = next(n for n in graph.nodes if n.op == "output")
         flat_out = output.args[0]
         results = list(flat_out) if isinstance(flat_out, (list, tuple)) else [flat_out]
-        linear = set(vectors)
-        for node in graph.nodes:
-            if node.op != "output" and any(a in linear for a in node.all_input_nodes):
-                linear.add(node)
+        linear = _linear_nodes(graph, vectors)
         if any(not isinstance(r, fx.Node) or r not in linear for r in results):
             raise ValueError("an output that does not depend on the vector")
         needed = [
@@ -833,17 +836,16 @@ class DirectTrace:
         """``C X`` for the tangents of ``k`` vectors (``[k, ...]`` each) into ``out``
         ``[b·T, k, S]`` in one pass; False (``out`` unspecified) where the block form is refused.
         """
-        k = out.shape[1]
-        if not self._block_ok("jvp", k, out):
+        if not self.block_ready("jvp", out):
             return False
         self._run_jvp(tangents, out)
         return True
 
-    def block_vjp(self, lam: torch.Tensor) -> tuple | None:
-        """``Cᵀ Λ`` for ``Λ [b·T, k, S]`` in one pass: ``[k, ...]`` per parameter, or None where
-        the block form is refused.
+    def block_vjp(self, lam: torch.Tensor) -> tuple:
+        """``Cᵀ Λ`` for ``Λ [b·T, k, S]`` in one pass: ``[k, ...]`` per parameter (after
+        :meth:`block_ready` said yes).
         """
-        return self._run_vjp(lam) if self._block_ok("vjp", lam.shape[1], lam) else None
+        return self._run_vjp(lam)
 
     def _run_jvp(self, tangents: Sequence[torch.Tensor], out: torch.Tensor) -> None:
         k = out.shape[1]
@@ -861,10 +863,12 @@ class DirectTrace:
         got = got if isinstance(got, tuple) else (got,)
         return tuple(g.front() for g in got)
 
-    def _block_ok(self, side: str, k: int, like: torch.Tensor) -> bool:
-        """Whether the block form of ``side`` works for ``k`` vectors: tried once per form and
-        ``k`` on random vectors against the vectors one by one (to rounding).
+    def block_ready(self, side: str, like: torch.Tensor) -> bool:
+        """Whether the block form of ``side`` (``"jvp"``, ``"vjp"``) works for rows like
+        ``like`` (``[b·T, k, S]``, only its shape read): tried once per form and ``k`` on random
+        vectors against the vectors one by one (to rounding).
         """
+        k = like.shape[1]
         known = self._form.blocks
         if known is None:
             return False
@@ -875,8 +879,9 @@ class DirectTrace:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    if side == "jvp":
-                        shapes = [r.shape for r in self.vjp(torch.zeros_like(like[:, 0]))]
+                    if side == "jvp":  # the tangents' shapes, as traced
+                        graph = self._form.jvp.linear_graph
+                        shapes = [n.meta["val"].shape for n in graph.nodes if n.name.startswith("vector")]
                         tang = [torch.randn(k, *sh, generator=gen, **kw) for sh in shapes]
                         rows = torch.empty_like(like)
                         self._run_jvp(tang, rows)

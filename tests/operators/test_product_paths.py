@@ -1516,14 +1516,14 @@ def test_a_block_shares_passes_over_the_rows(direct_now):
     """The Euler cell with a bias (``StepModule``): ``C X`` is one product ``[h, u, 1] M`` (a
     chain of ``addmm`` s and the broadcast bias), ``Cᵀ Λ`` one product ``[h, u, 1]ᵀ Λ`` (both
     weights' products over the rows and the bias's sum), as in the closed forms."""
-    from lanczos_ntk.operators._block_direct import _fusions
+    from lanczos_ntk.operators._block_direct import _Fusions
     from lanczos_ntk.operators._traced_step import _module
 
     model, u = StepModule(), inputs(B=3, T=4)
     K = lnk.StateNTK(model, u)
     check_products(K, dense_jacobian(model, u), full=False)
     form = _direct_form(K)
-    _, chain = _fusions(_module(form.jvp_into))
-    over, _ = _fusions(_module(form.vjp_scaled_late or form.vjp.apply))
-    assert len(chain) == 1  # two products (W, B) into one
+    chains = _Fusions.of(_module(form.jvp_into)).chains
+    over = _Fusions.of(_module(form.vjp_scaled_late or form.vjp.apply)).over
+    assert [len(links) for links in chains.values()] == [2]  # two products (W, B) into one
     assert [sorted(r is None for _, r in items) for items in over.values()] == [[False, False, True]]
