@@ -18,10 +18,10 @@ of that VJP. Either way a step
 costs a few small operations on ``[b, S]`` tensors and reads nothing of size ``b·S²`` (storing
 every ``A_t`` instead costs ``S`` passes over all rows to build and ``b·S²`` numbers read per
 step, which loses at every size measured). A block of ``k`` vectors shares the recurrences'
-passes: its buffers are time-major ``[T, k, b, S]``, so a step is one ``[k·b, S]`` block of rows
-(one matrix product); the direct term runs once for the block with the ``k`` vectors of a row
-side by side (``[b·T, k, S]``, :mod:`lanczos_ntk.operators._block_direct`), copied to and from
-the time-major layout, or vector by vector where that form is refused.
+passes: its buffers are time-major ``[T, b, k, S]``, so a step is one ``[b·k, S]`` block of rows
+(one matrix product), and the whole buffer is the direct term's layout, the ``k`` vectors of a
+row side by side (``[T·b, k, S]``, :mod:`lanczos_ntk.operators._block_direct`): the direct term
+runs once for the block in place, or vector by vector where that form is refused.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class CellLinearization:
         self._direct_traced: DirectTrace | None | bool = False  # False: not tried yet
         self._steps: list[DualGraph] | None = None
         self._traced: tuple[StepTrace, list[tuple]] | None = None
+        self._shaped: list[tuple] | None = None  # every step's residuals for the row forms of blocks
         self._tried = False  # whether the trace was attempted (None then: untraceable)
 
     def direct(self) -> DualGraph:
@@ -118,15 +119,22 @@ class CellLinearization:
         return self._steps
 
     def _traced_products(self, k: int) -> tuple[Callable, Callable, list[tuple]] | None:
-        """``(Aᵀ λ, A δ, residuals per step)`` on the traced path for ``k`` vectors, each
-        ``f(res, x, acc, out)`` writing ``acc + A x`` into ``out``, or None.
+        """``(Aᵀ λ, A δ, residuals per step)`` on the traced path for ``k`` vectors (``[b, S]``,
+        or ``[b, k, S]`` for a block), each ``f(res, x, acc, out)`` writing ``acc + A x`` into
+        ``out``, or None.
         """
         traced = self.traced()
         if traced is None:
             return None
         trace, res = traced
-        products = trace.into(k, res[1])
-        return None if products is None else (*products, res)
+        forms = trace.into(k, res[1])
+        if forms is None:
+            return None
+        if forms.shaped:
+            if self._shaped is None:
+                self._shaped = [()] + [trace.shaped(r) for r in res[1:]]
+            res = self._shaped
+        return forms.vjp, forms.jvp, res
 
     def traced(self) -> tuple[StepTrace, list[tuple]] | None:
         """The traced state Jacobian and its residuals at every step ``t >= 1`` (index ``t``),
@@ -145,14 +153,9 @@ class CellLinearization:
                     self._traced = (trace, res)
         return self._traced
 
-    def _rows(self, k: int, like: torch.Tensor) -> torch.Tensor:
-        """A work buffer ``[b·T, k, S]`` for a block's direct term, rows ordered ``(t, b)``."""
-        b, T, S = self.shape
-        return fresh("cell.rows", (T * b, k, S), like, self.scratch)
-
     # -- products ---------------------------------------------------------------------------
     def jvp(self, X: torch.Tensor, reuse_out: bool = False) -> torch.Tensor:
-        """``[k, P] -> [k, b, T, c]`` (a view of a time-major buffer ``[T, k, b, S]``; with
+        """``[k, P] -> [k, b, T, c]`` (a view of a time-major buffer ``[T, b, k, S]``; with
         ``reuse_out``, of a scratch buffer that the next product overwrites).
         """
         b, T, S = self.shape
@@ -160,33 +163,34 @@ class CellLinearization:
         tang = self.spec.unflatten(X)
         self.cell.count_products(k)
         fast = self.traced_direct()
-        # C_t x for every step, time-major with the k vectors of a step together, so that a
-        # step of the recurrence is one [k·b, S] block of rows; overwritten step by step by
-        # the state tangents
-        C = fresh("cell.jvp", (T, k, b, S), X, self.scratch if reuse_out else None)
+        # C_t x for every step, time-major with the k vectors of a row side by side: a step of
+        # the recurrence is one [b·k, S] block of rows, and the whole buffer is the direct
+        # term's rows [T·b, k, S]; overwritten step by step by the state tangents
+        C = fresh("cell.jvp", (T, b, k, S), X, self.scratch if reuse_out else None)
         if fast is not None and k == 1:
             fast.jvp([tang[n][0] for n in self.theta], out=C.view(T * b, S))
-        elif fast is not None and fast.block_jvp([tang[n] for n in self.theta], rows := self._rows(k, X)):
-            C.copy_(rows.view(T, b, k, S).transpose(1, 2))  # the block in one pass, then time-major
+        elif fast is not None and fast.block_jvp([tang[n] for n in self.theta], C.view(T * b, k, S)):
+            pass  # the block in one pass, in place
         elif fast is not None:  # vector by vector, each into its columns
             one = fresh("cell.jvp_one", (T * b, S), X, self.scratch)
             for j in range(k):
-                C[:, j].copy_(fast.jvp([tang[n][j] for n in self.theta], out=one).view(T, b, S))
+                C[:, :, j].copy_(fast.jvp([tang[n][j] for n in self.theta], out=one).view(T, b, S))
         else:  # a broadcast tangent (an additive bias) comes back as an expand view: copied
-            C.copy_(self.direct().jvp(tang).reshape(k, T, b, S).transpose(0, 1))
+            C.copy_(self.direct().jvp(tang).reshape(k, T, b, S).permute(1, 2, 0, 3))
         out = self.cell.out
         products = self._traced_products(k)
-        if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
+        if products is not None:  # on [b, S] for one vector, [b, k, S] for a block
             _, step, res = products
-            xs = (C[:, 0] if k == 1 else C).unbind(0)
+            xs = (C[:, :, 0] if k == 1 else C).unbind(0)
             for t in range(1, T):
                 step(res[t], xs[t - 1], xs[t], xs[t])
-            return (C if self._whole else C[..., out]).permute(1, 2, 0, 3)
-        d = C[0]
+            return (C if self._whole else C[..., out]).permute(2, 1, 0, 3)
+        Ct = C.transpose(1, 2)  # [T, k, b, S]: the step graphs take the k vectors first
+        d = Ct[0]
         ys = [d[..., out]]
         steps = self.steps()
         for t in range(1, T):
-            d = steps[t].jvp({"s": d}) + C[t]
+            d = steps[t].jvp({"s": d}) + Ct[t]
             ys.append(d[..., out])
         return torch.stack(ys, 2)
 
@@ -198,8 +202,8 @@ class CellLinearization:
         b, T, S = self.shape
         out = self.cell.out
         products = self._traced_products(k)
-        Vt = V.permute(2, 0, 1, 3)  # [T, k, b, c]
-        if products is not None:  # on [b, S] for one vector, [k, b, S] for a block
+        Vt = V.permute(2, 1, 0, 3)  # [T, b, k, c]
+        if products is not None:  # on [b, S] for one vector, [b, k, S] for a block
             step, _, res = products
             # v time-major in one copy (as the products of J x leave it, that is a plain copy,
             # and none for a consumed V); the recurrence then adds into it in place:
@@ -207,34 +211,34 @@ class CellLinearization:
             if self._whole:
                 lams = writable(Vt, consume, "cell.vjp", self.scratch)
             else:
-                lams = fresh("cell.vjp", (T, k, b, S), V, self.scratch)
+                lams = fresh("cell.vjp", (T, b, k, S), V, self.scratch)
                 lams.zero_()
                 lams[..., out] = Vt
-            ls = (lams[:, 0] if k == 1 else lams).unbind(0)
+            ls = (lams[:, :, 0] if k == 1 else lams).unbind(0)
             for t in range(T - 1, 0, -1):
                 step(res[t], ls[t], ls[t - 1], ls[t - 1])
         else:
-            lams = V.new_zeros(T, k, b, S)
+            lams = V.new_zeros(T, b, k, S)
             lam = V.new_zeros(k, b, S)
             steps = self.steps()
             for t in range(T - 1, -1, -1):
                 lam = lam.clone()
-                lam[..., out] += Vt[t]
-                lams[t] = lam
+                lam[..., out] += Vt[t].transpose(0, 1)
+                lams[t] = lam.transpose(0, 1)
                 if t > 0:
                     lam = steps[t].vjp(lam)["s"]
         fast = self.traced_direct()  # counted by J x: a K or G product is one vector
+        rows = lams.view(T * b, k, S)  # the direct term's layout
         parts = None
         if fast is not None and k == 1:
             parts = tuple(g.unsqueeze(0) for g in fast.vjp(lams.view(T * b, S)))
-        elif fast is not None and fast.block_ready("vjp", rows := self._rows(k, V)):
-            rows.view(T, b, k, S).copy_(lams.transpose(1, 2))  # the block's rows side by side
+        elif fast is not None and fast.block_ready("vjp", rows):
             parts = fast.block_vjp(rows)
         elif fast is not None:  # vector by vector
-            each = [fast.vjp(lams[:, j].reshape(T * b, S)) for j in range(k)]
+            each = [fast.vjp(lams[:, :, j].reshape(T * b, S)) for j in range(k)]
             parts = tuple(torch.stack(g) for g in zip(*each))
         if parts is not None:
             grads = dict(zip(self.theta, parts))
         else:
-            grads = self.direct().vjp(lams.transpose(0, 1).reshape(k, T * b, S))
+            grads = self.direct().vjp(rows.transpose(0, 1).reshape(k, T * b, S))
         return self.spec.flatten(grads, batch_dims=1)

@@ -16,11 +16,12 @@ in). Each graph is split in two:
 
 A trace is accepted only after its products agree with autograd's on one step of the real
 trajectory; a cell that cannot be traced (data-dependent control flow, operations without a
-trace) keeps the per-step autograd graphs. Blocks of ``k`` vectors ``[k, b, S]`` run the folded
-form of one vector as it is, its matrix products taken over the ``k·b`` rows and its dimension
-arguments counted from the end (:func:`rows_batched`); a map with the row's shape written into
-it runs the linear part traced once more under ``vmap`` instead (unfolded). Both are checked
-against the single-vector form column by column.
+trace) keeps the per-step autograd graphs. Blocks of ``k`` vectors ``[b, k, S]`` (the vectors of a row
+side by side) run the folded form of one vector as it is, its matrix products taken over the
+``b·k`` rows, its dimension arguments counted from the end and its residuals with rows given a
+singleton for ``k`` (:func:`rows_batched`); a map with the row's shape written into it runs the
+linear part traced once more under ``vmap`` instead (unfolded). Both are checked against the
+single-vector form column by column.
 """
 
 from __future__ import annotations
@@ -467,9 +468,9 @@ def _row_by_row(node: fx.Node) -> bool:
 
 def rows_batched(gm: fx.GraphModule) -> fx.GraphModule:
     """The same map with its matrix products taking rows in any leading dimensions, so that a
-    form traced for one vector ``[b, S]`` (elementwise operations broadcasting against the
-    residuals ``[b, ·]``) runs a block ``[k, b, S]`` as it is: the folded sums stay folded and
-    every matrix product is one product over ``k·b`` rows; dimension arguments are counted from
+    form traced for one vector ``[b, S]`` runs a block ``[b, k, S]`` (its residuals ``[b, ·]``
+    given as ``[b, 1, ·]``, :meth:`_Split.shaped`) as it is: the folded sums stay folded and
+    every matrix product is one product over ``b·k`` rows; dimension arguments are counted from
     the end. Only for maps whose every operation on the vector acts row by row
     (:func:`_row_by_row`; else a ``ValueError``); the caller checks the result on a block too.
     """
@@ -495,11 +496,14 @@ class _Split:
     (``vectors_in``: how many of the last inputs make up ``a``; the map may have several outputs).
     """
 
-    def __init__(self, gm: fx.GraphModule, vectors_in: int = 1):
+    def __init__(self, gm: fx.GraphModule, vectors_in: int = 1, rows_in: int = 2):
         graph = _any_strides(gm).graph
         inputs = [n for n in graph.nodes if n.op == "placeholder"]
         vectors = inputs[len(inputs) - vectors_in :]
         _derivatives_as_factors(graph, vectors)
+        # the inputs with a dimension of rows (the state and the input of a step: the ``rows_in``
+        # before the vectors), and so the residuals made from them
+        from_rows = _linear_nodes(graph, inputs[max(0, len(inputs) - vectors_in - rows_in) : -vectors_in])
         output = next(n for n in graph.nodes if n.op == "output")
         flat_out = output.args[0]
         results = list(flat_out) if isinstance(flat_out, (list, tuple)) else [flat_out]
@@ -518,6 +522,7 @@ class _Split:
             if node not in linear and node.op != "output":
                 env[node] = residual_graph.node_copy(node, lambda n: env[n])
         residual_graph.output(tuple(env[n] for n in needed))
+        self.row_residuals = tuple(n in from_rows for n in needed)
 
         linear_graph = fx.Graph()
         lenv = {n: linear_graph.placeholder(f"r{i}") for i, n in enumerate(needed)}
@@ -554,10 +559,20 @@ class _Split:
         """``out = acc + L v`` for ``(residuals..., v, acc, out)``, unfolded."""
         return torch.add(args[-2], self.apply(*args[:-2]), out=args[-1])
 
+    def shaped(self, residuals: tuple) -> tuple:
+        """``residuals`` as the row forms (:meth:`rows_into`) take them: those with a dimension of
+        rows get a singleton after it, for the ``k`` vectors of a row (views).
+        """
+        return tuple(
+            r.unsqueeze(1) if rows and isinstance(r, torch.Tensor) and r.dim() >= 1 else r
+            for r, rows in zip(residuals, self.row_residuals)
+        )
+
     def rows_into(self, residuals: tuple, k: int) -> Callable[..., torch.Tensor] | None:
-        """``out = acc + L v`` for blocks ``v, acc, out [k, b, S]`` by the folded form of one
-        vector with its matrix products over ``k·b`` rows (:func:`rows_batched`), checked once
-        per ``k`` against :attr:`apply` column by column (with ``out`` aliasing ``acc``, as the
+        """``out = acc + L v`` for blocks ``v, acc, out [b, k, S]`` (the ``k`` vectors of a row
+        side by side) by the folded form of one vector with its matrix products over ``b·k`` rows
+        (:func:`rows_batched`), taking the residuals :meth:`shaped`; checked once per ``k``
+        against :attr:`apply` column by column (with ``out`` aliasing ``acc``, as the
         recurrences use it); None when there is no folded form or the check fails.
         """
         if k not in self._rows_into:
@@ -567,8 +582,9 @@ class _Split:
             val = next(n for n in self.linear_graph.nodes if n.name == "vector").meta["val"]
             kw: dict[str, Any] = {"dtype": val.dtype, "device": val.device}
             gen = torch.Generator(device=val.device).manual_seed(2)
-            vec = torch.randn(k, *val.shape, generator=gen, **kw)
-            acc = torch.randn(k, *val.shape, generator=gen, **kw)
+            shape = (val.shape[0], k, *val.shape[1:])
+            vec = torch.randn(shape, generator=gen, **kw)
+            acc = torch.randn(shape, generator=gen, **kw)
             # at the step's residuals and at random ones of the same shapes (a residual that
             # happens to vanish at that step, e.g. from a zero start, would hide a wrong term)
             drawn = tuple(
@@ -581,12 +597,12 @@ class _Split:
                 fn = rows_batched(self._folded).forward
 
                 def agrees(res: tuple) -> bool:  # fresh out, and out aliasing acc
-                    want = torch.stack([acc[j] + self.apply(*res, vec[j]) for j in range(k)])
+                    want = torch.stack([acc[:, j] + self.apply(*res, vec[:, j]) for j in range(k)], 1)
                     with warnings.catch_warnings():  # e.g. an out= of the wrong shape, resized
                         warnings.simplefilter("ignore")
                         got = [
-                            fn(*res, vec, acc.clone(), torch.empty_like(acc)),
-                            fn(*res, vec, *[acc.clone()] * 2),
+                            fn(*self.shaped(res), vec, acc.clone(), torch.empty_like(acc)),
+                            fn(*self.shaped(res), vec, *[acc.clone()] * 2),
                         ]
                     return all(same_to_rounding(g, want, float(vec.abs().max())) for g in got)
 
@@ -643,6 +659,14 @@ def _close(got: torch.Tensor, want: torch.Tensor, vec: torch.Tensor) -> bool:
     return same_to_rounding(got, want, float(vec.abs().max()))
 
 
+class StepForms(NamedTuple):
+    """A cell's step products accumulating into an output (:meth:`StepTrace.into`)."""
+
+    vjp: Callable[..., torch.Tensor]
+    jvp: Callable[..., torch.Tensor]
+    shaped: bool  # whether they take each step's residuals as StepTrace.shaped gives them
+
+
 class StepTrace:
     """``Aᵀ λ`` and ``A δ`` of a cell at any state of one shape, as traced linear parts.
 
@@ -666,28 +690,40 @@ class StepTrace:
         """``A δ`` for ``δ [b, S]``."""
         return self._jvp.apply(*residuals[1], delta)
 
-    def into(self, k: int, residuals: tuple) -> tuple[Callable, Callable] | None:
-        """``(vjp, jvp)`` accumulating into an output, ``f(res, x, acc, out)`` writes
+    def into(self, k: int, residuals: tuple) -> StepForms | None:
+        """``(vjp, jvp, shaped)`` accumulating into an output: ``f(res, x, acc, out)`` writes
         ``acc + Aᵀ x`` (or ``acc + A x``) into ``out`` and returns it (``out`` may be ``acc``);
-        for blocks ``[k, b, S]`` as :meth:`blocks`, or None.
+        for one vector ``[b, S]``, for blocks ``[b, k, S]`` (the folded forms over ``b·k`` rows,
+        which take each step's residuals as :meth:`shaped` gives them: ``shaped`` True; else the
+        forms of :meth:`blocks`), or None. ``residuals`` (one step's) serve the checks.
         """
         if k == 1:
             v, j = self._vjp.into, self._jvp.into
-            return (lambda res, x, acc, out: v(*res[0], x, acc, out)), (
-                lambda res, x, acc, out: j(*res[1], x, acc, out)
+            return StepForms(
+                lambda res, x, acc, out: v(*res[0], x, acc, out),
+                lambda res, x, acc, out: j(*res[1], x, acc, out),
+                False,
             )
         v_rows, j_rows = self._vjp.rows_into(residuals[0], k), self._jvp.rows_into(residuals[1], k)
-        if v_rows is not None and j_rows is not None:  # folded, products over k·b rows
-            return (lambda res, x, acc, out: v_rows(*res[0], x, acc, out)), (
-                lambda res, x, acc, out: j_rows(*res[1], x, acc, out)
+        if v_rows is not None and j_rows is not None:  # folded, products over b·k rows
+            return StepForms(
+                lambda res, x, acc, out: v_rows(*res[0], x, acc, out),
+                lambda res, x, acc, out: j_rows(*res[1], x, acc, out),
+                True,
             )
         products = self.blocks(residuals, k)
         if products is None:
             return None
-        vb, jb = products
-        return (lambda res, x, acc, out: torch.add(acc, vb(res, x), out=out)), (
-            lambda res, x, acc, out: torch.add(acc, jb(res, x), out=out)
+        vb, jb = products  # on [k, b, S]
+        return StepForms(
+            lambda res, x, acc, out: torch.add(acc, vb(res, x.transpose(0, 1)).transpose(0, 1), out=out),
+            lambda res, x, acc, out: torch.add(acc, jb(res, x.transpose(0, 1)).transpose(0, 1), out=out),
+            False,
         )
+
+    def shaped(self, residuals: tuple) -> tuple:
+        """One step's ``(vjp's, jvp's)`` residuals for the row forms of blocks (:meth:`into`)."""
+        return self._vjp.shaped(residuals[0]), self._jvp.shaped(residuals[1])
 
     def blocks(self, residuals: tuple, k: int) -> tuple[Callable, Callable] | None:
         """``(vjp, jvp)`` for blocks ``[k, b, S]`` with the same residuals (traced on first use

@@ -283,6 +283,27 @@ class EulerStep(_Iterates):
         return h + 0.1 * (-h + torch.tanh(h) @ self.W.T + u @ self.B.T)
 
 
+def test_blocks_run_with_the_vectors_of_a_row_side_by_side():
+    """A block's recurrences and direct term share one time-major buffer ``[T, b, k, S]``: the
+    step's row forms take the residuals made from the state with a singleton for ``k`` and the
+    weights as they are, told apart by what they are made from, not by their shapes (here
+    ``b = S``, so a weight and a row of states have the same shape); no work buffer for a
+    copy of the rows; against the dense truth."""
+    model, u = EulerStep(n=4), inputs(B=4, T=5)
+    K = lnk.StateNTK(model, u)
+    check_products(K, dense_jacobian(model, u), full=False)
+    lin = _linearization(K)
+    trace, res = lin.traced()
+    for split, r in ((trace._vjp, res[1][0]), (trace._jvp, res[1][1])):
+        assert split._rows_into[4] is not None and 4 not in split.blocks
+        flags = zip(split.row_residuals, r)
+        square = [f for f, x in flags if isinstance(x, torch.Tensor) and x.dim() == 2]
+        assert set(square) == {True, False}  # tanh'(h) (rows) and the weight, both [4, 4]
+        for (f, x), y in zip(zip(split.row_residuals, r), split.shaped(r)):
+            assert y.shape == ((x.shape[0], 1, *x.shape[1:]) if f and x.dim() else x.shape)
+    assert not any(name.startswith("cell.rows") for name in K.engine._scratch.sizes)
+
+
 def test_folding_leaves_the_euler_step_a_few_operations():
     """``δ + 0.1 (-δ + (tanh'(h) δ) Wᵀ)`` plus the accumulated term: one elementwise product, one
     addmm and one add (the trace has six operations and the recurrence adds a seventh), the
