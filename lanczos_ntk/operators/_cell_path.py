@@ -22,6 +22,12 @@ passes: its buffers are time-major ``[T, b, k, S]``, so a step is one ``[b·k, S
 (one matrix product), and the whole buffer is the direct term's layout, the ``k`` vectors of a
 row side by side (``[T·b, k, S]``, :mod:`lanczos_ntk.operators._block_direct`): the direct term
 runs once for the block in place, or vector by vector where that form is refused.
+
+Running the cell over all ``b·T`` rows at once assumes that it treats every row alone. A cell
+that reduces over its rows or branches on their values (``if h.sum() > 0``) gives something
+else there than step by step: that is checked once per linearisation on the values (one more
+evaluation of the cell over all rows), and such a cell's direct term goes step by step through
+``T`` graphs of ``b`` rows.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 
 from ._dual_graph import DualGraph
 from ._scratch import Scratch, fresh, writable
-from ._traced_step import DirectTrace, StepTrace
+from ._traced_step import DirectTrace, StepTrace, same_to_rounding
 
 __all__ = ["CellLinearization"]
 
@@ -72,8 +78,23 @@ class CellLinearization:
         def direct(th):
             return cell({**params, **th}, flat_s, flat_u)
 
+        # the direct term takes the cell over all b·T rows at once; a cell that reduces over its
+        # rows or branches on their values (``if h.sum() > 0``) gives something else there than
+        # step by step, and then goes step by step (checked on the values, once)
+        with torch.no_grad():
+            try:
+                whole = cell(params, flat_s, flat_u)
+            except (RuntimeError, TypeError, ValueError, IndexError):
+                whole = None
+        want = states.transpose(0, 1).reshape(T * b, -1)
+        self.rows_apart = (
+            isinstance(whole, torch.Tensor)
+            and whole.shape == want.shape
+            and same_to_rounding(whole, want, 1.0)
+        )
         self._direct = direct
         self._direct_graph = None
+        self._direct_steps: list[DualGraph] | None = None
         self._direct_traced: DirectTrace | None | bool = False  # False: not tried yet
         self._steps: list[DualGraph] | None = None
         self._traced: tuple[StepTrace, list[tuple]] | None = None
@@ -88,10 +109,44 @@ class CellLinearization:
             self._direct_graph = DualGraph(self._direct, self.theta)
         return self._direct_graph
 
+    def direct_steps(self) -> list[DualGraph]:
+        """The direct term step by step (the cell at step ``t`` over its ``b`` rows as a
+        function of the parameters), for a cell whose rows are not apart (:attr:`rows_apart`).
+        """
+        if self._direct_steps is None:
+            cell, params, prev, u = self.cell, self.params, self.prev, self.u
+
+            def at(t):
+                return DualGraph(lambda th: cell({**params, **th}, prev[t], u[t]), self.theta)
+
+            self._direct_steps = [at(t) for t in range(self.shape[1])]
+        return self._direct_steps
+
+    def _graph_jvp(self, tang: dict, k: int) -> torch.Tensor:
+        """``C X`` through autograd's graphs, ``[T, b, k, S]`` (a view)."""
+        b, T, S = self.shape
+        if self.rows_apart:  # a broadcast tangent (an additive bias) comes back as an expand view
+            return self.direct().jvp(tang).reshape(k, T, b, S).permute(1, 2, 0, 3)
+        return torch.stack([g.jvp(tang) for g in self.direct_steps()]).transpose(1, 2)
+
+    def _graph_vjp(self, lams: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``Cᵀ Λ`` through autograd's graphs for ``Λ [T, b, k, S]``: ``{name: [k, ...]}``."""
+        b, T, k, S = lams.shape
+        if self.rows_apart:
+            return self.direct().vjp(lams.view(T * b, k, S).transpose(0, 1).reshape(k, T * b, S))
+        grads: dict[str, torch.Tensor] = {}
+        for t, g in enumerate(self.direct_steps()):
+            for n, v in g.vjp(lams[t].transpose(0, 1)).items():
+                grads[n] = grads[n] + v if n in grads else v
+        return grads
+
     def traced_direct(self) -> DirectTrace | None:
         """The direct term traced into straight-line code over all ``b·T`` rows (single
-        vectors), or None (then :meth:`direct`'s graph serves them too).
+        vectors), or None (then :meth:`direct`'s graph serves them too, or where the rows are
+        not apart, :meth:`direct_steps`).
         """
+        if not self.rows_apart:
+            return None
         if self._direct_traced is False:
             b, T, S = self.shape
             names = list(self.params)
@@ -175,8 +230,8 @@ class CellLinearization:
             one = fresh("cell.jvp_one", (T * b, S), X, self.scratch)
             for j in range(k):
                 C[:, :, j].copy_(fast.jvp([tang[n][j] for n in self.theta], out=one).view(T, b, S))
-        else:  # a broadcast tangent (an additive bias) comes back as an expand view: copied
-            C.copy_(self.direct().jvp(tang).reshape(k, T, b, S).permute(1, 2, 0, 3))
+        else:
+            C.copy_(self._graph_jvp(tang, k))
         out = self.cell.out
         products = self._traced_products(k)
         if products is not None:  # on [b, S] for one vector, [b, k, S] for a block
@@ -228,7 +283,7 @@ class CellLinearization:
                 if t > 0:
                     lam = steps[t].vjp(lam)["s"]
         fast = self.traced_direct()  # counted by J x: a K or G product is one vector
-        rows = lams.view(T * b, k, S)  # the direct term's layout
+        rows = lams.view(T * b, k, S)  # the traced direct term's layout
         parts = None
         if fast is not None and k == 1:
             parts = tuple(g.unsqueeze(0) for g in fast.vjp(lams.view(T * b, S)))
@@ -240,5 +295,5 @@ class CellLinearization:
         if parts is not None:
             grads = dict(zip(self.theta, parts))
         else:
-            grads = self.direct().vjp(rows.transpose(0, 1).reshape(k, T * b, S))
+            grads = self._graph_vjp(lams)
         return self.spec.flatten(grads, batch_dims=1)

@@ -553,6 +553,46 @@ def test_a_step_that_branches_on_data_keeps_the_autograd_graphs():
     check_products(K, dense_jacobian(model, u), full=False)
 
 
+class SignBranchStep(StepModule):
+    """A step whose branch depends on a sum over its rows: taken per step by the model, once
+    for all steps if the cell ran over every row of the trajectory at once."""
+
+    def step(self, h, u):
+        if h.sum() > 0:
+            return torch.tanh(h @ self.A.T + u @ self.C.T)
+        return torch.sigmoid(h @ self.A.T - u @ self.C.T) - 0.5
+
+
+class BatchMeanStep(StepModule):
+    """A smooth step that reads the mean over the batch (its rows are not apart)."""
+
+    def step(self, h, u):
+        return super().step(h, u) - 0.5 * h.mean(0, keepdim=True)
+
+
+def test_a_step_whose_rows_are_not_apart_takes_its_direct_term_step_by_step():
+    """The direct term runs the cell over all b·T rows at once only when that gives the
+    trajectory step by step; a branch on a sum over the rows (here over one trial's state, so
+    over its time steps once all rows are together) does not, and goes step by step: against the
+    dense truth (the all-rows direct term was 24% off)."""
+    model = SignBranchStep()
+    u = torch.randn(1, 4, 2, generator=gen(7), dtype=F64)
+    K = lnk.StateNTK(model, u)
+    assert K.plan.path == "cell"
+    check_products(K, dense_jacobian(model, u), full=False)
+    lin = _linearization(K)
+    assert not lin.rows_apart and lin.traced_direct() is None and lin._direct_graph is None
+    plain = lnk.StateNTK(StepModule(), u)
+    plain.matmul(torch.ones(plain.shape[0], 1, dtype=F64))
+    assert _linearization(plain).rows_apart
+
+
+@pytest.mark.parametrize("model", [SignBranchStep, BatchMeanStep])
+def test_steps_that_couple_the_trials_are_right_whichever_path_takes_them(model):
+    model, u = model(), torch.randn(3, 4, 2, generator=gen(7), dtype=F64)
+    check_products(lnk.StateNTK(model, u), dense_jacobian(model, u), full=False)
+
+
 class InPlaceStep(StepModule):
     """A step that writes in place into a tensor it made (as torch's own cells do inside)."""
 
