@@ -29,7 +29,7 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import fx
@@ -119,6 +119,51 @@ def _derivatives_as_factors(graph: fx.Graph, vectors: Sequence[fx.Node]) -> None
         scaled.meta = dict(node.meta)
         node.replace_all_uses_with(scaled)
         graph.erase_node(node)
+
+
+def _factors_merged(graph: fx.Graph, vectors: Sequence[fx.Node]) -> None:
+    """Rewrite, in place, ``(x * r1) * r2`` with ``x`` depending on the vector, ``r1`` and
+    ``r2`` not, and ``x * r1`` read once, as ``x * (r1 * r2)``: the two fixed factors (an
+    activation's derivative and a gate, say) become one residual, made once per step, and a
+    product takes one pass over the vector less.
+    """
+    mul = _aten.mul.Tensor
+
+    def fixed(n: Any, linear: set) -> bool:
+        return isinstance(n, fx.Node) and n not in linear and isinstance(n.meta.get("val"), torch.Tensor)
+
+    merged = True
+    while merged:
+        merged = False
+        linear = _linear_nodes(graph, vectors)
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is not mul or len(node.args) != 2 or node.kwargs:
+                continue
+            for inner, r2 in (node.args, node.args[::-1]):
+                if not (isinstance(inner, fx.Node) and inner.target is mul and inner.op == "call_function"):
+                    continue
+                if len(inner.users) != 1 or len(inner.args) != 2 or inner.kwargs or not fixed(r2, linear):
+                    continue
+                x, r1 = inner.args if fixed(inner.args[1], linear) else inner.args[::-1]
+                if not (isinstance(x, fx.Node) and x in linear and fixed(r1, linear)):
+                    continue
+                v1, v2 = cast(fx.Node, r1).meta["val"], cast(fx.Node, r2).meta["val"]
+                try:
+                    shape = torch.broadcast_shapes(v1.shape, v2.shape)
+                except RuntimeError:
+                    continue
+                like = v1 if tuple(v1.shape) == tuple(shape) else v2
+                if tuple(like.shape) != tuple(shape) or v1.dtype != v2.dtype:
+                    continue
+                with graph.inserting_before(node):
+                    both = graph.call_function(mul, (r1, r2))
+                both.meta = {"val": like}
+                node.args = (x, both)
+                graph.erase_node(inner)
+                merged = True
+                break
+            if merged:
+                break
 
 
 def _both_nodes(node: fx.Node) -> bool:
@@ -246,14 +291,33 @@ def _scales_pushed_down(graph: fx.Graph) -> fx.Graph:
     return copy
 
 
+def _holding(acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` holding ``acc`` (nothing to do when ``out`` is ``acc``)."""
+    return out if out is acc else out.copy_(acc)
+
+
+def _sliced(node: Any) -> bool:
+    """Whether ``node`` is ``slice_backward`` with a unit step and known bounds: a value placed
+    in a slice of zeros (the adjoint of a slice of the state, e.g. one half of a ``cat``).
+    """
+    if not isinstance(node, fx.Node) or node.target is not _aten.slice_backward.default:
+        return False
+    _, sizes, dim, start, end, step = node.args
+    if not (isinstance(sizes, (list, tuple)) and len(sizes) > 0 and isinstance(start, int)):
+        return False
+    return bool(all(isinstance(a, int) for a in (dim, end, step)) and step == 1 and start >= 0)
+
+
 def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
     """From the linear part ``L(r..., v)``: ``(r..., v, acc, out) -> out = acc + L(r..., v)``
     (``acc=False``: ``(r..., v, out) -> out = L(r..., v)``, ``out`` not an input), with the
     sums, differences and multiples by numbers folded into as few operations as possible
     (``acc + 0.9 v + 0.1 (d @ W)`` becomes ``out = acc + 0.9 v`` and ``out += 0.1 d @ W``;
-    matrix products summed with others become ``addmm`` s), instead of one pass over the state
-    per operation. Multiples by numbers are first moved past the operations homogeneous in
-    them, so that they reach the sums. ``out`` may be ``acc`` itself, never ``v``.
+    matrix products summed with others become ``addmm`` s; a value placed in a slice of zeros,
+    ``slice_backward(x)``, is added into that slice of ``out``, its own terms folded the same
+    way), instead of one pass over the state per operation. Multiples by numbers are first
+    moved past the operations homogeneous in them, so that they reach the sums. ``out`` may be
+    ``acc`` itself, never ``v``.
     """
     nodes = list(_scales_pushed_down(gm.graph).nodes)
     output = next(n for n in nodes if n.op == "output")
@@ -263,6 +327,8 @@ def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
         _terms(node, memo)
     new = fx.Graph()
     env: dict = {n: new.placeholder(n.name) for n in nodes if n.op == "placeholder"}
+    for old, placeholder in env.items():
+        placeholder.meta = dict(old.meta)  # shapes, read by rows_batched's dimension arguments
     if acc:
         env["acc"] = new.placeholder("acc")
     out = new.placeholder("out")
@@ -290,20 +356,28 @@ def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
         a = t[0]
         return a != "acc" and a.target is _aten.mul.Tensor and reads.get(a) == 1 and _both_nodes(a)
 
-    def accumulate(terms: list, into: fx.Node) -> fx.Node:
-        """``out = acc + Σ c·atom`` with ``out`` possibly ``acc`` itself: the first operation
-        reads ``acc`` and writes ``out`` (an elementwise sum or an ``addmm``, both safe with
-        ``out`` aliasing ``acc``), every later one adds into ``out`` in place, so no
-        intermediate of the state's size is made (a block step of 10 at b=64, S=64: 3.1
-        against 2.4 ms with the sum made first and added to ``acc`` after).
+    def folded_slice(t: tuple) -> bool:  # a value placed in a slice of zeros, read only here
+        return t[0] != "acc" and _sliced(t[0]) and reads.get(t[0]) == 1
+
+    def accumulate(terms: list, into: fx.Node, base: fx.Node | None = None) -> fx.Node:
+        """``out = acc + Σ c·atom`` (``acc`` is ``base`` when given) with ``out`` possibly
+        ``acc`` itself: the first operation reads ``acc`` and writes ``out`` (an elementwise sum
+        or an ``addmm``, both safe with ``out`` aliasing ``acc``), every later one adds into
+        ``out`` in place, so no intermediate of the state's size is made (a block step of 10 at
+        b=64, S=64: 3.1 against 2.4 ms with the sum made first and added to ``acc`` after); a
+        value placed in a slice of zeros is accumulated into that slice of ``out`` last.
         """
+        node = env["acc"] if base is None else base
         rest = [t for t in terms if t[0] != "acc"]
-        if not rest:  # the linear part cancels: out = acc
-            return new.call_function(torch.mul, (env["acc"], 1.0), {"out": into})
+        slices = [t for t in rest if folded_slice(t)]
+        rest = [t for t in rest if t not in slices]
+        if not rest and not slices:  # the linear part cancels: out = acc
+            return new.call_function(torch.mul, (node, 1.0), {"out": into})
+        if not rest:  # every term goes into a slice: out holds acc first
+            node = new.call_function(_holding, (node, into))
         mms = [t for t in rest if folded_mm(t)]
         muls = [t for t in rest if folded_mul(t)]
         others = [t for t in rest if t not in mms and t not in muls]
-        node = env["acc"]
         for a, c in others[:1]:
             node = new.call_function(torch.add, (node, get(a)), {"alpha": c, "out": into})
         for a, c in mms:
@@ -314,6 +388,13 @@ def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
             node = new.call_function(torch.addcmul, (node, m1, m2), {"value": c, "out": into})
         for a, c in others[1:]:
             node = new.call_function(torch.add, (node, get(a)), {"alpha": c, "out": into})
+        for a, c in slices:  # out[..., start:end] += c x, x's own terms folded into the slice
+            x, sizes, dim, start, end, _ = a.args
+            d = dim if dim < 0 else dim - len(sizes)  # from the end: the same slice of a block
+            stop = min(end, sizes[dim])
+            view = new.call_function(torch.narrow, (node, d, start, stop - start))
+            inner = [(atom, c * ci) for atom, ci in (memo.get(x) or {x: 1.0}).items()]
+            accumulate([*inner, ("acc", 1.0)], view, base=view)
         return node
 
     def combine(terms: list, into: fx.Node | None) -> fx.Node:
@@ -458,7 +539,7 @@ def _row_by_row(node: fx.Node) -> bool:
     """
     target = node.target
     if (
-        target in (torch.add, torch.mul, torch.addcmul, operator.getitem)
+        target in (torch.add, torch.mul, torch.addcmul, operator.getitem, torch.narrow, _holding)
         or target in _ROW_FORMS
         or target in _DIM_ARGS
     ):
@@ -501,6 +582,7 @@ class _Split:
         inputs = [n for n in graph.nodes if n.op == "placeholder"]
         vectors = inputs[len(inputs) - vectors_in :]
         _derivatives_as_factors(graph, vectors)
+        _factors_merged(graph, vectors)
         # the inputs with a dimension of rows (the state and the input of a step: the ``rows_in``
         # before the vectors), and so the residuals made from them
         from_rows = _linear_nodes(graph, inputs[max(0, len(inputs) - vectors_in - rows_in) : -vectors_in])

@@ -166,7 +166,14 @@ def test_single_vectors_run_the_traced_state_jacobian(model):
 
 
 @pytest.mark.parametrize(
-    "model", [StepModule, PiecewiseStep, TorchCellStep, lambda: models.GRU(3, 2, seed=3)]
+    "model",
+    [
+        StepModule,
+        PiecewiseStep,
+        TorchCellStep,
+        lambda: models.GRU(3, 2, seed=3),
+        lambda: models.DiagonalSSM(4, 2, seed=1),  # its halves (a cat) added into slices of out
+    ],
 )
 def test_blocks_accumulate_through_the_folded_form_over_all_rows(model):
     """A block of k vectors runs the folded form of one vector with its matrix products over
@@ -355,6 +362,95 @@ def test_accumulating_on_hand_made_linear_maps():
     torch.testing.assert_close(accumulating(gm)(r, W, v, acc, torch.empty_like(acc)), acc)
     with pytest.raises(ValueError, match="cancels"):  # a cancelling term read by an mm
         accumulating(make_fx(lambda r, W, v: ((v + v) - 2.0 * v) @ W + v)(r, W, v))
+
+
+def test_values_placed_in_slices_accumulate_into_the_slices_of_out():
+    """``slice_backward`` (a half of the state put back among zeros, as a ``cat``'s adjoint
+    makes) in a sum: added into that slice of ``out`` with its own terms folded (``addcmul``
+    into the slice), no state-sized zeros; with other terms, and alone (``out`` holding ``acc``
+    first); against the plain map into a fresh ``out`` and into ``acc``; and on blocks
+    ``[b, k, S]`` through the row form."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lanczos_ntk.operators._traced_step import _Split, accumulating, rows_batched
+
+    def halves(r, v):  # a rotation of the two halves, as a complex diagonal state
+        re, im = v[:, :3], v[:, 3:]
+        return torch.cat([re * r[:, :3] - im * r[:, 3:], re * r[:, 3:] + im * r[:, :3]], 1)
+
+    def adjoint_halves(W, r, v):
+        return torch.func.vjp(lambda x: halves(r, x), v)[1](v)[0]
+
+    def adjoint_with_mm(W, r, v):
+        return torch.func.vjp(lambda x: halves(r, x) + x @ W - 0.5 * x, v)[1](v)[0]
+
+    W = torch.randn(6, 6, generator=gen(9), dtype=F64)
+    r, v, acc = (torch.randn(4, 6, generator=gen(i), dtype=F64) for i in range(3))
+    for f in (adjoint_halves, adjoint_with_mm):
+        gm = make_fx(f)(W, r, v)
+        assert torch.ops.aten.slice_backward.default in [n.target for n in gm.graph.nodes]
+        folded = accumulating(gm)
+        kinds = [n.target for n in folded.graph.nodes if n.op == "call_function"]
+        assert torch.ops.aten.slice_backward.default not in kinds and torch.narrow in kinds
+        want = acc + f(W, r, v)
+        torch.testing.assert_close(folded(W, r, v, acc, torch.empty_like(acc)), want, rtol=1e-13, atol=0)
+        into = acc.clone()
+        folded(W, r, v, into, into)
+        torch.testing.assert_close(into, want, rtol=1e-13, atol=0)
+        split = _Split(gm, rows_in=1)  # r has rows, W not
+        res = split.residuals(W, r)
+        fn = rows_batched(split._folded).forward
+        V, A = (torch.randn(4, 3, 6, generator=gen(i), dtype=F64) for i in (5, 6))
+        block = torch.stack([A[:, j] + split.apply(*res, V[:, j]) for j in range(3)], 1)
+        torch.testing.assert_close(fn(*split.shaped(res), V, A.clone(), torch.empty_like(A)), block)
+    alone = accumulating(make_fx(adjoint_halves)(W, r, v))
+    kinds = [n.target for n in alone.graph.nodes if n.op == "call_function"]
+    assert kinds[0].__name__ == "_holding" and kinds.count(torch.addcmul) == 4
+
+
+def test_fixed_factors_of_a_product_become_one_residual():
+    """``(v * r1) * r2`` (a gate times an activation's derivative, say) becomes ``v * (r1 * r2)``
+    with ``r1 * r2`` a residual made once per step; a product ``v * r1`` read twice stays; the
+    linear part agrees with the map; and a user's LSTM-like step (state ``[h, c]``) has fewer
+    residuals and products that agree with the dense truth."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lanczos_ntk.operators._traced_step import _Split
+
+    def chained(a, b, v):
+        return (v * torch.tanh(a)) * torch.sigmoid(b) - v
+
+    def shared(a, b, v):
+        w = v * a
+        return w * b + w
+
+    a, b, v = (torch.randn(4, 5, generator=gen(i), dtype=F64) for i in range(3))
+    for f, products in ((chained, 1), (shared, 2)):
+        split = _Split(make_fx(f)(a, b, v))
+        res = split.residuals(a, b)
+        muls = [n for n in split.linear_graph.nodes if n.target is torch.ops.aten.mul.Tensor]
+        assert len(muls) == products
+        torch.testing.assert_close(split.apply(*res, v), f(a, b, v), rtol=1e-13, atol=0)
+
+    class LSTMStep(_Iterates):
+        def __init__(self, n=3, d=2):
+            super().__init__()
+            g = gen(12)
+            self.Wh = nn.Parameter(torch.randn(4 * n, n, generator=g, dtype=F64) / n**0.5)
+            self.Wu = nn.Parameter(torch.randn(4 * n, d, generator=g, dtype=F64))
+            self.n = 2 * n
+
+        def step(self, s, u):
+            h, c = s[:, : self.n // 2], s[:, self.n // 2 :]
+            i, f, g, o = (h @ self.Wh.T + u @ self.Wu.T).chunk(4, 1)
+            c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.cat([torch.sigmoid(o) * torch.tanh(c2), c2], 1)
+
+    model, u = LSTMStep(), inputs(B=4, T=5)
+    K = lnk.StateNTK(model, u)
+    check_products(K, dense_jacobian(model, u), full=False)
+    trace, res = _linearization(K).traced()
+    assert len(res[1][0]) + len(res[1][1]) < 20  # 24 before the factors were merged
 
 
 def test_multiples_by_numbers_move_past_homogeneous_operations():
