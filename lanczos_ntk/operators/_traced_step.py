@@ -153,7 +153,9 @@ def _factors_merged(graph: fx.Graph, vectors: Sequence[fx.Node]) -> None:
                 except RuntimeError:
                     continue
                 like = v1 if tuple(v1.shape) == tuple(shape) else v2
-                if tuple(like.shape) != tuple(shape) or v1.dtype != v2.dtype:
+                result = node.meta.get("val")
+                same_type = isinstance(result, torch.Tensor) and v1.dtype == v2.dtype == result.dtype
+                if tuple(like.shape) != tuple(shape) or not same_type:  # e.g. float32 buffers, float64 state
                     continue
                 with graph.inserting_before(node):
                     both = graph.call_function(mul, (r1, r2))
@@ -296,16 +298,31 @@ def _holding(acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out if out is acc else out.copy_(acc)
 
 
-def _sliced(node: Any) -> bool:
-    """Whether ``node`` is ``slice_backward`` with a unit step and known bounds: a value placed
-    in a slice of zeros (the adjoint of a slice of the state, e.g. one half of a ``cat``).
+def _slice_of(node: Any) -> tuple[int, int, int] | None:
+    """For ``slice_backward`` with a unit step and known bounds (a value placed in a slice of
+    zeros: the adjoint of a slice of the state, e.g. one half of a ``cat``): the slice as
+    ``(dimension counted from the end, start, length)``; else None.
     """
     if not isinstance(node, fx.Node) or node.target is not _aten.slice_backward.default:
-        return False
-    _, sizes, dim, start, end, step = node.args
-    if not (isinstance(sizes, (list, tuple)) and len(sizes) > 0 and isinstance(start, int)):
-        return False
-    return bool(all(isinstance(a, int) for a in (dim, end, step)) and step == 1 and start >= 0)
+        return None
+    args = node.args
+    if (
+        len(args) != 6
+        or not isinstance(args[1], (list, tuple))
+        or not all(isinstance(a, int) for a in args[2:])
+    ):
+        return None
+    sizes = [int(cast(int, n)) if isinstance(n, int) else None for n in args[1]]
+    dim, start, end, step = (int(cast(int, a)) for a in args[2:])
+    if step != 1 or not -len(sizes) <= dim < len(sizes):
+        return None
+    size = sizes[dim]
+    if size is None:
+        return None
+    start, end = (start + size if start < 0 else start), (end + size if end < 0 else min(end, size))
+    if not 0 <= start <= end <= size:
+        return None
+    return (dim if dim < 0 else dim - len(sizes)), start, end - start
 
 
 def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
@@ -357,7 +374,7 @@ def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
         return a != "acc" and a.target is _aten.mul.Tensor and reads.get(a) == 1 and _both_nodes(a)
 
     def folded_slice(t: tuple) -> bool:  # a value placed in a slice of zeros, read only here
-        return t[0] != "acc" and _sliced(t[0]) and reads.get(t[0]) == 1
+        return t[0] != "acc" and _slice_of(t[0]) is not None and reads.get(t[0]) == 1
 
     def accumulate(terms: list, into: fx.Node, base: fx.Node | None = None) -> fx.Node:
         """``out = acc + Σ c·atom`` (``acc`` is ``base`` when given) with ``out`` possibly
@@ -389,10 +406,9 @@ def accumulating(gm: fx.GraphModule, acc: bool = True) -> fx.GraphModule:
         for a, c in others[1:]:
             node = new.call_function(torch.add, (node, get(a)), {"alpha": c, "out": into})
         for a, c in slices:  # out[..., start:end] += c x, x's own terms folded into the slice
-            x, sizes, dim, start, end, _ = a.args
-            d = dim if dim < 0 else dim - len(sizes)  # from the end: the same slice of a block
-            stop = min(end, sizes[dim])
-            view = new.call_function(torch.narrow, (node, d, start, stop - start))
+            x = a.args[0]
+            bounds = cast(tuple, _slice_of(a))  # the dimension from the end: also a block's
+            view = new.call_function(torch.narrow, (node, *bounds))
             inner = [(atom, c * ci) for atom, ci in (memo.get(x) or {x: 1.0}).items()]
             accumulate([*inner, ("acc", 1.0)], view, base=view)
         return node

@@ -453,6 +453,42 @@ def test_fixed_factors_of_a_product_become_one_residual():
     assert len(res[1][0]) + len(res[1][1]) < 20  # 24 before the factors were merged
 
 
+class MixedFactorsStep(StepModule):
+    """Fixed factors of another dtype (float32 buffers in a float64 cell): not merged, since
+    their product would be made in float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("g", torch.rand(3, generator=gen(3)).float() + 0.5)
+        self.register_buffer("m", torch.rand(3, generator=gen(4)).float() + 0.5)
+
+    def step(self, h, u):
+        return (h * self.g) * self.m + 0.5 * torch.tanh(h @ self.A.T + u @ self.C.T)
+
+
+class NegativeEndStep(StepModule):
+    """Parts of the state sliced with negative ends (``h[:, :-1]``, ``h[:, -1:]``)."""
+
+    def step(self, h, u):
+        a, b = h[:, :-1], h[:, -1:]
+        z = torch.tanh(h @ self.A.T + u @ self.C.T)
+        return torch.cat([b * z[:, :1], a * z[:, 1:] - 0.5 * a], 1)
+
+
+@pytest.mark.parametrize("model", [MixedFactorsStep, NegativeEndStep])
+def test_folding_keeps_dtypes_and_takes_negative_slice_ends(model):
+    """The traced step stays in use (no fallback to the step graphs) and its folded forms too,
+    with a part of the state added into a slice given by a negative end; against dense."""
+    model, u = model(), inputs(B=3, T=4)
+    K = lnk.StateNTK(model, u)
+    check_products(K, dense_jacobian(model, u), full=False)
+    trace, _ = _linearization(K).traced()
+    assert _folded(trace._vjp) and _folded(trace._jvp)
+    if isinstance(model, NegativeEndStep):
+        kinds = {n.target for sp in (trace._vjp, trace._jvp) for n in sp.into.__self__.graph.nodes}
+        assert torch.narrow in kinds
+
+
 def test_multiples_by_numbers_move_past_homogeneous_operations():
     """``v + tanh'(y) ⊙ ((0.1 v) W) - 0.1 v`` (an Euler step's ``Aᵀ λ``): the 0.1 moves past the
     matrix product and ``tanh_backward`` into the sum, so no pass scales ``v`` alone."""
