@@ -83,7 +83,7 @@ class CellLinearization:
         # step by step, and then goes step by step (checked on the values, once)
         with torch.no_grad():
             try:
-                whole = cell(params, flat_s, flat_u)
+                whole = direct({})
             except (RuntimeError, TypeError, ValueError, IndexError):
                 whole = None
         want = states.transpose(0, 1).reshape(T * b, -1)

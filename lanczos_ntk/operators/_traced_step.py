@@ -132,40 +132,36 @@ def _factors_merged(graph: fx.Graph, vectors: Sequence[fx.Node]) -> None:
     def fixed(n: Any, linear: set) -> bool:
         return isinstance(n, fx.Node) and n not in linear and isinstance(n.meta.get("val"), torch.Tensor)
 
-    merged = True
-    while merged:
-        merged = False
-        linear = _linear_nodes(graph, vectors)
-        for node in list(graph.nodes):
-            if node.op != "call_function" or node.target is not mul or len(node.args) != 2 or node.kwargs:
+    # one pass in graph order: a chain ((x r1) r2) r3 merges link by link, since a merged
+    # product stays linear and its new factor fixed
+    linear = _linear_nodes(graph, vectors)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not mul or len(node.args) != 2 or node.kwargs:
+            continue
+        for inner, r2 in (node.args, node.args[::-1]):
+            if not (isinstance(inner, fx.Node) and inner.target is mul and inner.op == "call_function"):
                 continue
-            for inner, r2 in (node.args, node.args[::-1]):
-                if not (isinstance(inner, fx.Node) and inner.target is mul and inner.op == "call_function"):
-                    continue
-                if len(inner.users) != 1 or len(inner.args) != 2 or inner.kwargs or not fixed(r2, linear):
-                    continue
-                x, r1 = inner.args if fixed(inner.args[1], linear) else inner.args[::-1]
-                if not (isinstance(x, fx.Node) and x in linear and fixed(r1, linear)):
-                    continue
-                v1, v2 = cast(fx.Node, r1).meta["val"], cast(fx.Node, r2).meta["val"]
-                try:
-                    shape = torch.broadcast_shapes(v1.shape, v2.shape)
-                except RuntimeError:
-                    continue
-                like = v1 if tuple(v1.shape) == tuple(shape) else v2
-                result = node.meta.get("val")
-                same_type = isinstance(result, torch.Tensor) and v1.dtype == v2.dtype == result.dtype
-                if tuple(like.shape) != tuple(shape) or not same_type:  # e.g. float32 buffers, float64 state
-                    continue
-                with graph.inserting_before(node):
-                    both = graph.call_function(mul, (r1, r2))
-                both.meta = {"val": like}
-                node.args = (x, both)
-                graph.erase_node(inner)
-                merged = True
-                break
-            if merged:
-                break
+            if len(inner.users) != 1 or len(inner.args) != 2 or inner.kwargs or not fixed(r2, linear):
+                continue
+            x, r1 = inner.args if fixed(inner.args[1], linear) else inner.args[::-1]
+            if not (isinstance(x, fx.Node) and x in linear and fixed(r1, linear)):
+                continue
+            v1, v2 = cast(fx.Node, r1).meta["val"], cast(fx.Node, r2).meta["val"]
+            try:
+                shape = torch.broadcast_shapes(v1.shape, v2.shape)
+            except RuntimeError:
+                continue
+            like = v1 if tuple(v1.shape) == tuple(shape) else v2
+            result = node.meta.get("val")
+            same_type = isinstance(result, torch.Tensor) and v1.dtype == v2.dtype == result.dtype
+            if tuple(like.shape) != tuple(shape) or not same_type:  # e.g. float32 buffers, float64 state
+                continue
+            with graph.inserting_before(node):
+                both = graph.call_function(mul, (r1, r2))
+            both.meta = {"val": like}
+            node.args = (x, both)
+            graph.erase_node(inner)
+            break
 
 
 def _both_nodes(node: fx.Node) -> bool:

@@ -420,12 +420,15 @@ def test_fixed_factors_of_a_product_become_one_residual():
     def chained(a, b, v):
         return (v * torch.tanh(a)) * torch.sigmoid(b) - v
 
+    def longer(a, b, v):  # three fixed factors: merged link by link into one
+        return ((v * torch.tanh(a)) * torch.sigmoid(b)) * a
+
     def shared(a, b, v):
         w = v * a
         return w * b + w
 
     a, b, v = (torch.randn(4, 5, generator=gen(i), dtype=F64) for i in range(3))
-    for f, products in ((chained, 1), (shared, 2)):
+    for f, products in ((chained, 1), (longer, 1), (shared, 2)):
         split = _Split(make_fx(f)(a, b, v))
         res = split.residuals(a, b)
         muls = [n for n in split.linear_graph.nodes if n.target is torch.ops.aten.mul.Tensor]
